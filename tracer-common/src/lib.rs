@@ -1,0 +1,141 @@
+//! Types shared by the eBPF programs and the userspace loader.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side writes it into
+//! BPF maps and userspace reads the same bytes back. The `user` feature adds
+//! `aya::Pod` impls so userspace can use the types as map keys and values.
+#![no_std]
+
+/// Deepest user stack the programs record. The kernel caps user stacks at
+/// `perf_event_max_stack` (127 by default); deeper stacks are cut there and
+/// marked truncated.
+pub const MAX_FRAMES: usize = 127;
+
+/// Stack id used when a stack could not be captured or stored (stack map
+/// full, unreadable user memory). Allocations under it are still counted so
+/// totals stay exact; reports show it as an "unknown stack" entry.
+pub const STACK_UNKNOWN: u64 = 0;
+
+/// Which allocator entry point a call went through. Stored in the per-thread
+/// in-flight record between the entry probe and the return probe.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// `malloc(size)`, `valloc(size)`, `memalign(align, size)` and friends:
+    /// size known at entry, the new block is the return value.
+    Alloc = 1,
+    /// `realloc(ptr, size)` and `reallocarray(ptr, n, size)`: the old block is
+    /// freed when the call returns a new block (or when size is 0).
+    Realloc = 2,
+    /// `posix_memalign(&ptr, align, size)`: returns 0 and writes the block
+    /// through its first argument.
+    PosixMemalign = 3,
+}
+
+/// State kept per thread between an allocator call's entry and its return.
+///
+/// Only the outermost allocator call of a thread is recorded: glibc's
+/// `realloc(NULL, n)` calls `malloc`, `posix_memalign` may call `malloc` and
+/// `realloc(p, 0)` calls `free`; those inner calls are part of the outer one
+/// and must not be counted again. A call is inner when a record exists whose
+/// stack pointer is at or above the new call's (the stack grows down).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlight {
+    /// `CallKind` as u32.
+    pub kind: u32,
+    pub _pad: u32,
+    /// Stack pointer at the outer call's entry; its return fires at `sp + 8`.
+    pub entry_sp: u64,
+    /// Requested size in bytes.
+    pub size: u64,
+    /// Realloc: the block being resized. PosixMemalign: where the result goes.
+    pub ptr_arg: u64,
+    /// Realloc: the timestamp of the old block's record when the call
+    /// started, so that the return frees that record and not a newer one made
+    /// by another thread that got the same address in between.
+    pub old_timestamp: u64,
+}
+
+/// One live allocation, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocRecord {
+    pub size: u64,
+    pub stack_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the block was allocated.
+    pub timestamp_ns: u64,
+}
+
+/// Per-stack aggregates, kept up to date in the kernel on every event.
+/// Fields are only ever changed with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackStats {
+    /// Bytes allocated from this stack and not yet freed.
+    pub outstanding_bytes: u64,
+    /// Blocks allocated from this stack and not yet freed.
+    pub outstanding_count: u64,
+    /// Blocks allocated from this stack since attach.
+    pub total_count: u64,
+    /// Bytes allocated from this stack since attach.
+    pub total_bytes: u64,
+}
+
+/// A user stack: return addresses, innermost first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackTrace {
+    /// Number of valid entries in `ips`.
+    pub len: u64,
+    /// Non-zero when the walk stopped at `MAX_FRAMES` rather than at the
+    /// stack's outermost frame.
+    pub truncated: u64,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+impl Default for StackTrace {
+    fn default() -> Self {
+        StackTrace { len: 0, truncated: 0, ips: [0; MAX_FRAMES] }
+    }
+}
+
+/// Indices into the per-CPU `COUNTERS` array. Userspace sums across CPUs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Allocations recorded.
+    Allocs = 0,
+    /// Frees that matched a recorded allocation.
+    Frees = 1,
+    /// Frees of blocks the tracer never saw (allocated before attach, or
+    /// dropped): ignored.
+    UnknownFrees = 2,
+    /// Allocations not tracked because the per-address map was full.
+    AllocMapFull = 3,
+    /// Allocations whose stack could not be captured or stored; counted under
+    /// `STACK_UNKNOWN`.
+    StackLost = 4,
+    /// Allocations whose per-stack aggregate could not be created (map full);
+    /// the block is still tracked by address.
+    StackStatsFull = 5,
+    /// An allocation returned an address that was still recorded: the free of
+    /// the old block was missed (e.g. freed through a path the tracer does not
+    /// probe). The old record is retired so totals do not drift.
+    MissedFrees = 6,
+    /// Calls whose in-flight record could not be stored (too many threads
+    /// inside the allocator at once).
+    InFlightFull = 7,
+    /// Allocations that failed (returned NULL); not recorded.
+    FailedAllocs = 8,
+}
+
+pub const COUNTER_SLOTS: u32 = 16;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for InFlight {}
+    unsafe impl aya::Pod for AllocRecord {}
+    unsafe impl aya::Pod for StackStats {}
+    unsafe impl aya::Pod for StackTrace {}
+}

@@ -1,0 +1,311 @@
+//! Uprobes on the allocator's entry points and a shared uretprobe.
+//!
+//! Entry probes remember the call's arguments per thread (`IN_FLIGHT`); the
+//! return probe turns them into an `ALLOCS` record and a `STACK_STATS`
+//! update. `free` needs no return probe. Only the outermost allocator call on
+//! a thread counts (see `tracer_common::InFlight`).
+//!
+//! Userspace attaches one entry program per calling convention to each
+//! distinct function address, and `alloc_return` to the same addresses.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use aya_log_ebpf::warn;
+use tracer_common::{AllocRecord, CallKind, Counter, InFlight, StackStats};
+
+use crate::{
+    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS},
+    stack,
+};
+
+/// x86_64 page size, for `pvalloc`'s rounding.
+const PAGE_SIZE: u64 = 4096;
+
+#[inline(always)]
+fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+    unsafe { (*regs).rsp }
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `n * size`, or u64::MAX on overflow (the call then fails). LLVM turns an
+/// overflow check into a 128-bit multiply builtin that BPF lacks; the
+/// volatile read of the quotient keeps it a division.
+#[inline(always)]
+fn array_size(n: u64, size: u64) -> u64 {
+    if (n | size) >> 32 == 0 || n == 0 {
+        return n * size;
+    }
+    let limit = u64::MAX / n;
+    let limit = unsafe { core::ptr::read_volatile(&limit) };
+    if size > limit {
+        u64::MAX
+    } else {
+        n * size
+    }
+}
+
+/// The thread is inside an allocator call that is already being recorded.
+#[inline(always)]
+fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
+    match IN_FLIGHT.get_ptr(pid_tgid) {
+        Some(outer) => sp <= unsafe { (*outer).entry_sp },
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let sp = stack_pointer(ctx.regs);
+    if is_inner_call(pid_tgid, sp) {
+        return 0;
+    }
+    let mut call = InFlight {
+        kind: kind as u32,
+        _pad: 0,
+        entry_sp: sp,
+        size,
+        ptr_arg,
+        old_timestamp: 0,
+    };
+    if kind == CallKind::Realloc && ptr_arg != 0 {
+        if let Some(old) = unsafe { ALLOCS.get(ptr_arg) } {
+            call.old_timestamp = old.timestamp_ns;
+        }
+    }
+    // Overwrites a stale record left by a call whose return never came back
+    // (its stack pointer was below this one's, so it cannot be still running).
+    if IN_FLIGHT.insert(pid_tgid, call, 0).is_err() {
+        count(Counter::InFlightFull);
+    }
+    0
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, CallKind::Alloc, arg(&ctx, 0), 0)
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    // An overflowing product makes calloc fail; the NULL result is not recorded.
+    let size = array_size(arg(&ctx, 0), arg(&ctx, 1));
+    enter(&ctx, CallKind::Alloc, size, 0)
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, CallKind::Realloc, arg(&ctx, 1), arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let size = array_size(arg(&ctx, 1), arg(&ctx, 2));
+    enter(&ctx, CallKind::Realloc, size, arg(&ctx, 0))
+}
+
+/// `memalign(align, size)` and `aligned_alloc(align, size)`.
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, CallKind::Alloc, arg(&ctx, 1), 0)
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, CallKind::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, CallKind::Alloc, arg(&ctx, 0), 0)
+}
+
+/// `pvalloc` rounds the request up to whole pages; that is the size the caller
+/// owns and must free.
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    let size = arg(&ctx, 0).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+    enter(&ctx, CallKind::Alloc, size, 0)
+}
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = IN_FLIGHT.get_ptr(pid_tgid) else {
+        return 0;
+    };
+    let call = unsafe { *call };
+    // After `ret` the stack pointer is one slot above the entry's. Any other
+    // value means this is the return of an inner call: the outer one decides.
+    if stack_pointer(ctx.regs) != call.entry_sp.wrapping_add(8) {
+        return 0;
+    }
+    let _ = IN_FLIGHT.remove(pid_tgid);
+    let ret: u64 = ctx.ret();
+
+    if call.kind == CallKind::PosixMemalign as u32 {
+        if ret as u32 != 0 || call.ptr_arg == 0 {
+            count(Counter::FailedAllocs);
+            return 0;
+        }
+        let block = unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
+        if block != 0 {
+            record_alloc(&ctx, block, call.size);
+        }
+        return 0;
+    }
+
+    if call.kind == CallKind::Realloc as u32 && call.ptr_arg != 0 {
+        // realloc frees the old block when it returns a new one, and glibc's
+        // realloc(p, 0) frees p and returns NULL. A failed realloc frees
+        // nothing.
+        if ret != 0 || call.size == 0 {
+            free_if_same(call.ptr_arg, call.old_timestamp);
+        }
+    }
+    if ret == 0 {
+        if call.size != 0 || call.kind != CallKind::Realloc as u32 {
+            count(Counter::FailedAllocs);
+        }
+        return 0;
+    }
+    record_alloc(&ctx, ret, call.size);
+    0
+}
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let ptr = arg(&ctx, 0);
+    if ptr == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    // free called from inside realloc: the realloc's return accounts for it.
+    if is_inner_call(pid_tgid, stack_pointer(ctx.regs)) {
+        return 0;
+    }
+    match unsafe { ALLOCS.get(ptr) } {
+        Some(record) => {
+            let record = *record;
+            // Only the caller whose remove succeeds subtracts, so a double
+            // free from two threads cannot subtract twice.
+            if ALLOCS.remove(ptr).is_ok() {
+                retire(&record);
+                count(Counter::Frees);
+            }
+        }
+        None => count(Counter::UnknownFrees),
+    }
+    0
+}
+
+/// Frees the record at `ptr` if it is still the block that was there when
+/// the realloc started.
+#[inline(always)]
+fn free_if_same(ptr: u64, timestamp: u64) {
+    let Some(record) = (unsafe { ALLOCS.get(ptr) }) else {
+        return;
+    };
+    let record = *record;
+    if record.timestamp_ns != timestamp {
+        return;
+    }
+    if ALLOCS.remove(ptr).is_ok() {
+        retire(&record);
+        count(Counter::Frees);
+    }
+}
+
+#[inline(always)]
+fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
+    let stack_id = stack::capture(ctx);
+    let record = AllocRecord {
+        size,
+        stack_id,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // An address that is still recorded was freed behind our back; retire it
+    // so its bytes do not stay counted forever.
+    if let Some(old) = unsafe { ALLOCS.get(addr) } {
+        let old = *old;
+        if ALLOCS.remove(addr).is_ok() {
+            retire(&old);
+            count(Counter::MissedFrees);
+        }
+    }
+    if ALLOCS.insert(addr, record, 0).is_err() {
+        count(Counter::AllocMapFull);
+        warn_once_map_full(ctx);
+        return;
+    }
+    add_to_stack(stack_id, size);
+    count(Counter::Allocs);
+}
+
+#[inline(always)]
+fn warn_once_map_full(ctx: &RetProbeContext) {
+    let first_on_this_cpu = COUNTERS
+        .get(Counter::AllocMapFull as u32)
+        .is_some_and(|n| *n == 1);
+    if first_on_this_cpu {
+        warn!(ctx, "allocation map full: further allocations are counted, not tracked");
+    }
+}
+
+#[inline(always)]
+fn stats_for(stack_id: u64) -> Option<*mut StackStats> {
+    if let Some(stats) = STACK_STATS.get_ptr_mut(stack_id) {
+        return Some(stats);
+    }
+    // NOEXIST: if another CPU created it in between, use theirs.
+    let _ = STACK_STATS.insert(stack_id, StackStats::default(), BPF_NOEXIST as u64);
+    STACK_STATS.get_ptr_mut(stack_id)
+}
+
+#[inline(always)]
+fn add_to_stack(stack_id: u64, size: u64) {
+    let Some(stats) = stats_for(stack_id) else {
+        count(Counter::StackStatsFull);
+        return;
+    };
+    unsafe {
+        atomic_add(&raw mut (*stats).outstanding_bytes, size);
+        atomic_add(&raw mut (*stats).outstanding_count, 1);
+        atomic_add(&raw mut (*stats).total_bytes, size);
+        atomic_add(&raw mut (*stats).total_count, 1);
+    }
+}
+
+/// Takes a freed block out of its stack's outstanding totals.
+#[inline(always)]
+fn retire(record: &AllocRecord) {
+    if let Some(stats) = STACK_STATS.get_ptr_mut(record.stack_id) {
+        unsafe {
+            atomic_add(&raw mut (*stats).outstanding_bytes, record.size.wrapping_neg());
+            atomic_add(&raw mut (*stats).outstanding_count, 1u64.wrapping_neg());
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn atomic_add(field: *mut u64, value: u64) {
+    // The bpf target has no `AtomicU64::fetch_add`; the intrinsic lowers to
+    // the BPF atomic add instruction.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
+}

@@ -1,0 +1,58 @@
+//! All maps of the tracer. Userspace may resize the large ones at load time
+//! (`EbpfLoader::set_max_entries`); the sizes here are the defaults.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, COUNTER_SLOTS};
+
+/// Process ids (tgids) being traced. The uprobes are attached per process
+/// already; this filter keeps a shared library's probe from counting a
+/// process that happens to share the attachment.
+#[map]
+pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Allocator calls between entry and return, per thread (pid_tgid). Small:
+/// entries live only for the duration of one call.
+#[map]
+pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
+
+/// Every live allocation by address. Preallocated so that inserts on the hot
+/// path never allocate kernel memory.
+#[map]
+pub static ALLOCS: HashMap<u64, AllocRecord> = HashMap::with_max_entries(1 << 20, 0);
+
+/// Outstanding bytes/blocks and totals per stack id.
+#[map]
+pub static STACK_STATS: HashMap<u64, StackStats> = HashMap::with_max_entries(65536, 0);
+
+/// Stack id (a 64-bit hash of the frames) -> frames. Not preallocated: each
+/// entry is ~1 KiB and most runs see far fewer stacks than the maximum.
+#[map]
+pub static STACKS: HashMap<u64, StackTrace> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+/// Scratch space for capturing one stack (too large for the 512-byte BPF
+/// stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// Event and drop counters, indexed by `tracer_common::Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+pub fn count(counter: tracer_common::Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it, and programs on one CPU do not
+        // preempt each other, so a plain add is exact.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn is_target(tgid: u32) -> bool {
+    TARGETS.get_ptr(tgid).is_some()
+}

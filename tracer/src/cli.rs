@@ -1,0 +1,136 @@
+//! Command line: clap definitions and the small parsers they need.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Find memory leaks in a running Linux process: unfreed heap allocations per call stack, traced with eBPF.",
+    long_about = "Find memory leaks in a running Linux process.\n\n\
+        tracer attaches eBPF uprobes to the allocator (malloc, calloc, realloc, \
+        posix_memalign, aligned_alloc/memalign, valloc, pvalloc, free) of one process, keeps \
+        every live allocation in kernel maps, and reports the call stacks that hold the most \
+        unfreed memory. Nothing is injected into the process and it need not be restarted.\n\n\
+        Needs root (or CAP_BPF and CAP_PERFMON)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to a running process and report its outstanding allocations.
+    Report {
+        /// Process to trace.
+        #[arg(long, short)]
+        pid: u32,
+        #[command(flatten)]
+        options: ReportOptions,
+    },
+    /// Start a command traced from its first allocation and report what it
+    /// has not freed when it exits. Exits with the command's exit code.
+    Run {
+        #[command(flatten)]
+        options: ReportOptions,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportOptions {
+    /// Stop after this long (e.g. 30s, 2m); default: until Ctrl-C or the target exits.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print a report this often. Text reports default to every 5s; JSON
+    /// prints one line per interval (JSON Lines) only when this is given.
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Stacks to list, most outstanding bytes first (0: all).
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Only count allocations at least this old (e.g. 2s, 500ms).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Write reports to this file instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Live allocations the kernel side can track at once (kernel memory:
+    /// about 80 bytes each).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_allocations: u32,
+    /// Distinct call stacks the kernel side can hold (about 1 KiB each, allocated as used).
+    #[arg(long, default_value_t = 65536)]
+    pub max_stacks: u32,
+    /// Print what is probed, and where, to standard error.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// "30s", "500ms", "2m", "1h", "1.5s", or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (examples: 30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" | "sec" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit '{other}' in '{text}' (use ms, s, m or h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+        return Err(format!("'{text}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        for bad in ["", "s", "abc", "5 parsecs", "-1s", "1e99h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["tracer", "run", "--top", "3", "--", "ls", "-l"]).unwrap();
+        match cli.command {
+            Command::Run { options, command } => {
+                assert_eq!(options.top, 3);
+                assert_eq!(command, ["ls", "-l"]);
+            }
+            _ => panic!("expected run"),
+        }
+        assert!(Cli::try_parse_from(["tracer", "report"]).is_err(), "--pid is required");
+    }
+}

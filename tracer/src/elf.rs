@@ -1,0 +1,122 @@
+//! What the tracer needs from an ELF file: where named functions are (as
+//! file offsets, which is what uprobes take), and how the file links.
+
+use std::{collections::HashMap, fs, path::Path};
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not an ELF object this tracer can read: {source}")]
+    Parse { path: String, source: object::Error },
+}
+
+/// The symbols and layout of one ELF file.
+#[derive(Debug, Default)]
+pub struct ElfInfo {
+    /// Defined function symbols: name -> virtual address. Dynamic symbols win
+    /// over `.symtab` ones (they are what other objects bind to).
+    functions: HashMap<String, u64>,
+    /// PT_LOAD segments: (virtual address, size in file, file offset).
+    segments: Vec<(u64, u64, u64)>,
+    /// PT_INTERP: the dynamic loader; None for a static executable.
+    pub interpreter: Option<String>,
+}
+
+impl ElfInfo {
+    pub fn read(path: &Path) -> Result<Self, ElfError> {
+        let data = fs::read(path).map_err(|source| ElfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&data).map_err(|source| ElfError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Self, object::Error> {
+        let file = object::File::parse(data)?;
+        let mut functions = HashMap::new();
+        // .symtab first, then .dynsym overwrites: exported addresses win.
+        for symbol in file.symbols().chain(file.dynamic_symbols()) {
+            if symbol.kind() != SymbolKind::Text || !symbol.is_definition() {
+                continue;
+            }
+            if let Ok(name) = symbol.name() {
+                functions.insert(name.to_string(), symbol.address());
+            }
+        }
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (offset, size) = s.file_range();
+                (s.address(), size, offset)
+            })
+            .collect();
+        Ok(ElfInfo {
+            functions,
+            segments,
+            interpreter: interpreter(&file),
+        })
+    }
+
+    pub fn function_address(&self, name: &str) -> Option<u64> {
+        self.functions.get(name).copied()
+    }
+
+    /// File offset of a function: what a uprobe is attached at.
+    pub fn function_offset(&self, name: &str) -> Option<u64> {
+        self.vaddr_to_offset(self.function_address(name)?)
+    }
+
+    pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|(addr, size, _)| *addr <= vaddr && vaddr < addr + size)
+            .map(|(addr, _, offset)| vaddr - addr + offset)
+    }
+}
+
+fn interpreter(file: &object::File) -> Option<String> {
+    use object::read::elf::ProgramHeader as _;
+    let endian = object::Endianness::Little;
+    match file {
+        object::File::Elf64(elf) => elf.elf_program_headers().iter().find_map(|ph| {
+            let interp = ph.interpreter(endian, elf.data()).ok()??;
+            let interp = interp.strip_suffix(&[0]).unwrap_or(interp);
+            Some(String::from_utf8_lossy(interp).into_owned())
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_malloc_in_our_libc() {
+        let me = crate::target::Process::open(std::process::id()).unwrap();
+        let maps = me.maps().unwrap();
+        let libc = maps
+            .iter()
+            .filter_map(|m| m.file_path())
+            .find(|p| p.contains("libc.so"))
+            .expect("test binary links libc");
+        let info = ElfInfo::read(Path::new(libc)).unwrap();
+        let offset = info.function_offset("malloc").expect("libc exports malloc");
+        assert!(offset > 0);
+        assert!(info.function_offset("free").is_some());
+        assert!(info.function_offset("no_such_function_here").is_none());
+        assert!(info.interpreter.is_some(), "libc.so.6 has a PT_INTERP");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(ElfInfo::parse(b"not an elf file at all").is_err());
+        assert!(ElfInfo::parse(b"\x7fELF\x02\x01\x01").is_err());
+    }
+}

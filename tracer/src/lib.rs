@@ -1,0 +1,26 @@
+//! Memory leak tracer: eBPF probes on a process's allocator keep every live
+//! allocation and per-stack totals in kernel maps; this crate loads them,
+//! reads the totals and reports the stacks that hold unfreed memory.
+//!
+//! The data path, one direction:
+//! `probes` (load, attach) -> BPF maps -> `collect` -> `model::Snapshot` ->
+//! `symbolize` -> `report` -> `output` (text, JSON).
+//! `target`, `procmaps`, `elf` and `allocator` find what to probe;
+//! `launch` starts a command for `tracer run`; `session` runs the loop;
+//! `app` wires the command line to all of it.
+
+pub mod allocator;
+pub mod app;
+pub mod cli;
+pub mod collect;
+pub mod elf;
+pub mod launch;
+pub mod model;
+pub mod output;
+pub mod privileges;
+pub mod probes;
+pub mod procmaps;
+pub mod report;
+pub mod session;
+pub mod symbolize;
+pub mod target;

@@ -1,0 +1,128 @@
+//! Human-readable report, in the spirit of bcc's memleak output.
+
+use std::fmt::Write as _;
+
+use crate::report::{Report, ReportFrame};
+
+pub fn render(report: &Report, final_report: bool) -> String {
+    let mut out = String::new();
+    let when = if final_report { "final" } else { "interval" };
+    let _ = writeln!(
+        out,
+        "[{:.1}s] {} report: pid {} ({}): {} in {} outstanding allocation{} from {} stack{}{}",
+        report.duration_s,
+        when,
+        report.pid,
+        report.command,
+        bytes(report.totals.bytes),
+        report.totals.allocations,
+        plural(report.totals.allocations),
+        report.stack_count,
+        plural(report.stack_count as u64),
+        if report.min_age_s > 0.0 {
+            format!(" (older than {}s)", report.min_age_s)
+        } else {
+            String::new()
+        },
+    );
+    if report.stacks.len() < report.stack_count {
+        let _ = writeln!(out, "top {} stacks by outstanding bytes:", report.stacks.len());
+    }
+    for stack in &report.stacks {
+        let age = stack
+            .oldest_age_s
+            .map(|a| format!(", oldest {a:.1}s"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\n  {} in {} allocation{} (allocated since attach: {}{})",
+            bytes(stack.bytes),
+            stack.allocations,
+            plural(stack.allocations),
+            stack.total_allocations,
+            age
+        );
+        if stack.frames.is_empty() {
+            let _ = writeln!(out, "      [unknown stack]");
+        }
+        for frame in &stack.frames {
+            let _ = writeln!(out, "      {}", frame_line(frame));
+        }
+        if stack.truncated {
+            let _ = writeln!(out, "      [stack truncated]");
+        }
+    }
+    let d = &report.dropped;
+    if d.any() {
+        let _ = writeln!(
+            out,
+            "\n  dropped: {} untracked allocations (allocation map full), {} without stack, {} without per-stack totals, {} calls not followed, {} missed frees",
+            d.untracked_allocations, d.lost_stacks, d.stack_stats_full, d.in_flight_full, d.missed_frees
+        );
+    }
+    out.push('\n');
+    out
+}
+
+fn frame_line(frame: &ReportFrame) -> String {
+    let mut s = frame.function.clone().unwrap_or_else(|| frame.address.clone());
+    if let (Some(file), Some(line)) = (&frame.file, frame.line) {
+        let _ = write!(s, " at {file}:{line}");
+    }
+    if frame.inlined {
+        s.push_str(" (inlined)");
+    }
+    if let Some(module) = &frame.module {
+        let _ = write!(s, " [{}]", module.rsplit('/').next().unwrap_or(module));
+    }
+    s
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// "1234 bytes" below 10 KiB, otherwise with a binary unit as well.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 10 * 1024 {
+        return format!("{n} bytes");
+    }
+    let mut value = n as f64;
+    let mut unit = "";
+    for u in UNITS {
+        value /= 1024.0;
+        unit = u;
+        if value < 1024.0 {
+            break;
+        }
+    }
+    format!("{n} bytes ({value:.1} {unit})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_formatting() {
+        assert_eq!(bytes(1), "1 bytes");
+        assert_eq!(bytes(20 * 1024), "20480 bytes (20.0 KiB)");
+        assert_eq!(bytes(3 << 20), "3145728 bytes (3.0 MiB)");
+    }
+
+    #[test]
+    fn frame_lines_show_function_location_and_module() {
+        let f = ReportFrame {
+            function: Some("leak".into()),
+            file: Some("/src/a.c".into()),
+            line: Some(7),
+            module: Some("/usr/bin/demo".into()),
+            address: "0x1".into(),
+            inlined: false,
+        };
+        assert_eq!(frame_line(&f), "leak at /src/a.c:7 [demo]");
+        let unknown = ReportFrame { function: None, file: None, line: None, module: None, address: "0x99".into(), inlined: false };
+        assert_eq!(frame_line(&unknown), "0x99");
+    }
+}

@@ -1,0 +1,230 @@
+//! The report: a symbolized selection of a Snapshot, in the shape the JSON
+//! output documents (see README "JSON report"). Building it needs the frames
+//! of each stack, passed in as a function so this module stays pure.
+
+use serde::{Deserialize, Serialize};
+use tracer_common::STACK_UNKNOWN;
+
+use crate::{
+    model::{Counters, Snapshot},
+    symbolize::Frame,
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub pid: u32,
+    pub command: String,
+    /// Seconds since the probes were attached.
+    pub duration_s: f64,
+    /// Blocks younger than this were left out.
+    pub min_age_s: f64,
+    /// The object whose allocator was probed, and the functions probed in it.
+    pub allocator: AllocatorInfo,
+    /// Outstanding memory over all stacks (not only those listed).
+    pub totals: Totals,
+    /// Stacks listed (`--top`), most bytes first.
+    pub stacks: Vec<StackReport>,
+    /// Number of stacks holding memory, listed or not.
+    pub stack_count: usize,
+    pub dropped: Dropped,
+    pub events: Events,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AllocatorInfo {
+    pub object: String,
+    pub functions: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Totals {
+    pub bytes: u64,
+    pub allocations: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StackReport {
+    /// Stable id of the stack within this run (hex), "unknown" for blocks
+    /// whose stack could not be captured.
+    pub stack_id: String,
+    pub bytes: u64,
+    pub allocations: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub oldest_age_s: Option<f64>,
+    /// The stack was deeper than the tracer records; outer frames are missing.
+    pub truncated: bool,
+    /// Innermost first; the first frame is the allocator's caller.
+    pub frames: Vec<ReportFrame>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReportFrame {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    /// Hex address in the process.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+}
+
+impl From<&Frame> for ReportFrame {
+    fn from(f: &Frame) -> Self {
+        ReportFrame {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            address: format!("{:#x}", f.address),
+            inlined: f.inlined,
+        }
+    }
+}
+
+/// What the tracer could not track. Non-zero values mean totals are lower
+/// bounds.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Dropped {
+    /// Allocations not tracked: the per-address map was full (`--max-allocations`).
+    pub untracked_allocations: u64,
+    /// Allocations tracked under the "unknown" stack: the stack could not be
+    /// captured or the stack map was full (`--max-stacks`).
+    pub lost_stacks: u64,
+    /// Allocations tracked by address but not per stack: the per-stack map was full.
+    pub stack_stats_full: u64,
+    /// Allocator calls not followed: too many threads inside the allocator at once.
+    pub in_flight_full: u64,
+    /// A block's address was handed out again without its free being seen;
+    /// the old block was retired.
+    pub missed_frees: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Events {
+    pub allocations: u64,
+    pub frees: u64,
+    /// Frees of blocks allocated before attach (ignored).
+    pub untracked_frees: u64,
+    pub failed_allocations: u64,
+}
+
+impl Dropped {
+    pub fn from_counters(c: &Counters) -> Self {
+        Dropped {
+            untracked_allocations: c.alloc_map_full,
+            lost_stacks: c.stack_lost,
+            stack_stats_full: c.stack_stats_full,
+            in_flight_full: c.in_flight_full,
+            missed_frees: c.missed_frees,
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        *self != Dropped::default()
+    }
+}
+
+/// Everything about the run that is not in the snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    pub pid: u32,
+    pub command: String,
+    pub attached_ns: u64,
+    pub min_age_ns: u64,
+    pub allocator: AllocatorInfo,
+}
+
+/// Builds a report of the `top` stacks (0 = all). `frames` returns the
+/// symbolized frames of a stack id and whether it was truncated.
+pub fn build(
+    run: &RunInfo,
+    snapshot: &Snapshot,
+    top: usize,
+    mut frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+) -> Report {
+    let stacks = snapshot
+        .top(top)
+        .into_iter()
+        .map(|s| {
+            let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
+                (Vec::new(), false)
+            } else {
+                frames(s.stack_id)
+            };
+            StackReport {
+                stack_id: if s.stack_id == STACK_UNKNOWN {
+                    "unknown".to_string()
+                } else {
+                    format!("{:016x}", s.stack_id)
+                },
+                bytes: s.bytes,
+                allocations: s.count,
+                total_allocations: s.total_count,
+                total_bytes: s.total_bytes,
+                oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
+                truncated,
+                frames: stack_frames.iter().map(ReportFrame::from).collect(),
+            }
+        })
+        .collect();
+    let c = &snapshot.counters;
+    Report {
+        pid: run.pid,
+        command: run.command.clone(),
+        duration_s: round_ms(snapshot.taken_ns.saturating_sub(run.attached_ns) as f64 / 1e9),
+        min_age_s: run.min_age_ns as f64 / 1e9,
+        allocator: run.allocator.clone(),
+        totals: Totals {
+            bytes: snapshot.total_bytes(),
+            allocations: snapshot.total_count(),
+        },
+        stacks,
+        stack_count: snapshot.stacks.iter().filter(|s| s.count > 0).count(),
+        dropped: Dropped::from_counters(c),
+        events: Events {
+            allocations: c.allocs,
+            frees: c.frees,
+            untracked_frees: c.unknown_frees,
+            failed_allocations: c.failed_allocs,
+        },
+    }
+}
+
+fn round_ms(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StackSample;
+
+    #[test]
+    fn builds_totals_over_all_stacks_and_lists_top() {
+        let snapshot = Snapshot {
+            taken_ns: 5_000_000_000,
+            stacks: vec![
+                StackSample { stack_id: 0xabc, bytes: 100, count: 1, total_count: 9, total_bytes: 900, oldest_ns: Some(4_000_000_000) },
+                StackSample { stack_id: STACK_UNKNOWN, bytes: 50, count: 2, total_count: 2, total_bytes: 50, oldest_ns: None },
+                StackSample { stack_id: 0xdef, bytes: 0, count: 0, total_count: 5, total_bytes: 5, oldest_ns: None },
+            ],
+            counters: Counters { stack_lost: 2, ..Default::default() },
+        };
+        let run = RunInfo { pid: 42, command: "demo".into(), attached_ns: 1_000_000_000, ..Default::default() };
+        let report = build(&run, &snapshot, 1, |id| {
+            (vec![Frame { function: Some(format!("f{id:x}")), address: 0x10, ..Default::default() }], false)
+        });
+        assert_eq!(report.totals, Totals { bytes: 150, allocations: 3 });
+        assert_eq!(report.stack_count, 2);
+        assert_eq!(report.stacks.len(), 1);
+        assert_eq!(report.stacks[0].stack_id, "0000000000000abc");
+        assert_eq!(report.stacks[0].frames[0].function.as_deref(), Some("fabc"));
+        assert_eq!(report.stacks[0].oldest_age_s, Some(1.0));
+        assert_eq!(report.duration_s, 4.0);
+        assert_eq!(report.dropped.lost_stacks, 2);
+        let all = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        assert_eq!(all.stacks[1].stack_id, "unknown");
+    }
+}
