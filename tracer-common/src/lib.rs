@@ -95,7 +95,11 @@ pub struct StackTrace {
 
 impl Default for StackTrace {
     fn default() -> Self {
-        StackTrace { len: 0, truncated: 0, ips: [0; MAX_FRAMES] }
+        StackTrace {
+            len: 0,
+            truncated: 0,
+            ips: [0; MAX_FRAMES],
+        }
     }
 }
 

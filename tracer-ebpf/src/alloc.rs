@@ -264,7 +264,10 @@ fn warn_once_map_full(ctx: &RetProbeContext) {
         .get(Counter::AllocMapFull as u32)
         .is_some_and(|n| *n == 1);
     if first_on_this_cpu {
-        warn!(ctx, "allocation map full: further allocations are counted, not tracked");
+        warn!(
+            ctx,
+            "allocation map full: further allocations are counted, not tracked"
+        );
     }
 }
 
@@ -297,7 +300,10 @@ fn add_to_stack(stack_id: u64, size: u64) {
 fn retire(record: &AllocRecord) {
     if let Some(stats) = STACK_STATS.get_ptr_mut(record.stack_id) {
         unsafe {
-            atomic_add(&raw mut (*stats).outstanding_bytes, record.size.wrapping_neg());
+            atomic_add(
+                &raw mut (*stats).outstanding_bytes,
+                record.size.wrapping_neg(),
+            );
             atomic_add(&raw mut (*stats).outstanding_count, 1u64.wrapping_neg());
         }
     }

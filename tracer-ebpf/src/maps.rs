@@ -31,8 +31,7 @@ pub static STACK_STATS: HashMap<u64, StackStats> = HashMap::with_max_entries(655
 /// Stack id (a 64-bit hash of the frames) -> frames. Not preallocated: each
 /// entry is ~1 KiB and most runs see far fewer stacks than the maximum.
 #[map]
-pub static STACKS: HashMap<u64, StackTrace> =
-    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Scratch space for capturing one stack (too large for the 512-byte BPF
 /// stack).

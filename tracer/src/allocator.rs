@@ -174,7 +174,10 @@ pub fn lookup_order<'a>(exe: &'a str, preload: &'a str, mapped: &[&'a str]) -> V
         }
     }
     for m in mapped {
-        let name = Path::new(m).file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let name = Path::new(m)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
         if name.starts_with("ld-linux") || name.starts_with("ld-musl") {
             continue;
         }
@@ -189,7 +192,10 @@ pub fn lookup_order<'a>(exe: &'a str, preload: &'a str, mapped: &[&'a str]) -> V
 /// a static executable is its own allocator; otherwise the dynamic loader
 /// lists the libraries it would load (`ld.so --list`, what ldd does; no code
 /// of the program runs), with the environment the command will get.
-pub fn locate_for_command(exe: &Path, env: &[(String, String)]) -> Result<AllocatorObject, AllocatorError> {
+pub fn locate_for_command(
+    exe: &Path,
+    env: &[(String, String)],
+) -> Result<AllocatorObject, AllocatorError> {
     let command = exe.display().to_string();
     let info = crate::elf::ElfInfo::read(exe).map_err(|e| AllocatorError::ListLibraries {
         command: command.clone(),
@@ -213,7 +219,10 @@ pub fn locate_for_command(exe: &Path, env: &[(String, String)]) -> Result<Alloca
                 reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        candidates.extend(parse_ld_list(&String::from_utf8_lossy(&output.stdout), interp));
+        candidates.extend(parse_ld_list(
+            &String::from_utf8_lossy(&output.stdout),
+            interp,
+        ));
     }
     for path in &candidates {
         if let Some(found) = try_object(path, PathBuf::from(path)) {
@@ -278,7 +287,10 @@ mod tests {
                     \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
         assert_eq!(
             parse_ld_list(text, "/lib64/ld-linux-x86-64.so.2"),
-            ["/lib/x86_64-linux-gnu/libstdc++.so.6", "/lib/x86_64-linux-gnu/libc.so.6"]
+            [
+                "/lib/x86_64-linux-gnu/libstdc++.so.6",
+                "/lib/x86_64-linux-gnu/libc.so.6"
+            ]
         );
     }
 
@@ -292,11 +304,32 @@ mod tests {
         let mut unique = offsets.clone();
         unique.dedup();
         assert_eq!(offsets, unique, "each address once");
-        let names: Vec<&str> = found.points.iter().flat_map(|p| p.functions.clone()).collect();
-        for required in ["malloc", "calloc", "realloc", "free", "posix_memalign", "memalign"] {
-            assert!(names.contains(&required), "{required} missing from {names:?}");
+        let names: Vec<&str> = found
+            .points
+            .iter()
+            .flat_map(|p| p.functions.clone())
+            .collect();
+        for required in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "free",
+            "posix_memalign",
+            "memalign",
+        ] {
+            assert!(
+                names.contains(&required),
+                "{required} missing from {names:?}"
+            );
         }
-        let memalign = found.points.iter().find(|p| p.functions.contains(&"memalign")).unwrap();
-        assert!(memalign.functions.contains(&"aligned_alloc"), "glibc 2.36 aliases these");
+        let memalign = found
+            .points
+            .iter()
+            .find(|p| p.functions.contains(&"memalign"))
+            .unwrap();
+        assert!(
+            memalign.functions.contains(&"aligned_alloc"),
+            "glibc 2.36 aliases these"
+        );
     }
 }

@@ -11,7 +11,7 @@ use crate::{
     privileges,
     probes::{MapSizes, Probes},
     report::{AllocatorInfo, RunInfo},
-    session::{Session, Target},
+    session::{open_output, Session, Target},
     target::Process,
 };
 
@@ -23,7 +23,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn load_probes(options: &ReportOptions) -> Result<Probes> {
-    privileges::check()?;
     Probes::load(MapSizes {
         allocations: options.max_allocations,
         stacks: options.max_stacks,
@@ -64,6 +63,8 @@ fn describe(probes: &Probes, verbose: bool) {
 }
 
 async fn attach(pid: u32, options: ReportOptions) -> Result<ExitCode> {
+    privileges::check()?;
+    let out = open_output(options.output.as_deref())?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
     let object = allocator::locate(&process, &maps)?;
@@ -75,12 +76,14 @@ async fn attach(pid: u32, options: ReportOptions) -> Result<ExitCode> {
     if options.verbose {
         eprintln!("tracer: attached to PID {pid} ({})", run.command);
     }
-    Session::new(probes, process, run, options)?
+    Session::new(probes, process, run, options, out)?
         .run(Target::Attached)
         .await
 }
 
 async fn run_command(argv: Vec<std::ffi::OsString>, options: ReportOptions) -> Result<ExitCode> {
+    privileges::check()?;
+    let out = open_output(options.output.as_deref())?;
     let exe = launch::resolve_command(std::path::Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let object = allocator::locate_for_command(&exe, &env)?;
@@ -102,7 +105,7 @@ async fn run_command(argv: Vec<std::ffi::OsString>, options: ReportOptions) -> R
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let session = Session::new(probes, process, run, options)?;
+    let session = Session::new(probes, process, run, options, out)?;
     child.release();
     session.run(Target::Child(child)).await
 }

@@ -95,7 +95,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit '{other}' in '{text}' (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}' (use ms, s, m or h)"
+            ))
+        }
     };
     if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
         return Err(format!("'{text}' is out of range"));
@@ -131,6 +135,9 @@ mod tests {
             }
             _ => panic!("expected run"),
         }
-        assert!(Cli::try_parse_from(["tracer", "report"]).is_err(), "--pid is required");
+        assert!(
+            Cli::try_parse_from(["tracer", "report"]).is_err(),
+            "--pid is required"
+        );
     }
 }

@@ -12,20 +12,22 @@ use crate::model::{scan_ages, Counters, Snapshot, StackSample};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a aya::maps::Map> {
-    ebpf.map(name).with_context(|| format!("eBPF object has no map {name}"))
+    ebpf.map(name)
+        .with_context(|| format!("eBPF object has no map {name}"))
 }
 
 pub fn counters(ebpf: &Ebpf) -> Result<Counters> {
     let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(ebpf, "COUNTERS")?)?;
-    let read = |c: Counter| -> Result<u64> {
-        Ok(array.get(&(c as u32), 0)?.iter().sum())
-    };
+    let read = |c: Counter| -> Result<u64> { Ok(array.get(&(c as u32), 0)?.iter().sum()) };
     Ok(Counters {
         allocs: read(Counter::Allocs)?,
         frees: read(Counter::Frees)?,
@@ -75,7 +77,11 @@ pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapsho
             }
         }
     }
-    Ok(Snapshot { taken_ns, stacks, counters: counters(ebpf)? })
+    Ok(Snapshot {
+        taken_ns,
+        stacks,
+        counters: counters(ebpf)?,
+    })
 }
 
 /// Every live allocation as (stack id, size, timestamp).
@@ -96,8 +102,7 @@ pub fn live_allocations(ebpf: &Ebpf) -> Result<Vec<(u64, u64, u64)>> {
 /// The frames of a stack id: return addresses, innermost first, and whether
 /// the capture was cut at the depth limit.
 pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool)>> {
-    let stacks: BpfHashMap<&MapData, u64, StackTrace> =
-        BpfHashMap::try_from(map(ebpf, "STACKS")?)?;
+    let stacks: BpfHashMap<&MapData, u64, StackTrace> = BpfHashMap::try_from(map(ebpf, "STACKS")?)?;
     match stacks.get(&stack_id, 0) {
         Ok(trace) => {
             let len = (trace.len as usize).min(trace.ips.len());

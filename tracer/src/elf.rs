@@ -8,7 +8,10 @@ use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not an ELF object this tracer can read: {source}")]
     Parse { path: String, source: object::Error },
 }

@@ -105,7 +105,8 @@ pub fn resolve_command(name: &Path) -> Result<PathBuf> {
         return Err(anyhow!("empty command"));
     }
     if name.components().count() > 1 || name.starts_with("/") {
-        return check(name).ok_or_else(|| anyhow!("cannot run {}: no such executable file", name.display()));
+        return check(name)
+            .ok_or_else(|| anyhow!("cannot run {}: no such executable file", name.display()));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
@@ -144,7 +145,12 @@ pub fn launch(argv: &[OsString], credentials: Option<Credentials>) -> Result<Lau
         .recv()
         .map_err(|_| anyhow!("the child thread ended unexpectedly"))?
         .map_err(|e| anyhow!(e))?;
-    Ok(Launched { pid, go: go_tx, ack: ack_tx, events: event_rx })
+    Ok(Launched {
+        pid,
+        go: go_tx,
+        ack: ack_tx,
+        events: event_rx,
+    })
 }
 
 fn start_stopped(argv: &[OsString], credentials: Option<Credentials>) -> Result<u32, String> {
@@ -180,7 +186,14 @@ fn start_stopped(argv: &[OsString], credentials: Option<Credentials>) -> Result<
         ));
     }
     let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-    unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid as libc::pid_t, 0, options as libc::c_long) };
+    unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETOPTIONS,
+            pid as libc::pid_t,
+            0,
+            options as libc::c_long,
+        )
+    };
     Ok(pid)
 }
 
@@ -199,7 +212,14 @@ fn wait(pid: u32) -> io::Result<libc::c_int> {
 }
 
 fn cont(pid: u32, signal: libc::c_int) {
-    unsafe { libc::ptrace(libc::PTRACE_CONT, pid as libc::pid_t, 0, signal as libc::c_long) };
+    unsafe {
+        libc::ptrace(
+            libc::PTRACE_CONT,
+            pid as libc::pid_t,
+            0,
+            signal as libc::c_long,
+        )
+    };
 }
 
 fn follow(pid: u32, events: &mpsc::UnboundedSender<ChildEvent>, ack: &std_mpsc::Receiver<()>) {
@@ -248,6 +268,9 @@ mod tests {
         assert!(resolve_command(Path::new("sh")).unwrap().is_absolute());
         assert!(resolve_command(Path::new("/bin/sh")).is_ok());
         assert!(resolve_command(Path::new("definitely-not-a-command-xyz")).is_err());
-        assert!(resolve_command(Path::new("/etc/passwd")).is_err(), "not executable");
+        assert!(
+            resolve_command(Path::new("/etc/passwd")).is_err(),
+            "not executable"
+        );
     }
 }

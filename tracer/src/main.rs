@@ -5,7 +5,10 @@ use clap::Parser as _;
 fn main() -> ExitCode {
     let cli = tracer::cli::Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tracer: error: cannot start: {e}");

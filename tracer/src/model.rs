@@ -115,13 +115,23 @@ mod tests {
     use super::*;
 
     fn sample(id: u64, bytes: u64, count: u64) -> StackSample {
-        StackSample { stack_id: id, bytes, count, ..Default::default() }
+        StackSample {
+            stack_id: id,
+            bytes,
+            count,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn top_sorts_by_bytes_then_count_and_drops_empty_stacks() {
         let snap = Snapshot {
-            stacks: vec![sample(1, 10, 1), sample(2, 300, 3), sample(3, 0, 0), sample(4, 10, 2)],
+            stacks: vec![
+                sample(1, 10, 1),
+                sample(2, 300, 3),
+                sample(3, 0, 0),
+                sample(4, 10, 2),
+            ],
             ..Default::default()
         };
         let ids: Vec<u64> = snap.top(0).iter().map(|s| s.stack_id).collect();
@@ -134,14 +144,27 @@ mod tests {
     #[test]
     fn age_scan_filters_young_blocks_and_finds_oldest() {
         let scan = scan_ages([(7, 100, 50), (7, 20, 10), (7, 5, 900), (8, 1, 950)], 500);
-        assert_eq!(scan[&7], AgeScan { bytes: 120, count: 2, oldest_ns: 10 });
+        assert_eq!(
+            scan[&7],
+            AgeScan {
+                bytes: 120,
+                count: 2,
+                oldest_ns: 10
+            }
+        );
         assert!(!scan.contains_key(&8));
     }
 
     #[test]
     fn oldest_age_is_relative_to_snapshot_time() {
-        let snap = Snapshot { taken_ns: 3_500_000_000, ..Default::default() };
-        let s = StackSample { oldest_ns: Some(1_000_000_000), ..Default::default() };
+        let snap = Snapshot {
+            taken_ns: 3_500_000_000,
+            ..Default::default()
+        };
+        let s = StackSample {
+            oldest_ns: Some(1_000_000_000),
+            ..Default::default()
+        };
         assert_eq!(snap.oldest_age_s(&s), Some(2.5));
     }
 }

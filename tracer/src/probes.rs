@@ -28,7 +28,10 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { allocations: 1 << 20, stacks: 65536 }
+        MapSizes {
+            allocations: 1 << 20,
+            stacks: 65536,
+        }
     }
 }
 
@@ -76,7 +79,11 @@ impl Probes {
                 .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
-        Ok(Probes { ebpf, attached: Vec::new(), _logger: logger })
+        Ok(Probes {
+            ebpf,
+            attached: Vec::new(),
+            _logger: logger,
+        })
     }
 
     /// Lets the programs count events of this process.

@@ -61,7 +61,12 @@ pub fn parse(text: &str) -> Result<Vec<Mapping>, ParseError> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| parse_line(line).map_err(|reason| ParseError { line: i + 1, reason }))
+        .map(|(i, line)| {
+            parse_line(line).map_err(|reason| ParseError {
+                line: i + 1,
+                reason,
+            })
+        })
         .collect()
 }
 
@@ -130,7 +135,10 @@ mod tests {
         assert_eq!(libc.start, 0x7f3a1c028000);
         assert_eq!(libc.offset, 0x28000);
         assert!(libc.executable && libc.readable);
-        assert_eq!(libc.file_path(), Some("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(
+            libc.file_path(),
+            Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        );
         assert_eq!(libc.file_offset(0x7f3a1c028010), 0x28010);
         assert!(!maps[2].is_file());
         assert_eq!(maps[2].path.as_deref(), Some("[heap]"));

@@ -206,17 +206,59 @@ mod tests {
         let snapshot = Snapshot {
             taken_ns: 5_000_000_000,
             stacks: vec![
-                StackSample { stack_id: 0xabc, bytes: 100, count: 1, total_count: 9, total_bytes: 900, oldest_ns: Some(4_000_000_000) },
-                StackSample { stack_id: STACK_UNKNOWN, bytes: 50, count: 2, total_count: 2, total_bytes: 50, oldest_ns: None },
-                StackSample { stack_id: 0xdef, bytes: 0, count: 0, total_count: 5, total_bytes: 5, oldest_ns: None },
+                StackSample {
+                    stack_id: 0xabc,
+                    bytes: 100,
+                    count: 1,
+                    total_count: 9,
+                    total_bytes: 900,
+                    oldest_ns: Some(4_000_000_000),
+                },
+                StackSample {
+                    stack_id: STACK_UNKNOWN,
+                    bytes: 50,
+                    count: 2,
+                    total_count: 2,
+                    total_bytes: 50,
+                    oldest_ns: None,
+                },
+                StackSample {
+                    stack_id: 0xdef,
+                    bytes: 0,
+                    count: 0,
+                    total_count: 5,
+                    total_bytes: 5,
+                    oldest_ns: None,
+                },
             ],
-            counters: Counters { stack_lost: 2, ..Default::default() },
+            counters: Counters {
+                stack_lost: 2,
+                ..Default::default()
+            },
         };
-        let run = RunInfo { pid: 42, command: "demo".into(), attached_ns: 1_000_000_000, ..Default::default() };
+        let run = RunInfo {
+            pid: 42,
+            command: "demo".into(),
+            attached_ns: 1_000_000_000,
+            ..Default::default()
+        };
         let report = build(&run, &snapshot, 1, |id| {
-            (vec![Frame { function: Some(format!("f{id:x}")), address: 0x10, ..Default::default() }], false)
+            (
+                vec![Frame {
+                    function: Some(format!("f{id:x}")),
+                    address: 0x10,
+                    ..Default::default()
+                }],
+                false,
+            )
         });
-        assert_eq!(report.totals, Totals { bytes: 150, allocations: 3 });
+        assert_eq!(
+            report.totals,
+            Totals {
+                bytes: 150,
+                allocations: 3
+            }
+        );
         assert_eq!(report.stack_count, 2);
         assert_eq!(report.stacks.len(), 1);
         assert_eq!(report.stacks[0].stack_id, "0000000000000abc");

@@ -4,7 +4,10 @@
 use std::{
     fs::OpenOptions,
     io::{self, Write},
-    os::{fd::{FromRawFd, OwnedFd}, unix::fs::OpenOptionsExt},
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::OpenOptionsExt,
+    },
     path::Path,
     process::ExitCode,
     time::Duration,
@@ -51,11 +54,23 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(probes: Probes, process: Process, run: RunInfo, options: ReportOptions) -> Result<Self> {
-        let out = open_output(options.output.as_deref())?;
+    pub fn new(
+        probes: Probes,
+        process: Process,
+        run: RunInfo,
+        options: ReportOptions,
+        out: Box<dyn Write>,
+    ) -> Result<Self> {
         let mut symbolizer = Symbolizer::new(process.clone());
         symbolizer.note_mappings();
-        Ok(Session { probes, process, run, options, symbolizer, out })
+        Ok(Session {
+            probes,
+            process,
+            run,
+            options,
+            symbolizer,
+            out,
+        })
     }
 
     /// Runs until the end; returns the exit code for the tracer.
@@ -68,9 +83,16 @@ impl Session {
         let started = Instant::now();
         let mut housekeeping = interval_at(started + HOUSEKEEPING, HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut reports = interval_at(started + interval.unwrap_or(Duration::MAX / 4), interval.unwrap_or(Duration::MAX / 4));
+        let mut reports = interval_at(
+            started + interval.unwrap_or(Duration::MAX / 4),
+            interval.unwrap_or(Duration::MAX / 4),
+        );
         reports.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let deadline = tokio::time::sleep(self.options.duration.unwrap_or(Duration::from_secs(u32::MAX as u64)));
+        let deadline = tokio::time::sleep(
+            self.options
+                .duration
+                .unwrap_or(Duration::from_secs(u32::MAX as u64)),
+        );
         tokio::pin!(deadline);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -132,7 +154,8 @@ impl Session {
         }
         self.symbolizer.note_mappings();
         let tids = self.process.thread_ids();
-        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, self.process.pid, &tids) {
+        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, self.process.pid, &tids)
+        {
             log::debug!("cleaning in-flight records: {e:#}");
         }
     }
@@ -154,7 +177,9 @@ impl Session {
             (Format::Json, true) => output::json::document(&report),
             (Format::Json, false) => return Ok(()),
         };
-        self.out.write_all(text.as_bytes()).context("writing the report")?;
+        self.out
+            .write_all(text.as_bytes())
+            .context("writing the report")?;
         self.out.flush().context("writing the report")?;
         Ok(())
     }
@@ -197,7 +222,7 @@ async fn readable(fd: &Option<AsyncFd<OwnedFd>>) {
 }
 
 /// Standard output, or a new file that is never a symlink planted in the path.
-fn open_output(path: Option<&Path>) -> Result<Box<dyn Write>> {
+pub fn open_output(path: Option<&Path>) -> Result<Box<dyn Write>> {
     match path {
         None => Ok(Box::new(io::stdout())),
         Some(path) => {

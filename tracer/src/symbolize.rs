@@ -54,7 +54,12 @@ impl Symbolizer {
             .enable_code_info(true)
             .enable_inlined_fns(true)
             .build();
-        Symbolizer { blazesym, process, mappings: Vec::new(), cache: HashMap::new() }
+        Symbolizer {
+            blazesym,
+            process,
+            mappings: Vec::new(),
+            cache: HashMap::new(),
+        }
     }
 
     /// Records the process's current mappings. Cheap; call it often while
@@ -84,7 +89,10 @@ impl Symbolizer {
 
     /// Symbolizes a stack of return addresses (innermost first).
     pub fn symbolize_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
-        if ips.iter().any(|ip| !self.cache.contains_key(ip) && self.mapping_of(*ip).is_none()) {
+        if ips
+            .iter()
+            .any(|ip| !self.cache.contains_key(ip) && self.mapping_of(*ip).is_none())
+        {
             self.note_mappings();
         }
         self.fill_cache(ips);
@@ -109,7 +117,13 @@ impl Symbolizer {
                     by_module.entry(path).or_default().push((ip, offset));
                 }
                 None => {
-                    self.cache.insert(ip, vec![Frame { address: ip, ..Frame::default() }]);
+                    self.cache.insert(
+                        ip,
+                        vec![Frame {
+                            address: ip,
+                            ..Frame::default()
+                        }],
+                    );
                 }
             }
         }

@@ -3,8 +3,7 @@
 //! `/proc/PID/root`, so that a process in another mount namespace works).
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -22,7 +21,10 @@ pub enum TargetError {
     #[error("cannot read {path}: {source}")]
     Unreadable { path: PathBuf, source: io::Error },
     #[error("cannot parse {path}: {source}")]
-    Malformed { path: PathBuf, source: procmaps::ParseError },
+    Malformed {
+        path: PathBuf,
+        source: procmaps::ParseError,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +46,8 @@ impl Process {
         }
         let comm = read_proc_file(pid, "comm")?.trim_end().to_string();
         let status = read_proc_file(pid, "status")?;
-        if status_field(&status, "State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+        if status_field(&status, "State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
+        {
             return Err(TargetError::Exited { pid });
         }
         // Kernel threads have no mm: no VmSize line and an empty maps file.
@@ -76,7 +79,8 @@ impl Process {
 
     pub fn maps(&self) -> Result<Vec<Mapping>, TargetError> {
         let path = PathBuf::from(format!("/proc/{}/maps", self.pid));
-        let text = fs::read_to_string(&path).map_err(|source| self.read_error(path.clone(), source))?;
+        let text =
+            fs::read_to_string(&path).map_err(|source| self.read_error(path.clone(), source))?;
         if text.is_empty() && !self.is_alive() {
             return Err(TargetError::Exited { pid: self.pid });
         }
@@ -98,7 +102,9 @@ impl Process {
         fs::read_link(&link)
             .map(|p| {
                 let s = p.to_string_lossy().into_owned();
-                s.strip_suffix(" (deleted)").map(str::to_string).unwrap_or(s)
+                s.strip_suffix(" (deleted)")
+                    .map(str::to_string)
+                    .unwrap_or(s)
             })
             .map_err(|source| self.read_error(link, source))
     }
@@ -170,7 +176,8 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 /// True when `path` names the same file as one of the mappings (used to
 /// check that an object found on disk is the one the process has mapped).
 pub fn is_mapped(maps: &[Mapping], path: &Path) -> bool {
-    maps.iter().any(|m| m.file_path().is_some_and(|p| Path::new(p) == path))
+    maps.iter()
+        .any(|m| m.file_path().is_some_and(|p| Path::new(p) == path))
 }
 
 #[cfg(test)]
@@ -180,7 +187,10 @@ mod tests {
     #[test]
     fn missing_pid_is_a_clear_error() {
         let err = Process::open(u32::MAX - 1).unwrap_err();
-        assert_eq!(err.to_string(), format!("no process with PID {}", u32::MAX - 1));
+        assert_eq!(
+            err.to_string(),
+            format!("no process with PID {}", u32::MAX - 1)
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ mod tests {
             duration_s: 1.5,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
-            totals: Totals { bytes: 10, allocations: 1 },
+            totals: Totals {
+                bytes: 10,
+                allocations: 1,
+            },
             stacks: vec![StackReport {
                 stack_id: "1".into(),
                 bytes: 10,
@@ -52,7 +55,14 @@ mod tests {
         };
         let text = document(&report);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for key in ["pid", "command", "duration_s", "totals", "stacks", "dropped"] {
+        for key in [
+            "pid",
+            "command",
+            "duration_s",
+            "totals",
+            "stacks",
+            "dropped",
+        ] {
             assert!(value.get(key).is_some(), "{key}");
         }
         let frame = &value["stacks"][0]["frames"][0];

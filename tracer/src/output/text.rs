@@ -26,7 +26,11 @@ pub fn render(report: &Report, final_report: bool) -> String {
         },
     );
     if report.stacks.len() < report.stack_count {
-        let _ = writeln!(out, "top {} stacks by outstanding bytes:", report.stacks.len());
+        let _ = writeln!(
+            out,
+            "top {} stacks by outstanding bytes:",
+            report.stacks.len()
+        );
     }
     for stack in &report.stacks {
         let age = stack
@@ -65,7 +69,10 @@ pub fn render(report: &Report, final_report: bool) -> String {
 }
 
 fn frame_line(frame: &ReportFrame) -> String {
-    let mut s = frame.function.clone().unwrap_or_else(|| frame.address.clone());
+    let mut s = frame
+        .function
+        .clone()
+        .unwrap_or_else(|| frame.address.clone());
     if let (Some(file), Some(line)) = (&frame.file, frame.line) {
         let _ = write!(s, " at {file}:{line}");
     }
@@ -79,7 +86,11 @@ fn frame_line(frame: &ReportFrame) -> String {
 }
 
 fn plural(n: u64) -> &'static str {
-    if n == 1 { "" } else { "s" }
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// "1234 bytes" below 10 KiB, otherwise with a binary unit as well.
@@ -122,7 +133,14 @@ mod tests {
             inlined: false,
         };
         assert_eq!(frame_line(&f), "leak at /src/a.c:7 [demo]");
-        let unknown = ReportFrame { function: None, file: None, line: None, module: None, address: "0x99".into(), inlined: false };
+        let unknown = ReportFrame {
+            function: None,
+            file: None,
+            line: None,
+            module: None,
+            address: "0x99".into(),
+            inlined: false,
+        };
         assert_eq!(frame_line(&unknown), "0x99");
     }
 }

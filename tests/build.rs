@@ -1,0 +1,46 @@
+//! Builds the fixture programs (C, C++, Rust) into OUT_DIR. They are built
+//! with frame pointers and debug info: frame-pointer unwinding is what the
+//! tracer does today, and file:line checks need DWARF.
+
+use std::{env, path::PathBuf, process::Command};
+
+fn run(cmd: &mut Command) {
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+fn main() {
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("fixtures");
+    println!("cargo:rerun-if-changed=fixtures");
+    let c_flags = ["-g", "-O1", "-fno-omit-frame-pointer", "-pthread", "-Wall"];
+    for name in ["leaky", "attach", "aging", "demo"] {
+        run(Command::new("gcc")
+            .args(c_flags)
+            .arg(dir.join(format!("{name}.c")))
+            .arg("-o")
+            .arg(out.join(format!("{name}_c"))));
+    }
+    run(Command::new("g++")
+        .args(c_flags)
+        .arg(dir.join("leaky.cpp"))
+        .arg("-o")
+        .arg(out.join("leaky_cpp")));
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    run(Command::new(rustc)
+        .args([
+            "-g",
+            "-C",
+            "opt-level=1",
+            "-C",
+            "force-frame-pointers=yes",
+            "--edition",
+            "2021",
+        ])
+        .arg(dir.join("leaky.rs"))
+        .arg("-o")
+        .arg(out.join("leaky_rs")));
+    println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}

@@ -1,0 +1,98 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
+
+use std::{os::unix::process::CommandExt, process::Command};
+
+use tracer_tests::*;
+
+fn fails_with(args: &[&str], message: &str) {
+    let output = Command::new(tracer()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} should fail");
+    assert!(
+        stderr.contains(message),
+        "{args:?}: expected {message:?} in {stderr:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr:?}");
+}
+
+#[test]
+fn pid_that_does_not_exist() {
+    fails_with(
+        &["report", "--pid", "999999999"],
+        "no process with PID 999999999",
+    );
+}
+
+#[test]
+fn pid_of_a_kernel_thread() {
+    fails_with(&["report", "--pid", "2"], "kernel thread");
+}
+
+#[test]
+fn pid_of_an_exited_process() {
+    // A zombie: exited, not yet reaped.
+    let child = Command::new("true").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    fails_with(&["report", "--pid", &child.id().to_string()], "has exited");
+}
+
+#[test]
+fn command_that_does_not_exist() {
+    fails_with(&["run", "--", "no-such-command-xyz"], "command not found");
+}
+
+#[test]
+fn static_binary_without_symbols() {
+    require_root();
+    // A tiny static, stripped program: no allocator symbols to probe.
+    let dir = temp_path("static");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("s.c");
+    std::fs::write(&src, "int main(void){return 0;}\n").unwrap();
+    let exe = dir.join("s");
+    let built = Command::new("gcc")
+        .args(["-static", "-s", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status();
+    if !built.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("no static libc to build with; skipping");
+        return;
+    }
+    fails_with(&["run", "--", exe.to_str().unwrap()], "no allocator found");
+}
+
+#[test]
+fn output_path_that_cannot_be_written() {
+    require_root();
+    fails_with(
+        &["run", "--output", "/nonexistent-dir/x.json", "--", "true"],
+        "cannot write /nonexistent-dir/x.json",
+    );
+}
+
+#[test]
+fn not_root() {
+    require_root();
+    let output = Command::new(tracer())
+        .args(["report", "--pid", "1"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+}
+
+#[test]
+fn bad_duration_is_a_usage_error() {
+    let output = Command::new(tracer())
+        .args(["report", "--pid", "1", "--duration", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a duration"));
+}

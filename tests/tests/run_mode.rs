@@ -1,0 +1,168 @@
+//! `tracer run`: a command traced from its first allocation. Each fixture
+//! announces its leaks; the report must match them exactly, per site, and
+//! nothing from the fixture's churn may appear.
+
+use serde_json::Value;
+use tracer_tests::*;
+
+fn check_fixture(name: &str, churn_functions: &[&str]) -> Value {
+    require_root();
+    let program = fixture(name);
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let expected = expectations(&stdout);
+    assert!(!expected.is_empty());
+    let mut sites: Vec<&str> = expected.keys().map(String::as_str).collect();
+    sites.extend_from_slice(churn_functions);
+    let found = report_by_site(&report, &sites);
+    for (site, want) in &expected {
+        assert_eq!(
+            found.get(site),
+            Some(want),
+            "site {site} (bytes, blocks); report: {report:#}"
+        );
+    }
+    for churn in churn_functions {
+        assert!(
+            found.get(*churn).is_none(),
+            "freed memory from {churn} reported: {:?}",
+            found.get(*churn)
+        );
+    }
+    // The totals cover every stack, and the listed stacks add up to them.
+    let listed: u64 = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(report["totals"]["bytes"].as_u64().unwrap(), listed);
+    let dropped = &report["dropped"];
+    for (key, value) in dropped.as_object().unwrap() {
+        assert_eq!(value.as_u64(), Some(0), "dropped.{key}");
+    }
+    report
+}
+
+#[test]
+fn c_fixture_leaks_are_exact() {
+    let report = check_fixture("leaky_c", &["churn", "cross_alloc", "cross_free"]);
+    // The leak site is the innermost frame, with file and line.
+    let stack = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frames"][0]["function"] == "leak_malloc")
+        .expect("a stack whose first frame is leak_malloc");
+    let frame = &stack["frames"][0];
+    assert!(
+        frame["file"].as_str().unwrap().ends_with("leaky.c"),
+        "{frame}"
+    );
+    assert!(frame["line"].as_u64().unwrap() > 0);
+    assert!(frame["module"].as_str().unwrap().ends_with("leaky_c"));
+    assert!(frame["address"].as_str().unwrap().starts_with("0x"));
+    assert_eq!(stack["total_allocations"], 10);
+    assert!(stack["oldest_age_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        report["allocator"]["object"]
+            .as_str()
+            .map(|p| p.contains("libc.so")),
+        Some(true)
+    );
+}
+
+#[test]
+fn cpp_fixture_leaks_are_exact() {
+    check_fixture("leaky_cpp", &["churn"]);
+}
+
+#[test]
+fn rust_fixture_leaks_are_exact() {
+    check_fixture("leaky_rs", &["churn"]);
+}
+
+#[test]
+fn min_age_leaves_out_young_blocks() {
+    require_root();
+    let program = fixture("aging_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &["--min-age", "1s"]);
+    let sites = ["leak_old", "leak_young"];
+    let found = report_by_site(&report, &sites);
+    assert_eq!(expectations(&stdout)["leak_old"], (1000, 10));
+    assert_eq!(found.get("leak_old"), Some(&(1000, 10)));
+    assert_eq!(
+        found.get("leak_young"),
+        None,
+        "young blocks must be left out"
+    );
+    let old = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| site_of(&frame_functions(s), &sites) == Some("leak_old"))
+        .unwrap();
+    assert!(old["oldest_age_s"].as_f64().unwrap() >= 1.4, "{old}");
+    assert_eq!(report["min_age_s"], 1.0);
+}
+
+#[test]
+fn exit_code_of_the_command_is_passed_through() {
+    require_root();
+    let status = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(temp_path("exit3.json"))
+        .args(["--", "sh", "-c", "exit 3"])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn json_lines_with_an_explicit_interval() {
+    require_root();
+    let path = temp_path("lines.jsonl");
+    let program = fixture("aging_c");
+    let status = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--interval", "300ms", "--output"])
+        .arg(&path)
+        .arg("--")
+        .arg(&program)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let reports: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        reports.len() >= 3,
+        "one line per interval plus the final one: {}",
+        reports.len()
+    );
+    let last = reports.last().unwrap();
+    let found = report_by_site(last, &["leak_old", "leak_young"]);
+    assert_eq!(found.get("leak_young"), Some(&(500, 10)));
+}
+
+#[test]
+fn command_runs_as_the_sudo_user() {
+    require_root();
+    let output = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(temp_path("sudo.json"))
+        .args(["--", "id", "-u"])
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .env_remove("SUDO_USER")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "65534");
+}
