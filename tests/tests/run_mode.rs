@@ -166,3 +166,29 @@ fn command_runs_as_the_sudo_user() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "65534");
 }
+
+#[test]
+fn full_maps_are_counted_and_shown_not_mixed_in() {
+    require_root();
+    let program = fixture("leaky_c");
+    // Room for 16 live blocks only: the rest must be counted as dropped.
+    let (report, _, _) = trace_run(&[program.to_str().unwrap()], &["--max-allocations", "16"]);
+    let dropped = report["dropped"]["untracked_allocations"].as_u64().unwrap();
+    assert!(dropped > 0, "{report:#}");
+    let total = report["totals"]["allocations"].as_u64().unwrap();
+    assert!(total <= 16, "never more than the map holds: {total}");
+    // Room for 4 stacks: allocations from other stacks are not attributed
+    // to a wrong stack; they are counted as lost.
+    let (report, _, _) = trace_run(&[program.to_str().unwrap()], &["--max-stacks", "4"]);
+    let d = &report["dropped"];
+    assert!(
+        d["lost_stacks"].as_u64().unwrap() + d["stack_stats_full"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
+    for stack in report["stacks"].as_array().unwrap() {
+        let functions = frame_functions(stack);
+        if functions.iter().any(|f| f == "leak_malloc") {
+            assert_eq!(stack["bytes"], 1000, "a stack keeps only its own blocks");
+        }
+    }
+}
