@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
-    cli::{Cli, Command, ReportOptions},
+    cli::{Cli, Command, Format, ReportOptions},
     launch::{self, Credentials},
     privileges,
     probes::{MapSizes, Probes},
@@ -19,6 +19,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Report { pid, options } => attach(pid, options).await,
         Command::Run { options, command } => run_command(command, options).await,
+        Command::Flamegraph { pid, mut options, command } => {
+            options.format = Format::Svg;
+            let path = options.output.get_or_insert_with(|| "flamegraph.svg".into()).clone();
+            let code = match pid {
+                Some(pid) => attach(pid, options).await?,
+                None => run_command(command, options).await?,
+            };
+            eprintln!("tracer: wrote {}", path.display());
+            Ok(code)
+        }
     }
 }
 

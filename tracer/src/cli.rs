@@ -4,6 +4,8 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::output::folded::Weight;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tracer",
@@ -31,6 +33,18 @@ pub enum Command {
         #[command(flatten)]
         options: ReportOptions,
     },
+    /// Write a flamegraph SVG of outstanding memory (a shortcut for
+    /// `--format svg`), for a running process (--pid) or a command (-- CMD).
+    Flamegraph {
+        /// Process to trace; without it, the command after `--` is started.
+        #[arg(long, short)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        options: ReportOptions,
+        /// The command and its arguments (after `--`), when no --pid is given.
+        #[arg(last = true, value_name = "CMD", required_unless_present = "pid", conflicts_with = "pid")]
+        command: Vec<OsString>,
+    },
     /// Start a command traced from its first allocation and report what it
     /// has not freed when it exits. Exits with the command's exit code.
     Run {
@@ -57,8 +71,13 @@ pub struct ReportOptions {
     /// Only count allocations at least this old (e.g. 2s, 500ms).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
+    /// Output format. folded and svg (a flamegraph) cover every stack and
+    /// are written once, at the end.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// What flamegraph widths (folded, svg) measure.
+    #[arg(long, value_enum, default_value_t = Weight::Bytes)]
+    pub weight: Weight,
     /// Write reports to this file instead of standard output.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
@@ -78,6 +97,17 @@ pub struct ReportOptions {
 pub enum Format {
     Text,
     Json,
+    /// Collapsed stacks `root;...;leaf weight` (flamegraph.pl, inferno, speedscope).
+    Folded,
+    /// Interactive flamegraph SVG.
+    Svg,
+}
+
+impl Format {
+    /// Formats that describe the whole run once, at the end, with every stack.
+    pub fn is_whole_run(self) -> bool {
+        matches!(self, Format::Folded | Format::Svg)
+    }
 }
 
 /// "30s", "500ms", "2m", "1h", "1.5s", or a bare number of seconds.

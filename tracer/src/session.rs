@@ -76,9 +76,10 @@ impl Session {
     /// Runs until the end; returns the exit code for the tracer.
     pub async fn run(mut self, mut target: Target) -> Result<ExitCode> {
         let interval = match (self.options.interval, self.options.format) {
+            (_, f) if f.is_whole_run() => None,
             (Some(i), _) => Some(i.max(Duration::from_millis(100))),
             (None, Format::Text) => Some(DEFAULT_TEXT_INTERVAL),
-            (None, Format::Json) => None,
+            (None, _) => None,
         };
         let started = Instant::now();
         let mut housekeeping = interval_at(started + HOUSEKEEPING, HOUSEKEEPING);
@@ -162,24 +163,30 @@ impl Session {
 
     /// Takes a snapshot and writes one report.
     fn emit(&mut self, final_report: bool) -> Result<()> {
+        let format = self.options.format;
+        let json_lines = format == Format::Json && self.options.interval.is_some();
+        if !final_report && (format.is_whole_run() || (format == Format::Json && !json_lines)) {
+            return Ok(());
+        }
         let snapshot = collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, true)?;
+        let top = if format.is_whole_run() { 0 } else { self.options.top };
         let ebpf = &self.probes.ebpf;
         let symbolizer = &mut self.symbolizer;
-        let report = report::build(&self.run, &snapshot, self.options.top, |stack_id| {
+        let report = report::build(&self.run, &snapshot, top, |stack_id| {
             match collect::stack_frames(ebpf, stack_id) {
                 Ok(Some((ips, truncated))) => (symbolizer.symbolize_stack(&ips), truncated),
                 _ => (Vec::new(), false),
             }
         });
-        let text = match (self.options.format, final_report) {
-            (Format::Text, _) => output::text::render(&report, final_report),
-            (Format::Json, _) if self.options.interval.is_some() => output::json::line(&report),
-            (Format::Json, true) => output::json::document(&report),
-            (Format::Json, false) => return Ok(()),
+        let weight = self.options.weight;
+        let bytes = match format {
+            Format::Text => output::text::render(&report, final_report).into_bytes(),
+            Format::Json if json_lines => output::json::line(&report).into_bytes(),
+            Format::Json => output::json::document(&report).into_bytes(),
+            Format::Folded => output::folded::render(&report, weight).into_bytes(),
+            Format::Svg => output::flamegraph::render(&report, weight)?,
         };
-        self.out
-            .write_all(text.as_bytes())
-            .context("writing the report")?;
+        self.out.write_all(&bytes).context("writing the report")?;
         self.out.flush().context("writing the report")?;
         Ok(())
     }
