@@ -28,17 +28,27 @@ fn folded_output_is_exact_and_inferno_reads_it() {
         .lines()
         .find(|l| l.contains(";leak_malloc "))
         .unwrap_or_else(|| panic!("no leak_malloc line in:\n{text}"));
-    assert!(line.ends_with(";main;leak_malloc 1000"), "root first, leaf last, bytes: {line}");
+    assert!(
+        line.ends_with(";main;leak_malloc 1000"),
+        "root first, leaf last, bytes: {line}"
+    );
     assert!(!text.contains("churn"));
     let mut svg = Vec::new();
     let mut options = inferno::flamegraph::Options::default();
-    inferno::flamegraph::from_lines(&mut options, text.lines(), &mut svg).expect("inferno accepts it");
+    inferno::flamegraph::from_lines(&mut options, text.lines(), &mut svg)
+        .expect("inferno accepts it");
     assert!(String::from_utf8_lossy(&svg).contains("leak_malloc"));
 
     let by_blocks = temp_path("leaky-blocks.folded");
-    trace(&["run", "--format", "folded", "--weight", "allocations"], &by_blocks);
+    trace(
+        &["run", "--format", "folded", "--weight", "allocations"],
+        &by_blocks,
+    );
     let text = std::fs::read_to_string(&by_blocks).unwrap();
-    assert!(text.lines().any(|l| l.ends_with(";main;leak_malloc 10")), "{text}");
+    assert!(
+        text.lines().any(|l| l.ends_with(";main;leak_malloc 10")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -47,7 +57,10 @@ fn flamegraph_svg_is_xml_naming_the_leak() {
     trace(&["flamegraph"], &path);
     let svg = std::fs::read_to_string(&path).unwrap();
     // inferno's SVG carries a DOCTYPE; allow it.
-    let options = roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() };
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
     let doc = roxmltree::Document::parse_with_options(&svg, options).expect("well-formed XML");
     let titles: Vec<&str> = doc
         .descendants()
@@ -55,8 +68,13 @@ fn flamegraph_svg_is_xml_naming_the_leak() {
         .filter_map(|n| n.text())
         .collect();
     assert!(
-        titles.iter().any(|t| t.starts_with("leak_malloc (1,000 bytes")),
+        titles
+            .iter()
+            .any(|t| t.starts_with("leak_malloc (1,000 bytes")),
         "no leak_malloc frame with its bytes among {titles:?}"
     );
-    assert!(svg.contains("Unfreed memory: pid"), "title names the process");
+    assert!(
+        svg.contains("Unfreed memory: pid"),
+        "title names the process"
+    );
 }

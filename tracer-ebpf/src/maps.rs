@@ -45,9 +45,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 #[inline(always)]
 pub fn count(counter: tracer_common::Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: no other CPU writes it, and programs on one CPU do not
-        // preempt each other, so a plain add is exact.
-        unsafe { *slot += 1 };
+        // Per-CPU slot, but uprobe programs may be preempted by another
+        // task's on the same CPU (PREEMPT_RCU kernels): add atomically.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1,
+            )
+        };
     }
 }
 

@@ -19,9 +19,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Report { pid, options } => attach(pid, options).await,
         Command::Run { options, command } => run_command(command, options).await,
-        Command::Flamegraph { pid, mut options, command } => {
+        Command::Flamegraph {
+            pid,
+            mut options,
+            command,
+        } => {
             options.format = Format::Svg;
-            let path = options.output.get_or_insert_with(|| "flamegraph.svg".into()).clone();
+            let path = options
+                .output
+                .get_or_insert_with(|| "flamegraph.svg".into())
+                .clone();
             let code = match pid {
                 Some(pid) => attach(pid, options).await?,
                 None => run_command(command, options).await?,

@@ -42,7 +42,12 @@ pub enum Command {
         #[command(flatten)]
         options: ReportOptions,
         /// The command and its arguments (after `--`), when no --pid is given.
-        #[arg(last = true, value_name = "CMD", required_unless_present = "pid", conflicts_with = "pid")]
+        #[arg(
+            last = true,
+            value_name = "CMD",
+            required_unless_present = "pid",
+            conflicts_with = "pid"
+        )]
         command: Vec<OsString>,
     },
     /// Start a command traced from its first allocation and report what it

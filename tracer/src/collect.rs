@@ -114,14 +114,28 @@ pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool
 }
 
 /// Removes in-flight records of threads that no longer exist (a thread that
-/// died inside malloc leaves one; its tid could be reused).
-pub fn forget_dead_threads(ebpf: &mut Ebpf, pid: u32, live_tids: &[u32]) -> Result<usize> {
+/// died inside malloc leaves one; its tid could be reused). The keys are
+/// read before the thread list, so a thread born in between is never taken
+/// for dead.
+pub fn forget_dead_threads(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    live_tids: impl FnOnce() -> Vec<u32>,
+) -> Result<usize> {
     let mut in_flight: BpfHashMap<&mut MapData, u64, InFlight> =
         BpfHashMap::try_from(ebpf.map_mut("IN_FLIGHT").context("IN_FLIGHT map")?)?;
-    let dead: Vec<u64> = in_flight
+    let keys: Vec<u64> = in_flight
         .keys()
         .filter_map(Result::ok)
-        .filter(|key| (key >> 32) as u32 == pid && !live_tids.contains(&(*key as u32)))
+        .filter(|key| (key >> 32) as u32 == pid)
+        .collect();
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let live_tids = live_tids();
+    let dead: Vec<u64> = keys
+        .into_iter()
+        .filter(|key| !live_tids.contains(&(*key as u32)))
         .collect();
     for key in &dead {
         let _ = in_flight.remove(key);

@@ -245,6 +245,12 @@ fn follow(pid: u32, events: &mpsc::UnboundedSender<ChildEvent>, ack: &std_mpsc::
         }
         let signal = libc::WSTOPSIG(status);
         if signal == libc::SIGTRAP && (status >> 16) == libc::PTRACE_EVENT_EXIT {
+            if other_threads_run_on(pid) {
+                // The main thread called pthread_exit; the process lives on
+                // and is reported when it really ends.
+                cont(pid, 0);
+                continue;
+            }
             let _ = events.send(ChildEvent::Exiting);
             // Wait (bounded) for the final snapshot; never hold the child forever.
             let _ = ack.recv_timeout(std::time::Duration::from_secs(30));
@@ -257,6 +263,32 @@ fn follow(pid: u32, events: &mpsc::UnboundedSender<ChildEvent>, ack: &std_mpsc::
             cont(pid, signal);
         }
     }
+}
+
+/// Other threads of `pid` are alive and not being killed by an exit_group
+/// (which leaves SIGKILL pending on each of them).
+fn other_threads_run_on(pid: u32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        if task.file_name().to_str() == Some(&pid.to_string()) {
+            return false;
+        }
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            return false;
+        };
+        let pending = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigPnd:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0);
+        let dying = status
+            .lines()
+            .any(|l| l.starts_with("State:") && (l.contains("Z") || l.contains("X")));
+        pending & SIGKILL_BIT == 0 && !dying
+    })
 }
 
 #[cfg(test)]

@@ -154,9 +154,10 @@ impl Session {
             return;
         }
         self.symbolizer.note_mappings();
-        let tids = self.process.thread_ids();
-        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, self.process.pid, &tids)
-        {
+        let process = &self.process;
+        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, || {
+            process.thread_ids()
+        }) {
             log::debug!("cleaning in-flight records: {e:#}");
         }
     }
@@ -169,15 +170,22 @@ impl Session {
             return Ok(());
         }
         let snapshot = collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, true)?;
-        let top = if format.is_whole_run() { 0 } else { self.options.top };
+        let top = if format.is_whole_run() {
+            0
+        } else {
+            self.options.top
+        };
         let ebpf = &self.probes.ebpf;
         let symbolizer = &mut self.symbolizer;
-        let report = report::build(&self.run, &snapshot, top, |stack_id| {
-            match collect::stack_frames(ebpf, stack_id) {
+        let report = report::build(
+            &self.run,
+            &snapshot,
+            top,
+            |stack_id| match collect::stack_frames(ebpf, stack_id) {
                 Ok(Some((ips, truncated))) => (symbolizer.symbolize_stack(&ips), truncated),
                 _ => (Vec::new(), false),
-            }
-        });
+            },
+        );
         let weight = self.options.weight;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),

@@ -47,7 +47,10 @@ mod tests {
         assert!(svg.starts_with("<?xml"), "{}", &svg[..80]);
         assert!(svg.contains("leak"));
         assert!(svg.contains("pid 7 (app)"));
-        assert!(svg.contains("1,200 bytes") || svg.contains("1200 bytes"), "counts in bytes");
+        assert!(
+            svg.contains("1,200 bytes") || svg.contains("1200 bytes"),
+            "counts in bytes"
+        );
     }
 
     #[test]

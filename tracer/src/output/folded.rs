@@ -65,7 +65,10 @@ pub fn lines(report: &Report, weight: Weight) -> Vec<String> {
             *merged.entry(stack_path(stack)).or_default() += w;
         }
     }
-    merged.into_iter().map(|(path, w)| format!("{path} {w}")).collect()
+    merged
+        .into_iter()
+        .map(|(path, w)| format!("{path} {w}"))
+        .collect()
 }
 
 pub fn render(report: &Report, weight: Weight) -> String {
@@ -107,7 +110,10 @@ pub(crate) mod tests {
             duration_s: 2.0,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
-            totals: Totals { bytes: 1300, allocations: 6 },
+            totals: Totals {
+                bytes: 1300,
+                allocations: 6,
+            },
             stacks: vec![
                 stack(1000, 4, vec![frame(Some("leak")), frame(Some("main"))]),
                 stack(200, 1, vec![frame(Some("leak")), frame(Some("main"))]),
