@@ -31,6 +31,20 @@ struct Attached {
     tracer: Child,
 }
 
+impl Attached {
+    /// Tells the fixture the tracer is attached; returns what it printed up
+    /// to DONE (its EXPECT lines).
+    fn go(&mut self) -> String {
+        self.fixture
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"go\n")
+            .unwrap();
+        read_until(&mut self.fixture_out, "DONE")
+    }
+}
+
 fn attach(format: &str, extra: &[&str]) -> Attached {
     require_root();
     let mut fixture = Command::new(fixture("attach_c"))
@@ -84,13 +98,7 @@ fn finish(tracer: Child) -> Value {
 #[test]
 fn leaks_after_attach_are_exact_and_earlier_blocks_never_appear() {
     let mut run = attach("json", &[]);
-    run.fixture
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"go\n")
-        .unwrap();
-    let said = read_until(&mut run.fixture_out, "DONE");
+    let said = run.go();
     // Closing stdin lets the fixture exit; the tracer then reports and exits 0.
     drop(run.fixture.stdin.take());
     let started = Instant::now();
@@ -127,13 +135,7 @@ fn leaks_after_attach_are_exact_and_earlier_blocks_never_appear() {
 #[test]
 fn duration_ends_the_report_while_the_target_keeps_running() {
     let mut run = attach("json", &["--duration", "2s"]);
-    run.fixture
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"go\n")
-        .unwrap();
-    read_until(&mut run.fixture_out, "DONE");
+    run.go();
     let report = finish(run.tracer);
     assert!(report["duration_s"].as_f64().unwrap() >= 1.9);
     let found = report_by_site(&report, &["leak_after_attach"]);
@@ -147,13 +149,7 @@ fn duration_ends_the_report_while_the_target_keeps_running() {
 #[test]
 fn sigint_gives_a_final_report() {
     let mut run = attach("text", &[]);
-    run.fixture
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"go\n")
-        .unwrap();
-    read_until(&mut run.fixture_out, "DONE");
+    run.go();
     unsafe { libc::kill(run.tracer.id() as i32, libc::SIGINT) };
     let output = run.tracer.wait_with_output().unwrap();
     assert!(output.status.success());

@@ -110,10 +110,8 @@ async fn run_command(argv: Vec<std::ffi::OsString>, options: ReportOptions) -> R
     let child = launch::launch(&argv, Credentials::from_sudo())?;
     let pid = child.pid;
     probes.add_target(pid)?;
-    if let Err(e) = probes.attach(&object, pid) {
-        // Dropping `child` detaches it, so it is not left stopped.
-        return Err(e);
-    }
+    // On error, dropping `child` detaches it, so it is not left stopped.
+    probes.attach(&object, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
     let mut run = run_info(&process, &object, &options);
