@@ -1,24 +1,41 @@
-//! Turns a parsed command line into a session.
+//! Turns a parsed command line into a traced process and the front end that
+//! shows it (a report session or the top view).
 
-use std::process::ExitCode;
+use std::{ffi::OsString, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
-    cli::{Cli, Command, Format, ReportOptions},
-    launch::{self, Credentials},
+    cli::{Cli, Command, Format, TraceOptions},
+    launch::{self, ChildOutput, Credentials},
+    live::LiveTrace,
     privileges,
     probes::{MapSizes, Probes},
     report::{AllocatorInfo, RunInfo},
-    session::{open_output, Session, Target},
+    session::{open_output, Session},
     target::Process,
+    top,
+    watch::TargetWatch,
 };
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Report { pid, options } => attach(pid, options).await,
-        Command::Run { options, command } => run_command(command, options).await,
+        Command::Report { pid, options } => {
+            let out = open_output(options.output.as_deref())?;
+            let (trace, watch) = attach(pid, &options.trace, options.min_age)?;
+            Session::new(trace, options, out).run(watch).await
+        }
+        Command::Run { options, command } => {
+            let out = open_output(options.output.as_deref())?;
+            let (trace, watch) = start(
+                command,
+                &options.trace,
+                options.min_age,
+                ChildOutput::Inherit,
+            )?;
+            Session::new(trace, options, out).run(watch).await
+        }
         Command::Flamegraph {
             pid,
             mut options,
@@ -29,29 +46,52 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .output
                 .get_or_insert_with(|| "flamegraph.svg".into())
                 .clone();
-            let code = match pid {
-                Some(pid) => attach(pid, options).await?,
-                None => run_command(command, options).await?,
+            let out = open_output(Some(&path))?;
+            let (trace, watch) = match pid {
+                Some(pid) => attach(pid, &options.trace, options.min_age)?,
+                None => start(
+                    command,
+                    &options.trace,
+                    options.min_age,
+                    ChildOutput::Inherit,
+                )?,
             };
+            let code = Session::new(trace, options, out).run(watch).await?;
             eprintln!("tracer: wrote {}", path.display());
             Ok(code)
+        }
+        Command::Top {
+            pid,
+            options,
+            command,
+        } => {
+            // Refuse before attaching anything: a redirected top is a mistake.
+            top::terminal::require_terminal()?;
+            let (trace, watch) = match pid {
+                Some(pid) => attach(pid, &options.trace, Duration::ZERO)?,
+                None => {
+                    let output = top::command_output(options.command_output.as_deref())?;
+                    start(command, &options.trace, Duration::ZERO, output)?
+                }
+            };
+            top::run(trace, watch, options).await
         }
     }
 }
 
-fn load_probes(options: &ReportOptions) -> Result<Probes> {
+fn load_probes(options: &TraceOptions) -> Result<Probes> {
     Probes::load(MapSizes {
         allocations: options.max_allocations,
         stacks: options.max_stacks,
     })
 }
 
-fn run_info(process: &Process, object: &AllocatorObject, options: &ReportOptions) -> RunInfo {
+fn run_info(process: &Process, object: &AllocatorObject, min_age: Duration) -> RunInfo {
     RunInfo {
         pid: process.pid,
         command: process.command_line(),
         attached_ns: crate::collect::monotonic_ns(),
-        min_age_ns: options.min_age.as_nanos() as u64,
+        min_age_ns: min_age.as_nanos() as u64,
         allocator: AllocatorInfo {
             object: object.path.clone(),
             functions: object
@@ -79,48 +119,52 @@ fn describe(probes: &Probes, verbose: bool) {
     }
 }
 
-async fn attach(pid: u32, options: ReportOptions) -> Result<ExitCode> {
+/// Attaches to a running process.
+fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTrace, TargetWatch)> {
     privileges::check()?;
-    let out = open_output(options.output.as_deref())?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
     let object = allocator::locate(&process, &maps)?;
-    let mut probes = load_probes(&options)?;
+    let mut probes = load_probes(options)?;
     probes.add_target(pid)?;
     probes.attach(&object, pid)?;
     describe(&probes, options.verbose);
-    let run = run_info(&process, &object, &options);
+    let run = run_info(&process, &object, min_age);
     if options.verbose {
         eprintln!("tracer: attached to PID {pid} ({})", run.command);
     }
-    Session::new(probes, process, run, options, out)?
-        .run(Target::Attached)
-        .await
+    let watch = TargetWatch::attached(pid)?;
+    Ok((LiveTrace::new(probes, process, run), watch))
 }
 
-async fn run_command(argv: Vec<std::ffi::OsString>, options: ReportOptions) -> Result<ExitCode> {
+/// Starts a command stopped at its exec, attaches, then lets it run.
+fn start(
+    argv: Vec<OsString>,
+    options: &TraceOptions,
+    min_age: Duration,
+    output: ChildOutput,
+) -> Result<(LiveTrace, TargetWatch)> {
     privileges::check()?;
-    let out = open_output(options.output.as_deref())?;
-    let exe = launch::resolve_command(std::path::Path::new(&argv[0]))?;
+    let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let object = allocator::locate_for_command(&exe, &env)?;
-    let mut probes = load_probes(&options)?;
+    let mut probes = load_probes(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
-    let child = launch::launch(&argv, Credentials::from_sudo())?;
+    let child = launch::launch(&argv, Credentials::from_sudo(), output)?;
     let pid = child.pid;
     probes.add_target(pid)?;
     // On error, dropping `child` detaches it, so it is not left stopped.
     probes.attach(&object, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
-    let mut run = run_info(&process, &object, &options);
+    let mut run = run_info(&process, &object, min_age);
     run.command = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let session = Session::new(probes, process, run, options, out)?;
+    let trace = LiveTrace::new(probes, process, run);
     child.release();
-    session.run(Target::Child(child)).await
+    Ok((trace, TargetWatch::Child(child)))
 }

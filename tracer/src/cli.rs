@@ -50,6 +50,24 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+    /// Live full-screen view of the stacks holding the most unfreed memory,
+    /// refreshed every second, for a running process (--pid) or a command
+    /// (-- CMD). Needs a terminal; `report` is the scriptable form.
+    Top {
+        /// Process to trace; without it, the command after `--` is started.
+        #[arg(long, short)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        options: TopOptions,
+        /// The command and its arguments (after `--`), when no --pid is given.
+        #[arg(
+            last = true,
+            value_name = "CMD",
+            required_unless_present = "pid",
+            conflicts_with = "pid"
+        )]
+        command: Vec<OsString>,
+    },
     /// Start a command traced from its first allocation and report what it
     /// has not freed when it exits. Exits with the command's exit code.
     Run {
@@ -86,6 +104,13 @@ pub struct ReportOptions {
     /// Write reports to this file instead of standard output.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+/// What every command that traces shares: map sizes and verbosity.
+#[derive(Args, Debug, Clone)]
+pub struct TraceOptions {
     /// Live allocations the kernel side can track at once (kernel memory:
     /// about 80 bytes each).
     #[arg(long, default_value_t = 1 << 20)]
@@ -96,6 +121,41 @@ pub struct ReportOptions {
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TopOptions {
+    /// Refresh the view this often.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Initial sort order (keys b, c, r, a change it).
+    #[arg(long, value_enum, default_value_t = SortKey::Growth)]
+    pub sort: SortKey,
+    /// Start with one row per allocating function instead of per stack (key g).
+    #[arg(long)]
+    pub group_by_function: bool,
+    /// Where the `f` (flamegraph) and `s` (JSON snapshot) keys write their files.
+    #[arg(long, default_value = ".")]
+    pub save_dir: PathBuf,
+    /// With `-- CMD`: where the command's output goes (the view owns the
+    /// terminal); default: discarded.
+    #[arg(long, value_name = "FILE")]
+    pub command_output: Option<PathBuf>,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+/// Orders of the top view's rows, largest first.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    /// Outstanding bytes.
+    Bytes,
+    /// Outstanding allocations.
+    Count,
+    /// Growth of settled bytes per second over the last 10 s.
+    Growth,
+    /// Age of the oldest outstanding allocation.
+    Age,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use aya::{
 };
 use tracer_common::{AllocRecord, Counter, InFlight, StackStats, StackTrace};
 
-use crate::model::{scan_ages, Counters, Snapshot, StackSample};
+use crate::model::{scan_ages, Counters, Snapshot, StackSample, SETTLE_NS};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -43,7 +43,7 @@ pub fn counters(ebpf: &Ebpf) -> Result<Counters> {
 
 /// Takes a snapshot. `min_age_ns` > 0 counts only blocks at least that old,
 /// which needs the per-address scan; `with_ages` also scans, to know each
-/// stack's oldest block.
+/// stack's oldest block and its settled bytes.
 pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
     let stats: BpfHashMap<&MapData, u64, StackStats> =
@@ -63,14 +63,17 @@ pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapsho
             total_count: s.total_count,
             total_bytes: s.total_bytes,
             oldest_ns: None,
+            settled_bytes: None,
         });
     }
     if min_age_ns > 0 || with_ages {
         let cutoff = taken_ns.saturating_sub(min_age_ns);
-        let ages = scan_ages(live_allocations(ebpf)?, cutoff);
+        let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
+        let ages = scan_ages(live_allocations(ebpf)?, cutoff, settle_cutoff);
         for stack in &mut stacks {
             let age = ages.get(&stack.stack_id);
             stack.oldest_ns = age.map(|a| a.oldest_ns);
+            stack.settled_bytes = Some(age.map_or(0, |a| a.settled_bytes));
             if min_age_ns > 0 {
                 stack.bytes = age.map_or(0, |a| a.bytes);
                 stack.count = age.map_or(0, |a| a.count);

@@ -114,9 +114,24 @@ pub fn resolve_command(name: &Path) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("cannot run {}: command not found in PATH", name.display()))
 }
 
+/// Where a started command's standard streams go.
+#[derive(Debug, Default)]
+pub enum ChildOutput {
+    /// The tracer's own (for `run`).
+    #[default]
+    Inherit,
+    /// stdin from /dev/null, stdout and stderr to this file (for `top`,
+    /// which owns the terminal).
+    File(std::fs::File),
+}
+
 /// Starts `argv` stopped right after exec. The returned child runs only once
 /// `release` is called.
-pub fn launch(argv: &[OsString], credentials: Option<Credentials>) -> Result<Launched> {
+pub fn launch(
+    argv: &[OsString],
+    credentials: Option<Credentials>,
+    output: ChildOutput,
+) -> Result<Launched> {
     let (pid_tx, pid_rx) = std_mpsc::channel::<Result<u32, String>>();
     let (go_tx, go_rx) = std_mpsc::channel::<()>();
     let (ack_tx, ack_rx) = std_mpsc::channel::<()>();
@@ -125,7 +140,7 @@ pub fn launch(argv: &[OsString], credentials: Option<Credentials>) -> Result<Lau
     thread::Builder::new()
         .name("tracer-child".into())
         .spawn(move || {
-            let pid = match start_stopped(&argv, credentials) {
+            let pid = match start_stopped(&argv, credentials, output) {
                 Ok(pid) => pid,
                 Err(e) => {
                     let _ = pid_tx.send(Err(e));
@@ -153,9 +168,22 @@ pub fn launch(argv: &[OsString], credentials: Option<Credentials>) -> Result<Lau
     })
 }
 
-fn start_stopped(argv: &[OsString], credentials: Option<Credentials>) -> Result<u32, String> {
+fn start_stopped(
+    argv: &[OsString],
+    credentials: Option<Credentials>,
+    output: ChildOutput,
+) -> Result<u32, String> {
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
+    if let ChildOutput::File(file) = output {
+        let err = file
+            .try_clone()
+            .map_err(|e| format!("command output: {e}"))?;
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(file)
+            .stderr(err);
+    }
     unsafe {
         command.pre_exec(move || {
             // Only async-signal-safe calls between fork and exec.

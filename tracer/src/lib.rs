@@ -6,8 +6,9 @@
 //! `probes` (load, attach) -> BPF maps -> `collect` -> `model::Snapshot` ->
 //! `symbolize` -> `report` -> `output` (text, JSON).
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
-//! `launch` starts a command for `tracer run`; `session` runs the loop;
-//! `app` wires the command line to all of it.
+//! `launch` starts a command for `tracer run`; `live` holds a traced process;
+//! `watch` tells when it ends; `session` runs the report loop and `top` the
+//! live view; `app` wires the command line to all of it.
 
 pub mod allocator;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod collect;
 pub mod elf;
 pub mod launch;
+pub mod live;
 pub mod model;
 pub mod output;
 pub mod privileges;
@@ -24,3 +26,5 @@ pub mod report;
 pub mod session;
 pub mod symbolize;
 pub mod target;
+pub mod top;
+pub mod watch;

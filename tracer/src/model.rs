@@ -2,7 +2,7 @@
 //! per-stack aggregates at one instant, and the selections every view makes
 //! of it. Every view and format is a function of a Snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Event and drop counters, summed over CPUs. See `tracer_common::Counter`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +34,10 @@ pub struct StackSample {
     /// Allocation time (monotonic ns) of the oldest outstanding block, when
     /// known.
     pub oldest_ns: Option<u64>,
+    /// Bytes in outstanding blocks at least `SETTLE_NS` old, when known.
+    /// Growth is measured on these, so buffers freed within a second of
+    /// their allocation, however many, do not look like growth.
+    pub settled_bytes: Option<u64>,
 }
 
 /// Per-stack aggregates of one process at one instant.
@@ -80,34 +84,109 @@ impl Snapshot {
     }
 }
 
+/// Age from which a block counts as settled (see `StackSample::settled_bytes`).
+pub const SETTLE_NS: u64 = 1_000_000_000;
+
 /// What the per-address scan of live allocations yields for one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgeScan {
+    /// Blocks allocated at or before the age cutoff.
     pub bytes: u64,
     pub count: u64,
+    /// Oldest block of any age.
     pub oldest_ns: u64,
+    /// Bytes allocated at or before the settle cutoff, whatever the age cutoff.
+    pub settled_bytes: u64,
 }
 
 /// Folds live allocations `(stack_id, size, timestamp)` into per-stack
-/// totals, keeping only blocks allocated at or before `cutoff_ns`.
+/// totals: bytes and count of blocks allocated at or before `cutoff_ns`,
+/// bytes of those at or before `settle_cutoff_ns`, and the oldest block.
 pub fn scan_ages(
     allocations: impl IntoIterator<Item = (u64, u64, u64)>,
     cutoff_ns: u64,
+    settle_cutoff_ns: u64,
 ) -> HashMap<u64, AgeScan> {
     let mut by_stack: HashMap<u64, AgeScan> = HashMap::new();
     for (stack_id, size, timestamp) in allocations {
-        if timestamp > cutoff_ns {
-            continue;
-        }
         let entry = by_stack.entry(stack_id).or_insert(AgeScan {
             oldest_ns: u64::MAX,
             ..AgeScan::default()
         });
-        entry.bytes += size;
-        entry.count += 1;
         entry.oldest_ns = entry.oldest_ns.min(timestamp);
+        if timestamp <= settle_cutoff_ns {
+            entry.settled_bytes += size;
+        }
+        if timestamp <= cutoff_ns {
+            entry.bytes += size;
+            entry.count += 1;
+        }
     }
     by_stack
+}
+
+/// Growth of each stack's memory: a sliding window of (time, settled bytes)
+/// per stack, fed one snapshot at a time. A stack first seen after the
+/// first snapshot starts from zero at the snapshot before.
+#[derive(Debug, Default)]
+pub struct Growth {
+    window_ns: u64,
+    series: HashMap<u64, VecDeque<(u64, u64)>>,
+    last_taken_ns: Option<u64>,
+}
+
+impl Growth {
+    pub fn new(window_ns: u64) -> Self {
+        Growth {
+            window_ns,
+            ..Default::default()
+        }
+    }
+
+    pub fn record(&mut self, snapshot: &Snapshot) {
+        let now = snapshot.taken_ns;
+        let window_start = now.saturating_sub(self.window_ns);
+        let mut seen = HashSet::with_capacity(snapshot.stacks.len());
+        for stack in &snapshot.stacks {
+            seen.insert(stack.stack_id);
+            let value = stack.settled_bytes.unwrap_or(stack.bytes);
+            let series = self.series.entry(stack.stack_id).or_insert_with(|| {
+                self.last_taken_ns
+                    .map(|t| VecDeque::from([(t, 0)]))
+                    .unwrap_or_default()
+            });
+            series.push_back((now, value));
+            // Keep one point at or before the window's start as the baseline.
+            while series.len() > 2 && series[1].0 <= window_start {
+                series.pop_front();
+            }
+        }
+        self.series.retain(|id, _| seen.contains(id));
+        self.last_taken_ns = Some(now);
+    }
+
+    /// Bytes per second over the window, once there are two points: the
+    /// mean of the per-snapshot rates without the highest and the lowest
+    /// (from three intervals on), so a one-off step, such as a table
+    /// loaded once, does not pass for growth while a steady leak does.
+    pub fn rate(&self, stack_id: u64) -> Option<f64> {
+        let series = self.series.get(&stack_id)?;
+        let mut rates: Vec<f64> = series
+            .iter()
+            .zip(series.iter().skip(1))
+            .filter(|((t0, _), (t1, _))| t1 > t0)
+            .map(|(&(t0, v0), &(t1, v1))| (v1 as f64 - v0 as f64) / ((t1 - t0) as f64 / 1e9))
+            .collect();
+        if rates.is_empty() {
+            return None;
+        }
+        if rates.len() >= 3 {
+            rates.sort_by(f64::total_cmp);
+            rates.pop();
+            rates.remove(0);
+        }
+        Some(rates.iter().sum::<f64>() / rates.len() as f64)
+    }
 }
 
 #[cfg(test)]
@@ -143,16 +222,22 @@ mod tests {
 
     #[test]
     fn age_scan_filters_young_blocks_and_finds_oldest() {
-        let scan = scan_ages([(7, 100, 50), (7, 20, 10), (7, 5, 900), (8, 1, 950)], 500);
+        let scan = scan_ages(
+            [(7, 100, 50), (7, 20, 10), (7, 5, 900), (8, 1, 950)],
+            500,
+            20,
+        );
         assert_eq!(
             scan[&7],
             AgeScan {
                 bytes: 120,
                 count: 2,
-                oldest_ns: 10
+                oldest_ns: 10,
+                settled_bytes: 20,
             }
         );
-        assert!(!scan.contains_key(&8));
+        assert_eq!(scan[&8].count, 0);
+        assert_eq!(scan[&8].oldest_ns, 950);
     }
 
     #[test]
@@ -166,5 +251,60 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(snap.oldest_age_s(&s), Some(2.5));
+    }
+
+    fn at(taken_s: u64, stacks: &[(u64, u64)]) -> Snapshot {
+        Snapshot {
+            taken_ns: taken_s * 1_000_000_000,
+            stacks: stacks
+                .iter()
+                .map(|&(id, settled)| StackSample {
+                    stack_id: id,
+                    settled_bytes: Some(settled),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn growth_is_the_slope_over_the_window() {
+        let mut growth = Growth::new(10_000_000_000);
+        growth.record(&at(0, &[(1, 0)]));
+        assert_eq!(growth.rate(1), None, "one point is no rate");
+        for t in 1..=20 {
+            // Stack 1 leaks 1000 B/s; stack 2 appears at t=5 and churns.
+            let mut stacks = vec![(1, t * 1000)];
+            if t >= 5 {
+                stacks.push((2, if t % 2 == 0 { 50_000 } else { 0 }));
+            }
+            growth.record(&at(t, &stacks));
+        }
+        assert_eq!(growth.rate(1), Some(1000.0));
+        // Alternating +50,000/s and -50,000/s over the 10 s window.
+        assert_eq!(growth.rate(2), Some(0.0));
+        // A stack that vanished is forgotten.
+        growth.record(&at(21, &[(1, 21_000)]));
+        assert_eq!(growth.rate(2), None);
+    }
+
+    #[test]
+    fn a_new_stack_grows_from_zero() {
+        let mut growth = Growth::new(10_000_000_000);
+        growth.record(&at(0, &[]));
+        growth.record(&at(2, &[(9, 4000)]));
+        assert_eq!(growth.rate(9), Some(2000.0));
+    }
+
+    #[test]
+    fn a_one_off_step_is_not_growth_but_a_steady_leak_is() {
+        let mut growth = Growth::new(10_000_000_000);
+        for t in 0..=5 {
+            let table = if t >= 2 { 2 << 20 } else { 0 };
+            growth.record(&at(t, &[(1, table), (2, t * 500)]));
+        }
+        assert_eq!(growth.rate(1), Some(0.0));
+        assert_eq!(growth.rate(2), Some(500.0));
     }
 }

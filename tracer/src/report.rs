@@ -213,6 +213,7 @@ mod tests {
                     total_count: 9,
                     total_bytes: 900,
                     oldest_ns: Some(4_000_000_000),
+                    settled_bytes: None,
                 },
                 StackSample {
                     stack_id: STACK_UNKNOWN,
@@ -221,6 +222,7 @@ mod tests {
                     total_count: 2,
                     total_bytes: 50,
                     oldest_ns: None,
+                    settled_bytes: None,
                 },
                 StackSample {
                     stack_id: 0xdef,
@@ -229,6 +231,7 @@ mod tests {
                     total_count: 5,
                     total_bytes: 5,
                     oldest_ns: None,
+                    settled_bytes: None,
                 },
             ],
             counters: Counters {

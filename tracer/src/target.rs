@@ -135,6 +135,17 @@ impl Process {
         })
     }
 
+    /// Resident set size in bytes (VmRSS), if the process still exists.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = read_proc_file(self.pid, "status").ok()?;
+        let kib: u64 = status_field(&status, "VmRSS:")?
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// Thread ids currently alive in the process.
     pub fn thread_ids(&self) -> Vec<u32> {
         fs::read_dir(format!("/proc/{}/task", self.pid))

@@ -1,0 +1,72 @@
+//! A process while it is being traced: the attached probes, the process, what
+//! is known about the run, and the symbolizer. The report session and the
+//! top view each drive one; neither touches the maps except through it.
+
+use anyhow::Result;
+
+use crate::{
+    collect,
+    model::Snapshot,
+    probes::Probes,
+    report::{self, Report, RunInfo},
+    symbolize::{Frame, Symbolizer},
+    target::Process,
+};
+
+pub struct LiveTrace {
+    pub probes: Probes,
+    pub process: Process,
+    pub run: RunInfo,
+    pub symbolizer: Symbolizer,
+}
+
+impl LiveTrace {
+    /// Notes the process's mappings at once, so addresses in objects it
+    /// unloads later can still be symbolized.
+    pub fn new(probes: Probes, process: Process, run: RunInfo) -> Self {
+        let mut symbolizer = Symbolizer::new(process.clone());
+        symbolizer.note_mappings();
+        LiveTrace {
+            probes,
+            process,
+            run,
+            symbolizer,
+        }
+    }
+
+    /// Re-reads the mappings and forgets threads that died inside the
+    /// allocator. Run about once a second whatever the view does.
+    pub fn housekeeping(&mut self) {
+        if !self.process.is_alive() {
+            return;
+        }
+        self.symbolizer.note_mappings();
+        let process = &self.process;
+        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, || {
+            process.thread_ids()
+        }) {
+            log::debug!("cleaning in-flight records: {e:#}");
+        }
+    }
+
+    /// The per-stack totals now. `scan` also reads every live block, for
+    /// ages and the settled bytes growth is measured on.
+    pub fn snapshot(&self, scan: bool) -> Result<Snapshot> {
+        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, scan)
+    }
+
+    /// Symbolized frames of a stack, innermost first, and whether the
+    /// capture was cut short. Empty if the stack is gone from the map.
+    pub fn stack(&mut self, stack_id: u64) -> (Vec<Frame>, bool) {
+        match collect::stack_frames(&self.probes.ebpf, stack_id) {
+            Ok(Some((ips, truncated))) => (self.symbolizer.symbolize_stack(&ips), truncated),
+            _ => (Vec::new(), false),
+        }
+    }
+
+    /// A report of the `top` stacks (0: all) of a snapshot.
+    pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
+        let run = self.run.clone();
+        report::build(&run, snapshot, top, |id| self.stack(id))
+    }
+}
