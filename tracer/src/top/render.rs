@@ -89,10 +89,10 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
     };
     let stacks = snapshot.stacks.iter().filter(|s| s.count > 0).count();
     let held = format!(
-        "   outstanding {} in {} allocations, {} stacks",
+        "   outstanding {} in {}, {}",
         bytes(snapshot.total_bytes()),
-        thousands(snapshot.total_count()),
-        thousands(stacks as u64)
+        counted(snapshot.total_count(), "allocation"),
+        counted(stacks as u64, "stack")
     );
     let rates = match state.event_rates() {
         Some((allocs, frees)) => format!(
@@ -219,7 +219,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
     ];
     let title = match &state.editing_filter {
         Some(text) => format!(" filter: {text}▏"),
-        None => format!(" {} rows ", state.rows().len()),
+        None => format!(" {} ", counted(state.rows().len() as u64, "row")),
     };
     let table = Table::new(rows, widths)
         .header(header)
@@ -345,6 +345,11 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// "1 stack", "1,200 stacks"
+fn counted(n: u64, noun: &str) -> String {
+    format!("{} {noun}{}", thousands(n), if n == 1 { "" } else { "s" })
 }
 
 /// "1,234,567"
