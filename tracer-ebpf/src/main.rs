@@ -1,13 +1,15 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
 //! - `stack`: user stack capture shared by all allocation paths;
-//! - `maps`: every map, in one place, with its sizing rationale.
+//! - `maps`: every map, in one place, with its sizing rationale;
+//! - `bench`: no-op programs and switches for measuring the tracer.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 mod alloc;
+mod bench;
 mod maps;
 mod stack;
 

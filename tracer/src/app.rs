@@ -11,7 +11,7 @@ use crate::{
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
     privileges,
-    probes::{MapSizes, Probes},
+    probes::{MapSizes, Probes, Variant},
     report::{AllocatorInfo, RunInfo},
     session::{open_output, Session},
     target::Process,
@@ -80,10 +80,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn load_probes(options: &TraceOptions) -> Result<Probes> {
-    Probes::load(MapSizes {
-        allocations: options.max_allocations,
-        stacks: options.max_stacks,
-    })
+    let variant = if options.noop_probes {
+        Variant::Noop
+    } else if options.no_stacks {
+        Variant::NoStacks
+    } else {
+        Variant::Full
+    };
+    Probes::load_variant(
+        MapSizes {
+            allocations: options.max_allocations,
+            stacks: options.max_stacks,
+        },
+        variant,
+    )
 }
 
 fn run_info(process: &Process, object: &AllocatorObject, min_age: Duration) -> RunInfo {
@@ -121,13 +131,27 @@ fn describe(probes: &Probes, verbose: bool) {
 
 /// Attaches to a running process.
 fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTrace, TargetWatch)> {
+    let started = std::time::Instant::now();
     privileges::check()?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
     let object = allocator::locate(&process, &maps)?;
+    let located = std::time::Instant::now();
     let mut probes = load_probes(options)?;
+    let loaded = std::time::Instant::now();
     probes.add_target(pid)?;
     probes.attach(&object, pid)?;
+    if options.timings {
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        let now = std::time::Instant::now();
+        eprintln!(
+            "tracer: timing: attach {:.1} ms (find allocator {:.1} ms, load programs {:.1} ms, attach {:.1} ms)",
+            ms(started, now),
+            ms(started, located),
+            ms(located, loaded),
+            ms(loaded, now)
+        );
+    }
     describe(&probes, options.verbose);
     let run = run_info(&process, &object, min_age);
     if options.verbose {

@@ -121,6 +121,16 @@ pub struct TraceOptions {
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Benchmarking: attach programs that do nothing, at the same addresses.
+    #[arg(long, hide = true, conflicts_with = "no_stacks")]
+    pub noop_probes: bool,
+    /// Benchmarking: track blocks without capturing their stacks.
+    #[arg(long, hide = true)]
+    pub no_stacks: bool,
+    /// Benchmarking: print how long attaching, snapshots, symbolization and
+    /// rendering take, to standard error.
+    #[arg(long, hide = true)]
+    pub timings: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -45,15 +45,41 @@ pub struct Attached {
     pub is_return: bool,
 }
 
+/// What the attached programs do. Anything but `Full` exists to measure the
+/// tracer (`cargo xtask bench`); the flags that select them are hidden.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// Track every block with its stack.
+    #[default]
+    Full,
+    /// Track every block, but skip the user stack walk (all blocks count
+    /// under the unknown stack): what stack capture costs.
+    NoStacks,
+    /// Programs that return at once, at the very addresses `Full` uses: the
+    /// floor any uprobe tool pays there.
+    Noop,
+}
+
+/// The no-op programs of `Variant::Noop`.
+const NOOP_ENTRY: &str = "noop_enter";
+const NOOP_RETURN: &str = "noop_return";
+
 pub struct Probes {
     pub ebpf: Ebpf,
+    pub variant: Variant,
     pub attached: Vec<Attached>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Probes {
     pub fn load(sizes: MapSizes) -> Result<Self> {
+        Self::load_variant(sizes, Variant::Full)
+    }
+
+    pub fn load_variant(sizes: MapSizes, variant: Variant) -> Result<Self> {
+        let no_stacks: u8 = (variant == Variant::NoStacks).into();
         let mut ebpf = EbpfLoader::new()
+            .override_global("NO_STACKS", &no_stacks, true)
             .map_max_entries("ALLOCS", sizes.allocations)
             .map_max_entries("STACKS", sizes.stacks)
             .map_max_entries("STACK_STATS", sizes.stacks)
@@ -67,6 +93,9 @@ impl Probes {
             .map(|(_, entry)| entry.program())
             .collect();
         programs.push(RETURN_PROGRAM);
+        if variant == Variant::Noop {
+            programs = vec![NOOP_ENTRY, NOOP_RETURN];
+        }
         programs.sort_unstable();
         programs.dedup();
         for name in programs {
@@ -81,6 +110,7 @@ impl Probes {
         }
         Ok(Probes {
             ebpf,
+            variant,
             attached: Vec::new(),
             _logger: logger,
         })
@@ -104,11 +134,18 @@ impl Probes {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
         let (frees, allocs): (Vec<&ProbePoint>, Vec<&ProbePoint>) =
             object.points.iter().partition(|p| p.entry == Entry::Free);
+        let noop = self.variant == Variant::Noop;
         for point in frees.into_iter().chain(allocs) {
             if point.entry.needs_return() {
-                self.attach_one(object, point, RETURN_PROGRAM, true, scope)?;
+                let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
+                self.attach_one(object, point, program, true, scope)?;
             }
-            self.attach_one(object, point, point.entry.program(), false, scope)?;
+            let program = if noop {
+                NOOP_ENTRY
+            } else {
+                point.entry.program()
+            };
+            self.attach_one(object, point, program, false, scope)?;
         }
         Ok(())
     }
