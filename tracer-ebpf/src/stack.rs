@@ -19,6 +19,9 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// (counted as `StackLost`) when it cannot be captured or stored.
 #[inline(always)]
 pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
+    if crate::bench::no_stacks() {
+        return STACK_UNKNOWN;
+    }
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return STACK_UNKNOWN;
     };
