@@ -1,14 +1,19 @@
 //! Reads the kernel-side aggregates out of the BPF maps into a `Snapshot`.
 //! The only module besides `probes` that touches aya.
 
+use std::collections::HashMap;
+
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    Ebpf,
+    Ebpf, Pod,
 };
 use tracer_common::{AllocRecord, Counter, InFlight, StackStats, StackTrace};
 
-use crate::model::{scan_ages, Counters, Snapshot, StackSample, SETTLE_NS};
+use crate::{
+    batch,
+    model::{AgeScan, AgeScanner, Counters, Snapshot, StackSample, SETTLE_NS},
+};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -41,21 +46,98 @@ pub fn counters(ebpf: &Ebpf) -> Result<Counters> {
     })
 }
 
+/// How a snapshot learns the ages of live blocks (each stack's oldest block
+/// and settled bytes), which takes reading every block of `ALLOCS`.
+pub enum Ages<'a> {
+    /// Not at all.
+    Skip,
+    /// Every block, now: exact, but a million blocks take a quarter of a
+    /// second of CPU (the kernel's walk of the map dominates).
+    Exact,
+    /// A bounded slice of the map per snapshot, continuing a sweep: ages
+    /// come from the last complete sweep, merged with the slices read since.
+    /// Exact whenever the whole map fits in one slice.
+    Sweep(&'a mut AgeSweep),
+}
+
+/// Blocks read per snapshot by `Ages::Sweep`: about 15 ms of CPU, so that a
+/// refresh every second costs a few percent of a core however many blocks
+/// are live. A larger map takes several refreshes to sweep.
+pub const SWEEP_SLICE: usize = 65536;
+
+/// The state of a sweep of `ALLOCS` spread over snapshots.
+#[derive(Debug, Default)]
+pub struct AgeSweep {
+    cursor: batch::Cursor,
+    /// Ages from the sweep in progress.
+    partial: HashMap<u64, AgeScan>,
+    /// Ages from the last complete sweep.
+    complete: Option<HashMap<u64, AgeScan>>,
+    /// Key-by-key reading (no batch support) cannot resume: always whole.
+    whole_only: bool,
+}
+
+impl AgeSweep {
+    /// Reads the next slice; returns the best ages known: the last complete
+    /// sweep with the slices of this one laid over it, stack by stack.
+    fn advance(&mut self, ebpf: &Ebpf, taken_ns: u64, slice: usize) -> Result<HashMap<u64, AgeScan>> {
+        let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
+        if !self.whole_only {
+            let map = map(ebpf, "ALLOCS")?;
+            if let Some(fd) = batch::hash_map_fd(map) {
+                let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
+                let read = self.cursor.read::<u64, AllocRecord>(fd, slice, |_, r| {
+                    scanner.add(r.stack_id, r.size, r.timestamp_ns)
+                });
+                match read {
+                    Ok(finished) => {
+                        merge_ages(&mut self.partial, scanner.finish());
+                        if finished {
+                            self.complete = Some(std::mem::take(&mut self.partial));
+                        }
+                        let mut ages = self.complete.clone().unwrap_or_default();
+                        // A stack seen in this sweep: its newer figures win
+                        // (stacks not reached yet keep the last sweep's).
+                        for (stack, age) in &self.partial {
+                            ages.insert(*stack, *age);
+                        }
+                        return Ok(ages);
+                    }
+                    Err(batch::BatchError::Unsupported(_)) => self.whole_only = true,
+                    Err(e) => return Err(e).context("reading ALLOCS"),
+                }
+            } else {
+                self.whole_only = true;
+            }
+        }
+        let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
+        for_each_live_allocation(ebpf, |stack_id, size, timestamp| {
+            scanner.add(stack_id, size, timestamp)
+        })?;
+        Ok(scanner.finish())
+    }
+}
+
+fn merge_ages(into: &mut HashMap<u64, AgeScan>, from: HashMap<u64, AgeScan>) {
+    for (stack, age) in from {
+        let entry = into.entry(stack).or_insert(AgeScan {
+            oldest_ns: u64::MAX,
+            ..AgeScan::default()
+        });
+        entry.bytes += age.bytes;
+        entry.count += age.count;
+        entry.settled_bytes += age.settled_bytes;
+        entry.oldest_ns = entry.oldest_ns.min(age.oldest_ns);
+    }
+}
+
 /// Takes a snapshot. `min_age_ns` > 0 counts only blocks at least that old,
-/// which needs the per-address scan; `with_ages` also scans, to know each
-/// stack's oldest block and its settled bytes.
-pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapshot> {
+/// which needs every block read (`ages` is then taken as `Exact`); `ages`
+/// says how each stack's oldest block and settled bytes are learnt.
+pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, ages: Ages<'_>) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    let stats: BpfHashMap<&MapData, u64, StackStats> =
-        BpfHashMap::try_from(map(ebpf, "STACK_STATS")?)?;
     let mut stacks: Vec<StackSample> = Vec::new();
-    for entry in stats.iter() {
-        let (stack_id, s) = match entry {
-            Ok(kv) => kv,
-            // An entry removed between listing and reading it.
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => return Err(e).context("reading STACK_STATS"),
-        };
+    for_each_entry::<u64, StackStats>(ebpf, "STACK_STATS", |&stack_id, s| {
         stacks.push(StackSample {
             stack_id,
             bytes: s.outstanding_bytes,
@@ -65,11 +147,21 @@ pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapsho
             oldest_ns: None,
             settled_bytes: None,
         });
-    }
-    if min_age_ns > 0 || with_ages {
-        let cutoff = taken_ns.saturating_sub(min_age_ns);
-        let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
-        let ages = scan_ages(live_allocations(ebpf)?, cutoff, settle_cutoff);
+    })?;
+    let ages = match ages {
+        Ages::Skip if min_age_ns == 0 => None,
+        Ages::Sweep(sweep) if min_age_ns == 0 => Some(sweep.advance(ebpf, taken_ns, SWEEP_SLICE)?),
+        _ => {
+            let cutoff = taken_ns.saturating_sub(min_age_ns);
+            let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
+            let mut scanner = AgeScanner::new(cutoff, settle_cutoff);
+            for_each_live_allocation(ebpf, |stack_id, size, timestamp| {
+                scanner.add(stack_id, size, timestamp)
+            })?;
+            Some(scanner.finish())
+        }
+    };
+    if let Some(ages) = ages {
         for stack in &mut stacks {
             let age = ages.get(&stack.stack_id);
             stack.oldest_ns = age.map(|a| a.oldest_ns);
@@ -87,19 +179,36 @@ pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapsho
     })
 }
 
-/// Every live allocation as (stack id, size, timestamp).
-pub fn live_allocations(ebpf: &Ebpf) -> Result<Vec<(u64, u64, u64)>> {
-    let allocs: BpfHashMap<&MapData, u64, AllocRecord> =
-        BpfHashMap::try_from(map(ebpf, "ALLOCS")?)?;
-    let mut out = Vec::new();
-    for entry in allocs.iter() {
-        match entry {
-            Ok((_, r)) => out.push((r.stack_id, r.size, r.timestamp_ns)),
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => return Err(e).context("reading ALLOCS"),
+/// Calls `each(stack id, size, timestamp)` for every live allocation.
+pub fn for_each_live_allocation(ebpf: &Ebpf, mut each: impl FnMut(u64, u64, u64)) -> Result<()> {
+    for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+        each(r.stack_id, r.size, r.timestamp_ns)
+    })
+}
+
+/// Every entry of a hash map: in batches of thousands per syscall where the
+/// kernel can (`batch`), else key by key (two syscalls per entry).
+fn for_each_entry<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str, mut each: impl FnMut(&K, &V)) -> Result<()> {
+    let map = map(ebpf, name)?;
+    if let Some(fd) = batch::hash_map_fd(map) {
+        match batch::for_each::<K, V>(fd, &mut each) {
+            Ok(()) => return Ok(()),
+            Err(batch::BatchError::Unsupported(e)) => {
+                log::debug!("{name}: batch lookup unsupported ({e}); reading key by key")
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {name}")),
         }
     }
-    Ok(out)
+    let entries: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(map)?;
+    for entry in entries.iter() {
+        match entry {
+            Ok((k, v)) => each(&k, &v),
+            // An entry removed between listing and reading it.
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
+    Ok(())
 }
 
 /// The frames of a stack id: return addresses, innermost first, and whether

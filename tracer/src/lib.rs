@@ -12,6 +12,7 @@
 
 pub mod allocator;
 pub mod app;
+pub mod batch;
 pub mod cli;
 pub mod collect;
 pub mod elf;

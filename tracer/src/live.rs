@@ -18,6 +18,8 @@ pub struct LiveTrace {
     pub process: Process,
     pub run: RunInfo,
     pub symbolizer: Symbolizer,
+    /// Ages of live blocks, read a bounded slice per snapshot.
+    sweep: collect::AgeSweep,
 }
 
 impl LiveTrace {
@@ -31,6 +33,7 @@ impl LiveTrace {
             process,
             run,
             symbolizer,
+            sweep: collect::AgeSweep::default(),
         }
     }
 
@@ -49,10 +52,22 @@ impl LiveTrace {
         }
     }
 
-    /// The per-stack totals now. `scan` also reads every live block, for
-    /// ages and the settled bytes growth is measured on.
-    pub fn snapshot(&self, scan: bool) -> Result<Snapshot> {
-        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, scan)
+    /// The per-stack totals now. `scan` also reads live blocks, for ages and
+    /// the settled bytes growth is measured on: a bounded slice of them per
+    /// call (see `collect::Ages::Sweep`), unless a minimum age is set.
+    pub fn snapshot(&mut self, scan: bool) -> Result<Snapshot> {
+        let ages = if scan {
+            collect::Ages::Sweep(&mut self.sweep)
+        } else {
+            collect::Ages::Skip
+        };
+        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages)
+    }
+
+    /// The per-stack totals now, with every live block read for exact ages
+    /// (final reports).
+    pub fn snapshot_exact(&self) -> Result<Snapshot> {
+        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, collect::Ages::Exact)
     }
 
     /// Symbolized frames of a stack, innermost first, and whether the

@@ -107,22 +107,50 @@ pub fn scan_ages(
     cutoff_ns: u64,
     settle_cutoff_ns: u64,
 ) -> HashMap<u64, AgeScan> {
-    let mut by_stack: HashMap<u64, AgeScan> = HashMap::new();
+    let mut scanner = AgeScanner::new(cutoff_ns, settle_cutoff_ns);
     for (stack_id, size, timestamp) in allocations {
-        let entry = by_stack.entry(stack_id).or_insert(AgeScan {
+        scanner.add(stack_id, size, timestamp);
+    }
+    scanner.finish()
+}
+
+/// `scan_ages` one allocation at a time, so a scan of a million blocks
+/// needs no list of them.
+#[derive(Debug)]
+pub struct AgeScanner {
+    cutoff_ns: u64,
+    settle_cutoff_ns: u64,
+    by_stack: HashMap<u64, AgeScan>,
+}
+
+impl AgeScanner {
+    pub fn new(cutoff_ns: u64, settle_cutoff_ns: u64) -> Self {
+        AgeScanner {
+            cutoff_ns,
+            settle_cutoff_ns,
+            by_stack: HashMap::new(),
+        }
+    }
+
+    #[inline]
+    pub fn add(&mut self, stack_id: u64, size: u64, timestamp: u64) {
+        let entry = self.by_stack.entry(stack_id).or_insert(AgeScan {
             oldest_ns: u64::MAX,
             ..AgeScan::default()
         });
         entry.oldest_ns = entry.oldest_ns.min(timestamp);
-        if timestamp <= settle_cutoff_ns {
+        if timestamp <= self.settle_cutoff_ns {
             entry.settled_bytes += size;
         }
-        if timestamp <= cutoff_ns {
+        if timestamp <= self.cutoff_ns {
             entry.bytes += size;
             entry.count += 1;
         }
     }
-    by_stack
+
+    pub fn finish(self) -> HashMap<u64, AgeScan> {
+        self.by_stack
+    }
 }
 
 /// Growth of each stack's memory: a sliding window of (time, settled bytes)

@@ -112,13 +112,20 @@ impl Session {
         if !final_report && (format.is_whole_run() || (format == Format::Json && !json_lines)) {
             return Ok(());
         }
-        let snapshot = self.trace.snapshot(true)?;
+        let started = std::time::Instant::now();
+        let snapshot = if final_report {
+            self.trace.snapshot_exact()?
+        } else {
+            self.trace.snapshot(true)?
+        };
+        let snapshot_done = std::time::Instant::now();
         let top = if format.is_whole_run() {
             0
         } else {
             self.options.top
         };
         let report = self.trace.report(&snapshot, top);
+        let report_done = std::time::Instant::now();
         let weight = self.options.weight;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
@@ -127,6 +134,17 @@ impl Session {
             Format::Folded => output::folded::render(&report, weight).into_bytes(),
             Format::Svg => output::flamegraph::render(&report, weight)?,
         };
+        if self.options.trace.timings {
+            let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+            eprintln!(
+                "tracer: timing: snapshot {:.1} ms ({} stacks), report {:.1} ms ({} stacks symbolized), render {:.1} ms",
+                ms(started, snapshot_done),
+                snapshot.stacks.len(),
+                ms(snapshot_done, report_done),
+                report.stacks.len(),
+                ms(report_done, std::time::Instant::now()),
+            );
+        }
         self.out.write_all(&bytes).context("writing the report")?;
         self.out.flush().context("writing the report")?;
         Ok(())
