@@ -30,14 +30,19 @@ fn is_root() -> bool {
 }
 
 fn apt_packages() -> Result<()> {
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (as root).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     if output(cmd("dpkg-query").arg("--version")).is_none() {
         println!(
             "setup: warning: no dpkg here; make sure these are installed: {}",
-            APT_PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(());
     }
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
