@@ -79,7 +79,12 @@ pub const FUNCTIONS: &[(&str, Entry)] = &[
 /// are one function) become one point, so a block is never counted twice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbePoint {
+    /// Where the function starts in the file (return probes go here).
     pub file_offset: u64,
+    /// Bytes past the start where the entry probe goes (see `placement`):
+    /// non-zero only for probes that need no return value, when skipping a
+    /// leading NULL guard is provably the same and cheaper.
+    pub entry_skip: u64,
     pub entry: Entry,
     /// Every allocator name at this address.
     pub functions: Vec<&'static str>,
@@ -108,8 +113,10 @@ pub enum AllocatorError {
 }
 
 /// The probe points of one object, or None when it does not define both
-/// `malloc` and `free`.
-pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
+/// `malloc` and `free`. `data` is the object's bytes, to place probes past a
+/// leading NULL guard where that is safe; without it every probe is at its
+/// function's entry.
+pub fn probe_points(info: &ElfInfo, data: Option<&[u8]>) -> Option<Vec<ProbePoint>> {
     info.function_offset("malloc")?;
     info.function_offset("free")?;
     let mut by_offset: BTreeMap<u64, ProbePoint> = BTreeMap::new();
@@ -120,8 +127,13 @@ pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
         by_offset
             .entry(offset)
             .and_modify(|p| p.functions.push(name))
-            .or_insert(ProbePoint {
+            .or_insert_with(|| ProbePoint {
                 file_offset: offset,
+                entry_skip: if entry.needs_return() {
+                    0
+                } else {
+                    entry_skip(info, data, name, offset)
+                },
                 entry,
                 functions: vec![name],
             });
@@ -129,11 +141,30 @@ pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
     Some(by_offset.into_values().collect())
 }
 
+/// See `placement::first_argument_probe`.
+fn entry_skip(info: &ElfInfo, data: Option<&[u8]>, name: &str, offset: u64) -> u64 {
+    let (Some(data), Some(address), Some(size)) = (
+        data,
+        info.function_address(name),
+        info.function_size(name),
+    ) else {
+        return 0;
+    };
+    let start = offset as usize;
+    let Some(code) = data.get(start..start.saturating_add(size as usize)) else {
+        return 0;
+    };
+    let placement = crate::placement::first_argument_probe(code, address);
+    log::debug!("{name}: entry probe at +{} ({})", placement.skip, placement.reason);
+    placement.skip
+}
+
 fn try_object(path: &str, host_path: PathBuf) -> Option<AllocatorObject> {
-    let info = ElfInfo::read(&host_path).ok()?;
+    let data = std::fs::read(&host_path).ok()?;
+    let info = ElfInfo::parse(&data).ok()?;
     Some(AllocatorObject {
         path: path.to_string(),
-        points: probe_points(&info)?,
+        points: probe_points(&info, Some(&data))?,
         host_path,
     })
 }
@@ -321,6 +352,18 @@ mod tests {
                 names.contains(&required),
                 "{required} missing from {names:?}"
             );
+        }
+        let free = found
+            .points
+            .iter()
+            .find(|p| p.functions.contains(&"free"))
+            .unwrap();
+        assert_eq!(free.entry, Entry::Free);
+        assert!(free.entry_skip < 16, "{free:?}");
+        for p in &found.points {
+            if p.entry.needs_return() {
+                assert_eq!(p.entry_skip, 0, "return probes stay at the entry: {p:?}");
+            }
         }
         let memalign = found
             .points

@@ -118,8 +118,13 @@ fn describe(probes: &Probes, verbose: bool) {
         return;
     }
     for a in &probes.attached {
+        let place = if a.skip > 0 {
+            format!(", entry+{}: past its NULL guard", a.skip)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "tracer: {} {} at {}+{:#x} ({})",
+            "tracer: {} {} at {}+{:#x} ({}{place})",
             if a.is_return { "uretprobe" } else { "uprobe" },
             a.program,
             a.object,
@@ -129,13 +134,23 @@ fn describe(probes: &Probes, verbose: bool) {
     }
 }
 
+/// `--entry-probes` puts every probe back at its function's entry.
+fn placed(mut object: AllocatorObject, options: &TraceOptions) -> AllocatorObject {
+    if options.entry_probes {
+        for point in &mut object.points {
+            point.entry_skip = 0;
+        }
+    }
+    object
+}
+
 /// Attaches to a running process.
 fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
     privileges::check()?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
-    let object = allocator::locate(&process, &maps)?;
+    let object = placed(allocator::locate(&process, &maps)?, options);
     let located = std::time::Instant::now();
     let mut probes = load_probes(options)?;
     let loaded = std::time::Instant::now();
@@ -171,7 +186,7 @@ fn start(
     privileges::check()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let object = allocator::locate_for_command(&exe, &env)?;
+    let object = placed(allocator::locate_for_command(&exe, &env)?, options);
     let mut probes = load_probes(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();

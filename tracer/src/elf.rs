@@ -19,9 +19,9 @@ pub enum ElfError {
 /// The symbols and layout of one ELF file.
 #[derive(Debug, Default)]
 pub struct ElfInfo {
-    /// Defined function symbols: name -> virtual address. Dynamic symbols win
-    /// over `.symtab` ones (they are what other objects bind to).
-    functions: HashMap<String, u64>,
+    /// Defined function symbols: name -> (virtual address, size). Dynamic
+    /// symbols win over `.symtab` ones (they are what other objects bind to).
+    functions: HashMap<String, (u64, u64)>,
     /// PT_LOAD segments: (virtual address, size in file, file offset).
     segments: Vec<(u64, u64, u64)>,
     /// PT_INTERP: the dynamic loader; None for a static executable.
@@ -49,7 +49,7 @@ impl ElfInfo {
                 continue;
             }
             if let Ok(name) = symbol.name() {
-                functions.insert(name.to_string(), symbol.address());
+                functions.insert(name.to_string(), (symbol.address(), symbol.size()));
             }
         }
         let segments = file
@@ -67,7 +67,12 @@ impl ElfInfo {
     }
 
     pub fn function_address(&self, name: &str) -> Option<u64> {
-        self.functions.get(name).copied()
+        self.functions.get(name).map(|(address, _)| *address)
+    }
+
+    /// Size of a function's code in bytes, as its symbol says (0: unknown).
+    pub fn function_size(&self, name: &str) -> Option<u64> {
+        self.functions.get(name).map(|(_, size)| *size)
     }
 
     /// File offset of a function: what a uprobe is attached at.

@@ -20,6 +20,7 @@ pub mod launch;
 pub mod live;
 pub mod model;
 pub mod output;
+pub mod placement;
 pub mod privileges;
 pub mod probes;
 pub mod procmaps;

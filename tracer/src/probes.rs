@@ -39,7 +39,10 @@ impl Default for MapSizes {
 #[derive(Clone, Debug)]
 pub struct Attached {
     pub object: String,
+    /// Where the probe is, in the file.
     pub file_offset: u64,
+    /// Bytes past the function's start (0: at its entry).
+    pub skip: u64,
     pub functions: Vec<&'static str>,
     pub program: &'static str,
     pub is_return: bool,
@@ -163,8 +166,10 @@ impl Probes {
             .program_mut(program)
             .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
             .try_into()?;
+        let skip = if is_return { 0 } else { point.entry_skip };
+        let file_offset = point.file_offset + skip;
         prog.attach(
-            UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+            UProbeAttachLocation::AbsoluteOffset(file_offset),
             &object.host_path,
             scope,
         )
@@ -173,13 +178,14 @@ impl Probes {
             format!(
                 "attaching {program} to {} at {:#x} ({})",
                 object.path,
-                point.file_offset,
+                file_offset,
                 point.functions.join("/")
             )
         })?;
         self.attached.push(Attached {
             object: object.path.clone(),
-            file_offset: point.file_offset,
+            file_offset,
+            skip,
             functions: point.functions.clone(),
             program,
             is_return,
