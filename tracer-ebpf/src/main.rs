@@ -1,6 +1,7 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
 //! - `stack`: user stack capture shared by all allocation paths;
+//! - `unwind`: the frame-pointer walk it uses;
 //! - `maps`: every map, in one place, with its sizing rationale;
 //! - `bench`: no-op programs and switches for measuring the tracer.
 #![no_std]
@@ -12,6 +13,7 @@ mod alloc;
 mod bench;
 mod maps;
 mod stack;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

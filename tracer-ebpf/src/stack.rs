@@ -1,13 +1,9 @@
-//! User stack capture: frame-pointer walk by the kernel (`bpf_get_stack`),
+//! User stack capture: frame-pointer walk (`unwind`),
 //! hashed here into a 64-bit id so that equal stacks share one `STACKS` entry
 //! and one `STACK_STATS` entry. A 64-bit hash makes collisions negligible
 //! (unlike `BPF_MAP_TYPE_STACK_TRACE`, whose bucket index collides often).
 
-use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::bpf_get_stack,
-    EbpfContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, EbpfContext};
 use tracer_common::{Counter, StackTrace, MAX_FRAMES, STACK_UNKNOWN};
 
 use crate::maps::{count, STACKS, STACK_SCRATCH};
@@ -26,20 +22,12 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
         return STACK_UNKNOWN;
     };
     let buf: &mut StackTrace = unsafe { &mut *buf };
-    let size = (MAX_FRAMES * 8) as u32;
-    let written = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.ips.as_mut_ptr() as *mut _,
-            size,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    if written <= 0 {
+    // Our own walk, not bpf_get_stack: see unwind.rs for why.
+    let len = crate::unwind::walk(ctx, &mut buf.ips).min(MAX_FRAMES);
+    if len == 0 {
         count(Counter::StackLost);
         return STACK_UNKNOWN;
     }
-    let len = (written as usize / 8).min(MAX_FRAMES);
     buf.len = len as u64;
     buf.truncated = (len == MAX_FRAMES) as u64;
 
