@@ -23,7 +23,8 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
     };
     let buf: &mut StackTrace = unsafe { &mut *buf };
     // Our own walk, not bpf_get_stack: see unwind.rs for why.
-    let len = crate::unwind::walk(ctx, &mut buf.ips).min(MAX_FRAMES);
+    crate::unwind::walk(ctx, buf);
+    let len = (unsafe { core::ptr::read_volatile(&buf.len) } as usize).min(MAX_FRAMES);
     if len == 0 {
         count(Counter::StackLost);
         return STACK_UNKNOWN;

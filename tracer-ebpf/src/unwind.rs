@@ -20,25 +20,31 @@
 //! where the chain legitimately jumps downwards.
 
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user, EbpfContext};
-use tracer_common::MAX_FRAMES;
+use tracer_common::{StackTrace, MAX_FRAMES};
 
 /// A caller's frame further above its callee's than this is taken for
 /// garbage (a real gap is the callee's locals: alloca of megabytes aside,
 /// far less).
 const MAX_FRAME_GAP: u64 = 8 << 20;
 
-/// Writes the return addresses of the current user stack into `ips`,
+/// Writes the return addresses of the current user stack into `trace`,
 /// innermost first (the first is the interrupted instruction pointer, as
-/// with `bpf_get_stack`); returns how many.
+/// with `bpf_get_stack`), and their number into `trace.len`.
+///
+/// The count goes through map memory, not a return value, on purpose: each
+/// way out of the unrolled loop has its own constant length, and code after
+/// the walk that kept using it would be verified once per length (most of a
+/// second at load time). Read back from the map, it is one unknown number.
 #[inline(always)]
-pub fn walk<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> usize {
+pub fn walk<C: EbpfContext>(ctx: &C, trace: &mut StackTrace) {
     let regs = ctx.as_ptr() as *const pt_regs;
     let (ip, mut fp) = unsafe { ((*regs).rip, (*regs).rbp) };
+    trace.len = 0;
     if ip == 0 {
-        return 0;
+        return;
     }
-    ips[0] = ip;
-    let mut len = 1;
+    trace.ips[0] = ip;
+    trace.len = 1;
     for i in 1..MAX_FRAMES {
         if fp == 0 || fp & 7 != 0 {
             break;
@@ -51,12 +57,11 @@ pub fn walk<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> usize {
         if ret == 0 {
             break;
         }
-        ips[i] = ret;
-        len = i + 1;
+        trace.ips[i] = ret;
+        trace.len = i as u64 + 1;
         if next <= fp || next - fp > MAX_FRAME_GAP {
             break;
         }
         fp = next;
     }
-    len
 }
