@@ -135,6 +135,18 @@ pub enum Counter {
 
 pub const COUNTER_SLOTS: u32 = 16;
 
+/// Sampling (`--sample-rate`): equal-probability slices of the exponential
+/// distribution; its quantile table has one more entry (both ends of each).
+pub const SAMPLE_DRAW_SLOTS: u32 = 4096;
+/// Sampling: steps per rate in the weight table (size / rate = i / STEPS).
+pub const SAMPLE_WEIGHT_STEPS: u32 = 64;
+/// Sampling: weight table slots, covering sizes up to 16 rates.
+pub const SAMPLE_WEIGHT_SLOTS: u32 = 16 * SAMPLE_WEIGHT_STEPS + 1;
+
+/// `InFlight::flags`: the call's new block was not sampled; its return
+/// only settles the old block (realloc) and records nothing.
+pub const IN_FLIGHT_UNSAMPLED: u32 = 1;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

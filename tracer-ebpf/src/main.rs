@@ -3,6 +3,7 @@
 //! - `stack`: user stack capture shared by all allocation paths;
 //! - `unwind`: the frame-pointer walk it uses;
 //! - `maps`: every map, in one place, with its sizing rationale;
+//! - `sample`: sampling by bytes (`--sample-rate`);
 //! - `bench`: no-op programs and switches for measuring the tracer.
 #![no_std]
 #![no_main]
@@ -12,6 +13,7 @@
 mod alloc;
 mod bench;
 mod maps;
+mod sample;
 mod stack;
 mod unwind;
 

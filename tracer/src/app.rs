@@ -93,10 +93,16 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
             stacks: options.max_stacks,
         },
         variant,
+        options.sample_rate,
     )
 }
 
-fn run_info(process: &Process, object: &AllocatorObject, min_age: Duration) -> RunInfo {
+fn run_info(
+    process: &Process,
+    object: &AllocatorObject,
+    min_age: Duration,
+    sample_rate: Option<u64>,
+) -> RunInfo {
     RunInfo {
         pid: process.pid,
         command: process.command_line(),
@@ -109,6 +115,8 @@ fn run_info(process: &Process, object: &AllocatorObject, min_age: Duration) -> R
                 .iter()
                 .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
                 .collect(),
+            sample_rate_bytes: sample_rate,
+            estimated: sample_rate.is_some(),
         },
     }
 }
@@ -168,7 +176,7 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
         );
     }
     describe(&probes, options.verbose);
-    let run = run_info(&process, &object, min_age);
+    let run = run_info(&process, &object, min_age, options.sample_rate);
     if options.verbose {
         eprintln!("tracer: attached to PID {pid} ({})", run.command);
     }
@@ -197,7 +205,7 @@ fn start(
     probes.attach(&object, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
-    let mut run = run_info(&process, &object, min_age);
+    let mut run = run_info(&process, &object, min_age, options.sample_rate);
     run.command = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())

@@ -118,6 +118,11 @@ pub struct TraceOptions {
     /// Distinct call stacks the kernel side can hold (about 1 KiB each, allocated as used).
     #[arg(long, default_value_t = 65536)]
     pub max_stacks: u32,
+    /// Sample allocations, about one every BYTES bytes allocated (e.g. 512k),
+    /// instead of tracking every one: much cheaper for allocation-heavy
+    /// programs; reported bytes and counts become unbiased estimates.
+    #[arg(long, value_name = "BYTES", value_parser = crate::sampling::parse_rate)]
+    pub sample_rate: Option<u64>,
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,

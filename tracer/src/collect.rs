@@ -80,14 +80,20 @@ pub struct AgeSweep {
 impl AgeSweep {
     /// Reads the next slice; returns the best ages known: the last complete
     /// sweep with the slices of this one laid over it, stack by stack.
-    fn advance(&mut self, ebpf: &Ebpf, taken_ns: u64, slice: usize) -> Result<HashMap<u64, AgeScan>> {
+    fn advance(
+        &mut self,
+        ebpf: &Ebpf,
+        taken_ns: u64,
+        slice: usize,
+        sample_rate: Option<u64>,
+    ) -> Result<HashMap<u64, AgeScan>> {
         let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
         if !self.whole_only {
             let map = map(ebpf, "ALLOCS")?;
             if let Some(fd) = batch::hash_map_fd(map) {
                 let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
                 let read = self.cursor.read::<u64, AllocRecord>(fd, slice, |_, r| {
-                    scanner.add(r.stack_id, r.size, r.timestamp_ns)
+                    add_block(&mut scanner, r, sample_rate)
                 });
                 match read {
                     Ok(finished) => {
@@ -111,10 +117,26 @@ impl AgeSweep {
             }
         }
         let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
-        for_each_live_allocation(ebpf, |stack_id, size, timestamp| {
-            scanner.add(stack_id, size, timestamp)
+        for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+            add_block(&mut scanner, r, sample_rate)
         })?;
         Ok(scanner.finish())
+    }
+}
+
+/// One block into a scan: itself, or when sampling what it stands for.
+fn add_block(scanner: &mut AgeScanner, r: &AllocRecord, sample_rate: Option<u64>) {
+    match sample_rate {
+        None => scanner.add(r.stack_id, r.size, r.timestamp_ns),
+        Some(rate) => {
+            let (bytes, blocks) = crate::sampling::weights(r.size, rate);
+            scanner.add_weighted(
+                r.stack_id,
+                bytes.round() as u64,
+                blocks.round() as u64,
+                r.timestamp_ns,
+            )
+        }
     }
 }
 
@@ -134,7 +156,13 @@ fn merge_ages(into: &mut HashMap<u64, AgeScan>, from: HashMap<u64, AgeScan>) {
 /// Takes a snapshot. `min_age_ns` > 0 counts only blocks at least that old,
 /// which needs every block read (`ages` is then taken as `Exact`); `ages`
 /// says how each stack's oldest block and settled bytes are learnt.
-pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, ages: Ages<'_>) -> Result<Snapshot> {
+/// `sample_rate`: the run samples (see `sampling`); scans weigh blocks.
+pub fn snapshot(
+    ebpf: &Ebpf,
+    min_age_ns: u64,
+    ages: Ages<'_>,
+    sample_rate: Option<u64>,
+) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
     let mut stacks: Vec<StackSample> = Vec::new();
     for_each_entry::<u64, StackStats>(ebpf, "STACK_STATS", |&stack_id, s| {
@@ -150,13 +178,15 @@ pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, ages: Ages<'_>) -> Result<Snapshot
     })?;
     let ages = match ages {
         Ages::Skip if min_age_ns == 0 => None,
-        Ages::Sweep(sweep) if min_age_ns == 0 => Some(sweep.advance(ebpf, taken_ns, SWEEP_SLICE)?),
+        Ages::Sweep(sweep) if min_age_ns == 0 => {
+            Some(sweep.advance(ebpf, taken_ns, SWEEP_SLICE, sample_rate)?)
+        }
         _ => {
             let cutoff = taken_ns.saturating_sub(min_age_ns);
             let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
             let mut scanner = AgeScanner::new(cutoff, settle_cutoff);
-            for_each_live_allocation(ebpf, |stack_id, size, timestamp| {
-                scanner.add(stack_id, size, timestamp)
+            for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+                add_block(&mut scanner, r, sample_rate)
             })?;
             Some(scanner.finish())
         }

@@ -25,6 +25,7 @@ pub mod privileges;
 pub mod probes;
 pub mod procmaps;
 pub mod report;
+pub mod sampling;
 pub mod session;
 pub mod symbolize;
 pub mod target;

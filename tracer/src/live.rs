@@ -61,13 +61,15 @@ impl LiveTrace {
         } else {
             collect::Ages::Skip
         };
-        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages)
+        let rate = self.run.allocator.sample_rate_bytes;
+        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages, rate)
     }
 
     /// The per-stack totals now, with every live block read for exact ages
     /// (final reports).
     pub fn snapshot_exact(&self) -> Result<Snapshot> {
-        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, collect::Ages::Exact)
+        let rate = self.run.allocator.sample_rate_bytes;
+        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, collect::Ages::Exact, rate)
     }
 
     /// Symbolized frames of a stack, innermost first, and whether the

@@ -134,6 +134,14 @@ impl AgeScanner {
 
     #[inline]
     pub fn add(&mut self, stack_id: u64, size: u64, timestamp: u64) {
+        self.add_weighted(stack_id, size, 1, timestamp)
+    }
+
+    /// A block that stands for `blocks` blocks of `bytes` bytes in all
+    /// (sampling).
+    #[inline]
+    pub fn add_weighted(&mut self, stack_id: u64, bytes: u64, blocks: u64, timestamp: u64) {
+        let (size, count) = (bytes, blocks);
         let entry = self.by_stack.entry(stack_id).or_insert(AgeScan {
             oldest_ns: u64::MAX,
             ..AgeScan::default()
@@ -144,7 +152,7 @@ impl AgeScanner {
         }
         if timestamp <= self.cutoff_ns {
             entry.bytes += size;
-            entry.count += 1;
+            entry.count += count;
         }
     }
 

@@ -35,6 +35,18 @@ impl Default for MapSizes {
     }
 }
 
+/// Writes `values` into the array map `name` from index 0.
+fn fill_array(ebpf: &mut Ebpf, name: &str, values: &[u64]) -> Result<()> {
+    let mut array: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(ebpf.map_mut(name).with_context(|| format!("{name} map"))?)?;
+    for (i, value) in values.iter().enumerate() {
+        array
+            .set(i as u32, value, 0)
+            .with_context(|| format!("filling {name}"))?;
+    }
+    Ok(())
+}
+
 /// A probe the tracer attached, for `-v` and reports.
 #[derive(Clone, Debug)]
 pub struct Attached {
@@ -76,19 +88,27 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(sizes: MapSizes) -> Result<Self> {
-        Self::load_variant(sizes, Variant::Full)
+        Self::load_variant(sizes, Variant::Full, None)
     }
 
-    pub fn load_variant(sizes: MapSizes, variant: Variant) -> Result<Self> {
+    /// `sample_rate`: sample about one allocation every this many bytes
+    /// (see `sampling`); None tracks every allocation.
+    pub fn load_variant(sizes: MapSizes, variant: Variant, sample_rate: Option<u64>) -> Result<Self> {
         let no_stacks: u8 = (variant == Variant::NoStacks).into();
+        let rate: u64 = sample_rate.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global("NO_STACKS", &no_stacks, true)
+            .override_global("SAMPLE_RATE", &rate, true)
             .map_max_entries("ALLOCS", sizes.allocations)
             .map_max_entries("STACKS", sizes.stacks)
             .map_max_entries("STACK_STATS", sizes.stacks)
             .load(EBPF_OBJECT)
             .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
             .context("loading the eBPF programs")?;
+        if rate > 0 {
+            fill_array(&mut ebpf, "SAMPLE_DRAWS", &crate::sampling::draw_table(rate))?;
+            fill_array(&mut ebpf, "SAMPLE_WEIGHTS", &crate::sampling::weight_table(rate))?;
+        }
         // The programs only log rare conditions (a full map); forward them.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let mut programs: Vec<&str> = crate::allocator::FUNCTIONS

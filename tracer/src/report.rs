@@ -34,6 +34,14 @@ pub struct Report {
 pub struct AllocatorInfo {
     pub object: String,
     pub functions: Vec<String>,
+    /// Set with `--sample-rate`: allocations were sampled, one every this
+    /// many bytes on average, and every byte and block figure of the report
+    /// is an unbiased estimate, not an exact count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate_bytes: Option<u64>,
+    /// True when the figures are estimates (sampling).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

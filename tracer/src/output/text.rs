@@ -25,6 +25,12 @@ pub fn render(report: &Report, final_report: bool) -> String {
             String::new()
         },
     );
+    if let Some(rate) = report.allocator.sample_rate_bytes {
+        let _ = writeln!(
+            out,
+            "estimated: allocations sampled about once every {rate} bytes; bytes and counts are estimates"
+        );
+    }
     if report.stacks.len() < report.stack_count {
         let _ = writeln!(
             out,

@@ -1,0 +1,135 @@
+//! Sampling by bytes (`--sample-rate BYTES`): a Poisson process over the
+//! bytes each thread allocates, one point every BYTES on average. An
+//! allocation of `size` bytes is sampled when a point falls in it, which
+//! happens with probability p = 1 - exp(-size / BYTES); only sampled
+//! allocations walk their stack and enter the maps, and each counts with
+//! weight 1/p (bytes: size/p), which makes the per-stack sums unbiased
+//! estimates of the exact ones.
+//!
+//! Per thread, the distance to the next point is a countdown of bytes. By
+//! memorylessness it can be drawn afresh after each sample. The draws come
+//! from `SAMPLE_DRAWS`, a table of the exponential distribution's quantiles
+//! that userspace fills (BPF has no floating point); the weights from
+//! `SAMPLE_WEIGHTS`, size/p tabulated against size/BYTES, interpolated.
+//! `SAMPLE_RATE` 0 (the default) is exact mode: everything is recorded
+//! with weight 1 and none of this runs.
+
+use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
+    macros::map,
+    maps::{Array, LruHashMap},
+};
+use tracer_common::{SAMPLE_DRAW_SLOTS, SAMPLE_WEIGHT_STEPS, SAMPLE_WEIGHT_SLOTS};
+
+/// Mean bytes between samples; 0: exact mode. Set by userspace at load.
+#[unsafe(no_mangle)]
+static SAMPLE_RATE: u64 = 0;
+
+/// Quantiles of the exponential distribution with mean `SAMPLE_RATE`, in
+/// bytes: entry k holds -ln(1 - k / SLOTS) * rate (the last, for the
+/// unbounded tail slice, its start plus one rate). A draw picks a slice at
+/// random and a point in it uniformly: a piecewise-linear inverse CDF, whose
+/// density is the exponential's to within a fraction of a percent (a plain
+/// table of one value per slice is too coarse in the small residuals that
+/// decide whether small blocks are sampled).
+#[map]
+static SAMPLE_DRAWS: Array<u64> = Array::with_max_entries(SAMPLE_DRAW_SLOTS + 1, 0);
+
+/// Slot i holds rate * f(i / STEPS) with f(x) = x / (1 - exp(-x)): the
+/// byte weight size/p of a block of size = rate * i / STEPS.
+#[map]
+static SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(SAMPLE_WEIGHT_SLOTS, 0);
+
+/// Bytes left before the next sample, per thread (pid_tgid). LRU: a dead
+/// thread's entry ages out.
+#[map]
+static SAMPLE_COUNTDOWN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+pub fn rate() -> u64 {
+    unsafe { core::ptr::read_volatile(&SAMPLE_RATE) }
+}
+
+#[inline(always)]
+fn draw(rate: u64) -> u64 {
+    let random = unsafe { bpf_get_prandom_u32() };
+    // High bits pick the slice, the low 16 the point in it.
+    let slot = (random >> 16) % SAMPLE_DRAW_SLOTS;
+    let (Some(lo), Some(hi)) = (
+        SAMPLE_DRAWS.get(slot).copied(),
+        SAMPLE_DRAWS.get(slot + 1).copied(),
+    ) else {
+        return rate;
+    };
+    let d = lo + ((hi.saturating_sub(lo) * (random & 0xffff) as u64) >> 16);
+    if d == 0 {
+        1
+    } else {
+        d
+    }
+}
+
+/// Whether this thread's allocation of `size` bytes is left out (always
+/// false in exact mode). Advances the thread's countdown.
+#[inline(always)]
+pub fn skip(pid_tgid: u64, size: u64) -> bool {
+    let rate = rate();
+    if rate == 0 {
+        return false;
+    }
+    let Some(left) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
+        // A thread's first allocation: start its countdown.
+        let left = draw(rate);
+        if left > size {
+            let _ = SAMPLE_COUNTDOWN.insert(pid_tgid, left - size, 0);
+            return true;
+        }
+        let _ = SAMPLE_COUNTDOWN.insert(pid_tgid, draw(rate), 0);
+        return false;
+    };
+    unsafe {
+        if *left > size {
+            *left -= size;
+            return true;
+        }
+        *left = draw(rate);
+    }
+    false
+}
+
+/// (bytes, blocks) that a recorded block of `size` bytes stands for: itself
+/// in exact mode, its weight 1/p when sampling. The block count is rounded
+/// up or down at random in proportion, keyed on `key` (the block's
+/// timestamp) so that retiring the block subtracts what was added.
+#[inline(always)]
+pub fn weights(size: u64, key: u64) -> (u64, u64) {
+    let rate = rate();
+    if rate == 0 || size == 0 {
+        return (size, 1);
+    }
+    let steps = SAMPLE_WEIGHT_STEPS as u64;
+    let last = (SAMPLE_WEIGHT_SLOTS - 1) as u64;
+    // Past the table (size >= 16 rates), p > 1 - 1e-7: weight 1.
+    if size >= rate * last / steps {
+        return (size, 1);
+    }
+    let scaled = size * steps;
+    let i = scaled / rate;
+    let frac = scaled - i * rate;
+    if i >= last {
+        return (size, 1);
+    }
+    let (Some(w0), Some(w1)) = (
+        SAMPLE_WEIGHTS.get(i as u32).copied(),
+        SAMPLE_WEIGHTS.get(i as u32 + 1).copied(),
+    ) else {
+        return (size, 1);
+    };
+    let bytes = w0 + w1.saturating_sub(w0) * frac / rate;
+    let bytes = if bytes < size { size } else { bytes };
+    // Blocks: bytes / size in 16.16 fixed point, rounded at random.
+    let blocks_fp = (bytes << 16) / size;
+    let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+    let blocks = (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64);
+    (bytes, blocks)
+}
