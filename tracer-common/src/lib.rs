@@ -43,7 +43,8 @@ pub enum CallKind {
 pub struct InFlight {
     /// `CallKind` as u32.
     pub kind: u32,
-    pub _pad: u32,
+    /// `IN_FLIGHT_*` bits.
+    pub flags: u32,
     /// Stack pointer at the outer call's entry; its return fires at `sp + 8`.
     pub entry_sp: u64,
     /// Requested size in bytes.

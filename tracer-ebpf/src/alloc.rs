@@ -17,11 +17,11 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{AllocRecord, CallKind, Counter, InFlight, StackStats};
+use tracer_common::{AllocRecord, CallKind, Counter, InFlight, StackStats, IN_FLIGHT_UNSAMPLED};
 
 use crate::{
     maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS},
-    stack,
+    sample, stack,
 };
 
 /// x86_64 page size, for `pvalloc`'s rounding.
@@ -65,6 +65,17 @@ fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
 
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
+    // Of the `Alloc` kind, only memalign may call malloc inside (it uses
+    // memalign_enter_nesting).
+    enter_sampled(ctx, kind, size, ptr_arg, kind != CallKind::Alloc)
+}
+
+/// `may_nest`: the function may call another probed one (realloc(NULL, n)
+/// calls malloc, memalign with a small alignment too). Such a call is
+/// remembered even when not sampled, so that the inner call is known as
+/// inner and not sampled on its own.
+#[inline(always)]
+fn enter_sampled(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64, may_nest: bool) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_target((pid_tgid >> 32) as u32) {
         return 0;
@@ -73,9 +84,14 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
     if is_inner_call(pid_tgid, sp) {
         return 0;
     }
+    let unsampled = sample::skip(pid_tgid, size);
+    let old_block = kind == CallKind::Realloc && ptr_arg != 0;
+    if unsampled && !may_nest && !old_block {
+        return 0;
+    }
     let mut call = InFlight {
         kind: kind as u32,
-        _pad: 0,
+        flags: if unsampled { IN_FLIGHT_UNSAMPLED } else { 0 },
         entry_sp: sp,
         size,
         ptr_arg,
@@ -120,7 +136,7 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 /// `memalign(align, size)` and `aligned_alloc(align, size)`.
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, CallKind::Alloc, arg(&ctx, 1), 0)
+    enter_sampled(&ctx, CallKind::Alloc, arg(&ctx, 1), 0, true)
 }
 
 #[uprobe]
@@ -157,6 +173,9 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
 
     if call.kind == CallKind::PosixMemalign as u32 {
+        if call.flags & IN_FLIGHT_UNSAMPLED != 0 {
+            return 0;
+        }
         if ret as u32 != 0 || call.ptr_arg == 0 {
             count(Counter::FailedAllocs);
             return 0;
@@ -180,6 +199,9 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         if call.size != 0 || call.kind != CallKind::Realloc as u32 {
             count(Counter::FailedAllocs);
         }
+        return 0;
+    }
+    if call.flags & IN_FLIGHT_UNSAMPLED != 0 {
         return 0;
     }
     record_alloc(&ctx, ret, call.size);
@@ -254,7 +276,7 @@ fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
         warn_once_map_full(ctx);
         return;
     }
-    add_to_stack(stack_id, size);
+    add_to_stack(stack_id, size, record.timestamp_ns);
     count(Counter::Allocs);
 }
 
@@ -282,16 +304,18 @@ fn stats_for(stack_id: u64) -> Option<*mut StackStats> {
 }
 
 #[inline(always)]
-fn add_to_stack(stack_id: u64, size: u64) {
+fn add_to_stack(stack_id: u64, size: u64, timestamp_ns: u64) {
     let Some(stats) = stats_for(stack_id) else {
         count(Counter::StackStatsFull);
         return;
     };
+    // Exact mode: (size, 1). Sampling: what the block stands for.
+    let (bytes, blocks) = sample::weights(size, timestamp_ns);
     unsafe {
-        atomic_add(&raw mut (*stats).outstanding_bytes, size);
-        atomic_add(&raw mut (*stats).outstanding_count, 1);
-        atomic_add(&raw mut (*stats).total_bytes, size);
-        atomic_add(&raw mut (*stats).total_count, 1);
+        atomic_add(&raw mut (*stats).outstanding_bytes, bytes);
+        atomic_add(&raw mut (*stats).outstanding_count, blocks);
+        atomic_add(&raw mut (*stats).total_bytes, bytes);
+        atomic_add(&raw mut (*stats).total_count, blocks);
     }
 }
 
@@ -299,12 +323,10 @@ fn add_to_stack(stack_id: u64, size: u64) {
 #[inline(always)]
 fn retire(record: &AllocRecord) {
     if let Some(stats) = STACK_STATS.get_ptr_mut(record.stack_id) {
+        let (bytes, blocks) = sample::weights(record.size, record.timestamp_ns);
         unsafe {
-            atomic_add(
-                &raw mut (*stats).outstanding_bytes,
-                record.size.wrapping_neg(),
-            );
-            atomic_add(&raw mut (*stats).outstanding_count, 1u64.wrapping_neg());
+            atomic_add(&raw mut (*stats).outstanding_bytes, bytes.wrapping_neg());
+            atomic_add(&raw mut (*stats).outstanding_count, blocks.wrapping_neg());
         }
     }
 }
