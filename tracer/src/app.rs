@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
+    check,
     cli::{Cli, Command, Format, TraceOptions},
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
@@ -59,6 +60,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let code = Session::new(trace, options, out).run(watch).await?;
             eprintln!("tracer: wrote {}", path.display());
             Ok(code)
+        }
+        Command::Check { options, command } => {
+            // Bad suppressions or an unwritable report fail before the command runs.
+            let rules = check::load_rules(&options)?;
+            let out = match &options.report {
+                Some(path) => Some(open_output(Some(path))?),
+                None => None,
+            };
+            let (trace, watch) = start(
+                command,
+                &options.trace,
+                options.min_age,
+                ChildOutput::Inherit,
+            )?;
+            check::run(trace, watch, options, rules, out).await
         }
         Command::Top {
             pid,

@@ -68,6 +68,16 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+    /// Run a command traced and fail when it leaks: exits with the
+    /// command's code if it failed, else 23 if what it leaves allocated at
+    /// exit (after suppressions) exceeds the limits, else 0. For test suites.
+    Check {
+        #[command(flatten)]
+        options: CheckOptions,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
     /// Start a command traced from its first allocation and report what it
     /// has not freed when it exits. Exits with the command's exit code.
     Run {
@@ -143,6 +153,45 @@ pub struct TopOptions {
     pub command_output: Option<PathBuf>,
     #[command(flatten)]
     pub trace: TraceOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckOptions {
+    /// Fail when more bytes than this leak. Without either limit, any leak
+    /// fails; with only one, only that one counts.
+    #[arg(long, value_name = "BYTES")]
+    pub max_leak_bytes: Option<u64>,
+    /// Fail when more allocations than this leak.
+    #[arg(long, value_name = "N")]
+    pub max_leak_allocations: Option<u64>,
+    /// Only count blocks at least this old at exit.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+    /// LeakSanitizer-style suppressions file (`leak:PATTERN` per line,
+    /// matched against function, file and module names); repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Vec<PathBuf>,
+    /// Do not suppress what the C/C++ runtimes keep on purpose (stdio
+    /// buffers, locale data, libstdc++'s emergency pool...).
+    #[arg(long)]
+    pub no_default_suppressions: bool,
+    /// Write the check report to this file (a one-line verdict still goes
+    /// to stderr); default: the text report on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Format of --report.
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckFormat {
+    Text,
+    Json,
+    /// JUnit XML: each leaking stack a failed test case.
+    Junit,
 }
 
 /// Orders of the top view's rows, largest first.

@@ -7,11 +7,12 @@
 //! `symbolize` -> `report` -> `output` (text, JSON).
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
 //! `launch` starts a command for `tracer run`; `live` holds a traced process;
-//! `watch` tells when it ends; `session` runs the report loop and `top` the
-//! live view; `app` wires the command line to all of it.
+//! `watch` tells when it ends; `session` runs the report loop, `top` the
+//! live view and `check` the CI leak gate; `app` wires the command line to all of it.
 
 pub mod allocator;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod collect;
 pub mod elf;
