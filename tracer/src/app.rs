@@ -1,14 +1,15 @@
 //! Turns a parsed command line into a session.
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
-    cli::{Cli, Command, Format, ReportOptions},
+    cli::{Cli, Command, DiffFormat, Format, ReportOptions},
+    diff,
     launch::{self, Credentials},
-    privileges,
+    output, privileges,
     probes::{MapSizes, Probes},
     report::{AllocatorInfo, RunInfo},
     session::{open_output, Session, Target},
@@ -36,7 +37,39 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("tracer: wrote {}", path.display());
             Ok(code)
         }
+        Command::Diff {
+            before,
+            after,
+            format,
+            top,
+            weight,
+            output,
+        } => diff(&before, &after, format, top, weight, output.as_deref()),
     }
+}
+
+fn diff(
+    before: &std::path::Path,
+    after: &std::path::Path,
+    format: DiffFormat,
+    top: usize,
+    weight: crate::cli::Weight,
+    output: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    let diff = diff::compare(&diff::load(before)?, &diff::load(after)?);
+    for warning in diff::warnings(&diff) {
+        eprintln!("tracer: warning: {warning}");
+    }
+    let bytes = match format {
+        DiffFormat::Text => output::diff::render_text(&diff, top).into_bytes(),
+        DiffFormat::Folded => output::diff::render_folded(&diff, weight).into_bytes(),
+        DiffFormat::Svg => output::diff::render_svg(&diff, weight)?,
+    };
+    let mut out = open_output(output)?;
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .context("writing the diff")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_probes(options: &ReportOptions) -> Result<Probes> {

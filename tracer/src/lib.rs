@@ -4,7 +4,8 @@
 //!
 //! The data path, one direction:
 //! `probes` (load, attach) -> BPF maps -> `collect` -> `model::Snapshot` ->
-//! `symbolize` -> `report` -> `output` (text, JSON).
+//! `symbolize` -> `report` -> `output` (text, JSON, folded, SVG, pprof,
+//! speedscope). `diff` compares two JSON reports for `tracer diff`.
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
 //! `launch` starts a command for `tracer run`; `session` runs the loop;
 //! `app` wires the command line to all of it.
@@ -13,6 +14,7 @@ pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod elf;
 pub mod launch;
 pub mod model;

@@ -177,22 +177,27 @@ impl Session {
         };
         let ebpf = &self.probes.ebpf;
         let symbolizer = &mut self.symbolizer;
-        let report = report::build(
-            &self.run,
-            &snapshot,
-            top,
-            |stack_id| match collect::stack_frames(ebpf, stack_id) {
-                Ok(Some((ips, truncated))) => (symbolizer.symbolize_stack(&ips), truncated),
-                _ => (Vec::new(), false),
-            },
-        );
+        let frames = |stack_id| match collect::stack_frames(ebpf, stack_id) {
+            Ok(Some((ips, truncated))) => (symbolizer.symbolize_stack(&ips), truncated),
+            _ => (Vec::new(), false),
+        };
+        let report = match format {
+            // pprof's alloc_* values include stacks whose blocks were all freed.
+            Format::Pprof => report::build_every_stack(&self.run, &snapshot, frames),
+            _ => report::build(&self.run, &snapshot, top, frames),
+        };
         let weight = self.options.weight;
+        let process = &self.process;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
             Format::Json if json_lines => output::json::line(&report).into_bytes(),
             Format::Json => output::json::document(&report).into_bytes(),
             Format::Folded => output::folded::render(&report, weight).into_bytes(),
             Format::Svg => output::flamegraph::render(&report, weight)?,
+            Format::Pprof => output::pprof::render(&report, &|module| {
+                crate::elf::build_id(&process.host_path(module))
+            })?,
+            Format::Speedscope => output::speedscope::render(&report, weight).into_bytes(),
         };
         self.out.write_all(&bytes).context("writing the report")?;
         self.out.flush().context("writing the report")?;
