@@ -73,8 +73,9 @@ pub enum Command {
         before: PathBuf,
         /// The later report.
         after: PathBuf,
-        /// text lists stacks by growth; folded is `stack before after` lines;
-        /// svg is a differential flamegraph (red grew, blue shrank).
+        /// Output format: text lists changed stacks by growth; folded is
+        /// `stack before after` lines; svg is a differential flamegraph (red
+        /// grew, blue shrank).
         #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
         format: DiffFormat,
         /// Changed stacks to list in text (0: all).
@@ -115,7 +116,7 @@ pub struct ReportOptions {
     /// cover every stack and are written once, at the end.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// What flamegraph widths (folded, svg, speedscope) measure; pprof has both.
+    /// What flamegraph widths (folded, svg, speedscope) measure; pprof carries both.
     #[arg(long, value_enum, default_value_t = Weight::Bytes)]
     pub weight: Weight,
     /// Write reports to this file instead of standard output.
