@@ -1,17 +1,18 @@
 //! Turns a parsed command line into a traced process and the front end that
 //! shows it (a report session or the top view).
 
-use std::{ffi::OsString, path::Path, process::ExitCode, time::Duration};
+use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
     check,
-    cli::{Cli, Command, Format, TraceOptions},
+    cli::{Cli, Command, DiffFormat, Format, TraceOptions},
+    diff,
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
-    privileges,
+    output, privileges,
     probes::{MapSizes, Probes},
     report::{AllocatorInfo, RunInfo},
     session::{open_output, Session},
@@ -92,7 +93,39 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             top::run(trace, watch, options).await
         }
+        Command::Diff {
+            before,
+            after,
+            format,
+            top,
+            weight,
+            output,
+        } => diff(&before, &after, format, top, weight, output.as_deref()),
     }
+}
+
+fn diff(
+    before: &std::path::Path,
+    after: &std::path::Path,
+    format: DiffFormat,
+    top: usize,
+    weight: crate::cli::Weight,
+    output: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    let diff = diff::compare(&diff::load(before)?, &diff::load(after)?);
+    for warning in diff::warnings(&diff) {
+        eprintln!("tracer: warning: {warning}");
+    }
+    let bytes = match format {
+        DiffFormat::Text => output::diff::render_text(&diff, top).into_bytes(),
+        DiffFormat::Folded => output::diff::render_folded(&diff, weight).into_bytes(),
+        DiffFormat::Svg => output::diff::render_svg(&diff, weight)?,
+    };
+    let mut out = open_output(output)?;
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .context("writing the diff")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_probes(options: &TraceOptions) -> Result<Probes> {

@@ -87,6 +87,42 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Compare two JSON reports (`--format json`) and show which stacks grew,
+    /// most grown bytes first. Take both with `--top 0`: a stack a report
+    /// does not list counts as 0 there.
+    #[command(
+        long_about = None,
+        after_help = "Stacks are matched by their frames (function and module, or the address \
+            where a frame has no name), not by stack id, so reports from two runs compare. \
+            A JSON Lines file (--interval) counts as its last report. Needs no privileges."
+    )]
+    Diff {
+        /// The earlier report.
+        before: PathBuf,
+        /// The later report.
+        after: PathBuf,
+        /// Output format: text lists changed stacks by growth; folded is
+        /// `stack before after` lines; svg is a differential flamegraph (red
+        /// grew, blue shrank).
+        #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+        format: DiffFormat,
+        /// Changed stacks to list in text (0: all).
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// What flamegraph widths (folded, svg) measure.
+        #[arg(long, value_enum, default_value_t = Weight::Bytes)]
+        weight: Weight,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffFormat {
+    Text,
+    Folded,
+    Svg,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -104,11 +140,11 @@ pub struct ReportOptions {
     /// Only count allocations at least this old (e.g. 2s, 500ms).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
-    /// Output format. folded and svg (a flamegraph) cover every stack and
-    /// are written once, at the end.
+    /// Output format. folded, svg (a flamegraph), pprof and speedscope
+    /// cover every stack and are written once, at the end.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// What flamegraph widths (folded, svg) measure.
+    /// What flamegraph widths (folded, svg, speedscope) measure; pprof carries both.
     #[arg(long, value_enum, default_value_t = Weight::Bytes)]
     pub weight: Weight,
     /// Write reports to this file instead of standard output.
@@ -215,12 +251,20 @@ pub enum Format {
     Folded,
     /// Interactive flamegraph SVG.
     Svg,
+    /// Gzipped pprof profile (go tool pprof, Pyroscope, Parca): outstanding
+    /// and since-attach allocations.
+    Pprof,
+    /// speedscope's JSON format (speedscope.app), with files and lines.
+    Speedscope,
 }
 
 impl Format {
     /// Formats that describe the whole run once, at the end, with every stack.
     pub fn is_whole_run(self) -> bool {
-        matches!(self, Format::Folded | Format::Svg)
+        matches!(
+            self,
+            Format::Folded | Format::Svg | Format::Pprof | Format::Speedscope
+        )
     }
 }
 

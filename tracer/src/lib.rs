@@ -4,7 +4,8 @@
 //!
 //! The data path, one direction:
 //! `probes` (load, attach) -> BPF maps -> `collect` -> `model::Snapshot` ->
-//! `symbolize` -> `report` -> `output` (text, JSON).
+//! `symbolize` -> `report` -> `output` (text, JSON, folded, SVG, pprof,
+//! speedscope). `diff` compares two JSON reports for `tracer diff`.
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
 //! `launch` starts a command for `tracer run`; `live` holds a traced process;
 //! `watch` tells when it ends; `session` runs the report loop, `top` the
@@ -15,6 +16,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod elf;
 pub mod launch;
 pub mod live;

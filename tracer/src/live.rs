@@ -69,4 +69,11 @@ impl LiveTrace {
         let run = self.run.clone();
         report::build(&run, snapshot, top, |id| self.stack(id))
     }
+
+    /// A report of every stack seen, including those whose blocks were all
+    /// freed (pprof's alloc_* values need them).
+    pub fn report_every_stack(&mut self, snapshot: &Snapshot) -> Report {
+        let run = self.run.clone();
+        report::build_every_stack(&run, snapshot, |id| self.stack(id))
+    }
 }

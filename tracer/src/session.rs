@@ -118,14 +118,23 @@ impl Session {
         } else {
             self.options.top
         };
-        let report = self.trace.report(&snapshot, top);
+        let report = match format {
+            // pprof's alloc_* values include stacks whose blocks were all freed.
+            Format::Pprof => self.trace.report_every_stack(&snapshot),
+            _ => self.trace.report(&snapshot, top),
+        };
         let weight = self.options.weight;
+        let process = &self.trace.process;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
             Format::Json if json_lines => output::json::line(&report).into_bytes(),
             Format::Json => output::json::document(&report).into_bytes(),
             Format::Folded => output::folded::render(&report, weight).into_bytes(),
             Format::Svg => output::flamegraph::render(&report, weight)?,
+            Format::Pprof => output::pprof::render(&report, &|module| {
+                crate::elf::build_id(&process.host_path(module))
+            })?,
+            Format::Speedscope => output::speedscope::render(&report, weight).into_bytes(),
         };
         self.out.write_all(&bytes).context("writing the report")?;
         self.out.flush().context("writing the report")?;
