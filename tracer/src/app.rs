@@ -15,6 +15,7 @@ use crate::{
     output, privileges,
     probes::{MapSizes, Probes},
     report::{AllocatorInfo, RunInfo},
+    serve,
     session::{open_output, Session},
     target::Process,
     top,
@@ -92,6 +93,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             top::run(trace, watch, options).await
+        }
+        Command::Serve { pid, options } => {
+            let listener = serve::bind(options.listen).await?;
+            let (trace, watch) = attach(pid, &options.trace, Duration::ZERO)?;
+            serve::run(trace, watch, options, listener).await
         }
         Command::Diff {
             before,

@@ -78,6 +78,16 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Keep tracing a running process and serve Prometheus metrics at
+    /// /metrics, the JSON report at /report and a flamegraph at
+    /// /flamegraph.svg. Stops when the process exits.
+    Serve {
+        /// Process to trace.
+        #[arg(long, short)]
+        pid: u32,
+        #[command(flatten)]
+        options: ServeOptions,
+    },
     /// Start a command traced from its first allocation and report what it
     /// has not freed when it exits. Exits with the command's exit code.
     Run {
@@ -218,6 +228,23 @@ pub struct CheckOptions {
     /// Format of --report.
     #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
     pub format: CheckFormat,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to serve on. Loopback by default; any other address must be
+    /// given here explicitly.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Stacks exported as their own series (by outstanding bytes); the rest
+    /// are summed into one `stack_id="other"` series.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Read the kernel maps this often.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
     #[command(flatten)]
     pub trace: TraceOptions,
 }

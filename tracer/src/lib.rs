@@ -9,7 +9,7 @@
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
 //! `launch` starts a command for `tracer run`; `live` holds a traced process;
 //! `watch` tells when it ends; `session` runs the report loop, `top` the
-//! live view and `check` the CI leak gate; `app` wires the command line to all of it.
+//! live view, `check` the CI leak gate and `serve` the metrics exporter; `app` wires the command line to all of it.
 
 pub mod allocator;
 pub mod app;
@@ -26,6 +26,7 @@ pub mod privileges;
 pub mod probes;
 pub mod procmaps;
 pub mod report;
+pub mod serve;
 pub mod session;
 pub mod symbolize;
 pub mod target;

@@ -12,7 +12,8 @@ use crate::{cmd, output, run as run_cmd};
 /// fixtures, valgrind is the tests' reference leak checker, tmux is used
 /// by the tests and the demo, and the profile formats are checked by readers
 /// the project did not write: `go tool pprof` (golang-go) reads pprof output,
-/// python3-jsonschema validates speedscope output against speedscope's schema.
+/// python3-jsonschema validates speedscope output against speedscope's schema,
+/// and a real Prometheus server scrapes `tracer serve`.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "tmux",
     "golang-go",
     "python3-jsonschema",
+    "prometheus",
 ];
 
 /// bpf-linker must be linked against the same LLVM major as rustc nightly.
