@@ -225,3 +225,120 @@ fn serve_refuses_a_port_in_use_before_attaching() {
         "{stderr}"
     );
 }
+
+/// A stand-in for Pyroscope's `/ingest`: accepts one POST, answers 200, and
+/// returns the request line and the multipart `profile` part.
+fn receive_one_push(listener: TcpListener) -> (String, Vec<u8>) {
+    let (mut stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 65536];
+    let header_end = loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early");
+        data.extend_from_slice(&buf[..n]);
+        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..header_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("Content-Length")
+        .trim()
+        .parse()
+        .unwrap();
+    while data.len() < header_end + length {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0);
+        data.extend_from_slice(&buf[..n]);
+    }
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let boundary = head
+        .lines()
+        .find_map(|l| l.split_once("boundary=").map(|(_, b)| b.trim().to_string()))
+        .expect("multipart boundary");
+    let body = &data[header_end..header_end + length];
+    // The part's content: after its blank line, up to the closing boundary.
+    let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let end_marker = format!("\r\n--{boundary}--");
+    let end = body
+        .windows(end_marker.len())
+        .position(|w| w == end_marker.as_bytes())
+        .unwrap();
+    assert!(String::from_utf8_lossy(&body[..start]).contains("name=\"profile\""));
+    (
+        head.lines().next().unwrap().to_string(),
+        body[start..end].to_vec(),
+    )
+}
+
+#[test]
+fn pushed_profiles_decode_as_pprof() {
+    require_root();
+    let fixture = Running(
+        Command::new(fixture("growing_c"))
+            .arg("60")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let receiver = TcpListener::bind("127.0.0.1:0").unwrap();
+    let push_port = receiver.local_addr().unwrap().port();
+    let _serve = Running(
+        Command::new(tracer())
+            .args(["serve", "--pid", &fixture.0.id().to_string(), "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--push")
+            .arg(format!("http://127.0.0.1:{push_port}"))
+            .args(["--push-interval", "3s"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (request_line, profile) = receive_one_push(receiver);
+    assert!(
+        request_line.starts_with("POST /ingest?name=tracer.memory%7Bpid%3D"),
+        "{request_line}"
+    );
+    assert!(request_line.contains("&format=pprof"), "{request_line}");
+    let path = temp_path("pushed.pb.gz");
+    std::fs::write(&path, &profile).unwrap();
+    // Go's pprof is the reference reader; it rejects malformed profiles.
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+        .arg(&path)
+        .output()
+        .expect("go (golang-go) is installed by `cargo xtask setup`");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("leak_steadily"), "{text}");
+}
+
+#[test]
+fn a_bad_push_url_is_one_clear_line() {
+    require_root();
+    let out = Command::new(tracer())
+        .args([
+            "serve",
+            "--pid",
+            &std::process::id().to_string(),
+            "--push",
+            "https://x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("https is not supported"), "{stderr}");
+}

@@ -95,6 +95,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             top::run(trace, watch, options).await
         }
         Command::Serve { pid, options } => {
+            // A bad --push URL or a taken port fails before attaching.
+            if let Some(url) = &options.push {
+                serve::push::Endpoint::parse(url)?;
+            }
             let listener = serve::bind(options.listen).await?;
             let (trace, watch) = attach(pid, &options.trace, Duration::ZERO)?;
             serve::run(trace, watch, options, listener).await

@@ -245,6 +245,13 @@ pub struct ServeOptions {
     /// Read the kernel maps this often.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub interval: Duration,
+    /// Also POST a pprof profile to this Pyroscope-compatible server's
+    /// /ingest every --push-interval (http://host:port; plain HTTP).
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
+    /// How often --push sends a profile.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub push_interval: Duration,
     #[command(flatten)]
     pub trace: TraceOptions,
 }

@@ -1,11 +1,13 @@
 //! `tracer serve`: keep tracing and serve what is known over HTTP, for
 //! monitoring. `/metrics` (Prometheus), `/report` (the JSON report),
-//! `/flamegraph.svg`. `metrics` renders, `http` speaks just enough HTTP;
+//! `/flamegraph.svg`; with `--push`, pprof profiles to Pyroscope. `metrics`
+//! renders, `http` speaks just enough HTTP, `push` sends profiles;
 //! this file is the loop. Snapshots feed the same state as `tracer top`
 //! (growth, symbolized rows), sorted by bytes.
 
 pub mod http;
 pub mod metrics;
+pub mod push;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -69,10 +71,36 @@ pub async fn run(
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let push = match &options.push {
+        Some(url) => Some(push::Endpoint::parse(url)?),
+        None => None,
+    };
+    let push_every = options.push_interval.max(Duration::from_secs(1));
+    let mut pushes = interval_at(Instant::now() + push_every, push_every);
+    pushes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_push = unix_seconds();
     loop {
         tokio::select! {
             _ = refreshes.tick() => refresh(&mut trace, &mut state)?,
             _ = housekeeping.tick() => trace.housekeeping(),
+            _ = pushes.tick(), if push.is_some() => {
+                let now = unix_seconds();
+                let report = trace.report_every_stack(&state.shown);
+                let host_process = trace.process.clone();
+                let profile = output::pprof::render(&report, &|module| {
+                    crate::elf::build_id(&host_process.host_path(module))
+                })?;
+                let name = push::application_name(trace.run.pid, &process);
+                let endpoint = push.clone().expect("checked by the guard");
+                let request = push::request(&endpoint, &name, last_push, now, &profile);
+                last_push = now;
+                // Sent off the loop: a slow backend must not stall scrapes.
+                tokio::spawn(async move {
+                    if let Err(e) = push::send(&endpoint, request).await {
+                        eprintln!("tracer: push to {}:{} failed: {e:#}", endpoint.host, endpoint.port);
+                    }
+                });
+            }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     tokio::spawn(connection(stream, jobs_tx.clone()));
@@ -165,6 +193,12 @@ fn answer(
         ),
         _ => Response::error(404, "not found: try /metrics, /report or /flamegraph.svg"),
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn html_escape(text: &str) -> String {
