@@ -11,13 +11,12 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{AllocRecord, CallKind, Counter, InFlight, StackStats};
+use tracer_common::{AllocRecord, CallKind, Counter, InFlight};
 
 use crate::{
     maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS},
@@ -234,11 +233,13 @@ fn free_if_same(ptr: u64, timestamp: u64) {
 
 #[inline(always)]
 fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
-    let stack_id = stack::capture(ctx);
+    let stack = stack::capture(ctx);
     let record = AllocRecord {
         size,
-        stack_id,
+        stack_id: stack.id,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        slot: stack.slot,
+        _pad: 0,
     };
     // An address that is still recorded was freed behind our back; retire it
     // so its bytes do not stay counted forever.
@@ -249,12 +250,17 @@ fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
             count(Counter::MissedFrees);
         }
     }
+    // Count before the record is published: a free can only find a record
+    // whose block is already counted, so a slot's outstanding count is never
+    // below its number of live records. Reclamation relies on that: a slot
+    // whose count is 0 has no live record that could still subtract from it.
+    add_to_slot(stack.slot, size, 1);
     if ALLOCS.insert(addr, record, 0).is_err() {
+        add_to_slot(stack.slot, size.wrapping_neg(), 1u64.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);
         return;
     }
-    add_to_stack(stack_id, size);
     count(Counter::Allocs);
 }
 
@@ -271,34 +277,27 @@ fn warn_once_map_full(ctx: &RetProbeContext) {
     }
 }
 
+/// Adds `bytes`/`blocks` (negative: wrapped) to a slot's outstanding and
+/// total counters.
 #[inline(always)]
-fn stats_for(stack_id: u64) -> Option<*mut StackStats> {
-    if let Some(stats) = STACK_STATS.get_ptr_mut(stack_id) {
-        return Some(stats);
-    }
-    // NOEXIST: if another CPU created it in between, use theirs.
-    let _ = STACK_STATS.insert(stack_id, StackStats::default(), BPF_NOEXIST as u64);
-    STACK_STATS.get_ptr_mut(stack_id)
-}
-
-#[inline(always)]
-fn add_to_stack(stack_id: u64, size: u64) {
-    let Some(stats) = stats_for(stack_id) else {
+fn add_to_slot(slot: u32, bytes: u64, blocks: u64) {
+    let Some(stats) = STACK_STATS.get_ptr_mut(slot) else {
         count(Counter::StackStatsFull);
         return;
     };
     unsafe {
-        atomic_add(&raw mut (*stats).outstanding_bytes, size);
-        atomic_add(&raw mut (*stats).outstanding_count, 1);
-        atomic_add(&raw mut (*stats).total_bytes, size);
-        atomic_add(&raw mut (*stats).total_count, 1);
+        atomic_add(&raw mut (*stats).outstanding_bytes, bytes);
+        atomic_add(&raw mut (*stats).outstanding_count, blocks);
+        atomic_add(&raw mut (*stats).total_bytes, bytes);
+        atomic_add(&raw mut (*stats).total_count, blocks);
     }
 }
 
-/// Takes a freed block out of its stack's outstanding totals.
+/// Takes a freed block out of its stack's outstanding totals, in the slot it
+/// was counted in.
 #[inline(always)]
 fn retire(record: &AllocRecord) {
-    if let Some(stats) = STACK_STATS.get_ptr_mut(record.stack_id) {
+    if let Some(stats) = STACK_STATS.get_ptr_mut(record.slot) {
         unsafe {
             atomic_add(
                 &raw mut (*stats).outstanding_bytes,

@@ -2,9 +2,9 @@
 //! (`EbpfLoader::set_max_entries`); the sizes here are the defaults.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue},
 };
 use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, COUNTER_SLOTS};
 
@@ -24,12 +24,21 @@ pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 
 #[map]
 pub static ALLOCS: HashMap<u64, AllocRecord> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Outstanding bytes/blocks and totals per stack id.
+/// Outstanding bytes/blocks and totals per stack, by slot (see
+/// `tracer_common::StackStats`): slot 0 is the unknown stack, slots
+/// 1..=max_stacks are handed out through `FREE_SLOTS`. Memory-mappable so
+/// that userspace reads every slot without a system call per entry.
 #[map]
-pub static STACK_STATS: HashMap<u64, StackStats> = HashMap::with_max_entries(65536, 0);
+pub static STACK_STATS: Array<StackStats> = Array::with_max_entries(65537, BPF_F_MMAPABLE);
 
-/// Stack id (a 64-bit hash of the frames) -> frames. Not preallocated: each
-/// entry is ~1 KiB and most runs see far fewer stacks than the maximum.
+/// Slots of `STACK_STATS` not in use. Userspace fills it at load and gives
+/// reclaimed slots back.
+#[map]
+pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(65536, 0);
+
+/// Stack id (a 64-bit hash of the frames) -> frames and slot. Not
+/// preallocated: each entry is ~1 KiB and most runs see far fewer stacks
+/// than the maximum.
 #[map]
 pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 

@@ -6,9 +6,14 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     Ebpf,
 };
-use tracer_common::{AllocRecord, Counter, InFlight, StackStats, StackTrace};
+use std::collections::HashMap;
 
-use crate::model::{scan_ages, Counters, Snapshot, StackSample};
+use tracer_common::{AllocRecord, Counter, InFlight, StackTrace};
+
+use crate::{
+    model::{scan_ages, Counters, Snapshot, StackSample},
+    slots::StatsTable,
+};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -46,25 +51,25 @@ pub fn counters(ebpf: &Ebpf) -> Result<Counters> {
 /// stack's oldest block.
 pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    let stats: BpfHashMap<&MapData, u64, StackStats> =
-        BpfHashMap::try_from(map(ebpf, "STACK_STATS")?)?;
-    let mut stacks: Vec<StackSample> = Vec::new();
-    for entry in stats.iter() {
-        let (stack_id, s) = match entry {
-            Ok(kv) => kv,
-            // An entry removed between listing and reading it.
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => return Err(e).context("reading STACK_STATS"),
-        };
-        stacks.push(StackSample {
-            stack_id,
-            bytes: s.outstanding_bytes,
-            count: s.outstanding_count,
-            total_count: s.total_count,
-            total_bytes: s.total_bytes,
-            oldest_ns: None,
+    // Every slot, added up per stack: a stack can briefly have two slots
+    // (see `slots`), and free slots are all zero.
+    let table = StatsTable::open(ebpf)?;
+    let mut by_stack: HashMap<u64, StackSample> = HashMap::new();
+    for slot in 0..table.slots() {
+        let s = table.get(slot);
+        if s.total_count == 0 && s.outstanding_count == 0 {
+            continue;
+        }
+        let sample = by_stack.entry(s.stack_id).or_insert(StackSample {
+            stack_id: s.stack_id,
+            ..StackSample::default()
         });
+        sample.bytes = sample.bytes.wrapping_add(s.outstanding_bytes);
+        sample.count = sample.count.wrapping_add(s.outstanding_count);
+        sample.total_count += s.total_count;
+        sample.total_bytes += s.total_bytes;
     }
+    let mut stacks: Vec<StackSample> = by_stack.into_values().collect();
     if min_age_ns > 0 || with_ages {
         let cutoff = taken_ns.saturating_sub(min_age_ns);
         let ages = scan_ages(live_allocations(ebpf)?, cutoff);

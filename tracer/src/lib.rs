@@ -22,5 +22,6 @@ pub mod probes;
 pub mod procmaps;
 pub mod report;
 pub mod session;
+pub mod slots;
 pub mod symbolize;
 pub mod target;

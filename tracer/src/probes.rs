@@ -22,7 +22,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct MapSizes {
     /// Live allocations tracked at once (`ALLOCS`).
     pub allocations: u32,
-    /// Distinct stacks (`STACKS` and `STACK_STATS`).
+    /// Distinct stacks held at once (`STACKS`, and the slots of
+    /// `STACK_STATS`); stacks that hold nothing are reclaimed.
     pub stacks: u32,
 }
 
@@ -48,6 +49,7 @@ pub struct Attached {
 pub struct Probes {
     pub ebpf: Ebpf,
     pub attached: Vec<Attached>,
+    reclaimer: crate::slots::Reclaimer,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -56,10 +58,13 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("ALLOCS", sizes.allocations)
             .map_max_entries("STACKS", sizes.stacks)
-            .map_max_entries("STACK_STATS", sizes.stacks)
+            // Slot 0 is the unknown stack's; 1..=stacks are handed out.
+            .map_max_entries("STACK_STATS", sizes.stacks + 1)
+            .map_max_entries("FREE_SLOTS", sizes.stacks)
             .load(EBPF_OBJECT)
             .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
             .context("loading the eBPF programs")?;
+        crate::slots::fill_free_slots(&mut ebpf, sizes.stacks)?;
         // The programs only log rare conditions (a full map); forward them.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let mut programs: Vec<&str> = crate::allocator::FUNCTIONS
@@ -82,8 +87,15 @@ impl Probes {
         Ok(Probes {
             ebpf,
             attached: Vec::new(),
+            reclaimer: Default::default(),
             _logger: logger,
         })
+    }
+
+    /// Periodic upkeep of the kernel side: reclaims the stack slots of stacks
+    /// that hold nothing. Returns how many were reclaimed.
+    pub fn housekeeping(&mut self) -> Result<usize> {
+        self.reclaimer.run(&mut self.ebpf)
     }
 
     /// Lets the programs count events of this process.

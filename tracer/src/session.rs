@@ -160,6 +160,9 @@ impl Session {
         }) {
             log::debug!("cleaning in-flight records: {e:#}");
         }
+        if let Err(e) = self.probes.housekeeping() {
+            log::debug!("reclaiming stacks: {e:#}");
+        }
     }
 
     /// Takes a snapshot and writes one report.

@@ -1,0 +1,24 @@
+//! Issue 9, reliability: long runs, races and odd control flow must not
+//! lose or double-count bytes.
+
+use tracer_tests::*;
+
+/// 600 distinct short-lived stacks with room for 256: stacks whose blocks
+/// are all freed are reclaimed, so none is lost, and the leaks (one of them
+/// among the distinct stacks) are still exact.
+#[test]
+fn stacks_that_hold_nothing_are_reclaimed() {
+    require_root();
+    let program = fixture("many_stacks_c");
+    let (report, stdout, _) =
+        trace_run(&[program.to_str().unwrap()], &["--max-stacks", "256"]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let expected = expectations(&stdout);
+    let found = report_by_site(&report, &["leak_deep", "leak_end", "leaf"]);
+    assert_eq!(found.get("leak_deep"), expected.get("leak_deep"), "{report:#}");
+    assert_eq!(found.get("leak_end"), expected.get("leak_end"), "{report:#}");
+    assert_eq!(found.get("leaf"), None, "freed churn reported: {report:#}");
+    let dropped = &report["dropped"];
+    assert_eq!(dropped["lost_stacks"], 0, "{report:#}");
+    assert_eq!(dropped["stack_stats_full"], 0, "{report:#}");
+}
