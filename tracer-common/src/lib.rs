@@ -54,10 +54,15 @@ pub struct InFlight {
     pub size: u64,
     /// Realloc: the block being resized. PosixMemalign: where the result goes.
     pub ptr_arg: u64,
-    /// Realloc: the timestamp of the old block's record when the call
-    /// started, so that the return frees that record and not a newer one made
-    /// by another thread that got the same address in between.
-    pub old_timestamp: u64,
+    /// Realloc: non-zero when `old` holds the old block's record.
+    pub has_old: u64,
+    /// Realloc: the old block's record, taken out of `ALLOCS` at entry. The
+    /// caller still owns the block then, so no other thread can be handed
+    /// its address and record a new block there; at return, when another
+    /// thread may already have got the address, the record is no longer in
+    /// the map to be confused with the new one. The return retires it (the
+    /// realloc freed the block) or puts it back (the realloc failed).
+    pub old: AllocRecord,
 }
 
 /// One live allocation, keyed by its address.

@@ -11,6 +11,7 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
@@ -54,12 +55,38 @@ fn array_size(n: u64, size: u64) -> u64 {
 }
 
 /// The thread is inside an allocator call that is already being recorded.
+/// A record left by a call that can no longer be running is dropped here
+/// (see `abandon`).
 #[inline(always)]
 fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
-    match IN_FLIGHT.get_ptr(pid_tgid) {
-        Some(outer) => sp <= unsafe { (*outer).entry_sp },
-        None => false,
+    let Some(outer) = IN_FLIGHT.get_ptr(pid_tgid) else {
+        return false;
+    };
+    let outer = unsafe { *outer };
+    if sp <= outer.entry_sp {
+        return true;
     }
+    // The stack is above the recorded call's frame: that frame is gone (the
+    // call was left without returning, e.g. by longjmp out of a signal
+    // handler).
+    abandon(pid_tgid, &outer);
+    false
+}
+
+/// Forgets a call that will never return, putting back the old block's
+/// record it had taken (a realloc): nothing says the block was freed.
+#[inline(always)]
+fn abandon(pid_tgid: u64, call: &InFlight) {
+    // If the address is recorded again, the block was freed and handed out
+    // anew: retire it instead.
+    if call.has_old != 0
+        && ALLOCS
+            .insert(call.ptr_arg, call.old, BPF_NOEXIST as u64)
+            .is_err()
+    {
+        retire(&call.old);
+    }
+    let _ = IN_FLIGHT.remove(pid_tgid);
 }
 
 #[inline(always)]
@@ -78,17 +105,29 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
         entry_sp: sp,
         size,
         ptr_arg,
-        old_timestamp: 0,
+        has_old: 0,
+        old: AllocRecord::default(),
     };
-    if kind == CallKind::Realloc && ptr_arg != 0 {
+    let claims_old = kind == CallKind::Realloc && ptr_arg != 0;
+    if claims_old {
         if let Some(old) = unsafe { ALLOCS.get(ptr_arg) } {
-            call.old_timestamp = old.timestamp_ns;
+            call.old = *old;
+            call.has_old = 1;
         }
     }
-    // Overwrites a stale record left by a call whose return never came back
-    // (its stack pointer was below this one's, so it cannot be still running).
     if IN_FLIGHT.insert(pid_tgid, call, 0).is_err() {
         count(Counter::InFlightFull);
+        return 0;
+    }
+    // Take the old block's record out only once the call is remembered (the
+    // return needs it). The caller owns the block until realloc frees it, so
+    // the record is still the one read above; if the remove fails anyway (a
+    // racing free of the same block in the program), there is nothing to
+    // retire at return.
+    if call.has_old != 0 && ALLOCS.remove(ptr_arg).is_err() {
+        if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+            unsafe { (*stored).has_old = 0 };
+        }
     }
     0
 }
@@ -167,12 +206,16 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     }
 
-    if call.kind == CallKind::Realloc as u32 && call.ptr_arg != 0 {
+    if call.has_old != 0 {
         // realloc frees the old block when it returns a new one, and glibc's
         // realloc(p, 0) frees p and returns NULL. A failed realloc frees
-        // nothing.
+        // nothing: the block is recorded again.
         if ret != 0 || call.size == 0 {
-            free_if_same(call.ptr_arg, call.old_timestamp);
+            retire(&call.old);
+            count(Counter::Frees);
+        } else if ALLOCS.insert(call.ptr_arg, call.old, 0).is_err() {
+            retire(&call.old);
+            count(Counter::AllocMapFull);
         }
     }
     if ret == 0 {
@@ -212,23 +255,6 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         None => count(Counter::UnknownFrees),
     }
     0
-}
-
-/// Frees the record at `ptr` if it is still the block that was there when
-/// the realloc started.
-#[inline(always)]
-fn free_if_same(ptr: u64, timestamp: u64) {
-    let Some(record) = (unsafe { ALLOCS.get(ptr) }) else {
-        return;
-    };
-    let record = *record;
-    if record.timestamp_ns != timestamp {
-        return;
-    }
-    if ALLOCS.remove(ptr).is_ok() {
-        retire(&record);
-        count(Counter::Frees);
-    }
 }
 
 #[inline(always)]

@@ -121,7 +121,8 @@ pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool
 /// Removes in-flight records of threads that no longer exist (a thread that
 /// died inside malloc leaves one; its tid could be reused). The keys are
 /// read before the thread list, so a thread born in between is never taken
-/// for dead.
+/// for dead. A realloc's record holds the old block's record, taken out of
+/// `ALLOCS` at entry: it is put back, as the block was not known to be freed.
 pub fn forget_dead_threads(
     ebpf: &mut Ebpf,
     pid: u32,
@@ -138,12 +139,33 @@ pub fn forget_dead_threads(
         return Ok(0);
     }
     let live_tids = live_tids();
-    let dead: Vec<u64> = keys
-        .into_iter()
-        .filter(|key| !live_tids.contains(&(*key as u32)))
-        .collect();
-    for key in &dead {
-        let _ = in_flight.remove(key);
+    let mut taken: Vec<(u64, AllocRecord)> = Vec::new();
+    let mut dead = 0;
+    for key in keys {
+        if live_tids.contains(&(key as u32)) {
+            continue;
+        }
+        // Read before removing: the removal is what makes it ours.
+        let call = in_flight.get(&key, 0).ok();
+        if in_flight.remove(&key).is_ok() {
+            dead += 1;
+            if let Some(call) = call.filter(|c| c.has_old != 0) {
+                taken.push((call.ptr_arg, call.old));
+            }
+        }
     }
-    Ok(dead.len())
+    drop(in_flight);
+    if !taken.is_empty() {
+        let table = StatsTable::open(ebpf)?;
+        let mut allocs: BpfHashMap<&mut MapData, u64, AllocRecord> =
+            BpfHashMap::try_from(ebpf.map_mut("ALLOCS").context("ALLOCS map")?)?;
+        for (addr, record) in taken {
+            // BPF_NOEXIST: if the address was recorded again, the block was
+            // freed after all.
+            if allocs.insert(addr, record, 1).is_err() {
+                table.retire(&record);
+            }
+        }
+    }
+    Ok(dead)
 }

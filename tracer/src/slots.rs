@@ -22,6 +22,7 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     ptr,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
 use anyhow::{anyhow, Context as _, Result};
@@ -29,7 +30,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, Queue},
     Ebpf,
 };
-use tracer_common::{StackStats, StackTrace, SLOT_UNKNOWN};
+use tracer_common::{AllocRecord, StackStats, StackTrace, SLOT_UNKNOWN};
 
 /// Map update flag: only if the key does not exist yet.
 const BPF_NOEXIST: u64 = 1;
@@ -86,6 +87,20 @@ impl StatsTable {
                 total_count: ptr::read_volatile(&raw const (*s).total_count),
                 total_bytes: ptr::read_volatile(&raw const (*s).total_bytes),
             }
+        }
+    }
+
+    /// Takes a freed block out of its slot, as the programs' `retire` does.
+    pub fn retire(&self, record: &AllocRecord) {
+        let slot = record.slot as usize;
+        if slot >= self.slots {
+            return;
+        }
+        // Same atomic add the programs use on the same memory.
+        unsafe {
+            let s = self.base.add(slot);
+            AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(record.size, Relaxed);
+            AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(1, Relaxed);
         }
     }
 
