@@ -43,9 +43,22 @@ pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(65536, 0);
 pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Scratch space for capturing one stack (too large for the 512-byte BPF
-/// stack).
+/// stack), with the thread (pid_tgid) that is using it.
+///
+/// Per-CPU is not quite per-program: uprobe programs run with migration
+/// disabled but under `rcu_read_lock()`, which on PREEMPT_RCU kernels leaves
+/// preemption on. With full preemption (`preempt=full`, PREEMPT_RT, lazy) a
+/// program can be preempted mid-capture and another thread's program on the
+/// same CPU can use the same buffer. `stack::capture` claims the buffer with
+/// `owner` and checks the claim before it trusts what it hashed and stored.
+#[repr(C)]
+pub struct Scratch {
+    pub owner: u64,
+    pub trace: StackTrace,
+}
+
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Event and drop counters, indexed by `tracer_common::Counter`.
 #[map]

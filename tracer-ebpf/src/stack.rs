@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::bpf_get_stack,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack},
     EbpfContext,
 };
 use tracer_common::{Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN};
@@ -33,10 +33,15 @@ const UNKNOWN: Stack = Stack {
 /// stored.
 #[inline(always)]
 pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
-    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         return UNKNOWN;
     };
-    let buf: &mut StackTrace = unsafe { &mut *buf };
+    // Claim the per-CPU buffer (see `maps::Scratch`): a thread is never
+    // running two programs at once, so its pid_tgid is a unique claim.
+    let me = bpf_get_current_pid_tgid();
+    unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
+    let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
+    let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
     let size = (MAX_FRAMES * 8) as u32;
     let written = unsafe {
         bpf_get_stack(
@@ -64,13 +69,19 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     if hash == STACK_UNKNOWN {
         hash = 1;
     }
+    // Preempted by another program that used the buffer: the frames and the
+    // hash may be a mix of two stacks.
+    if !still_ours() {
+        count(Counter::StackLost);
+        return UNKNOWN;
+    }
     // Two rounds: the second one only runs when another CPU stored the same
     // new stack between our lookup and our insert.
     for _ in 0..2 {
         if let Some(slot) = known_slot(hash) {
             return Stack { id: hash, slot };
         }
-        match new_slot(hash, buf) {
+        match new_slot(hash, buf, &still_ours) {
             Ok(slot) => return Stack { id: hash, slot },
             Err(err) if err == EEXIST => continue,
             Err(_) => break,
@@ -98,7 +109,7 @@ fn known_slot(hash: u64) -> Option<u32> {
 /// Claims a free slot for a new stack and publishes both. Err(-EEXIST) when
 /// another CPU published the same stack first.
 #[inline(always)]
-fn new_slot(hash: u64, buf: &mut StackTrace) -> Result<u32, i64> {
+fn new_slot(hash: u64, buf: &mut StackTrace, still_ours: &impl Fn() -> bool) -> Result<u32, i64> {
     let slot = match FREE_SLOTS.pop() {
         Ok(Some(slot)) => slot,
         // No free slot: more distinct live stacks than --max-stacks.
@@ -111,9 +122,19 @@ fn new_slot(hash: u64, buf: &mut StackTrace) -> Result<u32, i64> {
     // the slot back); the owner is set before the slot becomes reachable.
     unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, hash) };
     buf.slot = slot as u64;
-    let err = match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
-        Ok(()) => return Ok(slot),
-        Err(err) => err,
+    // Checked again right before the insert, which copies the buffer under
+    // the bucket lock with interrupts off. (A preemption in the few
+    // instructions between this check and the lock could still store mixed
+    // frames; the check after the insert then gives up on the stack, whose
+    // slot stays empty and is reclaimed.)
+    let err = if !still_ours() {
+        -1
+    } else {
+        match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+            Ok(()) if still_ours() => return Ok(slot),
+            Ok(()) => return Err(-1),
+            Err(err) => err.into(),
+        }
     };
     // Not published, so nobody else can be using the slot: give it back. If
     // the queue refuses it, it stays owned by `hash` with nothing in it, an
@@ -122,5 +143,5 @@ fn new_slot(hash: u64, buf: &mut StackTrace) -> Result<u32, i64> {
     if FREE_SLOTS.push(slot, 0).is_err() {
         unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, hash) };
     }
-    Err(err.into())
+    Err(err)
 }
