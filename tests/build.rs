@@ -23,6 +23,7 @@ fn main() {
         "demo",
         "many_stacks",
         "realloc_race",
+        "longjmp",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

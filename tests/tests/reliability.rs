@@ -52,3 +52,17 @@ fn realloc_racing_a_malloc_of_the_same_address_stays_exact() {
     assert_eq!(found.get("taker"), None, "{report:#}");
     assert_eq!(report["dropped"]["missed_frees"], 0, "{report:#}");
 }
+
+/// A thread that leaves malloc through siglongjmp from a signal handler
+/// leaves an in-flight record behind; later allocations from a deeper stack
+/// (below that record) must not be taken for inner calls of the dead one.
+#[test]
+fn a_call_left_by_longjmp_does_not_silence_the_thread() {
+    require_root();
+    let program = fixture("longjmp_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    assert!(stdout.contains("JUMPED"), "{stdout}");
+    let found = report_by_site(&report, &["leak_deeper"]);
+    assert_eq!(found.get("leak_deeper"), Some(&(770, 10)), "{report:#}");
+}

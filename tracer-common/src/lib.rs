@@ -65,6 +65,21 @@ pub struct InFlight {
     pub old: AllocRecord,
 }
 
+/// What the programs know about a traced process (`TARGETS` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Address of the process's uretprobe trampoline (the start of its
+    /// `[uprobes]` mapping), 0 while unknown. A call whose return is hooked
+    /// has this address in its return-address slot, which tells a live
+    /// outer allocator call from one that was left without returning.
+    pub trampoline: u64,
+    /// The first 8 bytes of code at `trampoline`, stored by the first program
+    /// that uses it (0 until then); a mismatch (the process exec'ed since)
+    /// makes the programs ignore the address.
+    pub trampoline_code: u64,
+}
+
 /// One live allocation, keyed by its address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -174,4 +189,5 @@ mod pod {
     unsafe impl aya::Pod for AllocRecord {}
     unsafe impl aya::Pod for StackStats {}
     unsafe impl aya::Pod for StackTrace {}
+    unsafe impl aya::Pod for TargetInfo {}
 }

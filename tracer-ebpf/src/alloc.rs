@@ -20,7 +20,7 @@ use aya_log_ebpf::warn;
 use tracer_common::{AllocRecord, CallKind, Counter, InFlight};
 
 use crate::{
-    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS},
+    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
     stack,
 };
 
@@ -63,14 +63,48 @@ fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
         return false;
     };
     let outer = unsafe { *outer };
-    if sp <= outer.entry_sp {
+    if sp <= outer.entry_sp && !left_without_returning(pid_tgid, &outer) {
         return true;
     }
-    // The stack is above the recorded call's frame: that frame is gone (the
-    // call was left without returning, e.g. by longjmp out of a signal
-    // handler).
+    // The recorded call was left without returning (longjmp out of a
+    // signal handler that interrupted it): its record would otherwise
+    // silence every later call of this thread from a deeper stack.
     abandon(pid_tgid, &outer);
     false
+}
+
+/// A call whose return is hooked keeps the uretprobe trampoline's address in
+/// its return-address slot until it returns. Anything else there means the
+/// frame was unwound (or the return was never hooked: then its return is
+/// not seen either). Only decidable once userspace has told us the
+/// trampoline address; until then every call below the record is inner.
+#[inline(always)]
+fn left_without_returning(pid_tgid: u64, outer: &InFlight) -> bool {
+    let Some(target) = TARGETS.get_ptr((pid_tgid >> 32) as u32) else {
+        return false;
+    };
+    let target = unsafe { *target };
+    if target.trampoline == 0 {
+        return false;
+    }
+    // The address is only trusted while the code first seen there is still
+    // there: an exec replaces the address space, and userspace may take up
+    // to a second to notice. (Userspace cannot read the code itself: the
+    // trampoline's mapping is VM_IO, closed to /proc/PID/mem.)
+    let Ok(code) = (unsafe { bpf_probe_read_user(target.trampoline as *const u64) }) else {
+        return false;
+    };
+    if target.trampoline_code == 0 {
+        if let Some(stored) = TARGETS.get_ptr_mut((pid_tgid >> 32) as u32) {
+            unsafe { (*stored).trampoline_code = code };
+        }
+    } else if code != target.trampoline_code {
+        return false;
+    }
+    match unsafe { bpf_probe_read_user(outer.entry_sp as *const u64) } {
+        Ok(slot) => slot != target.trampoline,
+        Err(_) => false,
+    }
 }
 
 /// Forgets a call that will never return, putting back the old block's

@@ -6,13 +6,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue},
 };
-use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, COUNTER_SLOTS};
+use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS};
 
 /// Process ids (tgids) being traced. The uprobes are attached per process
 /// already; this filter keeps a shared library's probe from counting a
 /// process that happens to share the attachment.
 #[map]
-pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0);
 
 /// Allocator calls between entry and return, per thread (pid_tgid). Small:
 /// entries live only for the duration of one call.

@@ -13,6 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
+use tracer_common::TargetInfo;
+
 use crate::allocator::{AllocatorObject, Entry, ProbePoint, RETURN_PROGRAM};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -50,6 +52,8 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub attached: Vec<Attached>,
     reclaimer: crate::slots::Reclaimer,
+    /// Target pids and the trampoline address last told to the programs.
+    targets: Vec<(u32, u64)>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -88,21 +92,54 @@ impl Probes {
             ebpf,
             attached: Vec::new(),
             reclaimer: Default::default(),
+            targets: Vec::new(),
             _logger: logger,
         })
     }
 
-    /// Periodic upkeep of the kernel side: reclaims the stack slots of stacks
-    /// that hold nothing. Returns how many were reclaimed.
+    /// Periodic upkeep of the kernel side: tells the programs where the
+    /// targets' uretprobe trampolines are and reclaims the stack slots of
+    /// stacks that hold nothing. Returns how many were reclaimed.
     pub fn housekeeping(&mut self) -> Result<usize> {
+        self.learn_trampolines()?;
         self.reclaimer.run(&mut self.ebpf)
     }
 
     /// Lets the programs count events of this process.
     pub fn add_target(&mut self, pid: u32) -> Result<()> {
-        let mut targets: BpfHashMap<_, u32, u8> =
+        let mut targets: BpfHashMap<_, u32, TargetInfo> =
             BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("TARGETS map")?)?;
-        targets.insert(pid, 1, 0).context("adding target pid")?;
+        targets
+            .insert(pid, TargetInfo::default(), 0)
+            .context("adding target pid")?;
+        self.targets.push((pid, 0));
+        Ok(())
+    }
+
+    /// Tells the programs where each target's uretprobe trampoline is (the
+    /// start of its `[uprobes]` mapping, made at its first probe hit), when
+    /// it appeared or moved (exec).
+    fn learn_trampolines(&mut self) -> Result<()> {
+        let mut targets: BpfHashMap<_, u32, TargetInfo> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("TARGETS map")?)?;
+        for (pid, known) in &mut self.targets {
+            let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+                continue;
+            };
+            let start = maps
+                .lines()
+                .find(|l| l.ends_with(" [uprobes]"))
+                .and_then(|l| l.split('-').next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            if let Some(start) = start.filter(|s| s != known) {
+                let info = TargetInfo {
+                    trampoline: start,
+                    trampoline_code: 0,
+                };
+                targets.insert(*pid, info, 0).context("updating a target")?;
+                *known = start;
+            }
+        }
         Ok(())
     }
 
