@@ -66,3 +66,55 @@ fn a_call_left_by_longjmp_does_not_silence_the_thread() {
     let found = report_by_site(&report, &["leak_deeper"]);
     assert_eq!(found.get("leak_deeper"), Some(&(770, 10)), "{report:#}");
 }
+
+/// The command's output and exit status are the same with and without the
+/// tracer.
+#[test]
+fn the_command_behaves_the_same_under_the_tracer() {
+    require_root();
+    let program = fixture("leaky_c");
+    let alone = std::process::Command::new(&program).output().unwrap();
+    let (_, traced_stdout, traced) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert_eq!(traced_stdout, String::from_utf8_lossy(&alone.stdout));
+    assert_eq!(traced.status.code(), alone.status.code());
+    let status = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(temp_path("exit7.json"))
+        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&status.stderr), "err\n");
+}
+
+/// A tracer killed with SIGKILL mid-run takes its probes with it (they are
+/// file descriptors) and the command runs on to the end, unchanged.
+#[test]
+fn the_command_survives_a_killed_tracer() {
+    use std::io::Read;
+    require_root();
+    let program = fixture("aging_c"); // leaks, pauses 1.5 s, leaks, exits
+    let alone = std::process::Command::new(&program).output().unwrap();
+    let mut tracer = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(temp_path("killed.json"))
+        .arg("--")
+        .arg(&program)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The command is in its pause by now.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    tracer.kill().unwrap();
+    assert!(!tracer.wait().unwrap().success());
+    // The command holds the pipe's write end until it exits.
+    let mut out = String::new();
+    tracer
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, String::from_utf8_lossy(&alone.stdout));
+}
