@@ -24,6 +24,7 @@ fn main() {
         "many_stacks",
         "realloc_race",
         "longjmp",
+        "main_exits",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

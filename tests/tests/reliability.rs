@@ -118,3 +118,17 @@ fn the_command_survives_a_killed_tracer() {
         .unwrap();
     assert_eq!(out, String::from_utf8_lossy(&alone.stdout));
 }
+
+/// After the main thread calls pthread_exit, the other threads' calls are
+/// still seen (the probes are bound to one thread; the tracer re-binds them
+/// to a live one).
+#[test]
+fn threads_are_traced_after_the_main_thread_exits() {
+    require_root();
+    let program = fixture("main_exits_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let found = report_by_site(&report, &["leak_in_worker", "churn_in_worker"]);
+    assert_eq!(found.get("leak_in_worker"), Some(&(550, 10)), "{report:#}");
+    assert_eq!(found.get("churn_in_worker"), None, "{report:#}");
+}
