@@ -161,7 +161,7 @@ impl Session {
             log::debug!("cleaning in-flight records: {e:#}");
         }
         if let Err(e) = self.probes.housekeeping() {
-            log::debug!("reclaiming stacks: {e:#}");
+            log::debug!("probe housekeeping: {e:#}");
         }
     }
 
