@@ -132,3 +132,88 @@ fn threads_are_traced_after_the_main_thread_exits() {
     assert_eq!(found.get("leak_in_worker"), Some(&(550, 10)), "{report:#}");
     assert_eq!(found.get("churn_in_worker"), None, "{report:#}");
 }
+
+/// Job control works under `tracer run`: a command stopped with SIGSTOP
+/// stays stopped until SIGCONT (the tracer must not resume it), then
+/// finishes with its own exit code and an exact report.
+#[test]
+fn a_stopped_command_stays_stopped_until_continued() {
+    use std::time::{Duration, Instant};
+    require_root();
+    let report = temp_path("jobcontrol.json");
+    let mut tracer = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(&report)
+        .arg("--")
+        .arg(fixture("growing_c"))
+        .arg("2") // runs 2 s
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The command is the tracer's only child (forked by one of its threads).
+    let start = Instant::now();
+    let pid: i32 = loop {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", tracer.id())).unwrap();
+        let child = tasks.filter_map(Result::ok).find_map(|task| {
+            let text = std::fs::read_to_string(task.path().join("children")).ok()?;
+            text.split_whitespace().next()?.parse().ok()
+        });
+        if let Some(pid) = child {
+            break pid;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no child");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Stopped for 3 s: longer than the whole run would take.
+    std::thread::sleep(Duration::from_secs(3));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        matches!(state, "T" | "t"),
+        "state {state}: the command was resumed"
+    );
+    assert!(tracer.try_wait().unwrap().is_none(), "tracer ended early");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let status = tracer.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let leak = report_by_site(&report, &["leak_steadily"]);
+    assert_eq!(leak["leak_steadily"], (20 * 512, 20), "{report:#}");
+}
+
+/// Ctrl-C reaches the whole foreground process group: `tracer run` waits
+/// for the command to exit and passes on its status (130 for SIGINT), with
+/// a final report, instead of leaving first with 0.
+#[test]
+fn ctrl_c_in_run_waits_for_the_command_and_passes_its_status_on() {
+    use std::os::unix::process::CommandExt;
+    require_root();
+    let report = temp_path("ctrl-c.json");
+    let mut tracer = std::process::Command::new(tracer())
+        .args(["run", "--format", "json", "--output"])
+        .arg(&report)
+        .arg("--")
+        .arg(fixture("growing_c"))
+        .arg("30")
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // What a terminal does on Ctrl-C: SIGINT to every process of the group.
+    unsafe { libc::kill(-(tracer.id() as i32), libc::SIGINT) };
+    let status = tracer.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(report["totals"]["bytes"].as_u64().unwrap() > 0, "{report:#}");
+}
