@@ -1,18 +1,21 @@
 //! Turns a parsed command line into a traced process and the front end that
 //! shows it (a report session or the top view).
 
-use std::{ffi::OsString, path::Path, process::ExitCode, time::Duration};
+use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
     allocator::{self, AllocatorObject},
-    cli::{Cli, Command, Format, TraceOptions},
+    check,
+    cli::{Cli, Command, DiffFormat, Format, TraceOptions},
+    diff,
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
-    privileges,
+    output, privileges,
     probes::{MapSizes, Probes, Variant},
     report::{AllocatorInfo, RunInfo},
+    serve,
     session::{open_output, Session},
     target::Process,
     top,
@@ -60,6 +63,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("tracer: wrote {}", path.display());
             Ok(code)
         }
+        Command::Check { options, command } => {
+            // Bad suppressions or an unwritable report fail before the command runs.
+            let rules = check::load_rules(&options)?;
+            let out = match &options.report {
+                Some(path) => Some(open_output(Some(path))?),
+                None => None,
+            };
+            let (trace, watch) = start(
+                command,
+                &options.trace,
+                options.min_age,
+                ChildOutput::Inherit,
+            )?;
+            check::run(trace, watch, options, rules, out).await
+        }
         Command::Top {
             pid,
             options,
@@ -76,7 +94,48 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             top::run(trace, watch, options).await
         }
+        Command::Serve { pid, options } => {
+            // A bad --push URL or a taken port fails before attaching.
+            if let Some(url) = &options.push {
+                serve::push::Endpoint::parse(url)?;
+            }
+            let listener = serve::bind(options.listen).await?;
+            let (trace, watch) = attach(pid, &options.trace, Duration::ZERO)?;
+            serve::run(trace, watch, options, listener).await
+        }
+        Command::Diff {
+            before,
+            after,
+            format,
+            top,
+            weight,
+            output,
+        } => diff(&before, &after, format, top, weight, output.as_deref()),
     }
+}
+
+fn diff(
+    before: &std::path::Path,
+    after: &std::path::Path,
+    format: DiffFormat,
+    top: usize,
+    weight: crate::cli::Weight,
+    output: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    let diff = diff::compare(&diff::load(before)?, &diff::load(after)?);
+    for warning in diff::warnings(&diff) {
+        eprintln!("tracer: warning: {warning}");
+    }
+    let bytes = match format {
+        DiffFormat::Text => output::diff::render_text(&diff, top).into_bytes(),
+        DiffFormat::Folded => output::diff::render_folded(&diff, weight).into_bytes(),
+        DiffFormat::Svg => output::diff::render_svg(&diff, weight)?,
+    };
+    let mut out = open_output(output)?;
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .context("writing the diff")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_probes(options: &TraceOptions) -> Result<Probes> {

@@ -68,6 +68,26 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+    /// Run a command traced and fail when it leaks: exits with the
+    /// command's code if it failed, else 23 if what it leaves allocated at
+    /// exit (after suppressions) exceeds the limits, else 0. For test suites.
+    Check {
+        #[command(flatten)]
+        options: CheckOptions,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Keep tracing a running process and serve Prometheus metrics at
+    /// /metrics, the JSON report at /report and a flamegraph at
+    /// /flamegraph.svg. Stops when the process exits.
+    Serve {
+        /// Process to trace.
+        #[arg(long, short)]
+        pid: u32,
+        #[command(flatten)]
+        options: ServeOptions,
+    },
     /// Start a command traced from its first allocation and report what it
     /// has not freed when it exits. Exits with the command's exit code.
     Run {
@@ -77,6 +97,42 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Compare two JSON reports (`--format json`) and show which stacks grew,
+    /// most grown bytes first. Take both with `--top 0`: a stack a report
+    /// does not list counts as 0 there.
+    #[command(
+        long_about = None,
+        after_help = "Stacks are matched by their frames (function and module, or the address \
+            where a frame has no name), not by stack id, so reports from two runs compare. \
+            A JSON Lines file (--interval) counts as its last report. Needs no privileges."
+    )]
+    Diff {
+        /// The earlier report.
+        before: PathBuf,
+        /// The later report.
+        after: PathBuf,
+        /// Output format: text lists changed stacks by growth; folded is
+        /// `stack before after` lines; svg is a differential flamegraph (red
+        /// grew, blue shrank).
+        #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+        format: DiffFormat,
+        /// Changed stacks to list in text (0: all).
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// What flamegraph widths (folded, svg) measure.
+        #[arg(long, value_enum, default_value_t = Weight::Bytes)]
+        weight: Weight,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffFormat {
+    Text,
+    Folded,
+    Svg,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -94,11 +150,11 @@ pub struct ReportOptions {
     /// Only count allocations at least this old (e.g. 2s, 500ms).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
-    /// Output format. folded and svg (a flamegraph) cover every stack and
-    /// are written once, at the end.
+    /// Output format. folded, svg (a flamegraph), pprof and speedscope
+    /// cover every stack and are written once, at the end.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// What flamegraph widths (folded, svg) measure.
+    /// What flamegraph widths (folded, svg, speedscope) measure; pprof carries both.
     #[arg(long, value_enum, default_value_t = Weight::Bytes)]
     pub weight: Weight,
     /// Write reports to this file instead of standard output.
@@ -164,6 +220,69 @@ pub struct TopOptions {
     pub trace: TraceOptions,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct CheckOptions {
+    /// Fail when more bytes than this leak. Without either limit, any leak
+    /// fails; with only one, only that one counts.
+    #[arg(long, value_name = "BYTES")]
+    pub max_leak_bytes: Option<u64>,
+    /// Fail when more allocations than this leak.
+    #[arg(long, value_name = "N")]
+    pub max_leak_allocations: Option<u64>,
+    /// Only count blocks at least this old at exit.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+    /// LeakSanitizer-style suppressions file (`leak:PATTERN` per line,
+    /// matched against function, file and module names); repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Vec<PathBuf>,
+    /// Do not suppress what the C/C++ runtimes keep on purpose (stdio
+    /// buffers, locale data, libstdc++'s emergency pool...).
+    #[arg(long)]
+    pub no_default_suppressions: bool,
+    /// Write the check report to this file (a one-line verdict still goes
+    /// to stderr); default: the text report on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Format of --report.
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to serve on. Loopback by default; any other address must be
+    /// given here explicitly.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Stacks exported as their own series (by outstanding bytes); the rest
+    /// are summed into one `stack_id="other"` series.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Read the kernel maps this often.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Also POST a pprof profile to this Pyroscope-compatible server's
+    /// /ingest every --push-interval (http://host:port; plain HTTP).
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
+    /// How often --push sends a profile.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub push_interval: Duration,
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckFormat {
+    Text,
+    Json,
+    /// JUnit XML: each leaking stack a failed test case.
+    Junit,
+}
+
 /// Orders of the top view's rows, largest first.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SortKey {
@@ -185,12 +304,20 @@ pub enum Format {
     Folded,
     /// Interactive flamegraph SVG.
     Svg,
+    /// Gzipped pprof profile (go tool pprof, Pyroscope, Parca): outstanding
+    /// and since-attach allocations.
+    Pprof,
+    /// speedscope's JSON format (speedscope.app), with files and lines.
+    Speedscope,
 }
 
 impl Format {
     /// Formats that describe the whole run once, at the end, with every stack.
     pub fn is_whole_run(self) -> bool {
-        matches!(self, Format::Folded | Format::Svg)
+        matches!(
+            self,
+            Format::Folded | Format::Svg | Format::Pprof | Format::Speedscope
+        )
     }
 }
 
@@ -215,7 +342,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(format!("'{text}' is out of range"));
     }
     Ok(Duration::from_secs_f64(seconds))

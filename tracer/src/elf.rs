@@ -88,6 +88,28 @@ impl ElfInfo {
     }
 }
 
+/// The GNU build id of an ELF file, in hex, read from its note segments
+/// only (a large binary is not read whole). None when there is none.
+pub fn build_id(path: &Path) -> Option<String> {
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    let cache = object::ReadCache::new(fs::File::open(path).ok()?);
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&cache).ok()?;
+    let endian = header.endian().ok()?;
+    for segment in header.program_headers(endian, &cache).ok()? {
+        let Ok(Some(mut notes)) = segment.notes(endian, &cache) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == object::elf::ELF_NOTE_GNU
+                && note.n_type(endian) == object::elf::NT_GNU_BUILD_ID
+            {
+                return Some(note.desc().iter().map(|b| format!("{b:02x}")).collect());
+            }
+        }
+    }
+    None
+}
+
 fn interpreter(file: &object::File) -> Option<String> {
     use object::read::elf::ProgramHeader as _;
     let endian = object::Endianness::Little;
@@ -120,6 +142,20 @@ mod tests {
         assert!(info.function_offset("free").is_some());
         assert!(info.function_offset("no_such_function_here").is_none());
         assert!(info.interpreter.is_some(), "libc.so.6 has a PT_INTERP");
+    }
+
+    #[test]
+    fn reads_the_build_id_of_our_own_binary() {
+        let exe = std::env::current_exe().unwrap();
+        let data = fs::read(&exe).unwrap();
+        let expected = object::File::parse(&*data)
+            .unwrap()
+            .build_id()
+            .unwrap()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        assert_eq!(build_id(&exe), expected);
+        assert_eq!(build_id(Path::new("/proc/self/status")), None);
+        assert_eq!(build_id(Path::new("/nonexistent")), None);
     }
 
     #[test]

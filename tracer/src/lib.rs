@@ -4,17 +4,20 @@
 //!
 //! The data path, one direction:
 //! `probes` (load, attach) -> BPF maps -> `collect` -> `model::Snapshot` ->
-//! `symbolize` -> `report` -> `output` (text, JSON).
+//! `symbolize` -> `report` -> `output` (text, JSON, folded, SVG, pprof,
+//! speedscope). `diff` compares two JSON reports for `tracer diff`.
 //! `target`, `procmaps`, `elf` and `allocator` find what to probe;
 //! `launch` starts a command for `tracer run`; `live` holds a traced process;
-//! `watch` tells when it ends; `session` runs the report loop and `top` the
-//! live view; `app` wires the command line to all of it.
+//! `watch` tells when it ends; `session` runs the report loop, `top` the
+//! live view, `check` the CI leak gate and `serve` the metrics exporter; `app` wires the command line to all of it.
 
 pub mod allocator;
 pub mod app;
 pub mod batch;
+pub mod check;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod elf;
 pub mod launch;
 pub mod live;
@@ -26,7 +29,9 @@ pub mod probes;
 pub mod procmaps;
 pub mod report;
 pub mod sampling;
+pub mod serve;
 pub mod session;
+pub mod slots;
 pub mod symbolize;
 pub mod target;
 pub mod top;

@@ -50,6 +50,9 @@ impl LiveTrace {
         }) {
             log::debug!("cleaning in-flight records: {e:#}");
         }
+        if let Err(e) = self.probes.housekeeping() {
+            log::debug!("probe housekeeping: {e:#}");
+        }
     }
 
     /// The per-stack totals now. `scan` also reads live blocks, for ages and
@@ -85,5 +88,12 @@ impl LiveTrace {
     pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
         let run = self.run.clone();
         report::build(&run, snapshot, top, |id| self.stack(id))
+    }
+
+    /// A report of every stack seen, including those whose blocks were all
+    /// freed (pprof's alloc_* values need them).
+    pub fn report_every_stack(&mut self, snapshot: &Snapshot) -> Report {
+        let run = self.run.clone();
+        report::build_every_stack(&run, snapshot, |id| self.stack(id))
     }
 }

@@ -63,17 +63,21 @@ impl Snapshot {
     /// Stacks holding memory, most bytes first (ties: more blocks, then
     /// stack id, so the order is stable). `limit` 0 means all.
     pub fn top(&self, limit: usize) -> Vec<&StackSample> {
-        let mut stacks: Vec<&StackSample> = self.stacks.iter().filter(|s| s.count > 0).collect();
-        stacks.sort_by(|a, b| {
-            b.bytes
-                .cmp(&a.bytes)
-                .then(b.count.cmp(&a.count))
-                .then(a.stack_id.cmp(&b.stack_id))
-        });
+        let mut stacks = sorted(self.stacks.iter().filter(|s| s.count > 0));
         if limit > 0 {
             stacks.truncate(limit);
         }
         stacks
+    }
+
+    /// Every stack that allocated since attach, freed or not, in `top`'s
+    /// order: for formats that show allocations since attach (pprof).
+    pub fn every_stack(&self) -> Vec<&StackSample> {
+        sorted(
+            self.stacks
+                .iter()
+                .filter(|s| s.count > 0 || s.total_count > 0),
+        )
     }
 
     /// Age in seconds of a stack's oldest outstanding block.
@@ -82,6 +86,18 @@ impl Snapshot {
             .oldest_ns
             .map(|t| self.taken_ns.saturating_sub(t) as f64 / 1e9)
     }
+}
+
+/// Most bytes first (ties: more blocks, then stack id, so the order is stable).
+fn sorted<'a>(stacks: impl Iterator<Item = &'a StackSample>) -> Vec<&'a StackSample> {
+    let mut stacks: Vec<&StackSample> = stacks.collect();
+    stacks.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(b.count.cmp(&a.count))
+            .then(a.stack_id.cmp(&b.stack_id))
+    });
+    stacks
 }
 
 /// Age from which a block counts as settled (see `StackSample::settled_bytes`).
@@ -254,6 +270,18 @@ mod tests {
         assert_eq!(snap.top(1).len(), 1);
         assert_eq!(snap.total_bytes(), 320);
         assert_eq!(snap.total_count(), 6);
+    }
+
+    #[test]
+    fn every_stack_includes_freed_ones() {
+        let mut freed = sample(5, 0, 0);
+        freed.total_count = 4;
+        let snap = Snapshot {
+            stacks: vec![sample(3, 0, 0), freed, sample(1, 10, 1)],
+            ..Default::default()
+        };
+        let ids: Vec<u64> = snap.every_stack().iter().map(|s| s.stack_id).collect();
+        assert_eq!(ids, [1, 5], "freed stacks too, never-used ones not");
     }
 
     #[test]

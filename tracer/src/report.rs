@@ -150,10 +150,28 @@ pub fn build(
     run: &RunInfo,
     snapshot: &Snapshot,
     top: usize,
+    frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+) -> Report {
+    build_from(run, snapshot, snapshot.top(top), frames)
+}
+
+/// A report of every stack that allocated since attach, including those
+/// whose blocks were all freed (for pprof's alloc_* values).
+pub fn build_every_stack(
+    run: &RunInfo,
+    snapshot: &Snapshot,
+    frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+) -> Report {
+    build_from(run, snapshot, snapshot.every_stack(), frames)
+}
+
+fn build_from(
+    run: &RunInfo,
+    snapshot: &Snapshot,
+    selected: Vec<&crate::model::StackSample>,
     mut frames: impl FnMut(u64) -> (Vec<Frame>, bool),
 ) -> Report {
-    let stacks = snapshot
-        .top(top)
+    let stacks = selected
         .into_iter()
         .map(|s| {
             let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
@@ -279,5 +297,9 @@ mod tests {
         assert_eq!(report.dropped.lost_stacks, 2);
         let all = build(&run, &snapshot, 0, |_| (Vec::new(), false));
         assert_eq!(all.stacks[1].stack_id, "unknown");
+        let every = build_every_stack(&run, &snapshot, |_| (Vec::new(), false));
+        assert_eq!(every.stacks.len(), 3, "the freed stack 0xdef too");
+        assert_eq!(every.stack_count, 2);
+        assert_eq!(every.totals, all.totals);
     }
 }

@@ -67,6 +67,7 @@ impl Session {
         tokio::pin!(deadline);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let mut interrupted = false;
 
         let exit_code = loop {
             tokio::select! {
@@ -76,13 +77,27 @@ impl Session {
                     self.emit(true)?;
                     break ExitCode::SUCCESS;
                 }
+                // A command we started gets Ctrl-C too (same process group)
+                // and a SIGTERM is passed on: wait for it to exit, so the
+                // report sees its cleanup and we exit with its code. A second
+                // signal stops at once.
                 _ = sigint.recv() => {
+                    if target.started_pid().is_some() && !interrupted {
+                        interrupted = true;
+                        continue;
+                    }
                     self.emit(true)?;
-                    break ExitCode::SUCCESS;
+                    // Attached: the user ends the session, a success.
+                    break if interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS };
                 }
                 _ = sigterm.recv() => {
+                    if let (Some(pid), false) = (target.started_pid(), interrupted) {
+                        interrupted = true;
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        continue;
+                    }
                     self.emit(true)?;
-                    break ExitCode::SUCCESS;
+                    break if interrupted { ExitCode::from(143) } else { ExitCode::SUCCESS };
                 }
                 event = target.next() => match event {
                     TargetEvent::Exiting => {
@@ -124,15 +139,24 @@ impl Session {
         } else {
             self.options.top
         };
-        let report = self.trace.report(&snapshot, top);
+        let report = match format {
+            // pprof's alloc_* values include stacks whose blocks were all freed.
+            Format::Pprof => self.trace.report_every_stack(&snapshot),
+            _ => self.trace.report(&snapshot, top),
+        };
         let report_done = std::time::Instant::now();
         let weight = self.options.weight;
+        let process = &self.trace.process;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
             Format::Json if json_lines => output::json::line(&report).into_bytes(),
             Format::Json => output::json::document(&report).into_bytes(),
             Format::Folded => output::folded::render(&report, weight).into_bytes(),
             Format::Svg => output::flamegraph::render(&report, weight)?,
+            Format::Pprof => output::pprof::render(&report, &|module| {
+                crate::elf::build_id(&process.host_path(module))
+            })?,
+            Format::Speedscope => output::speedscope::render(&report, weight).into_bytes(),
         };
         if self.options.trace.timings {
             let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;

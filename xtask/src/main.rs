@@ -4,10 +4,12 @@
 //!   build          setup, then build target/release/tracer
 //!   test [ARGS]    build, run unit tests, then the end-to-end tests (needs root)
 //!   demo [ARGS]    build, then trace a small leaking C program; ARGS go to `tracer run`
+//!   fuzz [SECONDS] run the parsers' cargo-fuzz targets (tracer/fuzz), SECONDS each
 //!   bench [OPTS]   build, measure tracing overhead and the tracer's own cost, write BENCHMARKS.md
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -20,7 +22,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer]>";
+    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -42,6 +44,7 @@ fn real_main() -> Result<()> {
         "build" => build(&rest).map(|bin| println!("tracer binary: {}", bin.display())),
         "test" => test(&rest),
         "demo" => demo::run(&rest),
+        "fuzz" => fuzz::run_all(&rest),
         "bench" => bench::run(&rest),
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");

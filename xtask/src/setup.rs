@@ -9,9 +9,20 @@ use anyhow::{bail, Context, Result};
 use crate::{cmd, output, run as run_cmd};
 
 /// Needed by the end-to-end tests and the demo: gcc/g++ build the C/C++
-/// fixtures, valgrind is the tests' reference leak checker, and tmux is used
-/// by the tests and the demo.
-const APT_PACKAGES: &[&str] = &["gcc", "g++", "valgrind", "tmux"];
+/// fixtures, valgrind is the tests' reference leak checker, tmux is used
+/// by the tests and the demo, and the profile formats are checked by readers
+/// the project did not write: `go tool pprof` (golang-go) reads pprof output,
+/// python3-jsonschema validates speedscope output against speedscope's schema,
+/// and a real Prometheus server scrapes `tracer serve`.
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "g++",
+    "valgrind",
+    "tmux",
+    "golang-go",
+    "python3-jsonschema",
+    "prometheus",
+];
 
 /// bpf-linker must be linked against the same LLVM major as rustc nightly.
 const BPF_LINKER: &str = "bpf-linker@0.13.0";

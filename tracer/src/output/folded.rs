@@ -30,22 +30,29 @@ impl Weight {
     }
 }
 
-/// A frame's name in a folded line: the function, else the module and
-/// address. `;` separates frames and a newline ends the line, so neither may
-/// appear inside a name.
-pub fn frame_name(frame: &ReportFrame) -> String {
-    let name = match (&frame.function, &frame.module) {
+/// A frame's name in every flamegraph format: the function, else the module
+/// and address.
+pub fn frame_label(frame: &ReportFrame) -> String {
+    match (&frame.function, &frame.module) {
         (Some(f), _) => f.clone(),
         (None, Some(m)) => format!("[{}+{}]", m.rsplit('/').next().unwrap_or(m), frame.address),
         (None, None) => format!("[{}]", frame.address),
-    };
-    name.replace([';', '\n', '\r'], ":")
+    }
 }
+
+/// A frame's name in a folded line. `;` separates frames and a newline ends
+/// the line, so neither may appear inside a name.
+pub fn frame_name(frame: &ReportFrame) -> String {
+    frame_label(frame).replace([';', '\n', '\r'], ":")
+}
+
+/// What a stack whose frames could not be recorded is called.
+pub const UNKNOWN_STACK: &str = "[unknown stack]";
 
 /// Root-first frame names of a stack.
 pub fn stack_path(stack: &StackReport) -> String {
     if stack.frames.is_empty() {
-        return "[unknown stack]".to_string();
+        return UNKNOWN_STACK.to_string();
     }
     stack
         .frames

@@ -74,7 +74,7 @@ pub fn render(report: &Report, final_report: bool) -> String {
     out
 }
 
-fn frame_line(frame: &ReportFrame) -> String {
+pub fn frame_line(frame: &ReportFrame) -> String {
     let mut s = frame
         .function
         .clone()

@@ -129,7 +129,7 @@ pub async fn run(
 }
 
 /// Takes a snapshot, symbolizes stacks not seen before, and hands both to the state.
-fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
+pub(crate) fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
     let snapshot = trace.snapshot(true)?;
     for stack_id in state.unknown_stacks(&snapshot) {
         let (frames, truncated) = trace.stack(stack_id);

@@ -1,0 +1,200 @@
+//! `tracer check`, the CI leak gate: exit codes, limits, suppressions, and
+//! the JUnit report read by an XML parser.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tracer_tests::*;
+
+fn check(args: &[&str], argv: &[&str]) -> Output {
+    require_root();
+    Command::new(tracer())
+        .arg("check")
+        .args(args)
+        .arg("--")
+        .args(argv)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn leaky() -> String {
+    fixture("leaky_c").display().to_string()
+}
+
+#[test]
+fn a_leaking_command_fails_with_23_and_the_exact_bytes() {
+    let path = temp_path("check-leaky.json");
+    let out = check(
+        &["--report", path.to_str().unwrap(), "--format", "json"],
+        &[&leaky()],
+    );
+    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
+    let expected = expectations(&String::from_utf8_lossy(&out.stdout));
+    let bytes: u64 = expected.values().map(|(b, _)| b).sum();
+    let blocks: u64 = expected.values().map(|(_, n)| n).sum();
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(report["passed"], false);
+    assert_eq!(report["exit_code"], 23);
+    assert_eq!(report["command_exit_code"], 0);
+    assert_eq!(report["leaked"]["bytes"], bytes);
+    assert_eq!(report["leaked"]["allocations"], blocks);
+    let summary = stderr(&out);
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert!(summary.starts_with("tracer check: FAIL: "), "{summary}");
+}
+
+#[test]
+fn a_clean_command_passes_and_runtime_buffers_are_suppressed() {
+    let clean = fixture("clean_c").display().to_string();
+    let out = check(&[], &[&clean]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("tracer check: PASS: 0 bytes in 0 allocations leaked"),
+        "{text}"
+    );
+    assert!(
+        text.contains("suppressed by `_IO_file_doallocate` (default: stdio stream buffers)"),
+        "{text}"
+    );
+    // The stdio buffer is a leak only when the defaults are off.
+    let out = check(&["--no-default-suppressions"], &[&clean]);
+    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
+    // The command's own failure wins.
+    let out = check(&[], &[&clean, "fail"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[test]
+fn suppression_files_and_limits() {
+    let rules = temp_path("check.supp");
+    std::fs::write(&rules, "# known\nleak:leak_malloc\nleak:^leak_cal*$\n").unwrap();
+    let path = temp_path("check-supp.json");
+    let out = check(
+        &[
+            "--suppressions",
+            rules.to_str().unwrap(),
+            "--report",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        &[&leaky()],
+    );
+    let expected = expectations(&String::from_utf8_lossy(&out.stdout));
+    let all: u64 = expected.values().map(|(b, _)| b).sum();
+    let hidden = expected["leak_malloc"].0 + expected["leak_calloc"].0;
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(report["leaked"]["bytes"], all - hidden, "{report:#}");
+    let by_rule: Vec<(String, u64)> = report["suppressed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["origin"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                s["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        by_rule.contains(&("check.supp:2".to_string(), expected["leak_malloc"].0)),
+        "{by_rule:?}"
+    );
+    assert!(
+        by_rule.contains(&("check.supp:3".to_string(), expected["leak_calloc"].0)),
+        "{by_rule:?}"
+    );
+    // Exactly at the limit passes; one byte less fails.
+    let at = (all - hidden).to_string();
+    let below = (all - hidden - 1).to_string();
+    let supp = rules.to_str().unwrap();
+    assert_eq!(
+        check(
+            &["--suppressions", supp, "--max-leak-bytes", &at],
+            &[&leaky()]
+        )
+        .status
+        .code(),
+        Some(0)
+    );
+    assert_eq!(
+        check(
+            &["--suppressions", supp, "--max-leak-bytes", &below],
+            &[&leaky()]
+        )
+        .status
+        .code(),
+        Some(23)
+    );
+}
+
+#[test]
+fn junit_report_parses_with_one_failure_per_leaking_stack() {
+    let path = temp_path("check.xml");
+    let out = check(
+        &["--report", path.to_str().unwrap(), "--format", "junit"],
+        &[&leaky()],
+    );
+    assert_eq!(out.status.code(), Some(23));
+    let xml = std::fs::read_to_string(&path).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase") && n.attribute("classname") == Some("tracer.leaks"))
+        .collect();
+    let skipped = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("skipped"))
+        .count();
+    assert_eq!(
+        skipped, 1,
+        "the thread TLS vector is suppressed by default: {xml}"
+    );
+    let failed: Vec<_> = cases
+        .iter()
+        .filter(|c| c.children().any(|n| n.has_tag_name("failure")))
+        .collect();
+    assert!(!failed.is_empty());
+    assert_eq!(failed.len(), cases.len(), "{xml}");
+    let suite = doc
+        .descendants()
+        .find(|n| n.has_tag_name("testsuite"))
+        .unwrap();
+    assert_eq!(
+        suite.attribute("failures").unwrap(),
+        failed.len().to_string()
+    );
+    assert!(
+        failed.iter().any(|c| c
+            .attribute("name")
+            .unwrap()
+            .starts_with("leak_malloc (leaky.c:")),
+        "{xml}"
+    );
+}
+
+#[test]
+fn a_bad_suppressions_file_stops_before_the_command_runs() {
+    let rules = temp_path("bad.supp");
+    std::fs::write(&rules, "leak:ok\nrace:nope\n").unwrap();
+    let out = check(&["--suppressions", rules.to_str().unwrap()], &[&leaky()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("bad.supp:2: 'race:' is not a leak suppression"),
+        "{text}"
+    );
+    assert!(out.stdout.is_empty(), "the command must not have run");
+}

@@ -1,0 +1,108 @@
+//! `tracer check`: run a command traced and fail (exit code 23, as
+//! LeakSanitizer) when what it leaves allocated at exit, after
+//! suppressions, exceeds the limits. For test suites and CI.
+//!
+//! `suppress` reads LeakSanitizer-style suppression files, `verdict` decides,
+//! `render` writes text, JSON or JUnit.
+
+pub mod render;
+pub mod suppress;
+pub mod verdict;
+
+use std::{io::Write, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    time::{interval_at, Instant, MissedTickBehavior},
+};
+
+use self::{suppress::Rule, verdict::Limits};
+use crate::{
+    cli::{CheckFormat, CheckOptions},
+    live::LiveTrace,
+    report::Report,
+    session::HOUSEKEEPING,
+    watch::{TargetEvent, TargetWatch},
+};
+
+/// The rules in force: the defaults unless turned off, then each file's.
+/// Read before the command starts, so a bad file costs nothing.
+pub fn load_rules(options: &CheckOptions) -> Result<Vec<Rule>> {
+    let mut rules = if options.no_default_suppressions {
+        Vec::new()
+    } else {
+        suppress::defaults()
+    };
+    for path in &options.suppressions {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read suppressions {}", path.display()))?;
+        rules.extend(
+            suppress::parse(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?,
+        );
+    }
+    Ok(rules)
+}
+
+pub async fn run(
+    mut trace: LiveTrace,
+    mut target: TargetWatch,
+    options: CheckOptions,
+    rules: Vec<Rule>,
+    mut out: Option<Box<dyn Write>>,
+) -> Result<ExitCode> {
+    let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    // Ctrl-C reaches the command too (same process group); the check ends
+    // when the command does, with its code.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut final_report: Option<Report> = None;
+    let command_exit = loop {
+        tokio::select! {
+            _ = housekeeping.tick() => trace.housekeeping(),
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {
+                if let TargetWatch::Child(child) = &target {
+                    unsafe { libc::kill(child.pid as libc::pid_t, libc::SIGTERM) };
+                }
+            }
+            event = target.next() => match event {
+                TargetEvent::Exiting => {
+                    trace.symbolizer.note_mappings();
+                    let report = final_snapshot(&mut trace);
+                    target.let_exit();
+                    final_report = Some(report?);
+                }
+                TargetEvent::Exited(code) => break code,
+            }
+        }
+    };
+    let report = match final_report {
+        Some(report) => report,
+        None => final_snapshot(&mut trace)?,
+    };
+    let limits = Limits::new(options.max_leak_bytes, options.max_leak_allocations);
+    let check = verdict::evaluate(report, &rules, limits, command_exit);
+    match out.as_mut() {
+        Some(out) => {
+            let text = match options.format {
+                CheckFormat::Text => render::text(&check),
+                CheckFormat::Json => render::json(&check),
+                CheckFormat::Junit => render::junit(&check),
+            };
+            out.write_all(text.as_bytes())
+                .context("writing the check report")?;
+            out.flush().context("writing the check report")?;
+            eprintln!("{}", render::summary(&check));
+        }
+        // Standard output belongs to the command: the verdict goes to stderr.
+        None => eprint!("{}", render::text(&check)),
+    }
+    Ok(ExitCode::from(check.exit_code.clamp(0, 255) as u8))
+}
+
+fn final_snapshot(trace: &mut LiveTrace) -> Result<Report> {
+    let snapshot = trace.snapshot(true)?;
+    Ok(trace.report(&snapshot, 0))
+}
