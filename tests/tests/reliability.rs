@@ -215,5 +215,8 @@ fn ctrl_c_in_run_waits_for_the_command_and_passes_its_status_on() {
     assert_eq!(status.code(), Some(130), "{status}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    assert!(report["totals"]["bytes"].as_u64().unwrap() > 0, "{report:#}");
+    assert!(
+        report["totals"]["bytes"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
 }

@@ -317,6 +317,50 @@ impl Probes {
     }
 }
 
+/// Detaching a uprobe waits for RCU grace periods in the kernel, about
+/// 0.1-0.3 s per probe on these machines and serialized: a dozen probes held
+/// the tracer for seconds after the final report, when the target had
+/// exited or the user had pressed Ctrl-C. So the detaching is handed to a
+/// forked child that holds a copy of every descriptor: it waits until the
+/// tracer has exited (EOF on a pipe only the tracer writes to), then closes
+/// them, paying the waits; the tracer's own closes are cheap because the
+/// child still holds the descriptors. The probes go a moment after the
+/// tracer, as if it had been killed.
+impl Drop for Probes {
+    fn drop(&mut self) {
+        let mut pipe = [0; 2];
+        // Safety: between fork and _exit the child makes only
+        // async-signal-safe system calls.
+        unsafe {
+            if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+                return; // fall back to closing them here
+            }
+            match libc::fork() {
+                0 => {
+                    libc::close(pipe[1]);
+                    // Standard streams first: whoever reads our output sees
+                    // its end when the tracer exits, not when this child does.
+                    for fd in 0..3 {
+                        libc::close(fd);
+                    }
+                    let mut byte = 0u8;
+                    while libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1) < 0 {}
+                    libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+                    libc::_exit(0);
+                }
+                pid if pid > 0 => {
+                    // The write end stays open until this process exits.
+                    libc::close(pipe[0]);
+                }
+                _ => {
+                    libc::close(pipe[0]);
+                    libc::close(pipe[1]);
+                }
+            }
+        }
+    }
+}
+
 /// Task `tid` of process `pid` exists and is not a zombie.
 fn task_alive(pid: u32, tid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|stat| {
