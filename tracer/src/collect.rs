@@ -62,10 +62,26 @@ pub enum Ages<'a> {
     Sweep(&'a mut AgeSweep),
 }
 
-/// Blocks read per snapshot by `Ages::Sweep`: about 15 ms of CPU, so that a
-/// refresh every second costs a few percent of a core however many blocks
-/// are live. A larger map takes several refreshes to sweep.
-pub const SWEEP_SLICE: usize = 65536;
+/// CPU time a snapshot may spend reading blocks for `Ages::Sweep`: about
+/// 1% of a core at one refresh a second, however many blocks are live. The
+/// slice read per snapshot is sized from the time per block measured on the
+/// previous ones (a million blocks take ~0.3 s to read whole), so a large
+/// map takes several refreshes to sweep.
+pub const SWEEP_BUDGET_NS: u64 = 10_000_000;
+/// The first slice, before any time per block is known.
+pub const SWEEP_SLICE: usize = 32768;
+const SWEEP_SLICE_MIN: usize = 16384;
+const SWEEP_SLICE_MAX: usize = 1 << 20;
+
+/// CPU time of the calling thread (the batch syscalls' kernel time included).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// The state of a sweep of `ALLOCS` spread over snapshots.
 #[derive(Debug, Default)]
@@ -77,6 +93,8 @@ pub struct AgeSweep {
     complete: Option<HashMap<u64, AgeScan>>,
     /// Key-by-key reading (no batch support) cannot resume: always whole.
     whole_only: bool,
+    /// Blocks to read next time (0: `SWEEP_SLICE`).
+    slice: usize,
 }
 
 impl AgeSweep {
@@ -86,17 +104,26 @@ impl AgeSweep {
         &mut self,
         ebpf: &Ebpf,
         taken_ns: u64,
-        slice: usize,
         sample_rate: Option<u64>,
     ) -> Result<HashMap<u64, AgeScan>> {
+        let slice = if self.slice == 0 { SWEEP_SLICE } else { self.slice };
         let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
         if !self.whole_only {
             let map = map(ebpf, "ALLOCS")?;
             if let Some(fd) = batch::hash_map_fd(map) {
                 let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
+                let mut blocks = 0usize;
+                let cpu_before = thread_cpu_ns();
                 let read = self.cursor.read::<u64, AllocRecord>(fd, slice, |_, r| {
+                    blocks += 1;
                     add_block(&mut scanner, r, sample_rate)
                 });
+                let cpu_ns = thread_cpu_ns().saturating_sub(cpu_before);
+                if blocks >= 1024 && cpu_ns > 0 {
+                    let per_block = (cpu_ns as f64 / blocks as f64).max(1.0);
+                    self.slice = ((SWEEP_BUDGET_NS as f64 / per_block) as usize)
+                        .clamp(SWEEP_SLICE_MIN, SWEEP_SLICE_MAX);
+                }
                 match read {
                     Ok(finished) => {
                         merge_ages(&mut self.partial, scanner.finish());
@@ -188,7 +215,7 @@ pub fn snapshot(
     let ages = match ages {
         Ages::Skip if min_age_ns == 0 => None,
         Ages::Sweep(sweep) if min_age_ns == 0 => {
-            Some(sweep.advance(ebpf, taken_ns, SWEEP_SLICE, sample_rate)?)
+            Some(sweep.advance(ebpf, taken_ns, sample_rate)?)
         }
         _ => {
             let cutoff = taken_ns.saturating_sub(min_age_ns);

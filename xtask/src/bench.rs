@@ -1132,7 +1132,7 @@ fn bench_tracer(
         "/dev/null".into(),
     ];
     let mut wall = Vec::new();
-    let mut phases: Vec<String> = Vec::new();
+    let mut phases: Vec<(f64, String)> = Vec::new();
     for _ in 0..sizes.reps {
         let start = Instant::now();
         let mut t = cmd(tracer)
@@ -1142,16 +1142,19 @@ fn bench_tracer(
             .spawn()?;
         let mut err = BufReader::new(t.stderr.take().unwrap());
         let mut line = String::new();
+        let mut phase = String::new();
         loop {
             line.clear();
             if err.read_line(&mut line)? == 0 {
                 bail!("tracer report ended without attaching");
             }
             if line.contains("timing: attach") {
-                phases.push(line.trim().trim_start_matches("tracer: timing: ").to_string());
+                phase = line.trim().trim_start_matches("tracer: timing: ").to_string();
             }
             if line.contains("attached to PID") {
-                wall.push(start.elapsed().as_secs_f64() * 1e3);
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                wall.push(ms);
+                phases.push((ms, std::mem::take(&mut phase)));
                 break;
             }
         }
@@ -1163,13 +1166,16 @@ fn bench_tracer(
     let _ = idle.kill();
     let _ = idle.wait();
     let attach_ms = median(&mut wall);
+    // The breakdown of the run whose time is the median.
+    phases.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let median_phase = phases.get(phases.len() / 2).map(|(_, p)| p.as_str()).unwrap_or("?");
     writeln!(
         text,
         "Start to attached (`tracer report --pid` on a running process, from spawning the \
          tracer to its \"attached\" line; median of {}): **{attach_ms:.0} ms**. The tracer's own \
-         breakdown of one run: {}. Command: `{}`\n",
+         breakdown of the median run: {}. Command: `{}`\n",
         sizes.reps,
-        phases.last().map(String::as_str).unwrap_or("?"),
+        median_phase,
         shown(tracer, &attach_args).replace(&pid.to_string(), "$PID")
     )?;
     summary.push(format!("Start to attached: {attach_ms:.0} ms."));
