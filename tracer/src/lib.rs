@@ -31,4 +31,5 @@ pub mod session;
 pub mod symbolize;
 pub mod target;
 pub mod top;
+pub mod unwind;
 pub mod watch;
