@@ -276,10 +276,15 @@ impl Unwinder {
     }
 }
 
+/// Executable PT_LOAD segments.
 fn segments(data: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
     let file = object::File::parse(data).ok()?;
     Some(
         file.segments()
+            .filter(|s| match s.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                _ => true,
+            })
             .map(|s| {
                 let (offset, size) = s.file_range();
                 (s.address(), offset, size)
@@ -288,13 +293,18 @@ fn segments(data: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
     )
 }
 
-/// Process address minus object address for a mapping of the object: from
-/// the PT_LOAD segment that holds the mapping's file offset.
+const PAGE: u64 = 4096;
+
+/// Process address minus object address for an executable mapping of the
+/// object: from the executable PT_LOAD segment whose pages hold the
+/// mapping's file offset. The segment need not start on a page (lld and
+/// newer binutils lay out code at offset 0x13b30, address 0x14b30; the
+/// mapping then starts at offset 0x13000).
 fn bias(segments: &[(u64, u64, u64)], m: &Mapping) -> Option<u64> {
-    let &(vaddr, offset, _) = segments
-        .iter()
-        .find(|&&(_, offset, size)| offset <= m.offset && m.offset < offset + size)?;
-    let object_addr = vaddr.wrapping_add(m.offset - offset);
+    let &(vaddr, offset, _) = segments.iter().find(|&&(_, offset, size)| {
+        offset & !(PAGE - 1) <= m.offset && m.offset < offset + size
+    })?;
+    let object_addr = vaddr.wrapping_add(m.offset).wrapping_sub(offset);
     Some(m.start.wrapping_sub(object_addr))
 }
 
@@ -304,8 +314,8 @@ mod tests {
 
     #[test]
     fn bias_comes_from_the_segment_holding_the_mapping() {
-        // An lld-style layout: code at offset 0x1000 but address 0x2000.
-        let segments = [(0, 0, 0x800), (0x2000, 0x1000, 0x5000)];
+        // Code at offset 0x1000 but address 0x2000.
+        let segments = [(0x2000, 0x1000, 0x5000)];
         let m = Mapping {
             start: 0x7f00_0000_1000,
             end: 0x7f00_0000_6000,
@@ -321,5 +331,15 @@ mod tests {
             ..m
         };
         assert_eq!(bias(&segments, &outside), None);
+        // Code segment not page aligned in the file (a Rust binary of
+        // Debian 12): maps from the page below, bias from the segment.
+        let segments = [(0x14b30, 0x13b30, 0x3e590)];
+        let m = Mapping {
+            start: 0x5555_5556_8000,
+            end: 0x5555_555a_7000,
+            offset: 0x13000,
+            ..m
+        };
+        assert_eq!(bias(&segments, &m), Some(0x5555_5556_8000 - 0x14000));
     }
 }
