@@ -19,6 +19,7 @@ pub mod collect;
 pub mod diff;
 pub mod elf;
 pub mod launch;
+pub mod launch_entry;
 pub mod live;
 pub mod model;
 pub mod output;

@@ -24,6 +24,9 @@ pub struct MapSizes {
     pub allocations: u32,
     /// Distinct stacks (`STACKS` and `STACK_STATS`).
     pub stacks: u32,
+    /// How stacks are walked, and room for CFI rows (`UNWIND_ROWS`).
+    pub unwind: crate::unwind::UnwindMode,
+    pub unwind_rows: u32,
 }
 
 impl Default for MapSizes {
@@ -31,6 +34,8 @@ impl Default for MapSizes {
         MapSizes {
             allocations: 1 << 20,
             stacks: 65536,
+            unwind: crate::unwind::UnwindMode::Fp,
+            unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         }
     }
 }
@@ -57,6 +62,12 @@ impl Probes {
             .map_max_entries("ALLOCS", sizes.allocations)
             .map_max_entries("STACKS", sizes.stacks)
             .map_max_entries("STACK_STATS", sizes.stacks)
+            // Frame-pointer mode leaves the CFI tables (allocated up front) empty.
+            .map_max_entries("UNWIND_ROWS", match sizes.unwind {
+                crate::unwind::UnwindMode::Fp => 1,
+                crate::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
+            })
+            .override_global("UNWIND_MODE", &sizes.unwind.global(), true)
             .load(EBPF_OBJECT)
             .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
             .context("loading the eBPF programs")?;
