@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(bias(&segments, &m), Some(0x7f00_0000_1000 - 0x2000));
         let outside = Mapping {
             offset: 0x9000,
-            ..m
+            ..m.clone()
         };
         assert_eq!(bias(&segments, &outside), None);
         // Code segment not page aligned in the file (a Rust binary of
