@@ -196,7 +196,10 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
     }
     let watch = TargetWatch::attached(pid)?;
     let unwinder = unwinder(&mut probes, &process, options)?;
-    Ok((LiveTrace::new(probes, process, run).with_unwinder(unwinder), watch))
+    Ok((
+        LiveTrace::new(probes, process, run).with_unwinder(unwinder),
+        watch,
+    ))
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.

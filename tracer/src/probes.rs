@@ -63,10 +63,13 @@ impl Probes {
             .map_max_entries("STACKS", sizes.stacks)
             .map_max_entries("STACK_STATS", sizes.stacks)
             // Frame-pointer mode leaves the CFI tables (allocated up front) empty.
-            .map_max_entries("UNWIND_ROWS", match sizes.unwind {
-                crate::unwind::UnwindMode::Fp => 1,
-                crate::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
-            })
+            .map_max_entries(
+                "UNWIND_ROWS",
+                match sizes.unwind {
+                    crate::unwind::UnwindMode::Fp => 1,
+                    crate::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
+                },
+            )
             .override_global("UNWIND_MODE", &sizes.unwind.global(), true)
             .load(EBPF_OBJECT)
             .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))

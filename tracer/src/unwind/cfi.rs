@@ -67,7 +67,8 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
         let CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let Ok(fde) = partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset))
+        let Ok(fde) =
+            partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset))
         else {
             continue;
         };
@@ -124,7 +125,10 @@ pub fn normalize(mut rows: Vec<UnwindRow>) -> Vec<UnwindRow> {
         (next.kind, next.cfa_off, next.rbp_off) == (prev.kind, prev.cfa_off, prev.rbp_off)
     });
     // Leading gaps say nothing (the search finds no row before the first).
-    let first = out.iter().position(|r| r.kind != ROW_GAP).unwrap_or(out.len());
+    let first = out
+        .iter()
+        .position(|r| r.kind != ROW_GAP)
+        .unwrap_or(out.len());
     out.drain(..first);
     out
 }
@@ -241,10 +245,16 @@ mod tests {
         // At a function's first instruction the CFA is rsp + 8 and rbp is the caller's.
         let malloc = symbol(&data, "malloc") as u32;
         let first = lookup(&rows, malloc).unwrap();
-        assert_eq!((first.kind, first.cfa_off, first.rbp_off), (ROW_CFA_RSP, 8, 0));
+        assert_eq!(
+            (first.kind, first.cfa_off, first.rbp_off),
+            (ROW_CFA_RSP, 8, 0)
+        );
         // The outermost frames end the walk cleanly.
         let start_rows = rows.iter().filter(|r| r.kind == ROW_OUTERMOST).count();
-        assert!(start_rows >= 1, "clone/clone3 mark the return address undefined");
+        assert!(
+            start_rows >= 1,
+            "clone/clone3 mark the return address undefined"
+        );
     }
 
     #[test]

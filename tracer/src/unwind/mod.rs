@@ -212,7 +212,9 @@ impl Unwinder {
             count: table.len() as u32,
             _pad: 0,
         };
-        self.config.set(0, config, 0).context("writing UNWIND_CONFIG")?;
+        self.config
+            .set(0, config, 0)
+            .context("writing UNWIND_CONFIG")?;
         self.half = half;
         self.stats.mappings = table.len();
         self.current = table;
@@ -301,9 +303,9 @@ const PAGE: u64 = 4096;
 /// newer binutils lay out code at offset 0x13b30, address 0x14b30; the
 /// mapping then starts at offset 0x13000).
 fn bias(segments: &[(u64, u64, u64)], m: &Mapping) -> Option<u64> {
-    let &(vaddr, offset, _) = segments.iter().find(|&&(_, offset, size)| {
-        offset & !(PAGE - 1) <= m.offset && m.offset < offset + size
-    })?;
+    let &(vaddr, offset, _) = segments
+        .iter()
+        .find(|&&(_, offset, size)| offset & !(PAGE - 1) <= m.offset && m.offset < offset + size)?;
     let object_addr = vaddr.wrapping_add(m.offset).wrapping_sub(offset);
     Some(m.start.wrapping_sub(object_addr))
 }
