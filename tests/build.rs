@@ -39,7 +39,26 @@ fn main() {
         .arg(dir.join("leaky.cpp"))
         .arg("-o")
         .arg(out.join("leaky_cpp")));
+    // Without frame pointers, as distributions build release code: for
+    // `--unwind cfi`.
+    let nofp = ["-g", "-O2", "-fomit-frame-pointer", "-Wall"];
+    run(Command::new("gcc")
+        .args(nofp)
+        .arg(dir.join("nofp.c"))
+        .arg("-o")
+        .arg(out.join("nofp_c")));
+    run(Command::new("g++")
+        .args(nofp)
+        .arg(dir.join("nofp.cpp"))
+        .arg("-o")
+        .arg(out.join("nofp_cpp")));
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // The Rust fixture again, optimized and without forced frame pointers.
+    run(Command::new(&rustc)
+        .args(["-g", "-C", "opt-level=2", "--edition", "2021"])
+        .arg(dir.join("leaky.rs"))
+        .arg("-o")
+        .arg(out.join("leaky_rs_nofp")));
     run(Command::new(rustc)
         .args([
             "-g",

@@ -5,6 +5,8 @@
 //! `aya::Pod` impls so userspace can use the types as map keys and values.
 #![no_std]
 
+pub mod unwind;
+
 /// Deepest user stack the programs record. The kernel caps user stacks at
 /// `perf_event_max_stack` (127 by default); deeper stacks are cut there and
 /// marked truncated.

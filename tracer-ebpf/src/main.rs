@@ -10,6 +10,7 @@
 mod alloc;
 mod maps;
 mod stack;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

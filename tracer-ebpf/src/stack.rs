@@ -43,13 +43,18 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
     let size = (MAX_FRAMES * 8) as u32;
-    let written = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.ips.as_mut_ptr() as *mut _,
-            size,
-            BPF_F_USER_STACK as u64,
-        )
+    // `--unwind cfi`: the CFI walker, when it has tables for this process.
+    let walked = crate::unwind::walk(ctx.as_ptr() as *const _, buf);
+    let written = match walked {
+        Some((frames, _)) => (frames * 8) as i64,
+        None => unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                buf.ips.as_mut_ptr() as *mut _,
+                size,
+                BPF_F_USER_STACK as u64,
+            )
+        },
     };
     if written <= 0 {
         count(Counter::StackLost);
@@ -57,7 +62,7 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     }
     let len = (written as usize / 8).min(MAX_FRAMES);
     buf.len = len as u64;
-    buf.truncated = (len == MAX_FRAMES) as u64;
+    buf.truncated = (len == MAX_FRAMES || walked.is_some_and(|(_, cut)| cut)) as u64;
 
     let mut hash = FNV_OFFSET ^ len as u64;
     for i in 0..MAX_FRAMES {

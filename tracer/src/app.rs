@@ -142,6 +142,8 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
     Probes::load(MapSizes {
         allocations: options.max_allocations,
         stacks: options.max_stacks,
+        unwind: options.unwind,
+        unwind_rows: options.unwind_rows,
     })
 }
 
@@ -193,7 +195,11 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
         eprintln!("tracer: attached to PID {pid} ({})", run.command);
     }
     let watch = TargetWatch::attached(pid)?;
-    Ok((LiveTrace::new(probes, process, run), watch))
+    let unwinder = unwinder(&mut probes, &process, options)?;
+    Ok((
+        LiveTrace::new(probes, process, run).with_unwinder(unwinder),
+        watch,
+    ))
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.
@@ -223,7 +229,33 @@ fn start(
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let trace = LiveTrace::new(probes, process, run);
-    child.release();
+    let unwinder = unwinder(&mut probes, &process, options)?;
+    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder.clone());
+    match unwinder {
+        // At exec only the program and the dynamic loader are mapped: the
+        // libraries' tables are added when the program reaches its entry
+        // point, before any of its own code runs.
+        Some(unwinder) => child.release_with_entry_hook(Box::new(move || {
+            if let Err(e) = unwinder.lock().unwrap().refresh() {
+                log::warn!("unwind tables at entry: {e:#}");
+            }
+        })),
+        None => child.release(),
+    }
     Ok((trace, TargetWatch::Child(child)))
+}
+
+/// With `--unwind cfi`: the unwind tables of what the process has mapped.
+fn unwinder(
+    probes: &mut Probes,
+    process: &Process,
+    options: &TraceOptions,
+) -> Result<Option<crate::unwind::SharedUnwinder>> {
+    if options.unwind != crate::unwind::UnwindMode::Cfi {
+        return Ok(None);
+    }
+    let mut unwinder =
+        crate::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
+    unwinder.refresh().context("unwind tables")?;
+    Ok(Some(unwinder.shared()))
 }

@@ -177,6 +177,15 @@ pub struct TraceOptions {
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
+    /// How allocation stacks are walked: fp (frame pointers) or cfi (the
+    /// .eh_frame unwind tables of every mapped object, for code built
+    /// without frame pointers; costs kernel memory for the tables).
+    #[arg(long, value_enum, default_value_t = crate::unwind::UnwindMode::Fp)]
+    pub unwind: crate::unwind::UnwindMode,
+    /// With --unwind cfi: unwind rows the kernel side can hold for all
+    /// mapped objects together (8 bytes each, allocated up front).
+    #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
+    pub unwind_rows: u32,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -18,6 +18,8 @@ pub struct LiveTrace {
     pub process: Process,
     pub run: RunInfo,
     pub symbolizer: Symbolizer,
+    /// `--unwind cfi`: the kernel side's unwind tables, kept up to date.
+    pub unwinder: Option<crate::unwind::SharedUnwinder>,
 }
 
 impl LiveTrace {
@@ -31,7 +33,13 @@ impl LiveTrace {
             process,
             run,
             symbolizer,
+            unwinder: None,
         }
+    }
+
+    pub fn with_unwinder(mut self, unwinder: Option<crate::unwind::SharedUnwinder>) -> Self {
+        self.unwinder = unwinder;
+        self
     }
 
     /// Re-reads the mappings and forgets threads that died inside the
@@ -41,6 +49,11 @@ impl LiveTrace {
             return;
         }
         self.symbolizer.note_mappings();
+        if let Some(unwinder) = &self.unwinder {
+            if let Err(e) = unwinder.lock().unwrap().refresh() {
+                log::debug!("refreshing unwind tables: {e:#}");
+            }
+        }
         let process = &self.process;
         if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, || {
             process.thread_ids()
