@@ -52,6 +52,19 @@ fn main() {
         .arg(dir.join("nofp.cpp"))
         .arg("-o")
         .arg(out.join("nofp_cpp")));
+    // A plugin loaded with dlopen after attach, and its host.
+    run(Command::new("gcc")
+        .args(nofp)
+        .args(["-shared", "-fPIC"])
+        .arg(dir.join("plugin.c"))
+        .arg("-o")
+        .arg(out.join("libplugin.so")));
+    run(Command::new("gcc")
+        .args(nofp)
+        .arg(dir.join("dlopen.c"))
+        .arg("-o")
+        .arg(out.join("dlopen_c"))
+        .arg("-ldl"));
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     // The Rust fixture again, optimized and without forced frame pointers.
     run(Command::new(&rustc)

@@ -99,3 +99,42 @@ fn frame_pointers_lose_these_sites() {
     let found = report_by_site(&report, &sites);
     assert_ne!(found.get("leak_strdup"), expected.get("leak_strdup"));
 }
+
+/// An object loaded with dlopen after the probes were attached gets its
+/// unwind table at the next housekeeping tick: its leak is reported under the
+/// right function and the stack reaches main.
+#[test]
+fn a_library_loaded_later_with_dlopen() {
+    require_root();
+    let host = fixture("dlopen_c");
+    let plugin = fixture("libplugin.so");
+    let (report, stdout, _) = trace_run(
+        &[host.to_str().unwrap(), plugin.to_str().unwrap()],
+        &["--unwind", "cfi"],
+    );
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let expected = expectations(&stdout);
+    let found = report_by_site(&report, &["plugin_alloc"]);
+    assert_eq!(
+        found.get("plugin_alloc"),
+        expected.get("plugin_alloc"),
+        "{report:#}"
+    );
+    let stack = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            frame_functions(s)
+                .first()
+                .is_some_and(|f| f == "plugin_alloc")
+        })
+        .expect("the plugin's stack");
+    let functions = frame_functions(stack);
+    assert_eq!(
+        &functions[..3],
+        ["plugin_alloc", "plugin_leak", "main"],
+        "{stack:#}"
+    );
+    assert_eq!(stack["truncated"], false, "{stack:#}");
+}
