@@ -27,6 +27,7 @@ fn main() {
         "realloc_race",
         "longjmp",
         "main_exits",
+        "soak",
     ] {
         run(Command::new("gcc")
             .args(c_flags)
