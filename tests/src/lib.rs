@@ -101,6 +101,17 @@ pub fn report_by_site(report: &Value, sites: &[&str]) -> BTreeMap<String, (u64, 
 /// Runs `tracer run --format json --top 0 --output FILE [extra] -- argv`.
 /// Returns the report, the fixture's stdout and the tracer's output.
 pub fn trace_run(argv: &[&str], extra: &[&str]) -> (Value, String, Output) {
+    trace_run_env(argv, extra, &[])
+}
+
+/// `trace_run` with variables added to the tracer's environment, which the
+/// command inherits (LD_PRELOAD must be set there: the tracer reads it to
+/// know which allocator the command will use).
+pub fn trace_run_env(
+    argv: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Value, String, Output) {
     let report_path = temp_path(&format!(
         "run-{}-{}.json",
         argv[0].rsplit('/').next().unwrap(),
@@ -115,6 +126,7 @@ pub fn trace_run(argv: &[&str], extra: &[&str]) -> (Value, String, Output) {
         .args(extra)
         .arg("--")
         .args(argv)
+        .envs(env.iter().copied())
         .output()
         .expect("run tracer");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

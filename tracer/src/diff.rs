@@ -208,6 +208,7 @@ pub(crate) mod tests {
             duration_s,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
+            allocators: Vec::new(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

@@ -16,6 +16,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod collect;
+pub mod detect;
 pub mod diff;
 pub mod elf;
 pub mod launch;

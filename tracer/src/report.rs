@@ -18,8 +18,13 @@ pub struct Report {
     pub duration_s: f64,
     /// Blocks younger than this were left out.
     pub min_age_s: f64,
-    /// The object whose allocator was probed, and the functions probed in it.
+    /// The object whose allocator was probed, and the functions probed in it
+    /// (the primary allocator: the one `malloc` binds to).
     pub allocator: AllocatorInfo,
+    /// Every object probed, the primary allocator first: prefixed
+    /// allocators (`je_malloc`, `mi_malloc`...) may live in other objects.
+    #[serde(default)]
+    pub allocators: Vec<AllocatorInfo>,
     /// Outstanding memory over all stacks (not only those listed).
     pub totals: Totals,
     /// Stacks listed (`--top`), most bytes first.
@@ -133,7 +138,8 @@ pub struct RunInfo {
     pub command: String,
     pub attached_ns: u64,
     pub min_age_ns: u64,
-    pub allocator: AllocatorInfo,
+    /// Every object probed, the primary allocator first.
+    pub allocators: Vec<AllocatorInfo>,
 }
 
 /// Builds a report of the `top` stacks (0 = all). `frames` returns the
@@ -193,7 +199,8 @@ fn build_from(
         command: run.command.clone(),
         duration_s: round_ms(snapshot.taken_ns.saturating_sub(run.attached_ns) as f64 / 1e9),
         min_age_s: run.min_age_ns as f64 / 1e9,
-        allocator: run.allocator.clone(),
+        allocator: run.allocators.first().cloned().unwrap_or_default(),
+        allocators: run.allocators.clone(),
         totals: Totals {
             bytes: snapshot.total_bytes(),
             allocations: snapshot.total_count(),
