@@ -16,7 +16,9 @@ fn main() {
     let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("fixtures");
     println!("cargo:rerun-if-changed=fixtures");
     let c_flags = ["-g", "-O1", "-fno-omit-frame-pointer", "-pthread", "-Wall"];
-    for name in ["leaky", "attach", "aging", "demo", "growing", "clean"] {
+    for name in [
+        "leaky", "attach", "aging", "demo", "growing", "clean", "mapped",
+    ] {
         run(Command::new("gcc")
             .args(c_flags)
             .arg(dir.join(format!("{name}.c")))

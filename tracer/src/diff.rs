@@ -209,6 +209,7 @@ pub(crate) mod tests {
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

@@ -21,6 +21,8 @@ pub mod diff;
 pub mod elf;
 pub mod launch;
 pub mod live;
+pub mod mapping_trace;
+pub mod mappings;
 pub mod model;
 pub mod output;
 pub mod privileges;

@@ -118,6 +118,7 @@ pub(crate) mod tests {
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: 1300,
                 allocations: 6,

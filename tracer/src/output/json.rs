@@ -29,6 +29,7 @@ mod tests {
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: 10,
                 allocations: 1,
