@@ -311,7 +311,7 @@ fn pushed_profiles_decode_as_pprof() {
     std::fs::write(&path, &profile).unwrap();
     // Go's pprof is the reference reader; it rejects malformed profiles.
     let out = Command::new("go")
-        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+        .args(["tool", "pprof", "-top", "-nodefraction=0", "-sample_index=inuse_space"])
         .arg(&path)
         .output()
         .expect("go (golang-go) is installed by `cargo xtask setup`");
