@@ -17,7 +17,17 @@ fn main() {
     println!("cargo:rerun-if-changed=fixtures");
     let c_flags = ["-g", "-O1", "-fno-omit-frame-pointer", "-pthread", "-Wall"];
     for name in [
-        "leaky", "attach", "aging", "demo", "growing", "clean", "mapped",
+        "leaky",
+        "attach",
+        "aging",
+        "demo",
+        "growing",
+        "clean",
+        "many_stacks",
+        "realloc_race",
+        "longjmp",
+        "main_exits",
+        "mapped",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

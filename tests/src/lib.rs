@@ -101,13 +101,11 @@ pub fn report_by_site(report: &Value, sites: &[&str]) -> BTreeMap<String, (u64, 
 /// Runs `tracer run --format json --top 0 --output FILE [extra] -- argv`.
 /// Returns the report, the fixture's stdout and the tracer's output.
 pub fn trace_run(argv: &[&str], extra: &[&str]) -> (Value, String, Output) {
-    trace_run_env(argv, extra, &[])
+    trace_run_with_env(argv, extra, &[])
 }
 
-/// `trace_run` with variables added to the tracer's environment, which the
-/// command inherits (LD_PRELOAD must be set there: the tracer reads it to
-/// know which allocator the command will use).
-pub fn trace_run_env(
+/// `trace_run` with extra environment variables (the command inherits them).
+pub fn trace_run_with_env(
     argv: &[&str],
     extra: &[&str],
     env: &[(&str, &str)],

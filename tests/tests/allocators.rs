@@ -11,7 +11,7 @@ const LIBDIR: &str = "/usr/lib/x86_64-linux-gnu";
 fn exact(program: &str, extra: &[&str], env: &[(&str, &str)], churn: &[&str]) -> Value {
     require_root();
     let program = fixture(program);
-    let (report, stdout, _) = trace_run_env(&[program.to_str().unwrap()], extra, env);
+    let (report, stdout, _) = trace_run_with_env(&[program.to_str().unwrap()], extra, env);
     assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
     let expected = expectations(&stdout);
     assert!(!expected.is_empty());

@@ -148,9 +148,18 @@ fn duration_ends_the_report_while_the_target_keeps_running() {
 
 #[test]
 fn sigint_gives_a_final_report() {
+    signal_gives_a_final_report(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_gives_a_final_report() {
+    signal_gives_a_final_report(libc::SIGTERM);
+}
+
+fn signal_gives_a_final_report(signal: libc::c_int) {
     let mut run = attach("text", &[]);
     run.go();
-    unsafe { libc::kill(run.tracer.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(run.tracer.id() as i32, signal) };
     let output = run.tracer.wait_with_output().unwrap();
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);

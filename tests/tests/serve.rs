@@ -24,6 +24,23 @@ impl Drop for Running {
     }
 }
 
+/// The growing fixture, once it is past its start (libc loaded, first
+/// allocations made): attaching earlier would find no allocator yet.
+fn start_growing(seconds: &str) -> Running {
+    use std::io::BufRead;
+    let mut child = Command::new(fixture("growing_c"))
+        .arg(seconds)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("growing:"), "{line}");
+    Running(child)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -131,13 +148,7 @@ fn promql(port: u16, query: &str) -> Vec<Value> {
 #[test]
 fn prometheus_scrapes_growth_and_the_leak_alert_fires() {
     require_root();
-    let fixture = Running(
-        Command::new(fixture("growing_c"))
-            .arg("90")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let fixture = start_growing("90");
     let serve_port = free_port();
     let _serve = start_serve(fixture.0.id(), serve_port);
     let metrics = wait_for("/metrics", Duration::from_secs(15), || {
@@ -281,13 +292,7 @@ fn receive_one_push(listener: TcpListener) -> (String, Vec<u8>) {
 #[test]
 fn pushed_profiles_decode_as_pprof() {
     require_root();
-    let fixture = Running(
-        Command::new(fixture("growing_c"))
-            .arg("60")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let fixture = start_growing("60");
     let receiver = TcpListener::bind("127.0.0.1:0").unwrap();
     let push_port = receiver.local_addr().unwrap().port();
     let _serve = Running(
@@ -311,7 +316,14 @@ fn pushed_profiles_decode_as_pprof() {
     std::fs::write(&path, &profile).unwrap();
     // Go's pprof is the reference reader; it rejects malformed profiles.
     let out = Command::new("go")
-        .args(["tool", "pprof", "-top", "-nodefraction=0", "-sample_index=inuse_space"])
+        // -nodefraction=0: the small leak must not be cut next to the churn.
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-nodefraction=0",
+            "-sample_index=inuse_space",
+        ])
         .arg(&path)
         .output()
         .expect("go (golang-go) is installed by `cargo xtask setup`");

@@ -15,6 +15,10 @@ pub const MAX_FRAMES: usize = 127;
 /// totals stay exact; reports show it as an "unknown stack" entry.
 pub const STACK_UNKNOWN: u64 = 0;
 
+/// `STACK_STATS` slot of the unknown stack. It is never handed out or
+/// reclaimed; slots 1..=max_stacks belong to real stacks while in use.
+pub const SLOT_UNKNOWN: u32 = 0;
+
 /// Which allocator entry point a call went through. Stored in the per-thread
 /// in-flight record between the entry probe and the return probe.
 #[repr(u32)]
@@ -50,10 +54,30 @@ pub struct InFlight {
     pub size: u64,
     /// Realloc: the block being resized. PosixMemalign: where the result goes.
     pub ptr_arg: u64,
-    /// Realloc: the timestamp of the old block's record when the call
-    /// started, so that the return frees that record and not a newer one made
-    /// by another thread that got the same address in between.
-    pub old_timestamp: u64,
+    /// Realloc: non-zero when `old` holds the old block's record.
+    pub has_old: u64,
+    /// Realloc: the old block's record, taken out of `ALLOCS` at entry. The
+    /// caller still owns the block then, so no other thread can be handed
+    /// its address and record a new block there; at return, when another
+    /// thread may already have got the address, the record is no longer in
+    /// the map to be confused with the new one. The return retires it (the
+    /// realloc freed the block) or puts it back (the realloc failed).
+    pub old: AllocRecord,
+}
+
+/// What the programs know about a traced process (`TARGETS` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Address of the process's uretprobe trampoline (the start of its
+    /// `[uprobes]` mapping), 0 while unknown. A call whose return is hooked
+    /// has this address in its return-address slot, which tells a live
+    /// outer allocator call from one that was left without returning.
+    pub trampoline: u64,
+    /// The first 8 bytes of code at `trampoline`, stored by the first program
+    /// that uses it (0 until then); a mismatch (the process exec'ed since)
+    /// makes the programs ignore the address.
+    pub trampoline_code: u64,
 }
 
 /// One live allocation, keyed by its address.
@@ -64,13 +88,32 @@ pub struct AllocRecord {
     pub stack_id: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the block was allocated.
     pub timestamp_ns: u64,
+    /// The `STACK_STATS` slot the block was counted in. The free subtracts
+    /// there, without looking the stack up again, so a slot is never reused
+    /// while a block counted in it is live (see `StackStats`).
+    pub slot: u32,
+    pub _pad: u32,
 }
 
-/// Per-stack aggregates, kept up to date in the kernel on every event.
-/// Fields are only ever changed with atomic adds.
+/// Per-stack aggregates, kept up to date in the kernel on every event, one
+/// per slot of the `STACK_STATS` array. The counters are only ever changed
+/// with atomic adds.
+///
+/// Why an array of slots and not a hash map keyed by stack id: stacks whose
+/// blocks are all freed must be reclaimed, or a long run over many distinct
+/// stacks fills the maps. A BPF program that looked up a hash map element
+/// and is about to add to it may find the element deleted and, since the
+/// kernel reuses freed hash elements at once, reused for another key: its
+/// add would be lost or land on another stack. Array slots are never freed;
+/// userspace alone recycles them, and only after an RCU grace period has
+/// passed since the last way to reach them (the `STACKS` entry) was removed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StackStats {
+    /// The stack this slot belongs to; 0 while the slot is free (and for
+    /// `SLOT_UNKNOWN`). Written by the program that claims the slot, before
+    /// it publishes the slot in `STACKS`.
+    pub stack_id: u64,
     /// Bytes allocated from this stack and not yet freed.
     pub outstanding_bytes: u64,
     /// Blocks allocated from this stack and not yet freed.
@@ -85,6 +128,8 @@ pub struct StackStats {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct StackTrace {
+    /// The `STACK_STATS` slot of this stack.
+    pub slot: u64,
     /// Number of valid entries in `ips`.
     pub len: u64,
     /// Non-zero when the walk stopped at `MAX_FRAMES` rather than at the
@@ -96,6 +141,7 @@ pub struct StackTrace {
 impl Default for StackTrace {
     fn default() -> Self {
         StackTrace {
+            slot: 0,
             len: 0,
             truncated: 0,
             ips: [0; MAX_FRAMES],
@@ -116,11 +162,12 @@ pub enum Counter {
     UnknownFrees = 2,
     /// Allocations not tracked because the per-address map was full.
     AllocMapFull = 3,
-    /// Allocations whose stack could not be captured or stored; counted under
+    /// Allocations whose stack could not be captured or stored (no free
+    /// slot: more distinct live stacks than `--max-stacks`); counted under
     /// `STACK_UNKNOWN`.
     StackLost = 4,
-    /// Allocations whose per-stack aggregate could not be created (map full);
-    /// the block is still tracked by address.
+    /// Kept for the report schema; slots and stacks are now one resource, so
+    /// a full stack table is counted as `StackLost`.
     StackStatsFull = 5,
     /// An allocation returned an address that was still recorded: the free of
     /// the old block was missed (e.g. freed through a path the tracer does not
@@ -207,4 +254,5 @@ mod pod {
     unsafe impl aya::Pod for AllocRecord {}
     unsafe impl aya::Pod for StackStats {}
     unsafe impl aya::Pod for StackTrace {}
+    unsafe impl aya::Pod for TargetInfo {}
 }

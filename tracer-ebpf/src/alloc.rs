@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{AllocRecord, CallKind, Counter, InFlight, StackStats};
+use tracer_common::{AllocRecord, CallKind, Counter, InFlight};
 
 use crate::{
-    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS},
+    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
     stack,
 };
 
@@ -55,12 +55,72 @@ fn array_size(n: u64, size: u64) -> u64 {
 }
 
 /// The thread is inside an allocator call that is already being recorded.
+/// A record left by a call that can no longer be running is dropped here
+/// (see `abandon`).
 #[inline(always)]
 fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
-    match IN_FLIGHT.get_ptr(pid_tgid) {
-        Some(outer) => sp <= unsafe { (*outer).entry_sp },
-        None => false,
+    let Some(outer) = IN_FLIGHT.get_ptr(pid_tgid) else {
+        return false;
+    };
+    let outer = unsafe { *outer };
+    if sp <= outer.entry_sp && !left_without_returning(pid_tgid, &outer) {
+        return true;
     }
+    // The recorded call was left without returning (longjmp out of a
+    // signal handler that interrupted it): its record would otherwise
+    // silence every later call of this thread from a deeper stack.
+    abandon(pid_tgid, &outer);
+    false
+}
+
+/// A call whose return is hooked keeps the uretprobe trampoline's address in
+/// its return-address slot until it returns. Anything else there means the
+/// frame was unwound (or the return was never hooked: then its return is
+/// not seen either). Only decidable once userspace has told us the
+/// trampoline address; until then every call below the record is inner.
+#[inline(always)]
+fn left_without_returning(pid_tgid: u64, outer: &InFlight) -> bool {
+    let Some(target) = TARGETS.get_ptr((pid_tgid >> 32) as u32) else {
+        return false;
+    };
+    let target = unsafe { *target };
+    if target.trampoline == 0 {
+        return false;
+    }
+    // The address is only trusted while the code first seen there is still
+    // there: an exec replaces the address space, and userspace may take up
+    // to a second to notice. (Userspace cannot read the code itself: the
+    // trampoline's mapping is VM_IO, closed to /proc/PID/mem.)
+    let Ok(code) = (unsafe { bpf_probe_read_user(target.trampoline as *const u64) }) else {
+        return false;
+    };
+    if target.trampoline_code == 0 {
+        if let Some(stored) = TARGETS.get_ptr_mut((pid_tgid >> 32) as u32) {
+            unsafe { (*stored).trampoline_code = code };
+        }
+    } else if code != target.trampoline_code {
+        return false;
+    }
+    match unsafe { bpf_probe_read_user(outer.entry_sp as *const u64) } {
+        Ok(slot) => slot != target.trampoline,
+        Err(_) => false,
+    }
+}
+
+/// Forgets a call that will never return, putting back the old block's
+/// record it had taken (a realloc): nothing says the block was freed.
+#[inline(always)]
+fn abandon(pid_tgid: u64, call: &InFlight) {
+    // If the address is recorded again, the block was freed and handed out
+    // anew: retire it instead.
+    if call.has_old != 0
+        && ALLOCS
+            .insert(call.ptr_arg, call.old, BPF_NOEXIST as u64)
+            .is_err()
+    {
+        retire(&call.old);
+    }
+    let _ = IN_FLIGHT.remove(pid_tgid);
 }
 
 #[inline(always)]
@@ -79,17 +139,29 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
         entry_sp: sp,
         size,
         ptr_arg,
-        old_timestamp: 0,
+        has_old: 0,
+        old: AllocRecord::default(),
     };
-    if kind == CallKind::Realloc && ptr_arg != 0 {
+    let claims_old = kind == CallKind::Realloc && ptr_arg != 0;
+    if claims_old {
         if let Some(old) = unsafe { ALLOCS.get(ptr_arg) } {
-            call.old_timestamp = old.timestamp_ns;
+            call.old = *old;
+            call.has_old = 1;
         }
     }
-    // Overwrites a stale record left by a call whose return never came back
-    // (its stack pointer was below this one's, so it cannot be still running).
     if IN_FLIGHT.insert(pid_tgid, call, 0).is_err() {
         count(Counter::InFlightFull);
+        return 0;
+    }
+    // Take the old block's record out only once the call is remembered (the
+    // return needs it). The caller owns the block until realloc frees it, so
+    // the record is still the one read above; if the remove fails anyway (a
+    // racing free of the same block in the program), there is nothing to
+    // retire at return.
+    if call.has_old != 0 && ALLOCS.remove(ptr_arg).is_err() {
+        if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+            unsafe { (*stored).has_old = 0 };
+        }
     }
     0
 }
@@ -168,12 +240,16 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     }
 
-    if call.kind == CallKind::Realloc as u32 && call.ptr_arg != 0 {
+    if call.has_old != 0 {
         // realloc frees the old block when it returns a new one, and glibc's
         // realloc(p, 0) frees p and returns NULL. A failed realloc frees
-        // nothing.
+        // nothing: the block is recorded again.
         if ret != 0 || call.size == 0 {
-            free_if_same(call.ptr_arg, call.old_timestamp);
+            retire(&call.old);
+            count(Counter::Frees);
+        } else if ALLOCS.insert(call.ptr_arg, call.old, 0).is_err() {
+            retire(&call.old);
+            count(Counter::AllocMapFull);
         }
     }
     if ret == 0 {
@@ -215,30 +291,15 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Frees the record at `ptr` if it is still the block that was there when
-/// the realloc started.
-#[inline(always)]
-fn free_if_same(ptr: u64, timestamp: u64) {
-    let Some(record) = (unsafe { ALLOCS.get(ptr) }) else {
-        return;
-    };
-    let record = *record;
-    if record.timestamp_ns != timestamp {
-        return;
-    }
-    if ALLOCS.remove(ptr).is_ok() {
-        retire(&record);
-        count(Counter::Frees);
-    }
-}
-
 #[inline(always)]
 fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
-    let stack_id = stack::capture(ctx);
+    let stack = stack::capture(ctx);
     let record = AllocRecord {
         size,
-        stack_id,
+        stack_id: stack.id,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        slot: stack.slot,
+        _pad: 0,
     };
     // An address that is still recorded was freed behind our back; retire it
     // so its bytes do not stay counted forever.
@@ -249,12 +310,17 @@ fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
             count(Counter::MissedFrees);
         }
     }
+    // Count before the record is published: a free can only find a record
+    // whose block is already counted, so a slot's outstanding count is never
+    // below its number of live records. Reclamation relies on that: a slot
+    // whose count is 0 has no live record that could still subtract from it.
+    add_to_slot(stack.slot, size, 1);
     if ALLOCS.insert(addr, record, 0).is_err() {
+        add_to_slot(stack.slot, size.wrapping_neg(), 1u64.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);
         return;
     }
-    add_to_stack(stack_id, size);
     count(Counter::Allocs);
 }
 
@@ -271,34 +337,27 @@ fn warn_once_map_full(ctx: &RetProbeContext) {
     }
 }
 
+/// Adds `bytes`/`blocks` (negative: wrapped) to a slot's outstanding and
+/// total counters.
 #[inline(always)]
-fn stats_for(stack_id: u64) -> Option<*mut StackStats> {
-    if let Some(stats) = STACK_STATS.get_ptr_mut(stack_id) {
-        return Some(stats);
-    }
-    // NOEXIST: if another CPU created it in between, use theirs.
-    let _ = STACK_STATS.insert(stack_id, StackStats::default(), BPF_NOEXIST as u64);
-    STACK_STATS.get_ptr_mut(stack_id)
-}
-
-#[inline(always)]
-fn add_to_stack(stack_id: u64, size: u64) {
-    let Some(stats) = stats_for(stack_id) else {
+fn add_to_slot(slot: u32, bytes: u64, blocks: u64) {
+    let Some(stats) = STACK_STATS.get_ptr_mut(slot) else {
         count(Counter::StackStatsFull);
         return;
     };
     unsafe {
-        atomic_add(&raw mut (*stats).outstanding_bytes, size);
-        atomic_add(&raw mut (*stats).outstanding_count, 1);
-        atomic_add(&raw mut (*stats).total_bytes, size);
-        atomic_add(&raw mut (*stats).total_count, 1);
+        atomic_add(&raw mut (*stats).outstanding_bytes, bytes);
+        atomic_add(&raw mut (*stats).outstanding_count, blocks);
+        atomic_add(&raw mut (*stats).total_bytes, bytes);
+        atomic_add(&raw mut (*stats).total_count, blocks);
     }
 }
 
-/// Takes a freed block out of its stack's outstanding totals.
+/// Takes a freed block out of its stack's outstanding totals, in the slot it
+/// was counted in.
 #[inline(always)]
 fn retire(record: &AllocRecord) {
-    if let Some(stats) = STACK_STATS.get_ptr_mut(record.stack_id) {
+    if let Some(stats) = STACK_STATS.get_ptr_mut(record.slot) {
         unsafe {
             atomic_add(
                 &raw mut (*stats).outstanding_bytes,

@@ -2,17 +2,17 @@
 //! (`EbpfLoader::set_max_entries`); the sizes here are the defaults.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue},
 };
-use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, COUNTER_SLOTS};
+use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS};
 
 /// Process ids (tgids) being traced. The uprobes are attached per process
 /// already; this filter keeps a shared library's probe from counting a
 /// process that happens to share the attachment.
 #[map]
-pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0);
 
 /// Allocator calls between entry and return, per thread (pid_tgid). Small:
 /// entries live only for the duration of one call.
@@ -24,19 +24,41 @@ pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 
 #[map]
 pub static ALLOCS: HashMap<u64, AllocRecord> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Outstanding bytes/blocks and totals per stack id.
+/// Outstanding bytes/blocks and totals per stack, by slot (see
+/// `tracer_common::StackStats`): slot 0 is the unknown stack, slots
+/// 1..=max_stacks are handed out through `FREE_SLOTS`. Memory-mappable so
+/// that userspace reads every slot without a system call per entry.
 #[map]
-pub static STACK_STATS: HashMap<u64, StackStats> = HashMap::with_max_entries(65536, 0);
+pub static STACK_STATS: Array<StackStats> = Array::with_max_entries(65537, BPF_F_MMAPABLE);
 
-/// Stack id (a 64-bit hash of the frames) -> frames. Not preallocated: each
-/// entry is ~1 KiB and most runs see far fewer stacks than the maximum.
+/// Slots of `STACK_STATS` not in use. Userspace fills it at load and gives
+/// reclaimed slots back.
+#[map]
+pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(65536, 0);
+
+/// Stack id (a 64-bit hash of the frames) -> frames and slot. Not
+/// preallocated: each entry is ~1 KiB and most runs see far fewer stacks
+/// than the maximum.
 #[map]
 pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Scratch space for capturing one stack (too large for the 512-byte BPF
-/// stack).
+/// stack), with the thread (pid_tgid) that is using it.
+///
+/// Per-CPU is not quite per-program: uprobe programs run with migration
+/// disabled but under `rcu_read_lock()`, which on PREEMPT_RCU kernels leaves
+/// preemption on. With full preemption (`preempt=full`, PREEMPT_RT, lazy) a
+/// program can be preempted mid-capture and another thread's program on the
+/// same CPU can use the same buffer. `stack::capture` claims the buffer with
+/// `owner` and checks the claim before it trusts what it hashed and stored.
+#[repr(C)]
+pub struct Scratch {
+    pub owner: u64,
+    pub trace: StackTrace,
+}
+
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Event and drop counters, indexed by `tracer_common::Counter`.
 #[map]

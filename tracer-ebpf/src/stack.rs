@@ -1,28 +1,47 @@
 //! User stack capture: frame-pointer walk by the kernel (`bpf_get_stack`),
 //! hashed here into a 64-bit id so that equal stacks share one `STACKS` entry
-//! and one `STACK_STATS` entry. A 64-bit hash makes collisions negligible
+//! and one `STACK_STATS` slot. A 64-bit hash makes collisions negligible
 //! (unlike `BPF_MAP_TYPE_STACK_TRACE`, whose bucket index collides often).
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::bpf_get_stack,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack},
     EbpfContext,
 };
-use tracer_common::{Counter, StackTrace, MAX_FRAMES, STACK_UNKNOWN};
+use tracer_common::{Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN};
 
-use crate::maps::{count, STACKS, STACK_SCRATCH};
+use crate::maps::{count, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+const EEXIST: i64 = -17;
 
-/// Captures the current user stack and returns its id, or `STACK_UNKNOWN`
-/// (counted as `StackLost`) when it cannot be captured or stored.
+/// A captured stack: its id and the `STACK_STATS` slot to count it in.
+#[derive(Clone, Copy)]
+pub struct Stack {
+    pub id: u64,
+    pub slot: u32,
+}
+
+const UNKNOWN: Stack = Stack {
+    id: STACK_UNKNOWN,
+    slot: SLOT_UNKNOWN,
+};
+
+/// Captures the current user stack and returns its id and slot, or the
+/// unknown stack (counted as `StackLost`) when it cannot be captured or
+/// stored.
 #[inline(always)]
-pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
-    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return STACK_UNKNOWN;
+pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return UNKNOWN;
     };
-    let buf: &mut StackTrace = unsafe { &mut *buf };
+    // Claim the per-CPU buffer (see `maps::Scratch`): a thread is never
+    // running two programs at once, so its pid_tgid is a unique claim.
+    let me = bpf_get_current_pid_tgid();
+    unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
+    let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
+    let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
     let size = (MAX_FRAMES * 8) as u32;
     let written = unsafe {
         bpf_get_stack(
@@ -34,7 +53,7 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
     };
     if written <= 0 {
         count(Counter::StackLost);
-        return STACK_UNKNOWN;
+        return UNKNOWN;
     }
     let len = (written as usize / 8).min(MAX_FRAMES);
     buf.len = len as u64;
@@ -50,14 +69,79 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> u64 {
     if hash == STACK_UNKNOWN {
         hash = 1;
     }
-    if STACKS.get_ptr(hash).is_none() {
-        if let Err(err) = STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
-            // -EEXIST: another CPU stored the same stack first; fine.
-            if err != -17 {
-                count(Counter::StackLost);
-                return STACK_UNKNOWN;
-            }
+    // Preempted by another program that used the buffer: the frames and the
+    // hash may be a mix of two stacks.
+    if !still_ours() {
+        count(Counter::StackLost);
+        return UNKNOWN;
+    }
+    // Two rounds: the second one only runs when another CPU stored the same
+    // new stack between our lookup and our insert.
+    for _ in 0..2 {
+        if let Some(slot) = known_slot(hash) {
+            return Stack { id: hash, slot };
+        }
+        match new_slot(hash, buf, &still_ours) {
+            Ok(slot) => return Stack { id: hash, slot },
+            Err(err) if err == EEXIST => continue,
+            Err(_) => break,
         }
     }
-    hash
+    count(Counter::StackLost);
+    UNKNOWN
+}
+
+/// The slot of a stack that is already stored.
+#[inline(always)]
+fn known_slot(hash: u64) -> Option<u32> {
+    let entry = STACKS.get_ptr(hash)?;
+    let slot = unsafe { core::ptr::read_volatile(&(*entry).slot) } as u32;
+    // The entry may have been deleted by userspace's reclamation and its
+    // memory reused for another stack since the lookup: trust the slot only
+    // if that slot says it belongs to this stack. (A slot read just before
+    // the deletion stays valid: userspace recycles it only after a grace
+    // period, which waits for this program to finish.)
+    let stats = STACK_STATS.get_ptr(slot)?;
+    (slot != SLOT_UNKNOWN && unsafe { core::ptr::read_volatile(&(*stats).stack_id) } == hash)
+        .then_some(slot)
+}
+
+/// Claims a free slot for a new stack and publishes both. Err(-EEXIST) when
+/// another CPU published the same stack first.
+#[inline(always)]
+fn new_slot(hash: u64, buf: &mut StackTrace, still_ours: &impl Fn() -> bool) -> Result<u32, i64> {
+    let slot = match FREE_SLOTS.pop() {
+        Ok(Some(slot)) => slot,
+        // No free slot: more distinct live stacks than --max-stacks.
+        _ => return Err(-1),
+    };
+    let Some(stats) = STACK_STATS.get_ptr_mut(slot) else {
+        return Err(-1);
+    };
+    // Counters of a free slot are zero (userspace clears them before giving
+    // the slot back); the owner is set before the slot becomes reachable.
+    unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, hash) };
+    buf.slot = slot as u64;
+    // Checked again right before the insert, which copies the buffer under
+    // the bucket lock with interrupts off. (A preemption in the few
+    // instructions between this check and the lock could still store mixed
+    // frames; the check after the insert then gives up on the stack, whose
+    // slot stays empty and is reclaimed.)
+    let err = if !still_ours() {
+        -1
+    } else {
+        match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+            Ok(()) if still_ours() => return Ok(slot),
+            Ok(()) => return Err(-1),
+            Err(err) => err.into(),
+        }
+    };
+    // Not published, so nobody else can be using the slot: give it back. If
+    // the queue refuses it, it stays owned by `hash` with nothing in it, an
+    // orphan that userspace reclaims.
+    unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, 0) };
+    if FREE_SLOTS.push(slot, 0).is_err() {
+        unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, hash) };
+    }
+    Err(err)
 }

@@ -6,9 +6,14 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     Ebpf,
 };
-use tracer_common::{AllocRecord, Counter, InFlight, StackStats, StackTrace};
+use std::collections::HashMap;
 
-use crate::model::{scan_ages, Counters, Snapshot, StackSample, SETTLE_NS};
+use tracer_common::{AllocRecord, Counter, InFlight, StackTrace};
+
+use crate::{
+    model::{scan_ages, Counters, Snapshot, StackSample, SETTLE_NS},
+    slots::StatsTable,
+};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -46,26 +51,25 @@ pub fn counters(ebpf: &Ebpf) -> Result<Counters> {
 /// stack's oldest block and its settled bytes.
 pub fn snapshot(ebpf: &Ebpf, min_age_ns: u64, with_ages: bool) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
-    let stats: BpfHashMap<&MapData, u64, StackStats> =
-        BpfHashMap::try_from(map(ebpf, "STACK_STATS")?)?;
-    let mut stacks: Vec<StackSample> = Vec::new();
-    for entry in stats.iter() {
-        let (stack_id, s) = match entry {
-            Ok(kv) => kv,
-            // An entry removed between listing and reading it.
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => return Err(e).context("reading STACK_STATS"),
-        };
-        stacks.push(StackSample {
-            stack_id,
-            bytes: s.outstanding_bytes,
-            count: s.outstanding_count,
-            total_count: s.total_count,
-            total_bytes: s.total_bytes,
-            oldest_ns: None,
-            settled_bytes: None,
+    // Every slot, added up per stack: a stack can briefly have two slots
+    // (see `slots`), and free slots are all zero.
+    let table = StatsTable::open(ebpf)?;
+    let mut by_stack: HashMap<u64, StackSample> = HashMap::new();
+    for slot in 0..table.slots() {
+        let s = table.get(slot);
+        if s.total_count == 0 && s.outstanding_count == 0 {
+            continue;
+        }
+        let sample = by_stack.entry(s.stack_id).or_insert(StackSample {
+            stack_id: s.stack_id,
+            ..StackSample::default()
         });
+        sample.bytes = sample.bytes.wrapping_add(s.outstanding_bytes);
+        sample.count = sample.count.wrapping_add(s.outstanding_count);
+        sample.total_count += s.total_count;
+        sample.total_bytes += s.total_bytes;
     }
+    let mut stacks: Vec<StackSample> = by_stack.into_values().collect();
     if min_age_ns > 0 || with_ages {
         let cutoff = taken_ns.saturating_sub(min_age_ns);
         let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
@@ -119,7 +123,8 @@ pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool
 /// Removes in-flight records of threads that no longer exist (a thread that
 /// died inside malloc leaves one; its tid could be reused). The keys are
 /// read before the thread list, so a thread born in between is never taken
-/// for dead.
+/// for dead. A realloc's record holds the old block's record, taken out of
+/// `ALLOCS` at entry: it is put back, as the block was not known to be freed.
 pub fn forget_dead_threads(
     ebpf: &mut Ebpf,
     pid: u32,
@@ -136,12 +141,33 @@ pub fn forget_dead_threads(
         return Ok(0);
     }
     let live_tids = live_tids();
-    let dead: Vec<u64> = keys
-        .into_iter()
-        .filter(|key| !live_tids.contains(&(*key as u32)))
-        .collect();
-    for key in &dead {
-        let _ = in_flight.remove(key);
+    let mut taken: Vec<(u64, AllocRecord)> = Vec::new();
+    let mut dead = 0;
+    for key in keys {
+        if live_tids.contains(&(key as u32)) {
+            continue;
+        }
+        // Read before removing: the removal is what makes it ours.
+        let call = in_flight.get(&key, 0).ok();
+        if in_flight.remove(&key).is_ok() {
+            dead += 1;
+            if let Some(call) = call.filter(|c| c.has_old != 0) {
+                taken.push((call.ptr_arg, call.old));
+            }
+        }
     }
-    Ok(dead.len())
+    drop(in_flight);
+    if !taken.is_empty() {
+        let table = StatsTable::open(ebpf)?;
+        let mut allocs: BpfHashMap<&mut MapData, u64, AllocRecord> =
+            BpfHashMap::try_from(ebpf.map_mut("ALLOCS").context("ALLOCS map")?)?;
+        for (addr, record) in taken {
+            // BPF_NOEXIST: if the address was recorded again, the block was
+            // freed after all.
+            if allocs.insert(addr, record, 1).is_err() {
+                table.retire(&record);
+            }
+        }
+    }
+    Ok(dead)
 }

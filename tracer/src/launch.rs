@@ -1,22 +1,25 @@
 //! `tracer run`: starts a command so that it is traced from its first
 //! allocation and can be read once more just before it exits.
 //!
-//! The child is started under ptrace (PTRACE_TRACEME), which stops it right
-//! after exec, before the dynamic loader has run any of its code; the tracer
-//! attaches its probes then and lets it go. PTRACE_O_TRACEEXIT stops it again
+//! The child is forked, stops itself, is seized with ptrace (PTRACE_SEIZE)
+//! and stopped again right after exec, before the dynamic loader has run any
+//! of its code; the tracer attaches its probes then and lets it go. PTRACE_O_TRACEEXIT stops it again
 //! when it exits, while its memory map still exists, so the final report can
 //! be taken and symbolized. Nothing else is changed: signals are passed on,
-//! and if the tracer dies the kernel detaches and the command runs on.
+//! job-control stops stay stops (PTRACE_LISTEN), and if the tracer dies the
+//! kernel detaches and the command runs on.
 //!
 //! ptrace requests must come from the thread that started the child, so one
 //! dedicated thread owns the child for its whole life.
 
 use std::{
-    ffi::OsString,
+    ffi::{CString, OsString},
     io,
-    os::unix::process::CommandExt,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
-    process::Command,
     sync::mpsc as std_mpsc,
     thread,
 };
@@ -173,62 +176,132 @@ fn start_stopped(
     credentials: Option<Credentials>,
     output: ChildOutput,
 ) -> Result<u32, String> {
-    let mut command = Command::new(&argv[0]);
-    command.args(&argv[1..]);
-    if let ChildOutput::File(file) = output {
-        let err = file
-            .try_clone()
-            .map_err(|e| format!("command output: {e}"))?;
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(file)
-            .stderr(err);
+    let program = argv[0].to_string_lossy().into_owned();
+    // Everything the child needs is made before fork: after it, the child
+    // may only make async-signal-safe calls.
+    let to_c = |s: &OsString| {
+        CString::new(s.as_bytes()).map_err(|_| format!("{program}: argument contains a NUL byte"))
+    };
+    let args: Vec<CString> = argv.iter().map(to_c).collect::<Result<_, _>>()?;
+    let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    arg_ptrs.push(std::ptr::null());
+    let redirect = match &output {
+        ChildOutput::Inherit => None,
+        ChildOutput::File(file) => {
+            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+            Some((null, file.as_raw_fd()))
+        }
+    };
+    let groups = credentials
+        .as_ref()
+        .map(|c| c.groups.clone())
+        .unwrap_or_default();
+    // The child reports a failed exec (or setuid) through this pipe; a
+    // successful exec closes it.
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(format!("pipe: {}", io::Error::last_os_error()));
     }
-    unsafe {
-        command.pre_exec(move || {
-            // Only async-signal-safe calls between fork and exec.
-            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
+    let (err_read, err_write) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // The child. It stops itself so the tracer can seize it, then execs.
+        unsafe {
+            let fail = |fd: i32| -> ! {
+                let errno = *libc::__errno_location();
+                libc::write(fd, (&errno as *const i32).cast(), 4);
+                libc::_exit(127)
+            };
+            if let Some((null, out)) = &redirect {
+                if libc::dup2(null.as_raw_fd(), 0) < 0
+                    || libc::dup2(*out, 1) < 0
+                    || libc::dup2(*out, 2) < 0
+                {
+                    fail(err_write.as_raw_fd());
+                }
             }
             if let Some(c) = &credentials {
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
                     || libc::setuid(c.uid) < 0
                 {
-                    return Err(io::Error::last_os_error());
+                    fail(err_write.as_raw_fd());
                 }
             }
-            Ok(())
-        });
+            libc::raise(libc::SIGSTOP);
+            libc::execv(args[0].as_ptr(), arg_ptrs.as_ptr());
+            fail(err_write.as_raw_fd());
+        }
     }
-    let child = command
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", argv[0].to_string_lossy()))?;
-    let pid = child.id();
-    // The exec stops the child with SIGTRAP.
-    let status = wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
+    drop(err_write);
+    let pid = pid as u32;
+    let exec_error = || -> String {
+        let mut errno = [0u8; 4];
+        let n = unsafe { libc::read(err_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+        if n == 4 {
+            format!(
+                "cannot run {program}: {}",
+                io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+            )
+        } else {
+            format!("{program} exited before it could be traced")
+        }
+    };
+    // 1. The child's own SIGSTOP (not traced yet: needs WUNTRACED to be seen).
+    let status = wait_with(pid, libc::WUNTRACED).map_err(|e| format!("waiting for {pid}: {e}"))?;
     if !libc::WIFSTOPPED(status) {
-        return Err(format!(
-            "{} exited before it could be traced",
-            argv[0].to_string_lossy()
-        ));
+        return Err(exec_error());
     }
+    // 2. Seize it (not TRACEME: a seized tracee's job-control stops can be
+    //    left in place with PTRACE_LISTEN), then let it go on to exec.
     let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-    unsafe {
+    if unsafe {
         libc::ptrace(
-            libc::PTRACE_SETOPTIONS,
+            libc::PTRACE_SEIZE,
             pid as libc::pid_t,
             0,
             options as libc::c_long,
         )
-    };
-    Ok(pid)
+    } < 0
+    {
+        let e = io::Error::last_os_error();
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        return Err(format!("cannot trace {program}: {e}"));
+    }
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+    // 3. Run it up to the exec stop, before the new program's first instruction.
+    loop {
+        let status = wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Err(exec_error());
+        }
+        let event = status >> 16;
+        if event == libc::PTRACE_EVENT_EXEC {
+            return Ok(pid);
+        }
+        // The stop seen on seizing, or a signal (SIGCONT) on its way in.
+        let signal = if event == 0 {
+            libc::WSTOPSIG(status)
+        } else {
+            0
+        };
+        cont(pid, signal);
+    }
 }
 
 fn wait(pid: u32) -> io::Result<libc::c_int> {
+    wait_with(pid, 0)
+}
+
+fn wait_with(pid: u32, flags: libc::c_int) -> io::Result<libc::c_int> {
     let mut status: libc::c_int = 0;
     loop {
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL) };
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL | flags) };
         if r >= 0 {
             return Ok(status);
         }
@@ -272,23 +345,35 @@ fn follow(pid: u32, events: &mpsc::UnboundedSender<ChildEvent>, ack: &std_mpsc::
             continue;
         }
         let signal = libc::WSTOPSIG(status);
-        if signal == libc::SIGTRAP && (status >> 16) == libc::PTRACE_EVENT_EXIT {
-            if other_threads_run_on(pid) {
-                // The main thread called pthread_exit; the process lives on
-                // and is reported when it really ends.
+        match status >> 16 {
+            libc::PTRACE_EVENT_EXIT => {
+                if other_threads_run_on(pid) {
+                    // The main thread called pthread_exit; the process lives
+                    // on and is reported when it really ends.
+                    cont(pid, 0);
+                    continue;
+                }
+                let _ = events.send(ChildEvent::Exiting);
+                // Wait (bounded) for the final snapshot; never hold the child forever.
+                let _ = ack.recv_timeout(std::time::Duration::from_secs(30));
                 cont(pid, 0);
-                continue;
             }
-            let _ = events.send(ChildEvent::Exiting);
-            // Wait (bounded) for the final snapshot; never hold the child forever.
-            let _ = ack.recv_timeout(std::time::Duration::from_secs(30));
-            cont(pid, 0);
-        } else if signal == libc::SIGTRAP && (status >> 16) != 0 {
-            // Another ptrace event (exec of a new program): not a signal.
-            cont(pid, 0);
-        } else {
+            libc::PTRACE_EVENT_STOP => {
+                if matches!(
+                    signal,
+                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                ) {
+                    // A job-control stop (Ctrl-Z, kill -STOP): it stays
+                    // stopped, and we hear of the SIGCONT that ends it.
+                    unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid as libc::pid_t, 0, 0) };
+                } else {
+                    cont(pid, 0);
+                }
+            }
             // Signal-delivery stop: deliver the signal as if we were not here.
-            cont(pid, signal);
+            0 => cont(pid, signal),
+            // Another ptrace event (exec of a new program): not a signal.
+            _ => cont(pid, 0),
         }
     }
 }

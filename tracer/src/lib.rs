@@ -31,6 +31,7 @@ pub mod procmaps;
 pub mod report;
 pub mod serve;
 pub mod session;
+pub mod slots;
 pub mod symbolize;
 pub mod target;
 pub mod top;

@@ -67,6 +67,9 @@ impl LiveTrace {
         }) {
             log::debug!("cleaning in-flight records: {e:#}");
         }
+        if let Err(e) = self.probes.housekeeping() {
+            log::debug!("probe housekeeping: {e:#}");
+        }
     }
 
     /// The per-stack totals now. `scan` also reads every live block, for

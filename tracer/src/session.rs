@@ -67,6 +67,7 @@ impl Session {
         tokio::pin!(deadline);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let mut interrupted = false;
 
         let exit_code = loop {
             tokio::select! {
@@ -76,13 +77,27 @@ impl Session {
                     self.emit(true)?;
                     break ExitCode::SUCCESS;
                 }
+                // A command we started gets Ctrl-C too (same process group)
+                // and a SIGTERM is passed on: wait for it to exit, so the
+                // report sees its cleanup and we exit with its code. A second
+                // signal stops at once.
                 _ = sigint.recv() => {
+                    if target.started_pid().is_some() && !interrupted {
+                        interrupted = true;
+                        continue;
+                    }
                     self.emit(true)?;
-                    break ExitCode::SUCCESS;
+                    // Attached: the user ends the session, a success.
+                    break if interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS };
                 }
                 _ = sigterm.recv() => {
+                    if let (Some(pid), false) = (target.started_pid(), interrupted) {
+                        interrupted = true;
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        continue;
+                    }
                     self.emit(true)?;
-                    break ExitCode::SUCCESS;
+                    break if interrupted { ExitCode::from(143) } else { ExitCode::SUCCESS };
                 }
                 event = target.next() => match event {
                     TargetEvent::Exiting => {

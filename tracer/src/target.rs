@@ -88,13 +88,22 @@ impl Process {
         })
     }
 
+    /// Some thread of the process is still running. (After the main thread
+    /// calls `pthread_exit` it stays a zombie while the others run on.)
     pub fn is_alive(&self) -> bool {
-        match read_proc_file(self.pid, "stat") {
-            // Field 3 is the state; a zombie has exited.
-            Ok(stat) => stat
-                .rsplit_once(')')
+        // Field 3 is the state; a zombie has exited.
+        let running = |stat: &str| {
+            stat.rsplit_once(')')
                 .map(|(_, rest)| rest.trim_start())
-                .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X')),
+                .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+        };
+        match read_proc_file(self.pid, "stat") {
+            Ok(stat) if running(&stat) => true,
+            Ok(_) => fs::read_dir(format!("/proc/{}/task", self.pid)).is_ok_and(|tasks| {
+                tasks.filter_map(Result::ok).any(|task| {
+                    fs::read_to_string(task.path().join("stat")).is_ok_and(|s| running(&s))
+                })
+            }),
             Err(_) => false,
         }
     }

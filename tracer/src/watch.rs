@@ -57,6 +57,14 @@ impl TargetWatch {
         }
     }
 
+    /// The PID of a command the tracer started (None for an attached process).
+    pub fn started_pid(&self) -> Option<u32> {
+        match self {
+            TargetWatch::Child(child) => Some(child.pid),
+            TargetWatch::Attached(_) => None,
+        }
+    }
+
     /// Lets a command stopped at `Exiting` finish exiting.
     pub fn let_exit(&self) {
         if let TargetWatch::Child(child) = self {

@@ -4,8 +4,10 @@
 //!   build          setup, then build target/release/tracer
 //!   test [ARGS]    build, run unit tests, then the end-to-end tests (needs root)
 //!   demo [ARGS]    build, then trace a small leaking C program; ARGS go to `tracer run`
+//!   fuzz [SECONDS] run the parsers' cargo-fuzz targets (tracer/fuzz), SECONDS each
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -18,7 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options]>";
+    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -40,6 +42,7 @@ fn real_main() -> Result<()> {
         "build" => build(&rest).map(|bin| println!("tracer binary: {}", bin.display())),
         "test" => test(&rest),
         "demo" => demo::run(&rest),
+        "fuzz" => fuzz::run_all(&rest),
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::top::state::TopState;
+use crate::top::state::{Row, TopState};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -121,20 +121,10 @@ pub fn render(state: &TopState, process: &str, top: usize, target_up: bool) -> S
     // Rows are sorted by bytes (the serve loop keeps the state that way).
     let rows = state.rows();
     let (shown, rest) = rows.split_at(top.min(rows.len()));
-    let ids: Vec<String> = shown
+    let series: Vec<(String, &Row)> = shown
         .iter()
-        .map(|r| format!("{:016x}", r.stack_ids[0]))
+        .map(|r| (format!("{:016x}", r.stack_ids[0]), r))
         .collect();
-    let labels = |i: usize| -> Vec<(&str, &str)> {
-        let r = &shown[i];
-        vec![
-            base[0],
-            base[1],
-            ("stack_id", ids[i].as_str()),
-            ("function", r.function.as_str()),
-            ("location", r.location.as_deref().unwrap_or("")),
-        ]
-    };
     let other = [
         base[0],
         base[1],
@@ -142,62 +132,50 @@ pub fn render(state: &TopState, process: &str, top: usize, target_up: bool) -> S
         ("function", ""),
         ("location", ""),
     ];
-    w.family(
-        "tracer_stack_outstanding_bytes",
-        "gauge",
-        "Outstanding bytes of the top stacks by bytes; stack_id=\"other\" sums the rest.",
-    );
-    for i in 0..shown.len() {
-        w.sample(
+    // One family at a time: name, help, a row's value, the rest's value.
+    type Value<'a> = &'a dyn Fn(&Row) -> Option<f64>;
+    let families: [(&str, &str, Value, Option<f64>); 4] = [
+        (
             "tracer_stack_outstanding_bytes",
-            &labels(i),
-            shown[i].bytes as f64,
-        );
-    }
-    w.sample(
-        "tracer_stack_outstanding_bytes",
-        &other,
-        rest.iter().map(|r| r.bytes).sum::<u64>() as f64,
-    );
-    w.family(
-        "tracer_stack_outstanding_allocations",
-        "gauge",
-        "Outstanding allocations of the top stacks.",
-    );
-    for i in 0..shown.len() {
-        w.sample(
+            "Outstanding bytes of the top stacks by bytes; stack_id=\"other\" sums the rest.",
+            &|r| Some(r.bytes as f64),
+            Some(rest.iter().map(|r| r.bytes).sum::<u64>() as f64),
+        ),
+        (
             "tracer_stack_outstanding_allocations",
-            &labels(i),
-            shown[i].count as f64,
-        );
-    }
-    w.sample(
-        "tracer_stack_outstanding_allocations",
-        &other,
-        rest.iter().map(|r| r.count).sum::<u64>() as f64,
-    );
-    w.family(
-        "tracer_stack_growth_bytes_per_second",
-        "gauge",
-        "Growth of the stack's bytes held past 1 s, over the last 10 s (as in tracer top).",
-    );
-    for i in 0..shown.len() {
-        if let Some(g) = shown[i].growth {
-            w.sample("tracer_stack_growth_bytes_per_second", &labels(i), g);
+            "Outstanding allocations of the top stacks.",
+            &|r| Some(r.count as f64),
+            Some(rest.iter().map(|r| r.count).sum::<u64>() as f64),
+        ),
+        (
+            "tracer_stack_growth_bytes_per_second",
+            "Growth of the stack's bytes held past 1 s, over the last 10 s (as in tracer top).",
+            &|r| r.growth,
+            None,
+        ),
+        (
+            "tracer_stack_oldest_allocation_age_seconds",
+            "Age of the stack's oldest outstanding allocation.",
+            &|r| r.oldest_age_s,
+            None,
+        ),
+    ];
+    for (name, help, value, rest_value) in families {
+        w.family(name, "gauge", help);
+        for (id, row) in &series {
+            let labels = [
+                base[0],
+                base[1],
+                ("stack_id", id.as_str()),
+                ("function", row.function.as_str()),
+                ("location", row.location.as_deref().unwrap_or("")),
+            ];
+            if let Some(v) = value(row) {
+                w.sample(name, &labels, v);
+            }
         }
-    }
-    w.family(
-        "tracer_stack_oldest_allocation_age_seconds",
-        "gauge",
-        "Age of the stack's oldest outstanding allocation.",
-    );
-    for i in 0..shown.len() {
-        if let Some(age) = shown[i].oldest_age_s {
-            w.sample(
-                "tracer_stack_oldest_allocation_age_seconds",
-                &labels(i),
-                age,
-            );
+        if let Some(v) = rest_value {
+            w.sample(name, &other, v);
         }
     }
     w.out
