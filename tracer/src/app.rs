@@ -200,11 +200,14 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
     attach_all(&mut probes, &objects, pid)?;
     describe(&probes, options.verbose);
     let run = run_info(&process, &objects, min_age);
-    if options.verbose {
-        eprintln!("tracer: attached to PID {pid} ({})", run.command);
-    }
+    let command = run.command.clone();
     let watch = TargetWatch::attached(pid)?;
-    Ok((LiveTrace::new(probes, process, run), watch))
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace = LiveTrace::new(probes, process, run);
+    if options.verbose {
+        eprintln!("tracer: attached to PID {pid} ({command})");
+    }
+    Ok((trace, watch))
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.
