@@ -28,6 +28,7 @@ fn main() {
         "longjmp",
         "main_exits",
         "soak",
+        "mapped",
     ] {
         run(Command::new("gcc")
             .args(c_flags)
@@ -35,6 +36,39 @@ fn main() {
             .arg("-o")
             .arg(out.join(format!("{name}_c"))));
     }
+    // The C fixture under other C libraries: glibc linked statically (the
+    // allocator is in the executable), musl dynamic (musl's loader is its
+    // libc) and musl static.
+    let leaky = dir.join("leaky.c");
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg("-static")
+        .arg(&leaky)
+        .arg("-o")
+        .arg(out.join("leaky_c_static")));
+    for (name, extra) in [
+        ("leaky_c_musl", None),
+        ("leaky_c_musl_static", Some("-static")),
+    ] {
+        run(Command::new("musl-gcc")
+            .args(c_flags)
+            .args(extra)
+            .arg(&leaky)
+            .arg("-o")
+            .arg(out.join(name)));
+    }
+    // Linked with jemalloc (not preloaded): DT_NEEDED puts it before libc.
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg(dir.join("attach.c"))
+        .arg("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        .arg("-o")
+        .arg(out.join("attach_c_jemalloc")));
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg(dir.join("prefixed.c"))
+        .arg("-o")
+        .arg(out.join("prefixed_c")));
     run(Command::new("g++")
         .args(c_flags)
         .arg(dir.join("leaky.cpp"))

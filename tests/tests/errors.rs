@@ -113,7 +113,11 @@ fn works_without_kernel_btf() {
         ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let expected = expectations(&stdout);
     let json_start = stdout.find("{\n").expect("a JSON report");

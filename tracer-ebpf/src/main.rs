@@ -1,5 +1,6 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
+//! - `mmap`: syscall tracepoints on mmap, munmap, mremap and brk;
 //! - `stack`: user stack capture shared by all allocation paths;
 //! - `maps`: every map, in one place, with its sizing rationale.
 #![no_std]
@@ -9,6 +10,7 @@
 
 mod alloc;
 mod maps;
+mod mmap;
 mod stack;
 mod unwind;
 

@@ -10,14 +10,9 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use crate::{
-    elf::ElfInfo,
-    procmaps::Mapping,
-    target::{Process, TargetError},
-};
+use crate::{elf::ElfInfo, target::TargetError};
 
 /// The entry programs in `tracer-ebpf/src/alloc.rs`, by calling convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,6 +68,34 @@ pub const FUNCTIONS: &[(&str, Entry)] = &[
     // C23; glibc 2.39+ has them. Their first argument is the pointer.
     ("free_sized", Entry::Free),
     ("free_aligned_sized", Entry::Free),
+    // jemalloc's own API (also under a prefix: je_mallocx, _rjem_sdallocx).
+    ("mallocx", Entry::Malloc),
+    ("rallocx", Entry::Realloc),
+    ("dallocx", Entry::Free),
+    ("sdallocx", Entry::Free),
+    // C++ operators, where an allocator object defines them (jemalloc,
+    // tcmalloc and mimalloc do, and do not go through `malloc`): new and
+    // new[], plain, nothrow, aligned (size first in all), and every delete.
+    ("_Znwm", Entry::Malloc),
+    ("_Znam", Entry::Malloc),
+    ("_ZnwmRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnamRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnwmSt11align_val_t", Entry::Malloc),
+    ("_ZnamSt11align_val_t", Entry::Malloc),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", Entry::Malloc),
+    ("_ZdlPv", Entry::Free),
+    ("_ZdaPv", Entry::Free),
+    ("_ZdlPvm", Entry::Free),
+    ("_ZdaPvm", Entry::Free),
+    ("_ZdlPvRKSt9nothrow_t", Entry::Free),
+    ("_ZdaPvRKSt9nothrow_t", Entry::Free),
+    ("_ZdlPvSt11align_val_t", Entry::Free),
+    ("_ZdaPvSt11align_val_t", Entry::Free),
+    ("_ZdlPvmSt11align_val_t", Entry::Free),
+    ("_ZdaPvmSt11align_val_t", Entry::Free),
+    ("_ZdlPvSt11align_val_tRKSt9nothrow_t", Entry::Free),
+    ("_ZdaPvSt11align_val_tRKSt9nothrow_t", Entry::Free),
 ];
 
 /// One address to probe. Aliases (glibc's `aligned_alloc` and `memalign`
@@ -101,6 +124,8 @@ pub enum AllocatorError {
     NotFound { pid: u32, searched: String },
     #[error("no allocator found for {command}: none of {searched} defines both malloc and free (a stripped static binary has no symbols to probe)")]
     NotFoundForCommand { command: String, searched: String },
+    #[error("--symbols-prefix {prefix}: none of {searched} defines both {prefix}malloc and {prefix}free")]
+    PrefixNotFound { prefix: String, searched: String },
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error("cannot list the libraries of {command}: {reason}")]
@@ -127,32 +152,6 @@ pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
             });
     }
     Some(by_offset.into_values().collect())
-}
-
-fn try_object(path: &str, host_path: PathBuf) -> Option<AllocatorObject> {
-    let info = ElfInfo::read(&host_path).ok()?;
-    Some(AllocatorObject {
-        path: path.to_string(),
-        points: probe_points(&info)?,
-        host_path,
-    })
-}
-
-/// Finds the allocator of a running process.
-pub fn locate(process: &Process, maps: &[Mapping]) -> Result<AllocatorObject, AllocatorError> {
-    let exe = process.exe()?;
-    let preload = process.environ_var("LD_PRELOAD").unwrap_or_default();
-    let mapped: Vec<&str> = maps.iter().filter_map(Mapping::file_path).collect();
-    let candidates = lookup_order(&exe, &preload, &mapped);
-    for path in &candidates {
-        if let Some(found) = try_object(path, process.host_path(path)) {
-            return Ok(found);
-        }
-    }
-    Err(AllocatorError::NotFound {
-        pid: process.pid,
-        searched: candidates.join(", "),
-    })
 }
 
 /// Objects in the order the dynamic linker searches them for a symbol:
@@ -186,53 +185,6 @@ pub fn lookup_order<'a>(exe: &'a str, preload: &'a str, mapped: &[&'a str]) -> V
         }
     }
     order
-}
-
-/// Finds the allocator a command will use once started, before it runs:
-/// a static executable is its own allocator; otherwise the dynamic loader
-/// lists the libraries it would load (`ld.so --list`, what ldd does; no code
-/// of the program runs), with the environment the command will get.
-pub fn locate_for_command(
-    exe: &Path,
-    env: &[(String, String)],
-) -> Result<AllocatorObject, AllocatorError> {
-    let command = exe.display().to_string();
-    let info = crate::elf::ElfInfo::read(exe).map_err(|e| AllocatorError::ListLibraries {
-        command: command.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut candidates = vec![command.clone()];
-    if let Some(interp) = &info.interpreter {
-        let output = Command::new(interp)
-            .arg("--list")
-            .arg(exe)
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .map_err(|e| AllocatorError::ListLibraries {
-                command: command.clone(),
-                reason: format!("{interp}: {e}"),
-            })?;
-        if !output.status.success() {
-            return Err(AllocatorError::ListLibraries {
-                command,
-                reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        candidates.extend(parse_ld_list(
-            &String::from_utf8_lossy(&output.stdout),
-            interp,
-        ));
-    }
-    for path in &candidates {
-        if let Some(found) = try_object(path, PathBuf::from(path)) {
-            return Ok(found);
-        }
-    }
-    Err(AllocatorError::NotFoundForCommand {
-        command,
-        searched: candidates.join(", "),
-    })
 }
 
 /// Paths from `ld.so --list` output, in load order, without the loader itself.
@@ -296,9 +248,11 @@ mod tests {
 
     #[test]
     fn glibc_aliases_become_one_probe_point() {
-        let me = Process::open(std::process::id()).unwrap();
+        let me = crate::target::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
-        let found = locate(&me, &maps).unwrap();
+        let found = crate::detect::for_process(&me, &maps, &[])
+            .unwrap()
+            .remove(0);
         assert!(found.path.contains("libc.so"), "{}", found.path);
         let offsets: Vec<u64> = found.points.iter().map(|p| p.file_offset).collect();
         let mut unique = offsets.clone();

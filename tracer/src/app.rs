@@ -6,10 +6,10 @@ use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Du
 use anyhow::{Context as _, Result};
 
 use crate::{
-    allocator::{self, AllocatorObject},
+    allocator::AllocatorObject,
     check,
     cli::{Cli, Command, DiffFormat, Format, TraceOptions},
-    diff,
+    detect, diff,
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
     output, privileges,
@@ -147,21 +147,32 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
     })
 }
 
-fn run_info(process: &Process, object: &AllocatorObject, min_age: Duration) -> RunInfo {
+fn run_info(process: &Process, objects: &[AllocatorObject], min_age: Duration) -> RunInfo {
     RunInfo {
         pid: process.pid,
         command: process.command_line(),
         attached_ns: crate::collect::monotonic_ns(),
         min_age_ns: min_age.as_nanos() as u64,
-        allocator: AllocatorInfo {
-            object: object.path.clone(),
-            functions: object
-                .points
-                .iter()
-                .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
-                .collect(),
-        },
+        allocators: objects
+            .iter()
+            .map(|object| AllocatorInfo {
+                object: object.path.clone(),
+                functions: object
+                    .points
+                    .iter()
+                    .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
+                    .collect(),
+            })
+            .collect(),
     }
+}
+
+/// Attaches the probes of every allocator object.
+fn attach_all(probes: &mut Probes, objects: &[AllocatorObject], pid: u32) -> Result<()> {
+    for object in objects {
+        probes.attach(object, pid)?;
+    }
+    Ok(())
 }
 
 fn describe(probes: &Probes, verbose: bool) {
@@ -185,21 +196,21 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
     privileges::check()?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
-    let object = allocator::locate(&process, &maps)?;
+    let objects = detect::for_process(&process, &maps, &options.symbols_prefix)?;
     let mut probes = load_probes(options)?;
     probes.add_target(pid)?;
-    probes.attach(&object, pid)?;
+    attach_all(&mut probes, &objects, pid)?;
     describe(&probes, options.verbose);
-    let run = run_info(&process, &object, min_age);
-    if options.verbose {
-        eprintln!("tracer: attached to PID {pid} ({})", run.command);
-    }
+    let run = run_info(&process, &objects, min_age);
+    let command = run.command.clone();
     let watch = TargetWatch::attached(pid)?;
     let unwinder = unwinder(&mut probes, &process, options)?;
-    Ok((
-        LiveTrace::new(probes, process, run).with_unwinder(unwinder),
-        watch,
-    ))
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder);
+    if options.verbose {
+        eprintln!("tracer: attached to PID {pid} ({command})");
+    }
+    Ok((trace, watch))
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.
@@ -212,7 +223,7 @@ fn start(
     privileges::check()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let object = allocator::locate_for_command(&exe, &env)?;
+    let objects = detect::for_command(&exe, &env, &options.symbols_prefix)?;
     let mut probes = load_probes(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
@@ -220,10 +231,10 @@ fn start(
     let pid = child.pid;
     probes.add_target(pid)?;
     // On error, dropping `child` detaches it, so it is not left stopped.
-    probes.attach(&object, pid)?;
+    attach_all(&mut probes, &objects, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
-    let mut run = run_info(&process, &object, min_age);
+    let mut run = run_info(&process, &objects, min_age);
     run.command = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())

@@ -174,6 +174,11 @@ pub struct TraceOptions {
     /// Distinct call stacks the kernel side can hold (about 1 KiB each, allocated as used).
     #[arg(long, default_value_t = 65536)]
     pub max_stacks: u32,
+    /// Also probe an allocator whose functions carry this prefix
+    /// (PREFIXmalloc, PREFIXfree, ...), in the first object that defines
+    /// them; repeatable. je_, _rjem_, mi_ and tc_ are looked for anyway.
+    #[arg(long = "symbols-prefix", value_name = "PREFIX")]
+    pub symbols_prefix: Vec<String>,
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
