@@ -27,6 +27,8 @@ fn main() {
         "realloc_race",
         "longjmp",
         "main_exits",
+        "soak",
+        "mapped",
         "sampled",
     ] {
         run(Command::new("gcc")
@@ -35,12 +37,77 @@ fn main() {
             .arg("-o")
             .arg(out.join(format!("{name}_c"))));
     }
+    // The C fixture under other C libraries: glibc linked statically (the
+    // allocator is in the executable), musl dynamic (musl's loader is its
+    // libc) and musl static.
+    let leaky = dir.join("leaky.c");
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg("-static")
+        .arg(&leaky)
+        .arg("-o")
+        .arg(out.join("leaky_c_static")));
+    for (name, extra) in [
+        ("leaky_c_musl", None),
+        ("leaky_c_musl_static", Some("-static")),
+    ] {
+        run(Command::new("musl-gcc")
+            .args(c_flags)
+            .args(extra)
+            .arg(&leaky)
+            .arg("-o")
+            .arg(out.join(name)));
+    }
+    // Linked with jemalloc (not preloaded): DT_NEEDED puts it before libc.
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg(dir.join("attach.c"))
+        .arg("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        .arg("-o")
+        .arg(out.join("attach_c_jemalloc")));
+    run(Command::new("gcc")
+        .args(c_flags)
+        .arg(dir.join("prefixed.c"))
+        .arg("-o")
+        .arg(out.join("prefixed_c")));
     run(Command::new("g++")
         .args(c_flags)
         .arg(dir.join("leaky.cpp"))
         .arg("-o")
         .arg(out.join("leaky_cpp")));
+    // Without frame pointers, as distributions build release code: for
+    // `--unwind cfi`.
+    let nofp = ["-g", "-O2", "-fomit-frame-pointer", "-Wall"];
+    run(Command::new("gcc")
+        .args(nofp)
+        .arg(dir.join("nofp.c"))
+        .arg("-o")
+        .arg(out.join("nofp_c")));
+    run(Command::new("g++")
+        .args(nofp)
+        .arg(dir.join("nofp.cpp"))
+        .arg("-o")
+        .arg(out.join("nofp_cpp")));
+    // A plugin loaded with dlopen after attach, and its host.
+    run(Command::new("gcc")
+        .args(nofp)
+        .args(["-shared", "-fPIC"])
+        .arg(dir.join("plugin.c"))
+        .arg("-o")
+        .arg(out.join("libplugin.so")));
+    run(Command::new("gcc")
+        .args(nofp)
+        .arg(dir.join("dlopen.c"))
+        .arg("-o")
+        .arg(out.join("dlopen_c"))
+        .arg("-ldl"));
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // The Rust fixture again, optimized and without forced frame pointers.
+    run(Command::new(&rustc)
+        .args(["-g", "-C", "opt-level=2", "--edition", "2021"])
+        .arg(dir.join("leaky.rs"))
+        .arg("-o")
+        .arg(out.join("leaky_rs_nofp")));
     run(Command::new(rustc)
         .args([
             "-g",

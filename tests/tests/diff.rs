@@ -11,7 +11,10 @@ fn demo_report(seconds: &str) -> std::path::PathBuf {
     require_root();
     let program = fixture("demo_c");
     let (report, _, _) = trace_run(&[program.to_str().unwrap(), seconds], &[]);
-    let path = temp_path(&format!("demo-{seconds}s.json"));
+    // Unique per call: tests run in parallel and two may trace the same duration.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = temp_path(&format!("demo-{seconds}s-{call}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     path
 }

@@ -96,3 +96,32 @@ fn bad_duration_is_a_usage_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a duration"));
 }
+
+/// The programs need no kernel BTF (no CO-RE relocations): with
+/// /sys/kernel/btf/vmlinux hidden (an empty file bound over it in a private
+/// mount namespace) tracing works and stays exact.
+#[test]
+fn works_without_kernel_btf() {
+    require_root();
+    let leaky = fixture("leaky_c");
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec {} run --format json --top 0 -- {}",
+            tracer().display(),
+            leaky.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = expectations(&stdout);
+    let json_start = stdout.find("{\n").expect("a JSON report");
+    let report: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    let sites: Vec<&str> = expected.keys().map(String::as_str).collect();
+    assert_eq!(report_by_site(&report, &sites), expected);
+}

@@ -204,11 +204,19 @@ fn ctrl_c_in_run_waits_for_the_command_and_passes_its_status_on() {
         .arg("--")
         .arg(fixture("growing_c"))
         .arg("30")
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .process_group(0)
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The command's first line: it runs traced, and the tracer listens for signals.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(tracer.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("growing:"), "{line}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
     // What a terminal does on Ctrl-C: SIGINT to every process of the group.
     unsafe { libc::kill(-(tracer.id() as i32), libc::SIGINT) };
     let status = tracer.wait().unwrap();

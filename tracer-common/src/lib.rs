@@ -5,6 +5,8 @@
 //! `aya::Pod` impls so userspace can use the types as map keys and values.
 #![no_std]
 
+pub mod unwind;
+
 /// Deepest user stack the programs record. The kernel caps user stacks at
 /// `perf_event_max_stack` (127 by default); deeper stacks are cut there and
 /// marked truncated.
@@ -195,8 +197,73 @@ pub const SAMPLE_WEIGHT_SLOTS: u32 = 16 * SAMPLE_WEIGHT_STEPS + 1;
 /// only settles the old block (realloc) and records nothing.
 pub const IN_FLIGHT_UNSAMPLED: u32 = 1;
 
+/// What an `MmapEvent` says happened (see `tracer-ebpf/src/mmap.rs`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmapKind {
+    /// An anonymous mapping (private or shared) was made at `addr`, `len`
+    /// bytes. With MAP_FIXED it replaced whatever was there.
+    Map = 1,
+    /// A MAP_FIXED mapping that is not anonymous replaced whatever was at
+    /// `addr`, `len` bytes: only a removal for the tracer.
+    Replace = 2,
+    /// `munmap(addr, len)` succeeded.
+    Unmap = 3,
+    /// `mremap(old_addr, old_len, len, flags)` succeeded and returned `addr`.
+    Remap = 4,
+}
+
+/// One change to a traced process's mappings, sent to userspace through a
+/// ring buffer: ranges are split and merged there (a hole punched in the
+/// middle of a mapping cannot be found by key in a BPF hash map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmapEvent {
+    /// `MmapKind` as u32.
+    pub kind: u32,
+    pub tgid: u32,
+    pub addr: u64,
+    pub len: u64,
+    /// Remap: the range given up (unless `flags` has MREMAP_DONTUNMAP or
+    /// `old_len` is 0, which keep it).
+    pub old_addr: u64,
+    pub old_len: u64,
+    /// mmap or mremap flags.
+    pub flags: u64,
+    /// Map and Remap: the caller's stack in `MMAP_STACKS`.
+    pub stack_id: u64,
+    /// When the syscall started: a removal applies only to ranges recorded
+    /// before it, since a range unmapped here may be handed to another
+    /// thread, whose event can reach userspace first.
+    pub enter_ns: u64,
+    /// When the syscall returned: the time a new range is recorded with.
+    pub exit_ns: u64,
+}
+
+/// A mmap-family syscall between its entry and exit, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmapCall {
+    /// `MmapKind` of the syscall (Map for every mmap).
+    pub kind: u32,
+    pub _pad: u32,
+    pub addr: u64,
+    pub len: u64,
+    /// mremap's new length.
+    pub new_len: u64,
+    pub flags: u64,
+    pub enter_ns: u64,
+}
+
+/// Slots of `MMAP_COUNTERS`.
+pub const MMAP_EVENTS_LOST: u32 = 0;
+pub const MMAP_STACKS_LOST: u32 = 1;
+pub const MMAP_COUNTER_SLOTS: u32 = 4;
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for MmapEvent {}
+    unsafe impl aya::Pod for MmapCall {}
     use super::*;
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for AllocRecord {}

@@ -1,7 +1,9 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
+//! - `mmap`: syscall tracepoints on mmap, munmap, mremap and brk;
 //! - `stack`: user stack capture shared by all allocation paths;
-//! - `unwind`: the frame-pointer walk it uses;
+//! - `fpwalk`: its frame-pointer walk (the default);
+//! - `unwind`: its CFI walk (`--unwind cfi`);
 //! - `maps`: every map, in one place, with its sizing rationale;
 //! - `sample`: sampling by bytes (`--sample-rate`);
 //! - `bench`: no-op programs and switches for measuring the tracer.
@@ -12,7 +14,9 @@
 
 mod alloc;
 mod bench;
+mod fpwalk;
 mod maps;
+mod mmap;
 mod sample;
 mod stack;
 mod unwind;

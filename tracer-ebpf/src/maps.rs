@@ -81,3 +81,34 @@ pub fn count(counter: tracer_common::Counter) {
 pub fn is_target(tgid: u32) -> bool {
     TARGETS.get_ptr(tgid).is_some()
 }
+
+// --- mmap family (see mmap.rs) ---
+
+/// mmap/munmap/mremap calls between their entry and exit, per thread.
+#[map]
+pub static MMAP_IN_FLIGHT: HashMap<u64, tracer_common::MmapCall> =
+    HashMap::with_max_entries(16384, 0);
+
+/// Changes to the traced processes' mappings, for userspace to apply in
+/// order. Resized by userspace.
+#[map]
+pub static MMAP_EVENTS: aya_ebpf::maps::RingBuf =
+    aya_ebpf::maps::RingBuf::with_byte_size(4 << 20, 0);
+
+/// Stacks of mmap and mremap calls (kept apart from the allocator's).
+#[map]
+pub static MMAP_STACKS: HashMap<u64, StackTrace> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Scratch space for one mapping stack.
+#[map]
+pub static MMAP_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// Program break (brk) last returned, per traced process.
+#[map]
+pub static BRK: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
+/// Lost events and stacks, by `tracer_common::MMAP_*` slot.
+#[map]
+pub static MMAP_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(tracer_common::MMAP_COUNTER_SLOTS, 0);

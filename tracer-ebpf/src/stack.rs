@@ -1,4 +1,5 @@
-//! User stack capture: frame-pointer walk (`unwind`),
+//! User stack capture: a frame-pointer walk (`fpwalk`) or a CFI walk
+//! (`unwind`, `--unwind cfi`),
 //! hashed here into a 64-bit id so that equal stacks share one `STACKS` entry
 //! and one `STACK_STATS` slot. A 64-bit hash makes collisions negligible
 //! (unlike `BPF_MAP_TYPE_STACK_TRACE`, whose bucket index collides often).
@@ -41,15 +42,26 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
     let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
-    // Our own walk, not bpf_get_stack: see unwind.rs for why.
-    crate::unwind::walk(ctx, buf);
+    // `--unwind cfi`: the CFI walker, when it has tables for this process;
+    // otherwise our own frame-pointer walk, not bpf_get_stack (fpwalk.rs
+    // says why). The length goes through the buffer, read back once.
+    let cut = match crate::unwind::walk(ctx.as_ptr() as *const _, buf) {
+        Some((frames, cut)) => {
+            buf.len = frames as u64;
+            cut
+        }
+        None => {
+            crate::fpwalk::walk(ctx, buf);
+            false
+        }
+    };
     let len = (unsafe { core::ptr::read_volatile(&buf.len) } as usize).min(MAX_FRAMES);
     if len == 0 {
         count(Counter::StackLost);
         return UNKNOWN;
     }
     buf.len = len as u64;
-    buf.truncated = (len == MAX_FRAMES) as u64;
+    buf.truncated = (len == MAX_FRAMES || cut) as u64;
 
     let mut hash = FNV_OFFSET ^ len as u64;
     for i in 0..MAX_FRAMES {

@@ -10,14 +10,9 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use crate::{
-    elf::ElfInfo,
-    procmaps::Mapping,
-    target::{Process, TargetError},
-};
+use crate::{elf::ElfInfo, target::TargetError};
 
 /// The entry programs in `tracer-ebpf/src/alloc.rs`, by calling convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,6 +68,34 @@ pub const FUNCTIONS: &[(&str, Entry)] = &[
     // C23; glibc 2.39+ has them. Their first argument is the pointer.
     ("free_sized", Entry::Free),
     ("free_aligned_sized", Entry::Free),
+    // jemalloc's own API (also under a prefix: je_mallocx, _rjem_sdallocx).
+    ("mallocx", Entry::Malloc),
+    ("rallocx", Entry::Realloc),
+    ("dallocx", Entry::Free),
+    ("sdallocx", Entry::Free),
+    // C++ operators, where an allocator object defines them (jemalloc,
+    // tcmalloc and mimalloc do, and do not go through `malloc`): new and
+    // new[], plain, nothrow, aligned (size first in all), and every delete.
+    ("_Znwm", Entry::Malloc),
+    ("_Znam", Entry::Malloc),
+    ("_ZnwmRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnamRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnwmSt11align_val_t", Entry::Malloc),
+    ("_ZnamSt11align_val_t", Entry::Malloc),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", Entry::Malloc),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", Entry::Malloc),
+    ("_ZdlPv", Entry::Free),
+    ("_ZdaPv", Entry::Free),
+    ("_ZdlPvm", Entry::Free),
+    ("_ZdaPvm", Entry::Free),
+    ("_ZdlPvRKSt9nothrow_t", Entry::Free),
+    ("_ZdaPvRKSt9nothrow_t", Entry::Free),
+    ("_ZdlPvSt11align_val_t", Entry::Free),
+    ("_ZdaPvSt11align_val_t", Entry::Free),
+    ("_ZdlPvmSt11align_val_t", Entry::Free),
+    ("_ZdaPvmSt11align_val_t", Entry::Free),
+    ("_ZdlPvSt11align_val_tRKSt9nothrow_t", Entry::Free),
+    ("_ZdaPvSt11align_val_tRKSt9nothrow_t", Entry::Free),
 ];
 
 /// One address to probe. Aliases (glibc's `aligned_alloc` and `memalign`
@@ -81,9 +104,10 @@ pub const FUNCTIONS: &[(&str, Entry)] = &[
 pub struct ProbePoint {
     /// Where the function starts in the file (return probes go here).
     pub file_offset: u64,
-    /// Bytes past the start where the entry probe goes (see `placement`):
-    /// non-zero only for probes that need no return value, when skipping a
-    /// leading NULL guard is provably the same and cheaper.
+    /// Bytes past the start where the entry probe goes (see `placement` and
+    /// `place_entry_probes`): non-zero only for probes that need no return
+    /// value, when skipping a leading NULL guard is provably the same and
+    /// cheaper.
     pub entry_skip: u64,
     pub entry: Entry,
     /// Every allocator name at this address.
@@ -106,6 +130,8 @@ pub enum AllocatorError {
     NotFound { pid: u32, searched: String },
     #[error("no allocator found for {command}: none of {searched} defines both malloc and free (a stripped static binary has no symbols to probe)")]
     NotFoundForCommand { command: String, searched: String },
+    #[error("--symbols-prefix {prefix}: none of {searched} defines both {prefix}malloc and {prefix}free")]
+    PrefixNotFound { prefix: String, searched: String },
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error("cannot list the libraries of {command}: {reason}")]
@@ -113,10 +139,8 @@ pub enum AllocatorError {
 }
 
 /// The probe points of one object, or None when it does not define both
-/// `malloc` and `free`. `data` is the object's bytes, to place probes past a
-/// leading NULL guard where that is safe; without it every probe is at its
-/// function's entry.
-pub fn probe_points(info: &ElfInfo, data: Option<&[u8]>) -> Option<Vec<ProbePoint>> {
+/// `malloc` and `free`.
+pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
     info.function_offset("malloc")?;
     info.function_offset("free")?;
     let mut by_offset: BTreeMap<u64, ProbePoint> = BTreeMap::new();
@@ -127,13 +151,9 @@ pub fn probe_points(info: &ElfInfo, data: Option<&[u8]>) -> Option<Vec<ProbePoin
         by_offset
             .entry(offset)
             .and_modify(|p| p.functions.push(name))
-            .or_insert_with(|| ProbePoint {
+            .or_insert(ProbePoint {
                 file_offset: offset,
-                entry_skip: if entry.needs_return() {
-                    0
-                } else {
-                    entry_skip(info, data, name, offset)
-                },
+                entry_skip: 0,
                 entry,
                 functions: vec![name],
             });
@@ -141,49 +161,45 @@ pub fn probe_points(info: &ElfInfo, data: Option<&[u8]>) -> Option<Vec<ProbePoin
     Some(by_offset.into_values().collect())
 }
 
-/// See `placement::first_argument_probe`.
-fn entry_skip(info: &ElfInfo, data: Option<&[u8]>, name: &str, offset: u64) -> u64 {
-    let (Some(data), Some(address), Some(size)) = (
-        data,
-        info.function_address(name),
-        info.function_size(name),
-    ) else {
-        return 0;
+/// Moves the entry probes of functions that need no return value (the
+/// `free` family) past a leading NULL guard, where `placement` proves that
+/// the same calls are seen; every other probe stays at its function's entry.
+/// Reads the object's code; on any failure the probes stay where they are.
+pub fn place_entry_probes(object: &mut AllocatorObject) {
+    if object.points.iter().all(|p| p.entry.needs_return()) {
+        return;
+    }
+    let Ok(data) = std::fs::read(&object.host_path) else {
+        return;
     };
+    let Ok(info) = ElfInfo::parse(&data) else {
+        return;
+    };
+    for point in &mut object.points {
+        if point.entry.needs_return() {
+            continue;
+        }
+        point.entry_skip = point
+            .functions
+            .iter()
+            .find_map(|name| entry_skip(&info, &data, name, point.file_offset))
+            .unwrap_or(0);
+    }
+}
+
+/// See `placement::first_argument_probe`; None when the symbol `name` is
+/// not the function at `offset` or its code cannot be read.
+fn entry_skip(info: &ElfInfo, data: &[u8], name: &str, offset: u64) -> Option<u64> {
+    if info.function_offset(name)? != offset {
+        return None;
+    }
+    let address = info.function_address(name)?;
+    let size = info.function_size(name)?;
     let start = offset as usize;
-    let Some(code) = data.get(start..start.saturating_add(size as usize)) else {
-        return 0;
-    };
+    let code = data.get(start..start.checked_add(size as usize)?)?;
     let placement = crate::placement::first_argument_probe(code, address);
     log::debug!("{name}: entry probe at +{} ({})", placement.skip, placement.reason);
-    placement.skip
-}
-
-fn try_object(path: &str, host_path: PathBuf) -> Option<AllocatorObject> {
-    let data = std::fs::read(&host_path).ok()?;
-    let info = ElfInfo::parse(&data).ok()?;
-    Some(AllocatorObject {
-        path: path.to_string(),
-        points: probe_points(&info, Some(&data))?,
-        host_path,
-    })
-}
-
-/// Finds the allocator of a running process.
-pub fn locate(process: &Process, maps: &[Mapping]) -> Result<AllocatorObject, AllocatorError> {
-    let exe = process.exe()?;
-    let preload = process.environ_var("LD_PRELOAD").unwrap_or_default();
-    let mapped: Vec<&str> = maps.iter().filter_map(Mapping::file_path).collect();
-    let candidates = lookup_order(&exe, &preload, &mapped);
-    for path in &candidates {
-        if let Some(found) = try_object(path, process.host_path(path)) {
-            return Ok(found);
-        }
-    }
-    Err(AllocatorError::NotFound {
-        pid: process.pid,
-        searched: candidates.join(", "),
-    })
+    Some(placement.skip)
 }
 
 /// Objects in the order the dynamic linker searches them for a symbol:
@@ -217,53 +233,6 @@ pub fn lookup_order<'a>(exe: &'a str, preload: &'a str, mapped: &[&'a str]) -> V
         }
     }
     order
-}
-
-/// Finds the allocator a command will use once started, before it runs:
-/// a static executable is its own allocator; otherwise the dynamic loader
-/// lists the libraries it would load (`ld.so --list`, what ldd does; no code
-/// of the program runs), with the environment the command will get.
-pub fn locate_for_command(
-    exe: &Path,
-    env: &[(String, String)],
-) -> Result<AllocatorObject, AllocatorError> {
-    let command = exe.display().to_string();
-    let info = crate::elf::ElfInfo::read(exe).map_err(|e| AllocatorError::ListLibraries {
-        command: command.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut candidates = vec![command.clone()];
-    if let Some(interp) = &info.interpreter {
-        let output = Command::new(interp)
-            .arg("--list")
-            .arg(exe)
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .map_err(|e| AllocatorError::ListLibraries {
-                command: command.clone(),
-                reason: format!("{interp}: {e}"),
-            })?;
-        if !output.status.success() {
-            return Err(AllocatorError::ListLibraries {
-                command,
-                reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        candidates.extend(parse_ld_list(
-            &String::from_utf8_lossy(&output.stdout),
-            interp,
-        ));
-    }
-    for path in &candidates {
-        if let Some(found) = try_object(path, PathBuf::from(path)) {
-            return Ok(found);
-        }
-    }
-    Err(AllocatorError::NotFoundForCommand {
-        command,
-        searched: candidates.join(", "),
-    })
 }
 
 /// Paths from `ld.so --list` output, in load order, without the loader itself.
@@ -327,9 +296,11 @@ mod tests {
 
     #[test]
     fn glibc_aliases_become_one_probe_point() {
-        let me = Process::open(std::process::id()).unwrap();
+        let me = crate::target::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
-        let found = locate(&me, &maps).unwrap();
+        let found = crate::detect::for_process(&me, &maps, &[])
+            .unwrap()
+            .remove(0);
         assert!(found.path.contains("libc.so"), "{}", found.path);
         let offsets: Vec<u64> = found.points.iter().map(|p| p.file_offset).collect();
         let mut unique = offsets.clone();
@@ -353,18 +324,6 @@ mod tests {
                 "{required} missing from {names:?}"
             );
         }
-        let free = found
-            .points
-            .iter()
-            .find(|p| p.functions.contains(&"free"))
-            .unwrap();
-        assert_eq!(free.entry, Entry::Free);
-        assert!(free.entry_skip < 16, "{free:?}");
-        for p in &found.points {
-            if p.entry.needs_return() {
-                assert_eq!(p.entry_skip, 0, "return probes stay at the entry: {p:?}");
-            }
-        }
         let memalign = found
             .points
             .iter()
@@ -374,5 +333,28 @@ mod tests {
             memalign.functions.contains(&"aligned_alloc"),
             "glibc 2.36 aliases these"
         );
+    }
+
+    #[test]
+    fn only_free_like_probes_may_move_past_the_entry() {
+        let me = crate::target::Process::open(std::process::id()).unwrap();
+        let maps = me.maps().unwrap();
+        let mut found = crate::detect::for_process(&me, &maps, &[])
+            .unwrap()
+            .remove(0);
+        place_entry_probes(&mut found);
+        let free = found
+            .points
+            .iter()
+            .find(|p| p.functions.contains(&"free"))
+            .unwrap();
+        assert_eq!(free.entry, Entry::Free);
+        // glibc 2.36: 9, past `test rdi,rdi; je`; other versions may differ.
+        assert!(free.entry_skip < 16, "{free:?}");
+        for p in &found.points {
+            if p.entry.needs_return() {
+                assert_eq!(p.entry_skip, 0, "return probes stay at the entry: {p:?}");
+            }
+        }
     }
 }

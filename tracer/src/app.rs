@@ -6,10 +6,10 @@ use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Du
 use anyhow::{Context as _, Result};
 
 use crate::{
-    allocator::{self, AllocatorObject},
+    allocator::AllocatorObject,
     check,
     cli::{Cli, Command, DiffFormat, Format, TraceOptions},
-    diff,
+    detect, diff,
     launch::{self, ChildOutput, Credentials},
     live::LiveTrace,
     output, privileges,
@@ -150,6 +150,8 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
         MapSizes {
             allocations: options.max_allocations,
             stacks: options.max_stacks,
+            unwind: options.unwind,
+            unwind_rows: options.unwind_rows,
         },
         variant,
         options.sample_rate,
@@ -158,7 +160,7 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
 
 fn run_info(
     process: &Process,
-    object: &AllocatorObject,
+    objects: &[AllocatorObject],
     min_age: Duration,
     sample_rate: Option<u64>,
 ) -> RunInfo {
@@ -167,17 +169,28 @@ fn run_info(
         command: process.command_line(),
         attached_ns: crate::collect::monotonic_ns(),
         min_age_ns: min_age.as_nanos() as u64,
-        allocator: AllocatorInfo {
-            object: object.path.clone(),
-            functions: object
-                .points
-                .iter()
-                .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
-                .collect(),
-            sample_rate_bytes: sample_rate,
-            estimated: sample_rate.is_some(),
-        },
+        allocators: objects
+            .iter()
+            .map(|object| AllocatorInfo {
+                object: object.path.clone(),
+                functions: object
+                    .points
+                    .iter()
+                    .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
+                    .collect(),
+                sample_rate_bytes: sample_rate,
+                estimated: sample_rate.is_some(),
+            })
+            .collect(),
     }
+}
+
+/// Attaches the probes of every allocator object.
+fn attach_all(probes: &mut Probes, objects: &[AllocatorObject], pid: u32) -> Result<()> {
+    for object in objects {
+        probes.attach(object, pid)?;
+    }
+    Ok(())
 }
 
 fn describe(probes: &Probes, verbose: bool) {
@@ -201,14 +214,15 @@ fn describe(probes: &Probes, verbose: bool) {
     }
 }
 
-/// `--entry-probes` puts every probe back at its function's entry.
-fn placed(mut object: AllocatorObject, options: &TraceOptions) -> AllocatorObject {
-    if options.entry_probes {
-        for point in &mut object.points {
-            point.entry_skip = 0;
+/// Places each object's entry probes (see `allocator::place_entry_probes`);
+/// `--entry-probes` keeps them all at their functions' entries.
+fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<AllocatorObject> {
+    if !options.entry_probes {
+        for object in &mut objects {
+            crate::allocator::place_entry_probes(object);
         }
     }
-    object
+    objects
 }
 
 /// Attaches to a running process.
@@ -217,12 +231,15 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
     privileges::check()?;
     let process = Process::open(pid)?;
     let maps = process.maps()?;
-    let object = placed(allocator::locate(&process, &maps)?, options);
+    let objects = placed(
+        detect::for_process(&process, &maps, &options.symbols_prefix)?,
+        options,
+    );
     let located = std::time::Instant::now();
     let mut probes = load_probes(options)?;
     let loaded = std::time::Instant::now();
     probes.add_target(pid)?;
-    probes.attach(&object, pid)?;
+    attach_all(&mut probes, &objects, pid)?;
     if options.timings {
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
         let now = std::time::Instant::now();
@@ -235,12 +252,16 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
         );
     }
     describe(&probes, options.verbose);
-    let run = run_info(&process, &object, min_age, options.sample_rate);
-    if options.verbose {
-        eprintln!("tracer: attached to PID {pid} ({})", run.command);
-    }
+    let run = run_info(&process, &objects, min_age, options.sample_rate);
+    let command = run.command.clone();
     let watch = TargetWatch::attached(pid)?;
-    Ok((LiveTrace::new(probes, process, run), watch))
+    let unwinder = unwinder(&mut probes, &process, options)?;
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder);
+    if options.verbose {
+        eprintln!("tracer: attached to PID {pid} ({command})");
+    }
+    Ok((trace, watch))
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.
@@ -253,7 +274,10 @@ fn start(
     privileges::check()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let object = placed(allocator::locate_for_command(&exe, &env)?, options);
+    let objects = placed(
+        detect::for_command(&exe, &env, &options.symbols_prefix)?,
+        options,
+    );
     let mut probes = load_probes(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
@@ -261,16 +285,42 @@ fn start(
     let pid = child.pid;
     probes.add_target(pid)?;
     // On error, dropping `child` detaches it, so it is not left stopped.
-    probes.attach(&object, pid)?;
+    attach_all(&mut probes, &objects, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
-    let mut run = run_info(&process, &object, min_age, options.sample_rate);
+    let mut run = run_info(&process, &objects, min_age, options.sample_rate);
     run.command = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let trace = LiveTrace::new(probes, process, run);
-    child.release();
+    let unwinder = unwinder(&mut probes, &process, options)?;
+    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder.clone());
+    match unwinder {
+        // At exec only the program and the dynamic loader are mapped: the
+        // libraries' tables are added when the program reaches its entry
+        // point, before any of its own code runs.
+        Some(unwinder) => child.release_with_entry_hook(Box::new(move || {
+            if let Err(e) = unwinder.lock().unwrap().refresh() {
+                log::warn!("unwind tables at entry: {e:#}");
+            }
+        })),
+        None => child.release(),
+    }
     Ok((trace, TargetWatch::Child(child)))
+}
+
+/// With `--unwind cfi`: the unwind tables of what the process has mapped.
+fn unwinder(
+    probes: &mut Probes,
+    process: &Process,
+    options: &TraceOptions,
+) -> Result<Option<crate::unwind::SharedUnwinder>> {
+    if options.unwind != crate::unwind::UnwindMode::Cfi {
+        return Ok(None);
+    }
+    let mut unwinder =
+        crate::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
+    unwinder.refresh().context("unwind tables")?;
+    Ok(Some(unwinder.shared()))
 }

@@ -179,9 +179,23 @@ pub struct TraceOptions {
     /// programs; reported bytes and counts become unbiased estimates.
     #[arg(long, value_name = "BYTES", value_parser = crate::sampling::parse_rate)]
     pub sample_rate: Option<u64>,
+    /// Also probe an allocator whose functions carry this prefix
+    /// (PREFIXmalloc, PREFIXfree, ...), in the first object that defines
+    /// them; repeatable. je_, _rjem_, mi_ and tc_ are looked for anyway.
+    #[arg(long = "symbols-prefix", value_name = "PREFIX")]
+    pub symbols_prefix: Vec<String>,
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
+    /// How allocation stacks are walked: fp (frame pointers) or cfi (the
+    /// .eh_frame unwind tables of every mapped object, for code built
+    /// without frame pointers; costs kernel memory for the tables).
+    #[arg(long, value_enum, default_value_t = crate::unwind::UnwindMode::Fp)]
+    pub unwind: crate::unwind::UnwindMode,
+    /// With --unwind cfi: unwind rows the kernel side can hold for all
+    /// mapped objects together (8 bytes each, allocated up front).
+    #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
+    pub unwind_rows: u32,
     /// Benchmarking: attach programs that do nothing, at the same addresses.
     #[arg(long, hide = true, conflicts_with = "no_stacks")]
     pub noop_probes: bool,

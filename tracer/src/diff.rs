@@ -208,6 +208,8 @@ pub(crate) mod tests {
             duration_s,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
+            allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

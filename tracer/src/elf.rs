@@ -80,6 +80,22 @@ impl ElfInfo {
         self.vaddr_to_offset(self.function_address(name)?)
     }
 
+    /// The same file seen under other names: each function whose name
+    /// `rename` maps to Some(new name) is kept under the new name, the rest
+    /// are left out. Lets a prefixed allocator (`je_malloc`) be read as the
+    /// standard one.
+    pub fn renamed<'a>(&self, rename: impl Fn(&str) -> Option<&'a str>) -> ElfInfo {
+        ElfInfo {
+            functions: self
+                .functions
+                .iter()
+                .filter_map(|(name, value)| Some((rename(name)?.to_string(), value.clone())))
+                .collect(),
+            segments: self.segments.clone(),
+            interpreter: self.interpreter.clone(),
+        }
+    }
+
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments
             .iter()

@@ -36,9 +36,13 @@ pub enum ChildEvent {
     Exited(i32),
 }
 
+/// Run by the child's thread when the started program reaches its entry
+/// point, the child stopped there (see `Launched::release_with_entry_hook`).
+pub type EntryHook = Box<dyn FnOnce() + Send>;
+
 pub struct Launched {
     pub pid: u32,
-    go: std_mpsc::Sender<()>,
+    go: std_mpsc::Sender<Option<EntryHook>>,
     ack: std_mpsc::Sender<()>,
     pub events: mpsc::UnboundedReceiver<ChildEvent>,
 }
@@ -46,7 +50,15 @@ pub struct Launched {
 impl Launched {
     /// Lets the child run (after the probes are attached).
     pub fn release(&self) {
-        let _ = self.go.send(());
+        let _ = self.go.send(None);
+    }
+
+    /// Lets the child run, and stops it once more at the program's entry
+    /// point — the dynamic loader has mapped every library the program
+    /// links by then, and none of the program's own code has run — to call
+    /// `hook` there (with a temporary breakpoint).
+    pub fn release_with_entry_hook(&self, hook: EntryHook) {
+        let _ = self.go.send(Some(hook));
     }
 
     /// Lets an exiting child finish exiting.
@@ -136,7 +148,7 @@ pub fn launch(
     output: ChildOutput,
 ) -> Result<Launched> {
     let (pid_tx, pid_rx) = std_mpsc::channel::<Result<u32, String>>();
-    let (go_tx, go_rx) = std_mpsc::channel::<()>();
+    let (go_tx, go_rx) = std_mpsc::channel::<Option<EntryHook>>();
     let (ack_tx, ack_rx) = std_mpsc::channel::<()>();
     let (event_tx, event_rx) = mpsc::unbounded_channel();
     let argv = argv.to_vec();
@@ -151,11 +163,20 @@ pub fn launch(
                 }
             };
             let _ = pid_tx.send(Ok(pid));
-            if go_rx.recv().is_err() {
-                // The tracer gave up before releasing the child: detach, so
-                // it is not left stopped.
-                unsafe { libc::ptrace(libc::PTRACE_DETACH, pid as libc::pid_t, 0, 0) };
-                return;
+            match go_rx.recv() {
+                Err(_) => {
+                    // The tracer gave up before releasing the child: detach, so
+                    // it is not left stopped.
+                    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid as libc::pid_t, 0, 0) };
+                    return;
+                }
+                Ok(Some(hook)) => {
+                    if let Some(code) = crate::launch_entry::run_to_entry(pid, hook) {
+                        let _ = event_tx.send(ChildEvent::Exited(code));
+                        return;
+                    }
+                }
+                Ok(None) => {}
             }
             follow(pid, &event_tx, &ack_rx);
         })?;

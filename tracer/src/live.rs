@@ -2,10 +2,13 @@
 //! is known about the run, and the symbolizer. The report session and the
 //! top view each drive one; neither touches the maps except through it.
 
+use std::sync::Mutex;
+
 use anyhow::Result;
 
 use crate::{
     collect,
+    mapping_trace::{self, MappingTrace},
     model::Snapshot,
     probes::Probes,
     report::{self, Report, RunInfo},
@@ -18,6 +21,10 @@ pub struct LiveTrace {
     pub process: Process,
     pub run: RunInfo,
     pub symbolizer: Symbolizer,
+    /// `--unwind cfi`: the kernel side's unwind tables, kept up to date.
+    pub unwinder: Option<crate::unwind::SharedUnwinder>,
+    /// The mmap family, when its tracepoints could be attached.
+    pub mappings: Option<Mutex<MappingTrace>>,
     /// Ages of live blocks, read a bounded slice per snapshot.
     sweep: collect::AgeSweep,
 }
@@ -25,25 +32,51 @@ pub struct LiveTrace {
 impl LiveTrace {
     /// Notes the process's mappings at once, so addresses in objects it
     /// unloads later can still be symbolized.
-    pub fn new(probes: Probes, process: Process, run: RunInfo) -> Self {
+    ///
+    /// Also attaches the mmap-family tracepoints (the target must already be
+    /// in the probes' target set); when that fails, says why in one line
+    /// and traces the heap alone.
+    pub fn new(mut probes: Probes, process: Process, run: RunInfo) -> Self {
         let mut symbolizer = Symbolizer::new(process.clone());
         symbolizer.note_mappings();
+        let mappings = match MappingTrace::start(&mut probes.ebpf, &process) {
+            Ok(trace) => Some(Mutex::new(trace)),
+            Err(e) => {
+                eprintln!("tracer: not tracing mmap (heap tracing goes on): {e:#}");
+                None
+            }
+        };
         LiveTrace {
             probes,
             process,
             run,
             symbolizer,
+            unwinder: None,
+            mappings,
             sweep: collect::AgeSweep::default(),
         }
+    }
+
+    pub fn with_unwinder(mut self, unwinder: Option<crate::unwind::SharedUnwinder>) -> Self {
+        self.unwinder = unwinder;
+        self
     }
 
     /// Re-reads the mappings and forgets threads that died inside the
     /// allocator. Run about once a second whatever the view does.
     pub fn housekeeping(&mut self) {
+        if let Some(mappings) = &self.mappings {
+            mappings.lock().unwrap_or_else(|e| e.into_inner()).drain();
+        }
         if !self.process.is_alive() {
             return;
         }
         self.symbolizer.note_mappings();
+        if let Some(unwinder) = &self.unwinder {
+            if let Err(e) = unwinder.lock().unwrap().refresh() {
+                log::debug!("refreshing unwind tables: {e:#}");
+            }
+        }
         let process = &self.process;
         if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, || {
             process.thread_ids()
@@ -64,14 +97,14 @@ impl LiveTrace {
         } else {
             collect::Ages::Skip
         };
-        let rate = self.run.allocator.sample_rate_bytes;
+        let rate = self.run.allocators.first().and_then(|a| a.sample_rate_bytes);
         collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages, rate)
     }
 
     /// The per-stack totals now, with every live block read for exact ages
     /// (final reports).
     pub fn snapshot_exact(&self) -> Result<Snapshot> {
-        let rate = self.run.allocator.sample_rate_bytes;
+        let rate = self.run.allocators.first().and_then(|a| a.sample_rate_bytes);
         collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, collect::Ages::Exact, rate)
     }
 
@@ -84,10 +117,37 @@ impl LiveTrace {
         }
     }
 
-    /// A report of the `top` stacks (0: all) of a snapshot.
+    /// A report of the `top` stacks (0: all) of a snapshot, with the
+    /// mappings made up to now.
     pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
         let run = self.run.clone();
-        report::build(&run, snapshot, top, |id| self.stack(id))
+        let mut report = report::build(&run, snapshot, top, |id| self.stack(id));
+        report.mappings = self.mappings_report(snapshot.taken_ns, top);
+        report
+    }
+
+    /// The mappings section: outstanding anonymous mappings per stack.
+    pub fn mappings_report(&mut self, taken_ns: u64, top: usize) -> report::MappingsReport {
+        let Some(mappings) = &self.mappings else {
+            return report::MappingsReport::default();
+        };
+        let cutoff =
+            (self.run.min_age_ns > 0).then(|| taken_ns.saturating_sub(self.run.min_age_ns));
+        let sample = mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(&self.probes.ebpf, cutoff);
+        let ebpf = &self.probes.ebpf;
+        let symbolizer = &mut self.symbolizer;
+        report::build_mappings(
+            &sample,
+            taken_ns,
+            top,
+            |id| match mapping_trace::stack_frames(ebpf, id) {
+                Ok(Some((ips, truncated))) => (symbolizer.symbolize_stack(&ips), truncated),
+                _ => (Vec::new(), false),
+            },
+        )
     }
 
     /// A report of every stack seen, including those whose blocks were all

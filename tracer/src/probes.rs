@@ -27,6 +27,9 @@ pub struct MapSizes {
     /// Distinct stacks held at once (`STACKS`, and the slots of
     /// `STACK_STATS`); stacks that hold nothing are reclaimed.
     pub stacks: u32,
+    /// How stacks are walked, and room for CFI rows (`UNWIND_ROWS`).
+    pub unwind: crate::unwind::UnwindMode,
+    pub unwind_rows: u32,
 }
 
 impl Default for MapSizes {
@@ -34,6 +37,8 @@ impl Default for MapSizes {
         MapSizes {
             allocations: 1 << 20,
             stacks: 65536,
+            unwind: crate::unwind::UnwindMode::Fp,
+            unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         }
     }
 }
@@ -113,6 +118,15 @@ impl Probes {
             // Slot 0 is the unknown stack's; 1..=stacks are handed out.
             .map_max_entries("STACK_STATS", sizes.stacks + 1)
             .map_max_entries("FREE_SLOTS", sizes.stacks)
+            // Frame-pointer mode leaves the CFI tables (allocated up front) empty.
+            .map_max_entries(
+                "UNWIND_ROWS",
+                match sizes.unwind {
+                    crate::unwind::UnwindMode::Fp => 1,
+                    crate::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
+                },
+            )
+            .override_global("UNWIND_MODE", &sizes.unwind.global(), true)
             .load(EBPF_OBJECT)
             .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
             .context("loading the eBPF programs")?;

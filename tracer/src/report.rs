@@ -18,8 +18,13 @@ pub struct Report {
     pub duration_s: f64,
     /// Blocks younger than this were left out.
     pub min_age_s: f64,
-    /// The object whose allocator was probed, and the functions probed in it.
+    /// The object whose allocator was probed, and the functions probed in it
+    /// (the primary allocator: the one `malloc` binds to).
     pub allocator: AllocatorInfo,
+    /// Every object probed, the primary allocator first: prefixed
+    /// allocators (`je_malloc`, `mi_malloc`...) may live in other objects.
+    #[serde(default)]
+    pub allocators: Vec<AllocatorInfo>,
     /// Outstanding memory over all stacks (not only those listed).
     pub totals: Totals,
     /// Stacks listed (`--top`), most bytes first.
@@ -28,6 +33,36 @@ pub struct Report {
     pub stack_count: usize,
     pub dropped: Dropped,
     pub events: Events,
+    /// Anonymous memory the process mapped itself (mmap family), beside
+    /// the heap: not part of `totals`.
+    #[serde(default)]
+    pub mappings: MappingsReport,
+}
+
+/// Anonymous mappings (mmap, mremap) the process made outside its
+/// allocator, still mapped, per stack; and the program break's growth.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MappingsReport {
+    /// False when the syscall tracepoints could not be attached (no
+    /// tracefs): everything below is then empty.
+    pub traced: bool,
+    /// Bytes still mapped, over all stacks.
+    pub bytes: u64,
+    /// Mappings (mmap or mremap calls) still at least partly mapped.
+    pub mappings: u64,
+    /// Stacks holding mappings, listed or not.
+    pub stack_count: usize,
+    /// The `--top` stacks, most bytes first, in the heap stacks' shape:
+    /// `allocations` counts mappings, `frames[0]` is the function that
+    /// called mmap or mremap.
+    pub stacks: Vec<StackReport>,
+    /// Program break now minus at attach (brk/sbrk; glibc's main heap grows
+    /// there). Its own total: part of neither the heap nor the mappings.
+    pub brk_growth_bytes: i64,
+    /// Events lost (ring buffer full) and stacks not stored: non-zero
+    /// means the mapping totals may be wrong.
+    pub lost_events: u64,
+    pub lost_stacks: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -141,7 +176,8 @@ pub struct RunInfo {
     pub command: String,
     pub attached_ns: u64,
     pub min_age_ns: u64,
-    pub allocator: AllocatorInfo,
+    /// Every object probed, the primary allocator first.
+    pub allocators: Vec<AllocatorInfo>,
 }
 
 /// Builds a report of the `top` stacks (0 = all). `frames` returns the
@@ -201,7 +237,8 @@ fn build_from(
         command: run.command.clone(),
         duration_s: round_ms(snapshot.taken_ns.saturating_sub(run.attached_ns) as f64 / 1e9),
         min_age_s: run.min_age_ns as f64 / 1e9,
-        allocator: run.allocator.clone(),
+        allocator: run.allocators.first().cloned().unwrap_or_default(),
+        allocators: run.allocators.clone(),
         totals: Totals {
             bytes: snapshot.total_bytes(),
             allocations: snapshot.total_count(),
@@ -215,6 +252,57 @@ fn build_from(
             untracked_frees: c.unknown_frees,
             failed_allocations: c.failed_allocs,
         },
+        mappings: MappingsReport::default(),
+    }
+}
+
+/// The mappings section from per-stack samples (see `mappings.rs`) taken at
+/// `taken_ns`: the `top` stacks (0: all) by outstanding bytes.
+pub fn build_mappings(
+    sample: &crate::mapping_trace::MappingSample,
+    taken_ns: u64,
+    top: usize,
+    mut frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+) -> MappingsReport {
+    let snapshot = Snapshot {
+        taken_ns,
+        stacks: sample.stacks.clone(),
+        ..Default::default()
+    };
+    let stacks = snapshot
+        .top(top)
+        .into_iter()
+        .map(|s| {
+            let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
+                (Vec::new(), false)
+            } else {
+                frames(s.stack_id)
+            };
+            StackReport {
+                stack_id: if s.stack_id == STACK_UNKNOWN {
+                    "unknown".to_string()
+                } else {
+                    format!("{:016x}", s.stack_id)
+                },
+                bytes: s.bytes,
+                allocations: s.count,
+                total_allocations: s.total_count,
+                total_bytes: s.total_bytes,
+                oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
+                truncated,
+                frames: stack_frames.iter().map(ReportFrame::from).collect(),
+            }
+        })
+        .collect();
+    MappingsReport {
+        traced: true,
+        bytes: snapshot.total_bytes(),
+        mappings: snapshot.total_count(),
+        stack_count: snapshot.stacks.iter().filter(|s| s.count > 0).count(),
+        stacks,
+        brk_growth_bytes: sample.brk_growth,
+        lost_events: sample.lost_events,
+        lost_stacks: sample.lost_stacks,
     }
 }
 

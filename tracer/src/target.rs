@@ -36,6 +36,10 @@ pub struct Process {
     /// path this tracer can open: "" when the process shares our root, else
     /// `/proc/PID/root`.
     root_prefix: PathBuf,
+    /// The process's root directory as the kernel prints paths for it (in
+    /// /proc/PID/maps and exe): relative to its mount namespace's root, so a
+    /// chroot inside a container shows up as a prefix to strip.
+    root_in_namespace: String,
 }
 
 impl Process {
@@ -59,10 +63,28 @@ impl Process {
             (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
             _ => false,
         };
+        // `unshare -m` keeps the same root directory but not the same
+        // mounts: a path there may name another file, or none, here.
+        let same_mounts = match (
+            fs::read_link(proc_dir.join("ns/mnt")),
+            fs::read_link("/proc/self/ns/mnt"),
+        ) {
+            (Ok(theirs), Ok(ours)) => theirs == ours,
+            _ => false,
+        };
+        let same_root = same_root && same_mounts;
+        let root_in_namespace = if same_root {
+            "/".to_string()
+        } else {
+            fs::read_link(&root)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "/".to_string())
+        };
         Ok(Process {
             pid,
             comm,
             root_prefix: if same_root { PathBuf::new() } else { root },
+            root_in_namespace,
         })
     }
 
@@ -99,10 +121,14 @@ impl Process {
     /// A path inside the process's mount namespace, as this tracer can open it.
     pub fn host_path(&self, path: &str) -> PathBuf {
         if self.root_prefix.as_os_str().is_empty() {
-            PathBuf::from(path)
-        } else {
-            self.root_prefix.join(path.trim_start_matches('/'))
+            return PathBuf::from(path);
         }
+        let root = self.root_in_namespace.trim_end_matches('/');
+        let inside = match path.strip_prefix(root) {
+            Some(rest) if !root.is_empty() && rest.starts_with('/') => rest,
+            _ => path,
+        };
+        self.root_prefix.join(inside.trim_start_matches('/'))
     }
 
     /// Path of the executable inside the process's mount namespace.

@@ -13,7 +13,9 @@ use crate::{cmd, output, run as run_cmd};
 /// by the tests and the demo, and the profile formats are checked by readers
 /// the project did not write: `go tool pprof` (golang-go) reads pprof output,
 /// python3-jsonschema validates speedscope output against speedscope's schema,
-/// and a real Prometheus server scrapes `tracer serve`.
+/// a real Prometheus server scrapes `tracer serve`, and the C fixture is
+/// traced under other allocators: jemalloc, tcmalloc and mimalloc
+/// (preloaded), musl (musl-gcc, static and dynamic).
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -22,6 +24,10 @@ const APT_PACKAGES: &[&str] = &[
     "golang-go",
     "python3-jsonschema",
     "prometheus",
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "libmimalloc2.0",
+    "musl-tools",
 ];
 
 /// bpf-linker must be linked against the same LLVM major as rustc nightly.

@@ -117,6 +117,8 @@ pub(crate) mod tests {
             duration_s: 2.0,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
+            allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: 1300,
                 allocations: 6,

@@ -28,6 +28,8 @@ mod tests {
             duration_s: 1.5,
             min_age_s: 0.0,
             allocator: AllocatorInfo::default(),
+            allocators: Vec::new(),
+            mappings: Default::default(),
             totals: Totals {
                 bytes: 10,
                 allocations: 1,

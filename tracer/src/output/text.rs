@@ -62,6 +62,7 @@ pub fn render(report: &Report, final_report: bool) -> String {
             let _ = writeln!(out, "      [stack truncated]");
         }
     }
+    mappings(&mut out, report);
     let d = &report.dropped;
     if d.any() {
         let _ = writeln!(
@@ -72,6 +73,51 @@ pub fn render(report: &Report, final_report: bool) -> String {
     }
     out.push('\n');
     out
+}
+
+/// The mmap section: only when something is mapped or the break moved.
+fn mappings(out: &mut String, report: &Report) {
+    let m = &report.mappings;
+    if !m.traced || (m.mappings == 0 && m.brk_growth_bytes == 0) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "
+  mappings: {} in {} anonymous mapping{} (mmap) from {} stack{}; program break {}{}",
+        bytes(m.bytes),
+        m.mappings,
+        plural(m.mappings),
+        m.stack_count,
+        plural(m.stack_count as u64),
+        if m.brk_growth_bytes >= 0 { "+" } else { "-" },
+        bytes(m.brk_growth_bytes.unsigned_abs()),
+    );
+    for stack in &m.stacks {
+        let _ = writeln!(
+            out,
+            "
+  {} in {} mapping{} (mapped since attach: {})",
+            bytes(stack.bytes),
+            stack.allocations,
+            plural(stack.allocations),
+            stack.total_allocations,
+        );
+        if stack.frames.is_empty() {
+            let _ = writeln!(out, "      [unknown stack]");
+        }
+        for frame in &stack.frames {
+            let _ = writeln!(out, "      {}", frame_line(frame));
+        }
+    }
+    if m.lost_events > 0 || m.lost_stacks > 0 {
+        let _ = writeln!(
+            out,
+            "
+  mappings dropped: {} events lost, {} stacks not stored",
+            m.lost_events, m.lost_stacks
+        );
+    }
 }
 
 pub fn frame_line(frame: &ReportFrame) -> String {

@@ -1,0 +1,92 @@
+//! The mmap family: anonymous mappings the program makes itself are
+//! reported per stack, in their own section, with exact bytes through
+//! partial munmaps and mremaps; the mappings glibc makes to serve large
+//! malloc blocks count once, as heap.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tracer_tests::*;
+
+/// `EXPECT_MAP <function> <bytes> <mappings>` lines.
+fn map_expectations(stdout: &str) -> BTreeMap<String, (u64, u64)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("EXPECT_MAP ")?.split_whitespace();
+            Some((
+                words.next()?.to_string(),
+                (words.next()?.parse().ok()?, words.next()?.parse().ok()?),
+            ))
+        })
+        .collect()
+}
+
+fn mappings_by_site(report: &Value, sites: &[&str]) -> BTreeMap<String, (u64, u64)> {
+    let section = serde_json::json!({ "stacks": report["mappings"]["stacks"].clone() });
+    report_by_site(&section, sites)
+}
+
+#[test]
+fn mappings_are_exact_per_site_and_large_blocks_count_once() {
+    require_root();
+    let program = fixture("mapped_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let mappings = &report["mappings"];
+    assert_eq!(mappings["traced"], true, "{mappings:#}");
+
+    let expected = map_expectations(&stdout);
+    assert_eq!(expected.len(), 4, "{stdout}");
+    let mut sites: Vec<&str> = expected.keys().map(String::as_str).collect();
+    sites.extend(["churn_maps", "big_malloc", "churn_big"]);
+    let found = mappings_by_site(&report, &sites);
+    for (site, want) in &expected {
+        assert_eq!(
+            found.get(site),
+            Some(want),
+            "mapping site {site}: {mappings:#}"
+        );
+    }
+    for site in ["churn_maps", "big_malloc", "churn_big"] {
+        assert_eq!(found.get(site), None, "{site} must not show as a mapping");
+    }
+    // Nothing but the fixture's own leaks: the loader's mappings are not
+    // the program's, and the sum is exact.
+    let want_bytes: u64 = expected.values().map(|(b, _)| b).sum();
+    assert_eq!(mappings["bytes"], want_bytes, "{mappings:#}");
+    assert_eq!(mappings["mappings"], 4);
+    assert_eq!(mappings["lost_events"], 0);
+    assert_eq!(mappings["lost_stacks"], 0);
+    // The function that called mmap comes first, not libc's wrapper.
+    let private = mappings["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| frame_functions(s).iter().any(|f| f == "map_remap"))
+        .unwrap();
+    assert_eq!(private["frames"][0]["function"], "map_remap", "{private}");
+
+    // Heap: the 3 MiB and 2 MiB blocks glibc mapped for malloc, once.
+    let heap = report_by_site(&report, &["big_malloc", "churn_big"]);
+    assert_eq!(
+        heap.get("big_malloc"),
+        Some(&expectations(&stdout)["big_malloc"])
+    );
+    assert_eq!(heap.get("big_malloc"), Some(&((5 << 20), 2)));
+    assert_eq!(heap.get("churn_big"), None);
+    // sbrk(64 KiB) by hand, on top of whatever malloc's main heap took.
+    assert!(
+        mappings["brk_growth_bytes"].as_i64().unwrap() >= 64 * 1024,
+        "{mappings:#}"
+    );
+}
+
+#[test]
+fn min_age_applies_to_mappings() {
+    require_root();
+    let program = fixture("mapped_c");
+    let (report, _, _) = trace_run(&[program.to_str().unwrap()], &["--min-age", "1h"]);
+    assert_eq!(report["mappings"]["bytes"], 0, "{:#}", report["mappings"]);
+    assert_eq!(report["mappings"]["traced"], true);
+}

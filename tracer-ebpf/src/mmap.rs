@@ -1,0 +1,345 @@
+//! The mmap family, through syscall tracepoints: anonymous mappings the
+//! traced process makes itself, with the stack of the call, and every
+//! change that gives memory back (munmap, mremap, a MAP_FIXED mapping over
+//! an old one). The ranges are kept in userspace (`tracer/src/mappings.rs`):
+//! a munmap that punches a hole in the middle of a mapping cannot be found
+//! by key here. The program break is kept here, per process.
+//!
+//! Calls made while the thread is inside a traced allocator call (an
+//! `IN_FLIGHT` record exists) are the allocator's own: glibc maps large
+//! blocks and arenas for malloc, and those bytes are already counted as the
+//! blocks malloc returned. They are left out.
+
+use aya_ebpf::{
+    bindings::{pt_regs, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use tracer_common::{
+    MmapCall, MmapEvent, MmapKind, StackTrace, MAX_FRAMES, MMAP_EVENTS_LOST, MMAP_STACKS_LOST,
+    STACK_UNKNOWN,
+};
+
+use crate::maps::{
+    is_target, BRK, IN_FLIGHT, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_SCRATCH,
+    MMAP_STACKS,
+};
+
+const MAP_SHARED: u64 = 0x01;
+const MAP_PRIVATE: u64 = 0x02;
+const MAP_FIXED: u64 = 0x10;
+const MAP_ANONYMOUS: u64 = 0x20;
+
+/// Offsets in the syscall tracepoints' records (see their `format` files):
+/// the arguments start at 16, one 8-byte slot each; `ret` is at 16.
+const ARG0: usize = 16;
+const RET: usize = 16;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn failed(ret: i64) -> bool {
+    (-4095..0).contains(&ret)
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(n) = MMAP_COUNTERS.get_ptr_mut(slot) {
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                n, 1,
+            )
+        };
+    }
+}
+
+/// The thread of a traced process, not inside a traced allocator call.
+#[inline(always)]
+fn traced_thread() -> Option<u64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return None;
+    }
+    if IN_FLIGHT.get_ptr(pid_tgid).is_some() {
+        return None;
+    }
+    Some(pid_tgid)
+}
+
+#[inline(always)]
+fn begin(kind: MmapKind, addr: u64, len: u64, new_len: u64, flags: u64) {
+    let Some(pid_tgid) = traced_thread() else {
+        return;
+    };
+    let call = MmapCall {
+        kind: kind as u32,
+        _pad: 0,
+        addr,
+        len,
+        new_len,
+        flags,
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = MMAP_IN_FLIGHT.insert(pid_tgid, call, 0);
+}
+
+/// The call this thread started, if it is of `kind` (and is forgotten).
+#[inline(always)]
+fn finish(kind: MmapKind) -> Option<(u64, MmapCall)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let call = *unsafe { MMAP_IN_FLIGHT.get(pid_tgid) }?;
+    let _ = MMAP_IN_FLIGHT.remove(pid_tgid);
+    (call.kind == kind as u32).then_some((pid_tgid, call))
+}
+
+#[inline(always)]
+fn emit(event: &MmapEvent) {
+    if MMAP_EVENTS.output::<MmapEvent>(event, 0).is_err() {
+        count(MMAP_EVENTS_LOST);
+    }
+}
+
+#[tracepoint]
+pub fn mmap_enter(ctx: TracePointContext) -> u32 {
+    let flags = arg(&ctx, 3);
+    // A mapping that is neither anonymous nor fixed changes nothing tracked:
+    // it cannot overlap an existing one.
+    if flags & (MAP_ANONYMOUS | MAP_FIXED) == 0 || flags & (MAP_SHARED | MAP_PRIVATE) == 0 {
+        return 0;
+    }
+    begin(MmapKind::Map, arg(&ctx, 0), arg(&ctx, 1), 0, flags);
+    0
+}
+
+#[tracepoint]
+pub fn mmap_exit(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, call)) = finish(MmapKind::Map) else {
+        return 0;
+    };
+    let addr = ret(&ctx);
+    if failed(addr) {
+        return 0;
+    }
+    let anonymous = call.flags & MAP_ANONYMOUS != 0;
+    let mut event = MmapEvent {
+        kind: if anonymous {
+            MmapKind::Map
+        } else {
+            MmapKind::Replace
+        } as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        addr: addr as u64,
+        len: call.len,
+        flags: call.flags,
+        enter_ns: call.enter_ns,
+        exit_ns: unsafe { bpf_ktime_get_ns() },
+        ..Default::default()
+    };
+    if anonymous {
+        event.stack_id = capture(&ctx);
+    }
+    emit(&event);
+    0
+}
+
+#[tracepoint]
+pub fn munmap_enter(ctx: TracePointContext) -> u32 {
+    begin(MmapKind::Unmap, arg(&ctx, 0), arg(&ctx, 1), 0, 0);
+    0
+}
+
+#[tracepoint]
+pub fn munmap_exit(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, call)) = finish(MmapKind::Unmap) else {
+        return 0;
+    };
+    if ret(&ctx) != 0 {
+        return 0;
+    }
+    emit(&MmapEvent {
+        kind: MmapKind::Unmap as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        addr: call.addr,
+        len: call.len,
+        enter_ns: call.enter_ns,
+        exit_ns: unsafe { bpf_ktime_get_ns() },
+        ..Default::default()
+    });
+    0
+}
+
+#[tracepoint]
+pub fn mremap_enter(ctx: TracePointContext) -> u32 {
+    // mremap(old_address, old_size, new_size, flags, new_address)
+    begin(
+        MmapKind::Remap,
+        arg(&ctx, 0),
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        arg(&ctx, 3),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn mremap_exit(ctx: TracePointContext) -> u32 {
+    let Some((pid_tgid, call)) = finish(MmapKind::Remap) else {
+        return 0;
+    };
+    let addr = ret(&ctx);
+    if failed(addr) {
+        return 0;
+    }
+    emit(&MmapEvent {
+        kind: MmapKind::Remap as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        addr: addr as u64,
+        len: call.new_len,
+        old_addr: call.addr,
+        old_len: call.len,
+        flags: call.flags,
+        stack_id: capture(&ctx),
+        enter_ns: call.enter_ns,
+        exit_ns: unsafe { bpf_ktime_get_ns() },
+    });
+    0
+}
+
+/// The program break after every brk call (including the `brk(0)` query
+/// that C libraries start with), whoever made it: userspace reports its
+/// growth since attach as a total of its own, never per stack, so the
+/// break malloc moves is not counted twice.
+#[tracepoint]
+pub fn brk_exit(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let brk = ret(&ctx);
+    if brk > 0 {
+        let _ = BRK.insert(tgid, brk as u64, 0);
+    }
+    0
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// How far above the user stack pointer the caller's return address is
+/// looked for: glibc's mremap keeps 0x58 bytes, musl's mmap 0x38.
+const SCAN_WORDS: u64 = 24;
+
+/// The user stack of the syscall, innermost first, stored in `MMAP_STACKS`.
+///
+/// The kernel walks frame pointers from the syscall wrapper (`mmap` in
+/// libc), which has no frame of its own: the walk goes from the wrapper
+/// straight to its caller's caller, and the function that called mmap is
+/// lost. Its return address is on the stack a few words above the user
+/// stack pointer; it is the first word there that points just past a call
+/// instruction, and it takes the wrapper's place in the stack.
+#[inline(always)]
+fn capture(ctx: &TracePointContext) -> u64 {
+    let Some(buf) = MMAP_SCRATCH.get_ptr_mut(0) else {
+        return STACK_UNKNOWN;
+    };
+    let buf: &mut StackTrace = unsafe { &mut *buf };
+    let written = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.ips.as_mut_ptr() as *mut _,
+            (MAX_FRAMES * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if written <= 0 {
+        count(MMAP_STACKS_LOST);
+        return STACK_UNKNOWN;
+    }
+    let len = (written as usize / 8).min(MAX_FRAMES);
+    buf.len = len as u64;
+    buf.truncated = (len == MAX_FRAMES) as u64;
+    let caller = caller_of_wrapper();
+    if caller != 0 && !(len >= 2 && buf.ips[1] == caller) {
+        buf.ips[0] = caller;
+    }
+
+    let mut hash = FNV_OFFSET ^ len as u64;
+    for i in 0..MAX_FRAMES {
+        if i >= len {
+            break;
+        }
+        hash = (hash ^ buf.ips[i]).wrapping_mul(FNV_PRIME);
+    }
+    if hash == STACK_UNKNOWN {
+        hash = 1;
+    }
+    if MMAP_STACKS.get_ptr(hash).is_none() {
+        if let Err(err) = MMAP_STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+            if err != -17 {
+                count(MMAP_STACKS_LOST);
+                return STACK_UNKNOWN;
+            }
+        }
+    }
+    hash
+}
+
+/// The return address into the function that called the syscall wrapper,
+/// or 0 when none is found below the caller's frame.
+#[inline(always)]
+fn caller_of_wrapper() -> u64 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if regs.is_null() {
+        return 0;
+    }
+    let Ok(sp) = (unsafe { bpf_probe_read_kernel(&(*regs).rsp) }) else {
+        return 0;
+    };
+    let bp = unsafe { bpf_probe_read_kernel(&(*regs).rbp) }.unwrap_or(0);
+    // The wrapper leaves the frame pointer alone: the return address it
+    // was called with lies below the caller's frame.
+    let limit = if bp > sp && bp - sp <= SCAN_WORDS * 8 {
+        bp
+    } else {
+        sp + SCAN_WORDS * 8
+    };
+    for i in 0..SCAN_WORDS {
+        let slot = sp + i * 8;
+        if slot >= limit {
+            break;
+        }
+        let Ok(word) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
+            return 0;
+        };
+        if word < 0x10000 {
+            continue;
+        }
+        let Ok(before) = (unsafe { bpf_probe_read_user((word - 8) as *const [u8; 8]) }) else {
+            continue;
+        };
+        if follows_call(&before) {
+            return word;
+        }
+    }
+    0
+}
+
+/// The 8 bytes before an address end with a call instruction: `call rel32`
+/// (e8), `call *disp32(%rip)` (ff 15: through the GOT), `call *%reg`
+/// (ff d0+r, or 41 ff d0+r).
+#[inline(always)]
+fn follows_call(b: &[u8; 8]) -> bool {
+    b[3] == 0xe8 || (b[2] == 0xff && b[3] == 0x15) || (b[6] == 0xff && b[7] & 0xf8 == 0xd0)
+}

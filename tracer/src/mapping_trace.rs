@@ -1,0 +1,224 @@
+//! The mmap family of one traced process: attaches the syscall tracepoints
+//! of `tracer-ebpf/src/mmap.rs`, reads their events into a `MappingTable`,
+//! and reads the program break. Tracepoints need tracefs; without it (and
+//! when it cannot be mounted) heap tracing goes on alone.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf,
+};
+use tracer_common::{MmapEvent, StackTrace, MMAP_EVENTS_LOST, MMAP_STACKS_LOST};
+
+use crate::{mappings::MappingTable, model::StackSample, target::Process};
+
+/// Program name -> syscall tracepoint.
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("mmap_enter", "sys_enter_mmap"),
+    ("mmap_exit", "sys_exit_mmap"),
+    ("munmap_enter", "sys_enter_munmap"),
+    ("munmap_exit", "sys_exit_munmap"),
+    ("mremap_enter", "sys_enter_mremap"),
+    ("mremap_exit", "sys_exit_mremap"),
+    ("brk_exit", "sys_exit_brk"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+pub struct MappingTrace {
+    pid: u32,
+    events: RingBuf<MapData>,
+    table: MappingTable,
+    /// The program break when tracing started.
+    brk_at_attach: Option<u64>,
+    /// The last break known, kept for after the process is gone.
+    brk_last: Option<u64>,
+    /// Where the dynamic loader's code is: mappings it makes (library
+    /// segments, its own memory) are not the program's.
+    loader_code: Vec<(u64, u64)>,
+    /// Stack id -> made by the loader.
+    by_loader: std::collections::HashMap<u64, bool>,
+}
+
+/// Outstanding mappings and the break, at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct MappingSample {
+    pub stacks: Vec<StackSample>,
+    pub brk_growth: i64,
+    pub lost_events: u64,
+    pub lost_stacks: u64,
+}
+
+impl MappingTrace {
+    /// Attaches the tracepoints (the programs filter on the targets already
+    /// added) and takes the event ring buffer out of `ebpf`.
+    pub fn start(ebpf: &mut Ebpf, process: &Process) -> Result<Self> {
+        ensure_tracefs()?;
+        for (program, tracepoint) in TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
+                .try_into()?;
+            prog.load()
+                .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+                .with_context(|| format!("loading eBPF program {program}"))?;
+            prog.attach("syscalls", tracepoint)
+                .with_context(|| format!("attaching {program} to syscalls/{tracepoint}"))?;
+        }
+        let map = ebpf
+            .take_map("MMAP_EVENTS")
+            .context("eBPF object has no map MMAP_EVENTS")?;
+        let brk = current_break(process);
+        Ok(MappingTrace {
+            pid: process.pid,
+            events: RingBuf::try_from(map)?,
+            table: MappingTable::default(),
+            brk_at_attach: brk,
+            brk_last: brk,
+            loader_code: loader_code(process),
+            by_loader: Default::default(),
+        })
+    }
+
+    /// Applies every event waiting in the ring buffer.
+    pub fn drain(&mut self) {
+        while let Some(item) = self.events.next() {
+            if item.len() < std::mem::size_of::<MmapEvent>() {
+                continue;
+            }
+            let event: MmapEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr() as *const MmapEvent) };
+            if event.tgid == self.pid {
+                self.table.apply(&event);
+            }
+        }
+    }
+
+    /// Drains, then samples: per-stack outstanding mappings (those made at
+    /// or before `cutoff_ns`, when given) and the break's growth.
+    pub fn sample(&mut self, ebpf: &Ebpf, cutoff_ns: Option<u64>) -> MappingSample {
+        self.drain();
+        if let Ok(map) = ebpf.map("BRK").context("BRK") {
+            if let Ok(brk) = BpfHashMap::<&MapData, u32, u64>::try_from(map) {
+                if let Ok(value) = brk.get(&self.pid, 0) {
+                    self.brk_last = Some(value);
+                    self.brk_at_attach.get_or_insert(value);
+                }
+            }
+        }
+        let (lost_events, lost_stacks) = counters(ebpf).unwrap_or((0, 0));
+        let mut stacks = self.table.samples(cutoff_ns);
+        let loader = &self.loader_code;
+        let by_loader = &mut self.by_loader;
+        stacks.retain(|s| {
+            !*by_loader.entry(s.stack_id).or_insert_with(|| {
+                matches!(stack_frames(ebpf, s.stack_id), Ok(Some((ips, _)))
+                    if ips.first().is_some_and(|ip| loader.iter().any(|(a, b)| a <= ip && ip < b)))
+            })
+        });
+        MappingSample {
+            stacks,
+            brk_growth: match (self.brk_at_attach, self.brk_last) {
+                (Some(start), Some(now)) => now as i64 - start as i64,
+                _ => 0,
+            },
+            lost_events,
+            lost_stacks,
+        }
+    }
+}
+
+fn counters(ebpf: &Ebpf) -> Result<(u64, u64)> {
+    let array: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map("MMAP_COUNTERS").context("MMAP_COUNTERS")?)?;
+    let read = |slot: u32| -> Result<u64> { Ok(array.get(&slot, 0)?.iter().sum()) };
+    Ok((read(MMAP_EVENTS_LOST)?, read(MMAP_STACKS_LOST)?))
+}
+
+/// The frames of a mapping stack (see `collect::stack_frames`).
+pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool)>> {
+    let stacks: BpfHashMap<&MapData, u64, StackTrace> =
+        BpfHashMap::try_from(ebpf.map("MMAP_STACKS").context("MMAP_STACKS")?)?;
+    match stacks.get(&stack_id, 0) {
+        Ok(trace) => {
+            let len = (trace.len as usize).min(trace.ips.len());
+            Ok(Some((trace.ips[..len].to_vec(), trace.truncated != 0)))
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading MMAP_STACKS"),
+    }
+}
+
+/// The executable ranges of the process's dynamic loader (its PT_INTERP,
+/// matched by inode: musl's loader is a symlink to its libc).
+fn loader_code(process: &Process) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(exe) = process.exe() else {
+        return Vec::new();
+    };
+    let Some(interp) = crate::elf::ElfInfo::read(&process.host_path(&exe))
+        .ok()
+        .and_then(|info| info.interpreter)
+    else {
+        return Vec::new();
+    };
+    let Ok(meta) = std::fs::metadata(process.host_path(&interp)) else {
+        return Vec::new();
+    };
+    process
+        .maps()
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.executable && m.inode == meta.ino())
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
+/// The program break now: the end of the `[heap]` mapping, or the start of
+/// the break area (/proc/PID/stat field 47) while there is none.
+fn current_break(process: &Process) -> Option<u64> {
+    if let Ok(maps) = process.maps() {
+        if let Some(heap) = maps.iter().find(|m| m.path.as_deref() == Some("[heap]")) {
+            return Some(heap.end);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // rest starts at field 3 (state); start_brk is field 47.
+    rest.split_whitespace().nth(47 - 3)?.parse().ok()
+}
+
+/// Tracepoints are found through tracefs; mount it (as root) if it is not.
+fn ensure_tracefs() -> Result<()> {
+    let mounted = |dir: &str| {
+        Path::new(dir)
+            .join("events")
+            .join("syscalls")
+            .join("sys_enter_mmap")
+            .exists()
+    };
+    if mounted(TRACEFS) || mounted("/sys/kernel/debug/tracing") {
+        return Ok(());
+    }
+    let source = std::ffi::CString::new("tracefs").unwrap();
+    let target = std::ffi::CString::new(TRACEFS).unwrap();
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 || !mounted(TRACEFS) {
+        return Err(anyhow!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({}): as root, mount -t tracefs tracefs {TRACEFS}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
