@@ -20,7 +20,11 @@ fn sampled_estimates_are_close_to_exact_counts() {
     for (site, want) in &expected {
         assert_eq!(exact_sites.get(site), Some(want), "exact mode, {site}");
     }
-    assert!(exact["allocator"].get("estimated").is_none(), "{}", exact["allocator"]);
+    assert!(
+        exact["allocator"].get("estimated").is_none(),
+        "{}",
+        exact["allocator"]
+    );
 
     let (sampled, stdout, _) = trace_run(&[program], &["--sample-rate", "8k"]);
     assert!(stdout.contains("DONE"));
@@ -40,7 +44,10 @@ fn sampled_estimates_are_close_to_exact_counts() {
             "{site}: estimated {bytes} bytes in {blocks} blocks, exact {want_bytes} in {want_blocks}"
         );
     }
-    assert!(found.get("churn").is_none(), "freed churn reported: {found:?}");
+    assert!(
+        found.get("churn").is_none(),
+        "freed churn reported: {found:?}"
+    );
 }
 
 #[test]

@@ -135,7 +135,13 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
 /// remembered even when not sampled, so that the inner call is known as
 /// inner and not sampled on its own.
 #[inline(always)]
-fn enter_sampled(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64, may_nest: bool) -> u32 {
+fn enter_sampled(
+    ctx: &ProbeContext,
+    kind: CallKind,
+    size: u64,
+    ptr_arg: u64,
+    may_nest: bool,
+) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_target((pid_tgid >> 32) as u32) {
         return 0;

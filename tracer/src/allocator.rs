@@ -198,7 +198,11 @@ fn entry_skip(info: &ElfInfo, data: &[u8], name: &str, offset: u64) -> Option<u6
     let start = offset as usize;
     let code = data.get(start..start.checked_add(size as usize)?)?;
     let placement = crate::placement::first_argument_probe(code, address);
-    log::debug!("{name}: entry probe at +{} ({})", placement.skip, placement.reason);
+    log::debug!(
+        "{name}: entry probe at +{} ({})",
+        placement.skip,
+        placement.reason
+    );
     Some(placement.skip)
 }
 

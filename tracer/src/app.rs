@@ -23,6 +23,8 @@ use crate::{
 };
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
+    // Before anything slow: a Ctrl-C during setup must reach the loop.
+    crate::signals::install()?;
     match cli.command {
         Command::Report { pid, options } => {
             let out = open_output(options.output.as_deref())?;

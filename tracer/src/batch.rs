@@ -188,10 +188,18 @@ mod tests {
             map_flags: 0,
         };
         let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, 0, &create as *const Create, size_of::<Create>() as u32)
+            libc::syscall(
+                libc::SYS_bpf,
+                0,
+                &create as *const Create,
+                size_of::<Create>() as u32,
+            )
         };
         if fd < 0 {
-            eprintln!("skipped: cannot create a BPF map: {}", io::Error::last_os_error());
+            eprintln!(
+                "skipped: cannot create a BPF map: {}",
+                io::Error::last_os_error()
+            );
             return None;
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -205,7 +213,12 @@ mod tests {
                 flags: 0,
             };
             let ret = unsafe {
-                libc::syscall(libc::SYS_bpf, 2, &update as *const Update, size_of::<Update>() as u32)
+                libc::syscall(
+                    libc::SYS_bpf,
+                    2,
+                    &update as *const Update,
+                    size_of::<Update>() as u32,
+                )
             };
             assert_eq!(ret, 0, "update: {}", io::Error::last_os_error());
         }
@@ -215,7 +228,9 @@ mod tests {
     #[test]
     fn batch_reads_every_entry_once() {
         let n = 50_000;
-        let Some(fd) = hash_map(1 << 16, n) else { return };
+        let Some(fd) = hash_map(1 << 16, n) else {
+            return;
+        };
         let mut seen = vec![false; n as usize];
         for_each::<u64, [u64; 3]>(fd.as_fd(), |k, v| {
             assert_eq!(*v, [k * 3, k + 7, !k]);
@@ -229,7 +244,9 @@ mod tests {
     #[test]
     fn a_sweep_in_slices_sees_every_entry_once_then_starts_over() {
         let n = 40_000;
-        let Some(fd) = hash_map(1 << 16, n) else { return };
+        let Some(fd) = hash_map(1 << 16, n) else {
+            return;
+        };
         let mut cursor = Cursor::default();
         let mut seen = vec![0u32; n as usize];
         let mut calls = 0;

@@ -106,7 +106,11 @@ impl AgeSweep {
         taken_ns: u64,
         sample_rate: Option<u64>,
     ) -> Result<HashMap<u64, AgeScan>> {
-        let slice = if self.slice == 0 { SWEEP_SLICE } else { self.slice };
+        let slice = if self.slice == 0 {
+            SWEEP_SLICE
+        } else {
+            self.slice
+        };
         let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
         if !self.whole_only {
             let map = map(ebpf, "ALLOCS")?;
@@ -254,7 +258,11 @@ pub fn for_each_live_allocation(ebpf: &Ebpf, mut each: impl FnMut(u64, u64, u64)
 
 /// Every entry of a hash map: in batches of thousands per syscall where the
 /// kernel can (`batch`), else key by key (two syscalls per entry).
-fn for_each_entry<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str, mut each: impl FnMut(&K, &V)) -> Result<()> {
+fn for_each_entry<K: Pod, V: Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+    mut each: impl FnMut(&K, &V),
+) -> Result<()> {
     let map = map(ebpf, name)?;
     if let Some(fd) = batch::hash_map_fd(map) {
         match batch::for_each::<K, V>(fd, &mut each) {

@@ -35,6 +35,7 @@ pub mod report;
 pub mod sampling;
 pub mod serve;
 pub mod session;
+pub mod signals;
 pub mod slots;
 pub mod symbolize;
 pub mod target;

@@ -97,15 +97,28 @@ impl LiveTrace {
         } else {
             collect::Ages::Skip
         };
-        let rate = self.run.allocators.first().and_then(|a| a.sample_rate_bytes);
+        let rate = self
+            .run
+            .allocators
+            .first()
+            .and_then(|a| a.sample_rate_bytes);
         collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages, rate)
     }
 
     /// The per-stack totals now, with every live block read for exact ages
     /// (final reports).
     pub fn snapshot_exact(&self) -> Result<Snapshot> {
-        let rate = self.run.allocators.first().and_then(|a| a.sample_rate_bytes);
-        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, collect::Ages::Exact, rate)
+        let rate = self
+            .run
+            .allocators
+            .first()
+            .and_then(|a| a.sample_rate_bytes);
+        collect::snapshot(
+            &self.probes.ebpf,
+            self.run.min_age_ns,
+            collect::Ages::Exact,
+            rate,
+        )
     }
 
     /// Symbolized frames of a stack, innermost first, and whether the

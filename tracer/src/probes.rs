@@ -107,7 +107,11 @@ impl Probes {
 
     /// `sample_rate`: sample about one allocation every this many bytes
     /// (see `sampling`); None tracks every allocation.
-    pub fn load_variant(sizes: MapSizes, variant: Variant, sample_rate: Option<u64>) -> Result<Self> {
+    pub fn load_variant(
+        sizes: MapSizes,
+        variant: Variant,
+        sample_rate: Option<u64>,
+    ) -> Result<Self> {
         let no_stacks: u8 = (variant == Variant::NoStacks).into();
         let rate: u64 = sample_rate.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
@@ -132,8 +136,16 @@ impl Probes {
             .context("loading the eBPF programs")?;
         crate::slots::fill_free_slots(&mut ebpf, sizes.stacks)?;
         if rate > 0 {
-            fill_array(&mut ebpf, "SAMPLE_DRAWS", &crate::sampling::draw_table(rate))?;
-            fill_array(&mut ebpf, "SAMPLE_WEIGHTS", &crate::sampling::weight_table(rate))?;
+            fill_array(
+                &mut ebpf,
+                "SAMPLE_DRAWS",
+                &crate::sampling::draw_table(rate),
+            )?;
+            fill_array(
+                &mut ebpf,
+                "SAMPLE_WEIGHTS",
+                &crate::sampling::weight_table(rate),
+            )?;
         }
         // The programs only log rare conditions (a full map); forward them.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();

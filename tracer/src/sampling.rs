@@ -72,7 +72,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown unit '{other}' in '{text}' (use k, M or G)")),
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}' (use k, M or G)"
+            ))
+        }
     };
     let rate = n.checked_mul(factor).unwrap_or(u64::MAX);
     if rate == 0 || rate > MAX_RATE {
@@ -147,7 +151,10 @@ mod tests {
             let bytes = (w0 + w1.saturating_sub(w0) * frac / rate).max(size);
             let blocks_fp = (bytes << 16) / size;
             let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
-            (bytes, (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64))
+            (
+                bytes,
+                (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64),
+            )
         }
     }
 
@@ -155,7 +162,9 @@ mod tests {
     fn kernel_weights_match_the_formula() {
         let rate = 65536;
         let k = Kernel::new(rate);
-        for size in [1u64, 16, 100, 1000, 4096, 65536, 100_000, 500_000, 2_000_000] {
+        for size in [
+            1u64, 16, 100, 1000, 4096, 65536, 100_000, 500_000, 2_000_000,
+        ] {
             let (bytes, _) = k.weights(size, 0);
             let (exact, _) = weights(size, rate);
             let error = (bytes as f64 - exact).abs() / exact;
@@ -169,7 +178,10 @@ mod tests {
         let table = draw_table(rate);
         assert_eq!(table.len(), SAMPLE_DRAW_SLOTS as usize + 1);
         // Mean of a uniform point in a uniformly chosen slice.
-        let mean = table.windows(2).map(|w| (w[0] + w[1]) as f64 / 2.0).sum::<f64>()
+        let mean = table
+            .windows(2)
+            .map(|w| (w[0] + w[1]) as f64 / 2.0)
+            .sum::<f64>()
             / SAMPLE_DRAW_SLOTS as f64;
         assert!((mean / rate as f64 - 1.0).abs() < 0.01, "{mean}");
         assert!(table.windows(2).all(|w| w[0] <= w[1]));
@@ -200,9 +212,20 @@ mod tests {
         for i in 0..5 {
             let bytes_error = estimate[i].0 as f64 / truth[i].0 as f64 - 1.0;
             let blocks_error = estimate[i].1 as f64 / truth[i].1 as f64 - 1.0;
-            eprintln!("size {}: bytes {bytes_error:+.4} blocks {blocks_error:+.4}", sizes[i]);
-            assert!(bytes_error.abs() < 0.05, "size {}: bytes off by {bytes_error}", sizes[i]);
-            assert!(blocks_error.abs() < 0.05, "size {}: blocks off by {blocks_error}", sizes[i]);
+            eprintln!(
+                "size {}: bytes {bytes_error:+.4} blocks {blocks_error:+.4}",
+                sizes[i]
+            );
+            assert!(
+                bytes_error.abs() < 0.05,
+                "size {}: bytes off by {bytes_error}",
+                sizes[i]
+            );
+            assert!(
+                blocks_error.abs() < 0.05,
+                "size {}: blocks off by {blocks_error}",
+                sizes[i]
+            );
         }
     }
 

@@ -11,10 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    time::{interval_at, Instant, MissedTickBehavior},
-};
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use crate::{
     cli::{Format, ReportOptions},
@@ -65,8 +62,10 @@ impl Session {
                 .unwrap_or(Duration::from_secs(u32::MAX as u64)),
         );
         tokio::pin!(deadline);
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+        let crate::signals::Signals {
+            interrupt: mut sigint,
+            terminate: mut sigterm,
+        } = crate::signals::take()?;
         let mut interrupted = false;
 
         let exit_code = loop {

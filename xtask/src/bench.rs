@@ -142,17 +142,35 @@ pub fn run(args: &[OsString]) -> Result<()> {
     let mut summary: Vec<String> = Vec::new();
 
     let loop_section = if wants("loop") {
-        Some(bench_loop(&tracer, &fixtures, &options.sizes, &dir, &mut summary)?)
+        Some(bench_loop(
+            &tracer,
+            &fixtures,
+            &options.sizes,
+            &dir,
+            &mut summary,
+        )?)
     } else {
         None
     };
     let http_section = if wants("http") {
-        Some(bench_http(&tracer, &fixtures, &options.sizes, &dir, &mut summary)?)
+        Some(bench_http(
+            &tracer,
+            &fixtures,
+            &options.sizes,
+            &dir,
+            &mut summary,
+        )?)
     } else {
         None
     };
     let tracer_section = if wants("tracer") {
-        Some(bench_tracer(&tracer, &fixtures, &options.sizes, &dir, &mut summary)?)
+        Some(bench_tracer(
+            &tracer,
+            &fixtures,
+            &options.sizes,
+            &dir,
+            &mut summary,
+        )?)
     } else {
         None
     };
@@ -178,7 +196,11 @@ pub fn run(args: &[OsString]) -> Result<()> {
         "| load average (1, 5, 15 min) before / after | {} / {} |",
         machine.load_before, load_after
     )?;
-    writeln!(doc, "| benchmark duration | {:.0} s |", elapsed.as_secs_f64())?;
+    writeln!(
+        doc,
+        "| benchmark duration | {:.0} s |",
+        elapsed.as_secs_f64()
+    )?;
     writeln!(doc)?;
     let busy = machine.load_before_1min() >= 0.5 || load_after_1min(&load_after) >= 1.5;
     if busy {
@@ -349,9 +371,11 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn min_max(values: &[f64]) -> (f64, f64) {
-    values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(*v), hi.max(*v))
-    })
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
 }
 
 /// Shell-like rendering of a command, for the report.
@@ -383,7 +407,9 @@ fn become_subreaper() {
     // Safety: a plain prctl on this process.
     let ok = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
     if !ok {
-        println!("bench: warning: not a subreaper; runs may overlap the last one's probe detaching");
+        println!(
+            "bench: warning: not a subreaper; runs may overlap the last one's probe detaching"
+        );
     }
 }
 
@@ -537,12 +563,7 @@ fn bench_loop(
     let mut commands: Vec<String> = Vec::new();
     for rep in 0..sizes.reps {
         for (i, mode) in modes.iter().enumerate() {
-            println!(
-                "bench: loop {}/{}: {}",
-                rep + 1,
-                sizes.reps,
-                mode.name()
-            );
+            println!("bench: loop {}/{}: {}", rep + 1, sizes.reps, mode.name());
             let (values, command) = run_loop(tracer, fixtures, mode, &loop_args, dir)?;
             if rep == 0 {
                 commands.push(format!("{}: `{command}`", mode.name()));
@@ -568,7 +589,10 @@ fn bench_loop(
     )?;
     writeln!(text, "| --- | ---: | ---: | ---: |")?;
     for (i, mode) in modes.iter().enumerate() {
-        let values = results.get_mut(&i).map(Vec::as_mut_slice).unwrap_or(&mut []);
+        let values = results
+            .get_mut(&i)
+            .map(Vec::as_mut_slice)
+            .unwrap_or(&mut []);
         let (lo, hi) = min_max(values);
         let m = median(values);
         medians.push(m);
@@ -689,10 +713,7 @@ fn run_loop(
                 .lines()
                 .map(str::to_string)
                 .collect();
-            Ok((
-                ns_per_iter(&lines),
-                shown(&fixtures.malloc_loop, loop_args),
-            ))
+            Ok((ns_per_iter(&lines), shown(&fixtures.malloc_loop, loop_args)))
         }
         LoopMode::Tracer(_, extra) => {
             let mut args: Vec<String> = vec!["run".into(), "-o".into(), "/dev/null".into()];
@@ -771,7 +792,11 @@ fn run_loop(
                 shown(&fixtures.malloc_loop, &fixture_args),
                 bt_args
                     .iter()
-                    .map(|a| if a == &pid.to_string() { "$PID".to_string() } else { a.replace(&(target_dir().display().to_string() + "/"), "target/") })
+                    .map(|a| if a == &pid.to_string() {
+                        "$PID".to_string()
+                    } else {
+                        a.replace(&(target_dir().display().to_string() + "/"), "target/")
+                    })
                     .collect::<Vec<_>>()
                     .join(" ")
             );
@@ -840,7 +865,10 @@ fn bench_http(
                 thread::sleep(Duration::from_millis(50));
             }
             let args = wrk_args(port);
-            let out = Command::new("wrk").args(&args).output().context("running wrk")?;
+            let out = Command::new("wrk")
+                .args(&args)
+                .output()
+                .context("running wrk")?;
             let text = String::from_utf8_lossy(&out.stdout);
             let rps: f64 = text
                 .lines()
@@ -860,7 +888,10 @@ fn bench_http(
                 } else {
                     format!(
                         "{} {server_cmd}",
-                        shown(tracer, &prefix.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                        shown(
+                            tracer,
+                            &prefix.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+                        )
                     )
                 };
                 commands.push(format!(
@@ -949,7 +980,9 @@ fn bpf_map_kib(pid: u32) -> u64 {
     };
     let mut total = 0;
     for fd in fds.flatten() {
-        let Ok(link) = fs::read_link(fd.path()) else { continue };
+        let Ok(link) = fs::read_link(fd.path()) else {
+            continue;
+        };
         if link.to_string_lossy() != "anon_inode:bpf-map" {
             continue;
         }
@@ -1022,7 +1055,9 @@ fn bench_tracer(
         .spawn()?;
     let tracer_pid = child.id();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, Duration::from_secs(600), |l| l.starts_with("ready"))?;
+    read_until(&mut stdout, Duration::from_secs(600), |l| {
+        l.starts_with("ready")
+    })?;
     let fill_s = started.elapsed().as_secs_f64();
     let target_pid = child_of(tracer_pid);
     thread::sleep(Duration::from_secs(settle));
@@ -1057,14 +1092,42 @@ fn bench_tracer(
          top 10). Measured over {window} s, {settle} s after the blocks are in place.\n"
     )?;
     writeln!(text, "| what | value |\n| --- | ---: |")?;
-    writeln!(text, "| tracer CPU (user + system) | {cpu_pct:.1}% of one core |")?;
-    writeln!(text, "| tracer RSS, peak seen in the window | {:.1} MiB |", rss_max as f64 / 1024.0)?;
-    writeln!(text, "| tracer RSS high-water mark (whole run) | {:.1} MiB |", hwm as f64 / 1024.0)?;
-    writeln!(text, "| kernel memory of its BPF maps (memlock) | {:.1} MiB |", maps_kib as f64 / 1024.0)?;
-    writeln!(text, "| target's RSS (for scale) | {:.1} MiB |", target_rss as f64 / 1024.0)?;
-    writeln!(text, "| one refresh's snapshot (median) | {refresh_ms:.1} ms |")?;
-    writeln!(text, "| final report's snapshot (reads every block) | {final_ms:.1} ms |")?;
-    writeln!(text, "| start to {blocks} blocks allocated, traced | {fill_s:.1} s |")?;
+    writeln!(
+        text,
+        "| tracer CPU (user + system) | {cpu_pct:.1}% of one core |"
+    )?;
+    writeln!(
+        text,
+        "| tracer RSS, peak seen in the window | {:.1} MiB |",
+        rss_max as f64 / 1024.0
+    )?;
+    writeln!(
+        text,
+        "| tracer RSS high-water mark (whole run) | {:.1} MiB |",
+        hwm as f64 / 1024.0
+    )?;
+    writeln!(
+        text,
+        "| kernel memory of its BPF maps (memlock) | {:.1} MiB |",
+        maps_kib as f64 / 1024.0
+    )?;
+    writeln!(
+        text,
+        "| target's RSS (for scale) | {:.1} MiB |",
+        target_rss as f64 / 1024.0
+    )?;
+    writeln!(
+        text,
+        "| one refresh's snapshot (median) | {refresh_ms:.1} ms |"
+    )?;
+    writeln!(
+        text,
+        "| final report's snapshot (reads every block) | {final_ms:.1} ms |"
+    )?;
+    writeln!(
+        text,
+        "| start to {blocks} blocks allocated, traced | {fill_s:.1} s |"
+    )?;
     writeln!(text)?;
     writeln!(text, "Command: `{}`\n", shown(tracer, &args))?;
     summary.push(format!(
@@ -1118,7 +1181,9 @@ fn bench_tracer(
         .stdout(Stdio::piped())
         .spawn()?;
     let mut idle_out = BufReader::new(idle.stdout.take().unwrap());
-    read_until(&mut idle_out, Duration::from_secs(10), |l| l.starts_with("ready"))?;
+    read_until(&mut idle_out, Duration::from_secs(10), |l| {
+        l.starts_with("ready")
+    })?;
     let pid = idle.id();
     let attach_args: Vec<String> = vec![
         "report".into(),
@@ -1149,7 +1214,10 @@ fn bench_tracer(
                 bail!("tracer report ended without attaching");
             }
             if line.contains("timing: attach") {
-                phase = line.trim().trim_start_matches("tracer: timing: ").to_string();
+                phase = line
+                    .trim()
+                    .trim_start_matches("tracer: timing: ")
+                    .to_string();
             }
             if line.contains("attached to PID") {
                 let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -1168,7 +1236,10 @@ fn bench_tracer(
     let attach_ms = median(&mut wall);
     // The breakdown of the run whose time is the median.
     phases.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let median_phase = phases.get(phases.len() / 2).map(|(_, p)| p.as_str()).unwrap_or("?");
+    let median_phase = phases
+        .get(phases.len() / 2)
+        .map(|(_, p)| p.as_str())
+        .unwrap_or("?");
     writeln!(
         text,
         "Start to attached (`tracer report --pid` on a running process, from spawning the \

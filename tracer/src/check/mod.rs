@@ -12,10 +12,7 @@ pub mod verdict;
 use std::{io::Write, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    time::{interval_at, Instant, MissedTickBehavior},
-};
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use self::{suppress::Rule, verdict::Limits};
 use crate::{
@@ -53,10 +50,12 @@ pub async fn run(
 ) -> Result<ExitCode> {
     let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let crate::signals::Signals {
+        interrupt: mut sigint,
+        terminate: mut sigterm,
+    } = crate::signals::take()?;
     // Ctrl-C reaches the command too (same process group); the check ends
     // when the command does, with its code.
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut final_report: Option<Report> = None;
     let command_exit = loop {
         tokio::select! {

@@ -14,7 +14,6 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use tokio::{
     net::TcpListener,
-    signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
     time::{interval_at, Instant, MissedTickBehavior},
 };
@@ -69,8 +68,10 @@ pub async fn run(
     refreshes.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let crate::signals::Signals {
+        interrupt: mut sigint,
+        terminate: mut sigterm,
+    } = crate::signals::take()?;
     let push = match &options.push {
         Some(url) => Some(push::Endpoint::parse(url)?),
         None => None,

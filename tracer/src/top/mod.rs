@@ -15,10 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    time::{interval_at, timeout, Instant, MissedTickBehavior},
-};
+use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
 
 use self::{
     state::{Action, StackInfo, TopState},
@@ -62,8 +59,10 @@ pub async fn run(
     state.process.rss_at_attach = trace.process.rss_bytes();
     let mut screen = Screen::open()?;
     let mut input = spawn_input_reader();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let crate::signals::Signals {
+        interrupt: mut sigint,
+        terminate: mut sigterm,
+    } = crate::signals::take()?;
     let every = options.interval.max(Duration::from_millis(100));
     let started = Instant::now();
     let mut refreshes = interval_at(started, every);
