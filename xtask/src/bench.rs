@@ -537,6 +537,7 @@ fn loop_modes() -> Vec<LoopMode> {
         LoopMode::Tracer("no-op programs (floor)", &["--noop-probes"]),
         LoopMode::Tracer("tracer", &[]),
         LoopMode::Tracer("tracer without stacks", &["--no-stacks"]),
+        LoopMode::Tracer("tracer, --unwind cfi", &["--unwind", "cfi"]),
         LoopMode::Tracer(
             "no-op programs, free probed at its entry",
             &["--noop-probes", "--entry-probes"],
@@ -641,6 +642,18 @@ fn bench_loop(
             summary.push(format!(
                 "Stack capture costs {:.0} ns per allocation (the loop's stacks are 5 frames deep).",
                 tracer_added - no_stacks
+            ));
+        }
+        if let Some(cfi) = find("tracer, --unwind cfi") {
+            writeln!(
+                text,
+                "\nCFI unwinding (`--unwind cfi`, tables in the kernel instead of frame \
+                 pointers): {cfi:.0} ns per pair, {:+.0} ns against frame pointers.",
+                cfi - tracer_added
+            )?;
+            summary.push(format!(
+                "`--unwind cfi` adds {cfi:.0} ns per pair ({:+.0} ns against frame pointers).",
+                cfi - tracer_added
             ));
         }
         if let (Some(at_entry), Some(floor_at_entry)) = (
