@@ -12,10 +12,12 @@ pub use crate::output::folded::Weight;
     version,
     about = "Find memory leaks in a running Linux process: unfreed heap allocations per call stack, traced with eBPF.",
     long_about = "Find memory leaks in a running Linux process.\n\n\
-        tracer attaches eBPF uprobes to the allocator (malloc, calloc, realloc, \
-        posix_memalign, aligned_alloc/memalign, valloc, pvalloc, free) of one process, keeps \
-        every live allocation in kernel maps, and reports the call stacks that hold the most \
-        unfreed memory. Nothing is injected into the process and it need not be restarted.\n\n\
+        tracer attaches eBPF uprobes to the allocator one process really calls (glibc, musl, \
+        jemalloc, tcmalloc, mimalloc, static binaries: malloc, calloc, realloc, \
+        posix_memalign, aligned_alloc/memalign, valloc, pvalloc, free and their kin) and \
+        tracepoints to its mmap/munmap/mremap calls, keeps every live allocation in kernel \
+        maps, and reports the call stacks that hold the most unfreed memory. Nothing is \
+        injected into the process and it need not be restarted.\n\n\
         Needs root (or CAP_BPF and CAP_PERFMON)."
 )]
 pub struct Cli {
