@@ -102,17 +102,7 @@ fn bad_duration_is_a_usage_error() {
 /// mount namespace) tracing works and stays exact.
 #[test]
 fn works_without_kernel_btf() {
-    require_root();
-    let leaky = fixture("leaky_c");
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c"])
-        .arg(format!(
-            "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec {} run --format json --top 0 -- {}",
-            tracer().display(),
-            leaky.display()
-        ))
-        .output()
-        .unwrap();
+    let out = run_in_mount_namespace("mount --bind /dev/null /sys/kernel/btf/vmlinux", "leaky_c");
     assert!(
         out.status.success(),
         "{}",
@@ -120,8 +110,71 @@ fn works_without_kernel_btf() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let expected = expectations(&stdout);
-    let json_start = stdout.find("{\n").expect("a JSON report");
-    let report: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    let report = json_after_fixture_output(&stdout);
     let sites: Vec<&str> = expected.keys().map(String::as_str).collect();
     assert_eq!(report_by_site(&report, &sites), expected);
+}
+
+fn run_in_mount_namespace(setup: &str, fixture_name: &str) -> std::process::Output {
+    require_root();
+    Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "{setup}; exec {} run --format json --top 0 -- {}",
+            tracer().display(),
+            fixture(fixture_name).display()
+        ))
+        .output()
+        .unwrap()
+}
+
+fn json_after_fixture_output(stdout: &str) -> serde_json::Value {
+    let start = stdout.find("{\n").expect("a JSON report");
+    serde_json::from_str(&stdout[start..]).unwrap()
+}
+
+/// tracefs not mounted: the tracer mounts it (as root) and mappings are
+/// traced as usual.
+#[test]
+fn tracefs_not_mounted_is_mounted() {
+    let out = run_in_mount_namespace(
+        "umount /sys/kernel/debug/tracing 2>/dev/null; umount /sys/kernel/tracing",
+        "mapped_c",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_after_fixture_output(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["mappings"]["traced"], true, "{report:#}");
+    assert!(
+        report["mappings"]["bytes"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
+}
+
+/// tracefs cannot be mounted (no /sys/kernel/tracing at all): one line says
+/// so and what to do, and heap tracing goes on, exact.
+#[test]
+fn tracefs_unavailable_is_one_line_and_heap_tracing_goes_on() {
+    let out = run_in_mount_namespace("mount -t tmpfs none /sys/kernel", "leaky_c");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("not tracing mmap (heap tracing goes on)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("mount -t tracefs"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = expectations(&stdout);
+    let report = json_after_fixture_output(&stdout);
+    let sites: Vec<&str> = expected.keys().map(String::as_str).collect();
+    assert_eq!(report_by_site(&report, &sites), expected);
+    assert_eq!(report["mappings"]["traced"], false, "{report:#}");
 }
