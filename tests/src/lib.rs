@@ -251,3 +251,72 @@ mod tests {
         assert_eq!(site_of(&f(&["leak_ab"]), &sites), None);
     }
 }
+
+/// Runs a fixture with `tracer run` (extra tracer options, extra environment)
+/// and holds the report against the fixture's EXPECT lines: every site
+/// exact, no memory from the `churn` functions, nothing dropped. Returns the
+/// report and the sites (expected ones and churn).
+pub fn trace_exact(
+    program: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    churn: &[&str],
+) -> (Value, Vec<String>) {
+    require_root();
+    let program = fixture(program);
+    let (report, stdout, _) = trace_run_with_env(&[program.to_str().unwrap()], extra, env);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    let expected = expectations(&stdout);
+    assert!(!expected.is_empty());
+    let mut sites: Vec<String> = expected.keys().cloned().collect();
+    sites.extend(churn.iter().map(|c| c.to_string()));
+    let site_refs: Vec<&str> = sites.iter().map(String::as_str).collect();
+    let found = report_by_site(&report, &site_refs);
+    for (site, want) in &expected {
+        assert_eq!(
+            found.get(site),
+            Some(want),
+            "site {site} (bytes, blocks); report: {report:#}"
+        );
+    }
+    for c in churn {
+        assert!(
+            !found.contains_key(*c),
+            "freed memory from {c} reported: {:?}",
+            found.get(*c)
+        );
+    }
+    for (key, value) in report["dropped"].as_object().unwrap() {
+        assert_eq!(value.as_u64(), Some(0), "dropped.{key}");
+    }
+    (report, sites)
+}
+
+/// Reads lines from `reader` until one contains `needle`; returns all lines.
+pub fn read_until(reader: &mut impl std::io::BufRead, needle: &str) -> String {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "stream ended before {needle:?}; got: {seen}");
+        seen.push_str(&line);
+        if line.contains(needle) {
+            return seen;
+        }
+    }
+}
+
+/// The `<title>` texts of an SVG (inferno's flamegraph frames), parsed as
+/// XML; panics if it is not well-formed. inferno's SVG carries a DOCTYPE.
+pub fn svg_titles(svg: &str) -> Vec<String> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(svg, options).expect("well-formed XML");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("title"))
+        .filter_map(|n| n.text())
+        .map(str::to_string)
+        .collect()
+}

@@ -9,29 +9,7 @@ const LIBDIR: &str = "/usr/lib/x86_64-linux-gnu";
 
 /// Runs a fixture traced and holds every site against its EXPECT lines.
 fn exact(program: &str, extra: &[&str], env: &[(&str, &str)], churn: &[&str]) -> Value {
-    require_root();
-    let program = fixture(program);
-    let (report, stdout, _) = trace_run_with_env(&[program.to_str().unwrap()], extra, env);
-    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
-    let expected = expectations(&stdout);
-    assert!(!expected.is_empty());
-    let mut sites: Vec<&str> = expected.keys().map(String::as_str).collect();
-    sites.extend_from_slice(churn);
-    let found = report_by_site(&report, &sites);
-    for (site, want) in &expected {
-        assert_eq!(
-            found.get(site),
-            Some(want),
-            "site {site} (bytes, blocks); report: {report:#}"
-        );
-    }
-    for site in churn {
-        assert_eq!(found.get(*site), None, "freed memory from {site} reported");
-    }
-    for (key, value) in report["dropped"].as_object().unwrap() {
-        assert_eq!(value.as_u64(), Some(0), "dropped.{key}");
-    }
-    report
+    trace_exact(program, extra, env, churn).0
 }
 
 const LEAKY_CHURN: &[&str] = &["churn", "cross_alloc", "cross_free"];

@@ -3,27 +3,13 @@
 //! freed after it; blocks leaked after attach must be exact.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufReader, Read, Write},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tracer_tests::*;
-
-/// Reads lines from `reader` until one contains `needle`; returns all lines.
-fn read_until(reader: &mut impl BufRead, needle: &str) -> String {
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).unwrap();
-        assert!(n > 0, "stream ended before {needle:?}; got: {seen}");
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return seen;
-        }
-    }
-}
 
 struct Attached {
     fixture: Child,

@@ -5,25 +5,12 @@
 //! there.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufReader, Read, Write},
     process::{Child, Command, Stdio},
 };
 
 use serde_json::Value;
 use tracer_tests::*;
-
-fn read_until(reader: &mut impl BufRead, needle: &str) -> String {
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).unwrap();
-        assert!(n > 0, "stream ended before {needle:?}; got: {seen}");
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return seen;
-        }
-    }
-}
 
 /// Starts `command` (which ends by exec'ing the attach fixture, keeping its
 /// PID), attaches for 2 s once it is READY, lets it leak, and returns the

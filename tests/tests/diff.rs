@@ -91,16 +91,7 @@ fn diff_of_two_runs_shows_exact_growth_in_text_folded_and_svg() {
         svg_path.to_str().unwrap(),
     ]));
     let svg = std::fs::read_to_string(&svg_path).unwrap();
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&svg, options).expect("well-formed XML");
-    let titles: Vec<&str> = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("title"))
-        .filter_map(|n| n.text())
-        .collect();
+    let titles = svg_titles(&svg);
     // inferno's differential titles carry the change as a percentage.
     assert!(
         titles

@@ -56,17 +56,7 @@ fn flamegraph_svg_is_xml_naming_the_leak() {
     let path = temp_path("leaky.svg");
     trace(&["flamegraph"], &path);
     let svg = std::fs::read_to_string(&path).unwrap();
-    // inferno's SVG carries a DOCTYPE; allow it.
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&svg, options).expect("well-formed XML");
-    let titles: Vec<&str> = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("title"))
-        .filter_map(|n| n.text())
-        .collect();
+    let titles = svg_titles(&svg);
     assert!(
         titles
             .iter()

@@ -235,8 +235,6 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// How far above the user stack pointer the caller's return address is
 /// looked for: glibc's mremap keeps 0x58 bytes, musl's mmap 0x38.
 const SCAN_WORDS: u64 = 24;
@@ -275,16 +273,7 @@ fn capture(ctx: &TracePointContext) -> u64 {
         buf.ips[0] = caller;
     }
 
-    let mut hash = FNV_OFFSET ^ len as u64;
-    for i in 0..MAX_FRAMES {
-        if i >= len {
-            break;
-        }
-        hash = (hash ^ buf.ips[i]).wrapping_mul(FNV_PRIME);
-    }
-    if hash == STACK_UNKNOWN {
-        hash = 1;
-    }
+    let hash = crate::stack::hash_frames(buf, len);
     if MMAP_STACKS.get_ptr(hash).is_none() {
         if let Err(err) = MMAP_STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
             if err != -17 {

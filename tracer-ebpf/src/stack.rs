@@ -25,6 +25,23 @@ const UNKNOWN: Stack = Stack {
     slot: SLOT_UNKNOWN,
 };
 
+/// The stack id of the first `len` frames of `buf`: FNV-1a over the return
+/// addresses, never `STACK_UNKNOWN`. Shared by heap and mapping stacks.
+#[inline(always)]
+pub fn hash_frames(buf: &StackTrace, len: usize) -> u64 {
+    let mut hash = FNV_OFFSET ^ len as u64;
+    for i in 0..MAX_FRAMES {
+        if i >= len {
+            break;
+        }
+        hash = (hash ^ buf.ips[i]).wrapping_mul(FNV_PRIME);
+    }
+    if hash == STACK_UNKNOWN {
+        hash = 1;
+    }
+    hash
+}
+
 /// Captures the current user stack and returns its id and slot, or the
 /// unknown stack (counted as `StackLost`) when it cannot be captured or
 /// stored.
@@ -63,16 +80,7 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     buf.len = len as u64;
     buf.truncated = (len == MAX_FRAMES || cut) as u64;
 
-    let mut hash = FNV_OFFSET ^ len as u64;
-    for i in 0..MAX_FRAMES {
-        if i >= len {
-            break;
-        }
-        hash = (hash ^ buf.ips[i]).wrapping_mul(FNV_PRIME);
-    }
-    if hash == STACK_UNKNOWN {
-        hash = 1;
-    }
+    let hash = hash_frames(buf, len);
     // Preempted by another program that used the buffer: the frames and the
     // hash may be a mix of two stacks.
     if !still_ours() {

@@ -201,6 +201,33 @@ pub fn build_every_stack(
     build_from(run, snapshot, snapshot.every_stack(), frames)
 }
 
+/// One stack of a snapshot, symbolized by `frames`.
+fn stack_report(
+    snapshot: &Snapshot,
+    s: &crate::model::StackSample,
+    frames: &mut impl FnMut(u64) -> (Vec<Frame>, bool),
+) -> StackReport {
+    let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
+        (Vec::new(), false)
+    } else {
+        frames(s.stack_id)
+    };
+    StackReport {
+        stack_id: if s.stack_id == STACK_UNKNOWN {
+            "unknown".to_string()
+        } else {
+            format!("{:016x}", s.stack_id)
+        },
+        bytes: s.bytes,
+        allocations: s.count,
+        total_allocations: s.total_count,
+        total_bytes: s.total_bytes,
+        oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
+        truncated,
+        frames: stack_frames.iter().map(ReportFrame::from).collect(),
+    }
+}
+
 fn build_from(
     run: &RunInfo,
     snapshot: &Snapshot,
@@ -209,27 +236,7 @@ fn build_from(
 ) -> Report {
     let stacks = selected
         .into_iter()
-        .map(|s| {
-            let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
-                (Vec::new(), false)
-            } else {
-                frames(s.stack_id)
-            };
-            StackReport {
-                stack_id: if s.stack_id == STACK_UNKNOWN {
-                    "unknown".to_string()
-                } else {
-                    format!("{:016x}", s.stack_id)
-                },
-                bytes: s.bytes,
-                allocations: s.count,
-                total_allocations: s.total_count,
-                total_bytes: s.total_bytes,
-                oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
-                truncated,
-                frames: stack_frames.iter().map(ReportFrame::from).collect(),
-            }
-        })
+        .map(|s| stack_report(&snapshot, s, &mut frames))
         .collect();
     let c = &snapshot.counters;
     Report {
@@ -272,27 +279,7 @@ pub fn build_mappings(
     let stacks = snapshot
         .top(top)
         .into_iter()
-        .map(|s| {
-            let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
-                (Vec::new(), false)
-            } else {
-                frames(s.stack_id)
-            };
-            StackReport {
-                stack_id: if s.stack_id == STACK_UNKNOWN {
-                    "unknown".to_string()
-                } else {
-                    format!("{:016x}", s.stack_id)
-                },
-                bytes: s.bytes,
-                allocations: s.count,
-                total_allocations: s.total_count,
-                total_bytes: s.total_bytes,
-                oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
-                truncated,
-                frames: stack_frames.iter().map(ReportFrame::from).collect(),
-            }
-        })
+        .map(|s| stack_report(&snapshot, s, &mut frames))
         .collect();
     MappingsReport {
         traced: true,
