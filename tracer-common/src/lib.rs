@@ -271,3 +271,20 @@ mod pod {
     unsafe impl aya::Pod for StackTrace {}
     unsafe impl aya::Pod for TargetInfo {}
 }
+
+/// Calling conventions of the allocation functions: which entry program
+/// decodes a call's arguments (`tracer-ebpf/src/alloc.rs`). The uprobe
+/// session program, attached to many functions at once, gets its
+/// function's convention as the attach cookie.
+pub mod convention {
+    /// `malloc(size)` and alike (`mallocx`, `operator new`).
+    pub const MALLOC: u64 = 0;
+    pub const CALLOC: u64 = 1;
+    pub const REALLOC: u64 = 2;
+    pub const REALLOCARRAY: u64 = 3;
+    /// `memalign(align, size)` and `aligned_alloc(align, size)`.
+    pub const MEMALIGN: u64 = 4;
+    pub const POSIX_MEMALIGN: u64 = 5;
+    pub const VALLOC: u64 = 6;
+    pub const PVALLOC: u64 = 7;
+}

@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{AllocRecord, CallKind, Counter, InFlight, IN_FLIGHT_UNSAMPLED};
+use tracer_common::{convention, AllocRecord, CallKind, Counter, InFlight, IN_FLIGHT_UNSAMPLED};
 
 use crate::{
     maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
@@ -124,9 +124,9 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
 }
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
+fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> bool {
     // Of the `Alloc` kind, only memalign may call malloc inside
-    // (memalign_enter says so itself).
+    // (its convention says so itself, in `enter_convention`).
     enter_sampled(ctx, kind, size, ptr_arg, kind != CallKind::Alloc)
 }
 
@@ -134,6 +134,9 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> u32 {
 /// calls malloc, memalign with a small alignment too). Such a call is
 /// remembered even when not sampled, so that the inner call is known as
 /// inner and not sampled on its own.
+///
+/// True when the call was remembered (`IN_FLIGHT`): only then does its
+/// return matter (a uprobe session skips the return otherwise).
 #[inline(always)]
 fn enter_sampled(
     ctx: &ProbeContext,
@@ -141,19 +144,19 @@ fn enter_sampled(
     size: u64,
     ptr_arg: u64,
     may_nest: bool,
-) -> u32 {
+) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_target((pid_tgid >> 32) as u32) {
-        return 0;
+        return false;
     }
     let sp = stack_pointer(ctx.regs);
     if is_inner_call(pid_tgid, sp) {
-        return 0;
+        return false;
     }
     let unsampled = sample::skip(pid_tgid, size);
     let old_block = kind == CallKind::Realloc && ptr_arg != 0;
     if unsampled && !may_nest && !old_block {
-        return 0;
+        return false;
     }
     let mut call = InFlight {
         kind: kind as u32,
@@ -173,7 +176,7 @@ fn enter_sampled(
     }
     if IN_FLIGHT.insert(pid_tgid, call, 0).is_err() {
         count(Counter::InFlightFull);
-        return 0;
+        return false;
     }
     // Take the old block's record out only once the call is remembered (the
     // return needs it). The caller owns the block until realloc frees it, so
@@ -185,58 +188,101 @@ fn enter_sampled(
             unsafe { (*stored).has_old = 0 };
         }
     }
-    0
+    true
+}
+
+/// Decodes an allocation call's arguments by its calling convention
+/// (`tracer_common::convention`) and enters it; true when its return
+/// matters (see `enter_sampled`).
+#[inline(always)]
+pub(crate) fn enter_convention(ctx: &ProbeContext, convention: u64) -> bool {
+    match convention {
+        convention::MALLOC | convention::VALLOC => {
+            enter(ctx, CallKind::Alloc, arg(ctx, 0), 0)
+        }
+        convention::CALLOC => {
+            // An overflowing product makes calloc fail; the NULL result is
+            // not recorded.
+            let size = array_size(arg(ctx, 0), arg(ctx, 1));
+            enter(ctx, CallKind::Alloc, size, 0)
+        }
+        convention::REALLOC => enter(ctx, CallKind::Realloc, arg(ctx, 1), arg(ctx, 0)),
+        convention::REALLOCARRAY => {
+            let size = array_size(arg(ctx, 1), arg(ctx, 2));
+            enter(ctx, CallKind::Realloc, size, arg(ctx, 0))
+        }
+        // `memalign(align, size)` and `aligned_alloc(align, size)`.
+        convention::MEMALIGN => enter_sampled(ctx, CallKind::Alloc, arg(ctx, 1), 0, true),
+        convention::POSIX_MEMALIGN => {
+            enter(ctx, CallKind::PosixMemalign, arg(ctx, 2), arg(ctx, 0))
+        }
+        // `pvalloc` rounds the request up to whole pages; that is the size
+        // the caller owns and must free.
+        convention::PVALLOC => {
+            let size = arg(ctx, 0).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+            enter(ctx, CallKind::Alloc, size, 0)
+        }
+        _ => false,
+    }
 }
 
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, CallKind::Alloc, arg(&ctx, 0), 0)
+    enter_convention(&ctx, convention::MALLOC);
+    0
 }
 
 #[uprobe]
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-    // An overflowing product makes calloc fail; the NULL result is not recorded.
-    let size = array_size(arg(&ctx, 0), arg(&ctx, 1));
-    enter(&ctx, CallKind::Alloc, size, 0)
+    enter_convention(&ctx, convention::CALLOC);
+    0
 }
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, CallKind::Realloc, arg(&ctx, 1), arg(&ctx, 0))
+    enter_convention(&ctx, convention::REALLOC);
+    0
 }
 
 #[uprobe]
 pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
-    let size = array_size(arg(&ctx, 1), arg(&ctx, 2));
-    enter(&ctx, CallKind::Realloc, size, arg(&ctx, 0))
+    enter_convention(&ctx, convention::REALLOCARRAY);
+    0
 }
 
-/// `memalign(align, size)` and `aligned_alloc(align, size)`.
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter_sampled(&ctx, CallKind::Alloc, arg(&ctx, 1), 0, true)
+    enter_convention(&ctx, convention::MEMALIGN);
+    0
 }
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, CallKind::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0))
+    enter_convention(&ctx, convention::POSIX_MEMALIGN);
+    0
 }
 
 #[uprobe]
 pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, CallKind::Alloc, arg(&ctx, 0), 0)
+    enter_convention(&ctx, convention::VALLOC);
+    0
 }
 
-/// `pvalloc` rounds the request up to whole pages; that is the size the caller
-/// owns and must free.
 #[uprobe]
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-    let size = arg(&ctx, 0).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-    enter(&ctx, CallKind::Alloc, size, 0)
+    enter_convention(&ctx, convention::PVALLOC);
+    0
 }
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx)
+}
+
+/// An allocation call's return: records its block (see `alloc_return`;
+/// the uprobe session program's return half runs it too).
+#[inline(always)]
+pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(call) = IN_FLIGHT.get_ptr(pid_tgid) else {
         return 0;
@@ -260,7 +306,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
         let block = unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
         if block != 0 {
-            record_alloc(&ctx, block, call.size);
+            record_alloc(ctx, block, call.size);
         }
         return 0;
     }
@@ -286,7 +332,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     if call.flags & IN_FLIGHT_UNSAMPLED != 0 {
         return 0;
     }
-    record_alloc(&ctx, ret, call.size);
+    record_alloc(ctx, ret, call.size);
     0
 }
 

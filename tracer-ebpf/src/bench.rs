@@ -3,7 +3,9 @@
 //! `noop_enter`/`noop_return` do nothing: attached at exactly the addresses
 //! the real programs use (`tracer ... --noop-probes`), they measure the floor
 //! that any uprobe-based tool pays there (the traps), so the benchmark can
-//! tell the tracer's own work from the kernel's.
+//! tell the tracer's own work from the kernel's. `noop_session` is the
+//! floor of uprobe sessions: it skips every return, as an unsampled call
+//! does.
 //!
 //! `NO_STACKS`, set by userspace at load time (`--no-stacks`), makes every
 //! allocation skip the user stack walk and count under the unknown stack, to
@@ -32,4 +34,12 @@ pub fn noop_enter(_ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn noop_return(_ctx: RetProbeContext) -> u32 {
     0
+}
+
+/// A uprobe session program (see `session.rs`, also for why no macro)
+/// that asks for no return.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn noop_session(_ctx: *mut core::ffi::c_void) -> u32 {
+    1
 }

@@ -6,6 +6,7 @@
 //! - `unwind`: its CFI walk (`--unwind cfi`);
 //! - `maps`: every map, in one place, with its sizing rationale;
 //! - `sample`: sampling by bytes (`--sample-rate`);
+//! - `session`: the allocation probes as one uprobe session program;
 //! - `bench`: no-op programs and switches for measuring the tracer.
 #![no_std]
 #![no_main]
@@ -18,6 +19,7 @@ mod fpwalk;
 mod maps;
 mod mmap;
 mod sample;
+mod session;
 mod stack;
 mod unwind;
 

@@ -157,6 +157,7 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
         },
         variant,
         options.sample_rate,
+        options.uprobe_sessions,
     )
 }
 
@@ -199,6 +200,7 @@ fn describe(probes: &Probes, verbose: bool) {
     if !verbose {
         return;
     }
+    eprintln!("tracer: allocation returns: {}", probes.returns);
     for a in &probes.attached {
         let place = if a.skip > 0 {
             format!(", entry+{}: past its NULL guard", a.skip)
@@ -207,7 +209,13 @@ fn describe(probes: &Probes, verbose: bool) {
         };
         eprintln!(
             "tracer: {} {} at {}+{:#x} ({}{place})",
-            if a.is_return { "uretprobe" } else { "uprobe" },
+            if a.session {
+                "uprobe session"
+            } else if a.is_return {
+                "uretprobe"
+            } else {
+                "uprobe"
+            },
             a.program,
             a.object,
             a.file_offset,

@@ -208,6 +208,11 @@ pub struct TraceOptions {
     /// Benchmarking: track blocks without capturing their stacks.
     #[arg(long, hide = true)]
     pub no_stacks: bool,
+    /// Benchmarking: when the allocation functions are probed with one
+    /// uprobe session program (kernel 6.13+) instead of a uprobe and a
+    /// uretprobe each: auto (with --sample-rate), always, never.
+    #[arg(long, hide = true, value_enum, default_value_t = crate::uprobe_session::SessionMode::Auto)]
+    pub uprobe_sessions: crate::uprobe_session::SessionMode,
     /// Benchmarking: print how long attaching, snapshots, symbolization and
     /// rendering take, to standard error.
     #[arg(long, hide = true)]

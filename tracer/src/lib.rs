@@ -41,4 +41,5 @@ pub mod symbolize;
 pub mod target;
 pub mod top;
 pub mod unwind;
+pub mod uprobe_session;
 pub mod watch;

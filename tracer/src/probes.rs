@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::HashMap as BpfHashMap,
     programs::{
@@ -66,6 +66,8 @@ pub struct Attached {
     pub functions: Vec<&'static str>,
     pub program: &'static str,
     pub is_return: bool,
+    /// A uprobe session program (entry, and return when the entry asks).
+    pub session: bool,
 }
 
 /// What the attached programs do. Anything but `Full` exists to measure the
@@ -86,6 +88,17 @@ pub enum Variant {
 /// The no-op programs of `Variant::Noop`.
 const NOOP_ENTRY: &str = "noop_enter";
 const NOOP_RETURN: &str = "noop_return";
+/// The uprobe session programs (see `uprobe_session`).
+const SESSION_PROGRAM: &str = "alloc_session";
+const NOOP_SESSION: &str = "noop_session";
+
+/// Which probes an attach step makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Points {
+    All,
+    Frees,
+    Allocations,
+}
 
 pub struct Probes {
     pub ebpf: Ebpf,
@@ -97,20 +110,29 @@ pub struct Probes {
     /// What was attached, for which process, scoped to which of its threads.
     scope: Option<(AllocatorObject, u32, u32)>,
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// The session program, while allocation functions are to be probed
+    /// with it (see `load_session`).
+    session_program: Option<(&'static str, std::os::fd::OwnedFd)>,
+    /// uprobe_multi links of the session program, by object (host path).
+    session_links: Vec<(std::path::PathBuf, std::os::fd::OwnedFd)>,
+    /// How allocation returns are probed, for `-v`.
+    pub returns: String,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Probes {
     pub fn load(sizes: MapSizes) -> Result<Self> {
-        Self::load_variant(sizes, Variant::Full, None)
+        Self::load_variant(sizes, Variant::Full, None, Default::default())
     }
 
     /// `sample_rate`: sample about one allocation every this many bytes
-    /// (see `sampling`); None tracks every allocation.
+    /// (see `sampling`); None tracks every allocation. `sessions`: when to
+    /// probe allocation functions with a uprobe session (`enable_sessions`).
     pub fn load_variant(
         sizes: MapSizes,
         variant: Variant,
         sample_rate: Option<u64>,
+        sessions: crate::uprobe_session::SessionMode,
     ) -> Result<Self> {
         let no_stacks: u8 = (variant == Variant::NoStacks).into();
         let rate: u64 = sample_rate.unwrap_or(0);
@@ -147,6 +169,10 @@ impl Probes {
                 &crate::sampling::weight_table(rate),
             )?;
         }
+        // Before the logger takes its map out of `ebpf`.
+        let session_program = sessions
+            .wanted(rate > 0)
+            .then(|| Self::load_session(&ebpf, variant));
         // The programs only log rare conditions (a full map); forward them.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let mut programs: Vec<&str> = crate::allocator::FUNCTIONS
@@ -169,7 +195,7 @@ impl Probes {
                 .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
-        Ok(Probes {
+        let mut probes = Probes {
             ebpf,
             variant,
             attached: Vec::new(),
@@ -177,8 +203,73 @@ impl Probes {
             targets: Vec::new(),
             scope: None,
             links: Vec::new(),
+            session_program: None,
+            session_links: Vec::new(),
+            returns: "uretprobe".to_string(),
             _logger: logger,
-        })
+        };
+        match session_program {
+            Some(Ok(program)) => probes.session_program = Some(program),
+            Some(Err(e)) => probes.session_unavailable(&e),
+            None => {}
+        }
+        Ok(probes)
+    }
+
+    /// Loads the program that probes the allocation functions as one uprobe
+    /// session (kernel 6.13+) instead of a uprobe and a uretprobe each.
+    /// Failing is not fatal: they get those (`-v` says which, `returns`).
+    fn load_session(
+        ebpf: &Ebpf,
+        variant: Variant,
+    ) -> Result<(&'static str, std::os::fd::OwnedFd)> {
+        let program = if variant == Variant::Noop {
+            NOOP_SESSION
+        } else {
+            SESSION_PROGRAM
+        };
+        Ok((program, crate::uprobe_session::load(ebpf, EBPF_OBJECT, program)?))
+    }
+
+    fn session_unavailable(&mut self, error: &anyhow::Error) {
+        log::debug!("uprobe sessions: {error:#}");
+        self.session_program = None;
+        self.returns = format!("uretprobe (uprobe sessions unavailable: {error:#})");
+    }
+
+    /// Attaches the session program to every allocation function of
+    /// `object` with one link, scoped to process `pid`.
+    fn attach_session(&mut self, object: &AllocatorObject, pid: u32) -> Result<()> {
+        let Some((program, fd)) = &self.session_program else {
+            bail!("no session program");
+        };
+        let program = *program;
+        let points: Vec<(&ProbePoint, u64)> = object
+            .points
+            .iter()
+            .filter_map(|p| Some((p, crate::uprobe_session::convention(p.entry)?)))
+            .collect();
+        if points.is_empty() {
+            return Ok(());
+        }
+        let offsets: Vec<u64> = points.iter().map(|(p, _)| p.file_offset).collect();
+        let cookies: Vec<u64> = points.iter().map(|(_, c)| *c).collect();
+        let link = crate::uprobe_session::attach(fd, &object.host_path, &offsets, &cookies, pid)
+            .with_context(|| format!("attaching uprobe session {program} to {}", object.path))?;
+        for (point, _) in points {
+            self.attached.push(Attached {
+                object: object.path.clone(),
+                file_offset: point.file_offset,
+                skip: 0,
+                functions: point.functions.clone(),
+                program,
+                is_return: false,
+                session: true,
+            });
+        }
+        self.session_links.push((object.host_path.clone(), link));
+        self.returns = "uprobe session (the return is trapped only when the entry asks: sampled calls)".to_string();
+        Ok(())
     }
 
     /// Periodic upkeep of the kernel side: re-scopes the probes when the
@@ -235,8 +326,20 @@ impl Probes {
     /// block recorded afterwards has its free seen; for each allocation
     /// function the return probe before the entry probe, so that no entry is
     /// recorded without its return (a return without an entry is ignored).
+    ///
+    /// With sessions (`load_session`) the allocation functions get one
+    /// session link after `free`: entry and return come together. If the
+    /// kernel refuses it, they get a uprobe and a uretprobe each.
     pub fn attach(&mut self, object: &AllocatorObject, pid: u32) -> Result<()> {
-        self.attach_scoped(object, pid)?;
+        if self.session_program.is_some() {
+            self.attach_scoped(object, pid, Points::Frees)?;
+            if let Err(e) = self.attach_session(object, pid) {
+                self.session_unavailable(&e);
+                self.attach_scoped(object, pid, Points::Allocations)?;
+            }
+        } else {
+            self.attach_scoped(object, pid, Points::All)?;
+        }
         self.scope = Some((object.clone(), pid, pid));
         Ok(())
     }
@@ -248,6 +351,9 @@ impl Probes {
     /// would be seen any more. Re-attach them scoped to a live thread, then
     /// drop the old ones. Called from housekeeping: calls made in between
     /// (up to a second) are missed.
+    ///
+    /// Session links are left alone: the kernel filters their hits by
+    /// thread group, not by the task they were attached for.
     ///
     /// Why not scope the probes to all processes and rely on the TARGETS
     /// filter: every other process using the same allocator would then take
@@ -265,7 +371,12 @@ impl Probes {
         };
         let old_links = std::mem::take(&mut self.links);
         let described = self.attached.len();
-        self.attach_scoped(&object, live)?;
+        let has_session = self
+            .session_links
+            .iter()
+            .any(|(path, _)| *path == object.host_path);
+        let points = if has_session { Points::Frees } else { Points::All };
+        self.attach_scoped(&object, live, points)?;
         self.attached.truncate(described);
         for (program, link) in old_links {
             let prog: &mut UProbe = self
@@ -280,11 +391,21 @@ impl Probes {
         Ok(())
     }
 
-    fn attach_scoped(&mut self, object: &AllocatorObject, scope_task: u32) -> Result<()> {
+    fn attach_scoped(
+        &mut self,
+        object: &AllocatorObject,
+        scope_task: u32,
+        which: Points,
+    ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(scope_task).context("pid 0")?);
         let (frees, allocs): (Vec<&ProbePoint>, Vec<&ProbePoint>) =
             object.points.iter().partition(|p| p.entry == Entry::Free);
         let noop = self.variant == Variant::Noop;
+        let (frees, allocs) = match which {
+            Points::All => (frees, allocs),
+            Points::Frees => (frees, Vec::new()),
+            Points::Allocations => (Vec::new(), allocs),
+        };
         for point in frees.into_iter().chain(allocs) {
             if point.entry.needs_return() {
                 let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
@@ -338,6 +459,7 @@ impl Probes {
             functions: point.functions.clone(),
             program,
             is_return,
+            session: false,
         });
         Ok(())
     }
