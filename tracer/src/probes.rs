@@ -110,11 +110,9 @@ pub struct Probes {
     /// What was attached, for which process, scoped to which of its threads.
     scope: Option<(AllocatorObject, u32, u32)>,
     links: Vec<(&'static str, UProbeLinkId)>,
-    /// The session program, while allocation functions are to be probed
-    /// with it (see `load_session`).
-    session_program: Option<(&'static str, std::os::fd::OwnedFd)>,
-    /// uprobe_multi links of the session program, by object (host path).
-    session_links: Vec<(std::path::PathBuf, std::os::fd::OwnedFd)>,
+    /// The session program and its links, while allocation functions are
+    /// to be probed with it (see `load_session`).
+    sessions: Option<crate::uprobe_session::Sessions>,
     /// How allocation returns are probed, for `-v`.
     pub returns: String,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -203,13 +201,12 @@ impl Probes {
             targets: Vec::new(),
             scope: None,
             links: Vec::new(),
-            session_program: None,
-            session_links: Vec::new(),
+            sessions: None,
             returns: "uretprobe".to_string(),
             _logger: logger,
         };
         match session_program {
-            Some(Ok(program)) => probes.session_program = Some(program),
+            Some(Ok(sessions)) => probes.sessions = Some(sessions),
             Some(Err(e)) => probes.session_unavailable(&e),
             None => {}
         }
@@ -219,44 +216,29 @@ impl Probes {
     /// Loads the program that probes the allocation functions as one uprobe
     /// session (kernel 6.13+) instead of a uprobe and a uretprobe each.
     /// Failing is not fatal: they get those (`-v` says which, `returns`).
-    fn load_session(
-        ebpf: &Ebpf,
-        variant: Variant,
-    ) -> Result<(&'static str, std::os::fd::OwnedFd)> {
+    fn load_session(ebpf: &Ebpf, variant: Variant) -> Result<crate::uprobe_session::Sessions> {
         let program = if variant == Variant::Noop {
             NOOP_SESSION
         } else {
             SESSION_PROGRAM
         };
-        Ok((program, crate::uprobe_session::load(ebpf, EBPF_OBJECT, program)?))
+        crate::uprobe_session::Sessions::load(ebpf, EBPF_OBJECT, program)
     }
 
     fn session_unavailable(&mut self, error: &anyhow::Error) {
         log::debug!("uprobe sessions: {error:#}");
-        self.session_program = None;
+        self.sessions = None;
         self.returns = format!("uretprobe (uprobe sessions unavailable: {error:#})");
     }
 
     /// Attaches the session program to every allocation function of
-    /// `object` with one link, scoped to process `pid`.
+    /// `object` with one link, for process `pid`.
     fn attach_session(&mut self, object: &AllocatorObject, pid: u32) -> Result<()> {
-        let Some((program, fd)) = &self.session_program else {
+        let Some(sessions) = &mut self.sessions else {
             bail!("no session program");
         };
-        let program = *program;
-        let points: Vec<(&ProbePoint, u64)> = object
-            .points
-            .iter()
-            .filter_map(|p| Some((p, crate::uprobe_session::convention(p.entry)?)))
-            .collect();
-        if points.is_empty() {
-            return Ok(());
-        }
-        let offsets: Vec<u64> = points.iter().map(|(p, _)| p.file_offset).collect();
-        let cookies: Vec<u64> = points.iter().map(|(_, c)| *c).collect();
-        let link = crate::uprobe_session::attach(fd, &object.host_path, &offsets, &cookies, pid)
-            .with_context(|| format!("attaching uprobe session {program} to {}", object.path))?;
-        for (point, _) in points {
+        let program = sessions.program_name;
+        for point in sessions.attach(object, pid)? {
             self.attached.push(Attached {
                 object: object.path.clone(),
                 file_offset: point.file_offset,
@@ -267,8 +249,9 @@ impl Probes {
                 session: true,
             });
         }
-        self.session_links.push((object.host_path.clone(), link));
-        self.returns = "uprobe session (the return is trapped only when the entry asks: sampled calls)".to_string();
+        self.returns =
+            "uprobe session (the return is trapped only when the entry asks: sampled calls)"
+                .to_string();
         Ok(())
     }
 
@@ -278,6 +261,11 @@ impl Probes {
     /// stacks that hold nothing. Returns how many were reclaimed.
     pub fn housekeeping(&mut self) -> Result<usize> {
         self.follow_scope_thread()?;
+        if let Some(sessions) = &mut self.sessions {
+            if sessions.clean_forked_children()? {
+                log::debug!("uprobe sessions made anew: the target forked");
+            }
+        }
         self.learn_trampolines()?;
         self.reclaimer.run(&mut self.ebpf)
     }
@@ -331,7 +319,7 @@ impl Probes {
     /// session link after `free`: entry and return come together. If the
     /// kernel refuses it, they get a uprobe and a uretprobe each.
     pub fn attach(&mut self, object: &AllocatorObject, pid: u32) -> Result<()> {
-        if self.session_program.is_some() {
+        if self.sessions.is_some() {
             self.attach_scoped(object, pid, Points::Frees)?;
             if let Err(e) = self.attach_session(object, pid) {
                 self.session_unavailable(&e);
@@ -352,8 +340,8 @@ impl Probes {
     /// drop the old ones. Called from housekeeping: calls made in between
     /// (up to a second) are missed.
     ///
-    /// Session links are left alone: the kernel filters their hits by
-    /// thread group, not by the task they were attached for.
+    /// Session links cannot follow (see `uprobe_session::Sessions`): their
+    /// functions get a uprobe and a uretprobe each too, and the session goes.
     ///
     /// Why not scope the probes to all processes and rely on the TARGETS
     /// filter: every other process using the same allocator would then take
@@ -371,12 +359,7 @@ impl Probes {
         };
         let old_links = std::mem::take(&mut self.links);
         let described = self.attached.len();
-        let has_session = self
-            .session_links
-            .iter()
-            .any(|(path, _)| *path == object.host_path);
-        let points = if has_session { Points::Frees } else { Points::All };
-        self.attach_scoped(&object, live, points)?;
+        self.attach_scoped(&object, live, Points::All)?;
         self.attached.truncate(described);
         for (program, link) in old_links {
             let prog: &mut UProbe = self
@@ -385,6 +368,15 @@ impl Probes {
                 .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
                 .try_into()?;
             let _ = prog.detach(link);
+        }
+        if let Some(sessions) = &mut self.sessions {
+            if sessions.covers(&object) {
+                sessions.detach(&object);
+                self.returns = format!(
+                    "uretprobe (since thread {tid}, the main thread, exited: uprobe sessions \
+                     follow the main thread's memory map)"
+                );
+            }
         }
         self.scope = Some((object, pid, live));
         log::debug!("thread {tid} of {pid} exited; probes now scoped to thread {live}");

@@ -16,6 +16,8 @@ use std::{
     path::Path,
 };
 
+use crate::allocator::{AllocatorObject, ProbePoint};
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{maps::Map, Ebpf};
 
@@ -58,6 +60,174 @@ pub fn convention(entry: crate::allocator::Entry) -> Option<u64> {
         Entry::Pvalloc => convention::PVALLOC,
         Entry::Free => return None,
     })
+}
+
+/// A loaded session program and its links, one per probed object.
+///
+/// Two kernel behaviours of uprobe_multi links decide the upkeep (both
+/// seen on 6.18):
+/// - the link's process filter holds the thread group leader, and matches
+///   a memory map by the leader's: once the main thread has exited
+///   (`pthread_exit`), any other tool or tracer that detaches a probe from
+///   the same function makes the kernel drop our breakpoints too, and a new
+///   link would get none. The probes then go back to uprobe+uretprobe bound
+///   to a live thread (`Probes::follow_scope_thread`).
+/// - a forked child inherits the breakpoints, and the kernel does not run
+///   the program for it but still traps its entries and returns (perf-based
+///   uprobes remove themselves from a child at its first hit): measured,
+///   an untraced child's malloc+free went from 6 ns to ~1.1 µs. So when the
+///   target has a new child that did not exec, the links are made anew and
+///   the old ones closed, which takes the breakpoints out of every memory
+///   map the new links do not match.
+pub struct Sessions {
+    pub program_name: &'static str,
+    program: OwnedFd,
+    links: Vec<Link>,
+    /// Children of the target already cleaned (or exec'd).
+    children: HashSet<u32>,
+}
+
+struct Link {
+    object: AllocatorObject,
+    pid: u32,
+    /// Held: closing it detaches.
+    _fd: OwnedFd,
+}
+
+impl Sessions {
+    pub fn load(ebpf: &aya::Ebpf, object: &[u8], name: &'static str) -> Result<Self> {
+        Ok(Sessions {
+            program_name: name,
+            program: load(ebpf, object, name)?,
+            links: Vec::new(),
+            children: HashSet::new(),
+        })
+    }
+
+    /// Attaches the program to every allocation function of `object` with
+    /// one link for process `pid`; returns the points it covers.
+    pub fn attach(&mut self, object: &AllocatorObject, pid: u32) -> Result<Vec<ProbePoint>> {
+        let (fd, points) = self.link(object, pid)?;
+        if let Some(fd) = fd {
+            self.links.push(Link {
+                object: object.clone(),
+                pid,
+                _fd: fd,
+            });
+        }
+        Ok(points)
+    }
+
+    fn link(
+        &self,
+        object: &AllocatorObject,
+        pid: u32,
+    ) -> Result<(Option<OwnedFd>, Vec<ProbePoint>)> {
+        let points: Vec<(&ProbePoint, u64)> = object
+            .points
+            .iter()
+            .filter_map(|p| Some((p, convention(p.entry)?)))
+            .collect();
+        if points.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let offsets: Vec<u64> = points.iter().map(|(p, _)| p.file_offset).collect();
+        let cookies: Vec<u64> = points.iter().map(|(_, c)| *c).collect();
+        let fd = attach(&self.program, &object.host_path, &offsets, &cookies, pid)
+            .with_context(|| {
+                format!(
+                    "attaching uprobe session {} to {}",
+                    self.program_name, object.path
+                )
+            })?;
+        Ok((Some(fd), points.into_iter().map(|(p, _)| p.clone()).collect()))
+    }
+
+    /// Whether `object`'s allocation functions are probed by a session.
+    pub fn covers(&self, object: &AllocatorObject) -> bool {
+        self.links.iter().any(|l| l.object.host_path == object.host_path)
+    }
+
+    /// Detaches the session of `object` (its functions are probed another
+    /// way now). The close waits for the kernel: done on a thread.
+    pub fn detach(&mut self, object: &AllocatorObject) {
+        let (gone, kept) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|l| l.object.host_path == object.host_path);
+        self.links = kept;
+        close_later(gone);
+    }
+
+    /// Makes the links anew when a target has a child that forked without
+    /// exec'ing since the last call (see `Sessions`). Returns whether it did.
+    pub fn clean_forked_children(&mut self) -> Result<bool> {
+        let mut pids: Vec<u32> = self.links.iter().map(|l| l.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        let mut now = HashSet::new();
+        let mut fresh = false;
+        for pid in pids {
+            for child in children(pid) {
+                now.insert(child);
+                if !self.children.contains(&child) && same_program(pid, child) {
+                    fresh = true;
+                }
+            }
+        }
+        self.children = now;
+        if !fresh {
+            return Ok(false);
+        }
+        let mut links = Vec::with_capacity(self.links.len());
+        for old in &self.links {
+            let (fd, _) = self.link(&old.object, old.pid)?;
+            if let Some(fd) = fd {
+                links.push(Link {
+                    object: old.object.clone(),
+                    pid: old.pid,
+                    _fd: fd,
+                });
+            }
+        }
+        // New first, then the old go: the target's breakpoints stay (a call
+        // probed by both is recognised as one, see alloc.rs `is_inner_call`).
+        close_later(std::mem::replace(&mut self.links, links));
+        Ok(true)
+    }
+}
+
+/// Closing a uprobe link waits for RCU grace periods; not on the caller's time.
+fn close_later(links: Vec<Link>) {
+    if !links.is_empty() {
+        std::thread::spawn(move || drop(links));
+    }
+}
+
+/// The children of process `pid` (of all its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            std::fs::read_to_string(t.ok()?.path().join("children")).ok()
+        })
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// A child still runs its parent's program (forked, not exec'd): only then
+/// can it hold the parent's breakpoints.
+fn same_program(parent: u32, child: u32) -> bool {
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    match (exe(parent), exe(child)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
