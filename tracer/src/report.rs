@@ -148,9 +148,15 @@ pub struct Dropped {
 pub struct Events {
     pub allocations: u64,
     pub frees: u64,
-    /// Frees of blocks allocated before attach (ignored).
+    /// Frees of blocks allocated before attach (ignored). 0 when sampling:
+    /// those are among `unsampled_frees`.
     pub untracked_frees: u64,
     pub failed_allocations: u64,
+    /// With `--sample-rate`: frees of blocks that were not sampled, most
+    /// frees, or allocated before attach (the two look the same). Expected,
+    /// not a loss. Absent in exact mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsampled_frees: Option<u64>,
 }
 
 impl Dropped {
@@ -253,13 +259,22 @@ fn build_from(
         stacks,
         stack_count: snapshot.stacks.iter().filter(|s| s.count > 0).count(),
         dropped: Dropped::from_counters(c),
-        events: Events {
-            allocations: c.allocs,
-            frees: c.frees,
-            untracked_frees: c.unknown_frees,
-            failed_allocations: c.failed_allocs,
-        },
+        events: events(run, c),
         mappings: MappingsReport::default(),
+    }
+}
+
+/// The event counts. A free of a block the programs never recorded is a
+/// block from before attach in exact mode, but most often an unsampled
+/// block when sampling: reported apart, so it does not read as a loss.
+fn events(run: &RunInfo, c: &Counters) -> Events {
+    let sampling = run.allocators.iter().any(|a| a.sample_rate_bytes.is_some());
+    Events {
+        allocations: c.allocs,
+        frees: c.frees,
+        untracked_frees: if sampling { 0 } else { c.unknown_frees },
+        failed_allocations: c.failed_allocs,
+        unsampled_frees: sampling.then_some(c.unknown_frees),
     }
 }
 
@@ -376,5 +391,33 @@ mod tests {
         assert_eq!(every.stacks.len(), 3, "the freed stack 0xdef too");
         assert_eq!(every.stack_count, 2);
         assert_eq!(every.totals, all.totals);
+    }
+
+    #[test]
+    fn unrecorded_frees_are_unsampled_frees_when_sampling() {
+        let snapshot = Snapshot {
+            counters: Counters {
+                frees: 3,
+                unknown_frees: 1000,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut run = RunInfo {
+            allocators: vec![AllocatorInfo::default()],
+            ..Default::default()
+        };
+        let exact = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        assert_eq!(exact.events.untracked_frees, 1000);
+        assert_eq!(exact.events.unsampled_frees, None);
+        let json = serde_json::to_value(&exact).unwrap();
+        assert!(json["events"].get("unsampled_frees").is_none(), "{json}");
+
+        run.allocators[0].sample_rate_bytes = Some(4096);
+        run.allocators[0].estimated = true;
+        let sampled = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        assert_eq!(sampled.events.untracked_frees, 0);
+        assert_eq!(sampled.events.unsampled_frees, Some(1000));
+        assert_eq!(sampled.events.frees, 3);
     }
 }

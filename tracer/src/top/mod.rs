@@ -57,6 +57,11 @@ pub async fn run(
         options.group_by_function,
     );
     state.process.rss_at_attach = trace.process.rss_bytes();
+    state.sample_rate = trace
+        .run
+        .allocators
+        .first()
+        .and_then(|a| a.sample_rate_bytes);
     let mut screen = Screen::open()?;
     let mut input = spawn_input_reader();
     let crate::signals::Signals {

@@ -72,6 +72,12 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
             duration(state.seconds_attached())
         )),
     ];
+    if let Some(rate) = state.sample_rate {
+        title.push(Span::styled(
+            format!("  ESTIMATED: sampled about once every {}", bytes(rate)),
+            Style::new().fg(Color::Yellow),
+        ));
+    }
     if state.paused {
         title.push(Span::styled(
             "  PAUSED",
@@ -94,13 +100,19 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
         counted(snapshot.total_count(), "allocation"),
         counted(stacks as u64, "stack")
     );
+    // Sampling: the counters see sampled blocks only.
+    let sampled = if state.sample_rate.is_some() {
+        "sampled "
+    } else {
+        ""
+    };
     let rates = match state.event_rates() {
         Some((allocs, frees)) => format!(
-            "allocs {}/s  frees {}/s",
+            "{sampled}allocs {}/s  frees {}/s",
             thousands(allocs.round() as u64),
             thousands(frees.round() as u64)
         ),
-        None => "allocs -/s  frees -/s".to_string(),
+        None => format!("{sampled}allocs -/s  frees -/s"),
     };
     let dropped = state.dropped();
     let dropped_span = if dropped.any() {
@@ -422,10 +434,24 @@ mod tests {
         );
         assert!(text.contains("allocs 1,000/s  frees 900/s"), "{text}");
         assert!(text.contains("dropped: none"), "{text}");
+        assert!(!text.contains("ESTIMATED"), "{text}");
         let header_row = lines.iter().position(|l| l.contains("BYTES")).expect(&text);
         let first = &lines[header_row + 1];
         assert!(first.contains("leak_steadily  leak.c:10"), "{text}");
         assert!(first.contains("+2.0 KiB/s"), "{first}");
+    }
+
+    #[test]
+    fn header_says_sampled_figures_are_estimates() {
+        let mut state = state();
+        state.sample_rate = Some(512 << 10);
+        let lines = screen(&state, 160, 20);
+        let text = lines.join("\n");
+        assert!(
+            lines[0].contains("ESTIMATED: sampled about once every 512.0 KiB"),
+            "{text}"
+        );
+        assert!(text.contains("sampled allocs 1,000/s  frees 900/s"), "{text}");
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct TopState {
     pub command: String,
     pub attached_ns: u64,
     pub process: ProcessStats,
+    /// `--sample-rate`: the figures are estimates, and the event rates count
+    /// sampled blocks only.
+    pub sample_rate: Option<u64>,
     /// The snapshot on screen (the newest, unless paused).
     pub shown: Snapshot,
     /// Growth rates as of `shown`.
@@ -98,6 +101,7 @@ impl TopState {
             command,
             attached_ns,
             process: ProcessStats::default(),
+            sample_rate: None,
             shown: Snapshot {
                 taken_ns: attached_ns,
                 ..Default::default()
