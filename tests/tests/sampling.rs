@@ -124,7 +124,10 @@ fn sampling_uses_uprobe_sessions_where_the_kernel_has_them() {
             "{sampled}"
         );
     }
-    for extra in [&[][..], &["--sample-rate", "64k", "--uprobe-sessions", "never"][..]] {
+    for extra in [
+        &[][..],
+        &["--sample-rate", "64k", "--uprobe-sessions", "never"][..],
+    ] {
         let classic = verbose(extra);
         assert!(
             classic.contains("tracer: allocation returns: uretprobe\n"),

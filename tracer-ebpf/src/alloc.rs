@@ -197,9 +197,7 @@ fn enter_sampled(
 #[inline(always)]
 pub(crate) fn enter_convention(ctx: &ProbeContext, convention: u64) -> bool {
     match convention {
-        convention::MALLOC | convention::VALLOC => {
-            enter(ctx, CallKind::Alloc, arg(ctx, 0), 0)
-        }
+        convention::MALLOC | convention::VALLOC => enter(ctx, CallKind::Alloc, arg(ctx, 0), 0),
         convention::CALLOC => {
             // An overflowing product makes calloc fail; the NULL result is
             // not recorded.
@@ -213,9 +211,7 @@ pub(crate) fn enter_convention(ctx: &ProbeContext, convention: u64) -> bool {
         }
         // `memalign(align, size)` and `aligned_alloc(align, size)`.
         convention::MEMALIGN => enter_sampled(ctx, CallKind::Alloc, arg(ctx, 1), 0, true),
-        convention::POSIX_MEMALIGN => {
-            enter(ctx, CallKind::PosixMemalign, arg(ctx, 2), arg(ctx, 0))
-        }
+        convention::POSIX_MEMALIGN => enter(ctx, CallKind::PosixMemalign, arg(ctx, 2), arg(ctx, 0)),
         // `pvalloc` rounds the request up to whole pages; that is the size
         // the caller owns and must free.
         convention::PVALLOC => {

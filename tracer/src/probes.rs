@@ -250,7 +250,7 @@ impl Probes {
             });
         }
         self.returns =
-            "uprobe session (the return is trapped only when the entry asks: sampled calls)"
+            "uprobe session (a return is trapped only when the entry keeps the call: with --sample-rate, sampled calls)"
                 .to_string();
         Ok(())
     }

@@ -133,19 +133,25 @@ impl Sessions {
         }
         let offsets: Vec<u64> = points.iter().map(|(p, _)| p.file_offset).collect();
         let cookies: Vec<u64> = points.iter().map(|(_, c)| *c).collect();
-        let fd = attach(&self.program, &object.host_path, &offsets, &cookies, pid)
-            .with_context(|| {
+        let fd = attach(&self.program, &object.host_path, &offsets, &cookies, pid).with_context(
+            || {
                 format!(
                     "attaching uprobe session {} to {}",
                     self.program_name, object.path
                 )
-            })?;
-        Ok((Some(fd), points.into_iter().map(|(p, _)| p.clone()).collect()))
+            },
+        )?;
+        Ok((
+            Some(fd),
+            points.into_iter().map(|(p, _)| p.clone()).collect(),
+        ))
     }
 
     /// Whether `object`'s allocation functions are probed by a session.
     pub fn covers(&self, object: &AllocatorObject) -> bool {
-        self.links.iter().any(|l| l.object.host_path == object.host_path)
+        self.links
+            .iter()
+            .any(|l| l.object.host_path == object.host_path)
     }
 
     /// Detaches the session of `object` (its functions are probed another
@@ -209,9 +215,7 @@ fn children(pid: u32) -> Vec<u32> {
         return Vec::new();
     };
     tasks
-        .filter_map(|t| {
-            std::fs::read_to_string(t.ok()?.path().join("children")).ok()
-        })
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
         .flat_map(|list| {
             list.split_whitespace()
                 .filter_map(|p| p.parse().ok())
@@ -336,7 +340,10 @@ pub fn load(ebpf: &Ebpf, object: &[u8], name: &str) -> Result<OwnedFd> {
     // A map missing here would be resolved to another map of its ELF
     // section by aya-obj: refuse instead. (aya-log takes its map out of
     // `ebpf`, so load before its logger starts.)
-    if let Some(missing) = defined.keys().find(|name| !maps.iter().any(|(n, _, _)| n == name)) {
+    if let Some(missing) = defined
+        .keys()
+        .find(|name| !maps.iter().any(|(n, _, _)| n == name))
+    {
         bail!("map {missing} is not available to the session program");
     }
     obj.relocate_maps(maps.into_iter(), &text_sections)

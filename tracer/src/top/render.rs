@@ -451,7 +451,10 @@ mod tests {
             lines[0].contains("ESTIMATED: sampled about once every 512.0 KiB"),
             "{text}"
         );
-        assert!(text.contains("sampled allocs 1,000/s  frees 900/s"), "{text}");
+        assert!(
+            text.contains("sampled allocs 1,000/s  frees 900/s"),
+            "{text}"
+        );
     }
 
     #[test]
