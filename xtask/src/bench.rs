@@ -630,6 +630,8 @@ fn bench_loop(
             .position(|m| m.name() == name)
             .map(|i| medians[i] - medians[0])
     };
+    // The uprobe sessions subsection, after the commands.
+    let mut sessions = String::new();
     writeln!(text)?;
     if let (Some(tracer_added), Some(floor)) = (find("tracer"), find("no-op programs (floor)")) {
         let ratio = tracer_added / floor;
@@ -695,20 +697,34 @@ fn bench_loop(
             summary.push(format!(
                 "With `--sample-rate 512k`: {sampled:.0} ns per pair."
             ));
-            if let (Some(classic), Some(session_floor)) = (
+            if let (Some(classic), Some(session_floor), Some(classic_floor)) = (
                 find("tracer, sampling every 512 KiB, uprobe+uretprobe"),
                 find("no-op session programs, no return (sampled floor)"),
+                find("no-op programs (floor)"),
             ) {
-                writeln!(
-                    text,
-                    "\nUprobe sessions (kernel 6.13+, the default under `--sample-rate` where the \
-                     kernel has them): the allocation functions' entry decides whether their \
-                     return is trapped at all, so an unsampled call pays one trap instead of two. \
-                     Sampled with sessions {sampled:.0} ns per pair, with a uprobe and a uretprobe \
-                     {classic:.0} ns: sessions save {:.0} ns per pair. Their floor (no-op session \
-                     programs that skip every return, and `free`'s uprobe) is {session_floor:.0} ns.",
-                    classic - sampled
-                )?;
+                let _ = write!(
+                    sessions,
+                    "### Uprobe sessions\n\n\
+                     A uprobe session (kernel 6.13+: a `BPF_TRACE_UPROBE_SESSION` program on a \
+                     `uprobe_multi` link) runs one program at a function's entry and, only if \
+                     the entry returned 0, again at its return. Under `--sample-rate` the \
+                     tracer probes the allocation functions that way where the kernel allows \
+                     (`tracer-ebpf/src/session.rs`): an unsampled call's entry returns 1 and \
+                     its return is never trapped. With a uprobe and a uretprobe, every call \
+                     pays both traps though only sampled ones use the return value. `free` \
+                     stays a plain uprobe in both.\n\n\
+                     | same loop, same run | added per malloc/free pair |\n\
+                     | --- | ---: |\n\
+                     | tracer, `--sample-rate 512k`, uprobe sessions (the default) | {sampled:.0} ns |\n\
+                     | tracer, `--sample-rate 512k --uprobe-sessions never` (uprobe+uretprobe) | {classic:.0} ns |\n\
+                     | no-op programs, uprobe+uretprobe on malloc (floor of the latter) | {classic_floor:.0} ns |\n\
+                     | no-op session program that skips every return (floor of the former) | {session_floor:.0} ns |\n\n\
+                     Sessions save **{:.0} ns per pair** under sampling ({:.0}%); the floors \
+                     differ by {:.0} ns, the return trap an unsampled call no longer takes.",
+                    classic - sampled,
+                    (1.0 - sampled / classic) * 100.0,
+                    classic_floor - session_floor,
+                );
                 summary.push(format!(
                     "Uprobe sessions save {:.0} ns per pair under sampling ({sampled:.0} against \
                      {classic:.0} ns with uprobe+uretprobe; their floor {session_floor:.0} ns).",
@@ -716,13 +732,13 @@ fn bench_loop(
                 ));
             }
             if let Some(exact_sessions) = find("tracer, uprobe sessions in exact mode") {
-                writeln!(
-                    text,
-                    "\nIn exact mode every return is needed; with sessions anyway \
+                let _ = write!(
+                    sessions,
+                    " In exact mode every return is needed; with sessions anyway \
                      (`--uprobe-sessions always`, hidden) the tracer adds {exact_sessions:.0} ns \
-                     per pair, {:+.0} ns against uprobe+uretprobe.",
+                     per pair, {:+.0} ns against uprobe+uretprobe (which exact mode uses).",
                     exact_sessions - tracer_added
-                )?;
+                );
             }
         }
         if let Some(peer) = find("bpftrace peer") {
@@ -744,6 +760,9 @@ fn bench_loop(
         writeln!(text, "- {c}")?;
     }
     writeln!(text)?;
+    if !sessions.is_empty() {
+        writeln!(text, "{sessions}\n")?;
+    }
     Ok(text)
 }
 
