@@ -30,6 +30,7 @@ fn main() {
         "soak",
         "mapped",
         "sampled",
+        "forks",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

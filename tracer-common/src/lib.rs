@@ -336,4 +336,7 @@ pub struct ProcEvent {
     /// Fork: the new task's id. Exec: `tgid`.
     pub pid: u32,
     pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at the event: an exec drops the blocks recorded
+    /// before it, not those the new program made since.
+    pub at_ns: u64,
 }

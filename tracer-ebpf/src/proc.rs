@@ -6,7 +6,7 @@
 //! new one. A started command's forks and execs come through ptrace instead.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns}, macros::tracepoint, programs::TracePointContext,
 };
 use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 
@@ -25,6 +25,7 @@ fn emit(kind: u32, tgid: u32, pid: u32) {
         tgid,
         pid,
         _pad: 0,
+        at_ns: unsafe { bpf_ktime_get_ns() },
     };
     // A lost event is a process not followed; the ring buffer is sized so
     // that userspace, which drains it at once, does not fall behind.

@@ -353,13 +353,18 @@ pub fn forget_dead_threads(
     Ok(dead)
 }
 
-/// Drops every live block of process `pid` (its program was replaced by an
-/// exec, which unmapped them), taking each out of its stack's totals.
-/// Returns how many were dropped.
-pub fn drop_process(ebpf: &mut Ebpf, pid: u32, sample_rate: Option<u64>) -> Result<usize> {
+/// Drops the live blocks process `pid` recorded before `before_ns` (its
+/// program was replaced by an exec, which unmapped them), taking each out
+/// of its stack's totals. Returns how many were dropped.
+pub fn drop_process(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    before_ns: u64,
+    sample_rate: Option<u64>,
+) -> Result<usize> {
     let mut blocks: Vec<AllocKey> = Vec::new();
-    for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |key, _| {
-        if key.tgid == pid {
+    for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |key, record| {
+        if key.tgid == pid && record.timestamp_ns < before_ns {
             blocks.push(*key);
         }
     })?;
@@ -372,6 +377,10 @@ pub fn drop_process(ebpf: &mut Ebpf, pid: u32, sample_rate: Option<u64>) -> Resu
         let Ok(record) = allocs.get(&key, 0) else {
             continue;
         };
+        // Freed and handed out again since the listing: the new program's.
+        if record.timestamp_ns >= before_ns {
+            continue;
+        }
         if allocs.remove(&key).is_ok() {
             table.retire(&record, sample_rate);
             dropped += 1;

@@ -494,7 +494,10 @@ impl<'a> Tree<'a> {
                         let parent = parent_of(pid).unwrap_or(self.main);
                         self.announce_and_wait(pid, ChangeKind::Forked { parent });
                     } else {
-                        self.announce_and_wait(pid, ChangeKind::Execed);
+                        // Stopped since the exec: every block it has
+                        // recorded is the old program's.
+                        let at_ns = crate::collect::monotonic_ns();
+                        self.announce_and_wait(pid, ChangeKind::Execed { at_ns });
                     }
                     cont(pid, 0);
                 }

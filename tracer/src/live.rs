@@ -139,6 +139,21 @@ impl LiveTrace {
         }
     }
 
+    /// The started command is stopped on its way out, its memory still
+    /// mapped: a last look at its mappings, and it counts as exited.
+    pub fn main_exiting(&mut self) {
+        let pid = self.run.pid;
+        if let Some(main) = self.current_mut(pid) {
+            main.info.state = ProcessState::Exited(None);
+        }
+        // Children that are still running, too.
+        self.note_mappings();
+        if let Some(main) = self.current_mut(pid) {
+            main.symbolizer.note_mappings();
+        }
+        self.sync_run();
+    }
+
     /// Starts tracing process `pid` (found by `--comm`, or forked by a
     /// traced process): finds its allocator and attaches to it.
     pub fn add_process(&mut self, pid: u32, parent: Option<u32>) -> Result<()> {
@@ -146,7 +161,8 @@ impl LiveTrace {
             return Ok(());
         }
         let process = Process::open(pid)?;
-        let objects = self.locate(&process)?;
+        // A vfork child is announced at its exec, before its libraries are mapped.
+        let objects = self.locate_new_program(&process)?;
         self.probes.add_target(pid)?;
         for object in &objects {
             self.probes.attach(object, pid)?;
@@ -172,16 +188,17 @@ impl LiveTrace {
     /// Process `pid` replaced its program (exec): the old program's memory
     /// went with it, so its blocks are dropped (they are not leaks), and the
     /// new program is probed as a process of its own.
-    pub fn exec(&mut self, pid: u32) -> Result<()> {
+    /// `at_ns`: when it exec'ed; blocks recorded since are the new program's.
+    pub fn exec(&mut self, pid: u32, at_ns: u64) -> Result<()> {
         let parent = self.current_mut(pid).and_then(|t| {
             t.info.state = ProcessState::Replaced;
             t.info.parent
         });
         self.probes.remove_target(pid);
         let rate = self.sample_rate();
-        collect::drop_process(&mut self.probes.ebpf, pid, rate)?;
+        collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
         let process = Process::open(pid)?;
-        let objects = self.locate(&process)?;
+        let objects = self.locate_new_program(&process)?;
         self.probes.add_target(pid)?;
         for object in &objects {
             if !self.probes.is_attached(object, pid) {
@@ -228,8 +245,8 @@ impl LiveTrace {
                 Ok(()) => watch.watch(pid),
                 Err(e) => eprintln!("tracer: not following PID {pid} (forked by {parent}): {e:#}"),
             },
-            ChangeKind::Execed => {
-                if let Err(e) = self.exec(pid) {
+            ChangeKind::Execed { at_ns } => {
+                if let Err(e) = self.exec(pid, at_ns) {
                     eprintln!("tracer: PID {pid} exec'ed and cannot be traced further: {e:#}");
                     self.ended(pid, None);
                 }
@@ -255,6 +272,40 @@ impl LiveTrace {
             }
         }
         Ok(objects)
+    }
+
+    /// The allocator objects of a program that has just been exec'ed: the
+    /// dynamic loader may not have mapped its libraries yet (a started
+    /// command's child is stopped at the exec), so they are found as for a
+    /// command about to start, from its executable and environment.
+    ///
+    /// `for_command` runs the loader (`ld.so --list`): safe while the
+    /// launcher's thread, which waits for any child, waits for this change.
+    fn locate_new_program(&self, process: &Process) -> Result<Vec<AllocatorObject>> {
+        if let Ok(objects) = self.locate(process) {
+            return Ok(objects);
+        }
+        let exe = process.host_path(&process.exe()?);
+        let mut objects =
+            detect::for_command(&exe, &process.environ(), &self.probe_options.symbols_prefix)
+                .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
+        if !self.probe_options.entry_probes {
+            for object in &mut objects {
+                crate::allocator::place_entry_probes(object);
+            }
+        }
+        Ok(objects)
+    }
+
+    /// Processes that are gone without word (a running process's last
+    /// exit, seen through its pidfd) count as exited.
+    fn refresh_states(&mut self) {
+        for traced in self.processes.iter_mut().filter(|t| t.is_running()) {
+            if !traced.process.is_alive() {
+                traced.info.state = ProcessState::Exited(None);
+            }
+        }
+        self.sync_run();
     }
 
     /// Keeps `run.processes` in step with `processes`.
@@ -351,6 +402,7 @@ impl LiveTrace {
     /// A report of the `top` stacks (0: all) of a snapshot, with the
     /// mappings made up to now.
     pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
+        self.refresh_states();
         let run = self.run.clone();
         let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
         report.mappings = self.mappings_report(snapshot.taken_ns, top);
@@ -388,6 +440,7 @@ impl LiveTrace {
     /// A report of every stack seen, including those whose blocks were all
     /// freed (pprof's alloc_* values need them).
     pub fn report_every_stack(&mut self, snapshot: &Snapshot) -> Report {
+        self.refresh_states();
         let run = self.run.clone();
         report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
     }

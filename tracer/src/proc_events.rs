@@ -116,7 +116,7 @@ fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
             }),
             PROC_EXEC => Some(ProcessChange {
                 pid: event.tgid,
-                kind: ChangeKind::Execed,
+                kind: ChangeKind::Execed { at_ns: event.at_ns },
             }),
             _ => None,
         }

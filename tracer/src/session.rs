@@ -100,7 +100,7 @@ impl Session {
                 }
                 event = target.next() => match event {
                     TargetEvent::Exiting => {
-                        self.trace.note_mappings();
+                        self.trace.main_exiting();
                         let result = self.emit(true);
                         target.let_exit();
                         result?;

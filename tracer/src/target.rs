@@ -170,6 +170,20 @@ impl Process {
         })
     }
 
+    /// The process's initial environment (unreadable: empty).
+    pub fn environ(&self) -> Vec<(String, String)> {
+        let Ok(bytes) = read_proc_bytes(self.pid, "environ") else {
+            return Vec::new();
+        };
+        bytes
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let (key, value) = std::str::from_utf8(entry).ok()?.split_once('=')?;
+                Some((key.to_string(), value.to_string()))
+            })
+            .collect()
+    }
+
     /// Resident set size in bytes (VmRSS), if the process still exists.
     pub fn rss_bytes(&self) -> Option<u64> {
         let status = read_proc_file(self.pid, "status").ok()?;

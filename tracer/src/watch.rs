@@ -51,8 +51,9 @@ pub enum ChangeKind {
     /// A new process, forked by `parent`. A started command's child waits,
     /// stopped, until `applied`.
     Forked { parent: u32 },
-    /// Replaced its program. A started command's child waits for `applied`.
-    Execed,
+    /// Replaced its program at `at_ns` (CLOCK_MONOTONIC). A started
+    /// command's process waits for `applied`.
+    Execed { at_ns: u64 },
     /// About to exit, memory still mapped; waits for `applied`.
     Exiting,
     /// Gone.
@@ -153,7 +154,7 @@ impl TargetWatch {
         if let TargetWatch::Child(child) = self {
             if matches!(
                 change.kind,
-                ChangeKind::Forked { .. } | ChangeKind::Execed | ChangeKind::Exiting
+                ChangeKind::Forked { .. } | ChangeKind::Execed { .. } | ChangeKind::Exiting
             ) {
                 child.resume(change.pid);
             }

@@ -68,7 +68,7 @@ pub async fn run(
             }
             event = target.next() => match event {
                 TargetEvent::Exiting => {
-                    trace.note_mappings();
+                    trace.main_exiting();
                     let report = final_snapshot(&mut trace);
                     target.let_exit();
                     final_report = Some(report?);

@@ -114,7 +114,7 @@ pub async fn run(
             _ = sigterm.recv() => break,
             event = target.next() => match event {
                 TargetEvent::Exiting => {
-                    trace.note_mappings();
+                    trace.main_exiting();
                     let result = refresh(&mut trace, &mut state);
                     target.let_exit();
                     result?;

@@ -99,7 +99,7 @@ pub async fn run(
             event = target.next(), if !target_gone => match event {
                 TargetEvent::Exiting => {
                     // Last look while its memory is still mapped.
-                    trace.note_mappings();
+                    trace.main_exiting();
                     let result = refresh(&mut trace, &mut state);
                     target.let_exit();
                     result?;
