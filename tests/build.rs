@@ -30,6 +30,7 @@ fn main() {
         "soak",
         "mapped",
         "sampled",
+        "reclaim_storm",
     ] {
         run(Command::new("gcc")
             .args(c_flags)
