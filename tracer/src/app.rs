@@ -42,9 +42,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Session::new(trace, options, out).run(watch).await
         }
         Command::Flamegraph {
-            pid,
+            target,
             mut options,
-            command,
         } => {
             options.format = Format::Svg;
             let path = options
@@ -52,10 +51,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .get_or_insert_with(|| "flamegraph.svg".into())
                 .clone();
             let out = open_output(Some(&path))?;
-            let (trace, watch) = match pid {
+            let (trace, watch) = match target.pid {
                 Some(pid) => attach(pid, &options.trace, options.min_age)?,
                 None => start(
-                    command,
+                    target.command,
                     &options.trace,
                     options.min_age,
                     ChildOutput::Inherit,
@@ -80,18 +79,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             check::run(trace, watch, options, rules, out).await
         }
-        Command::Top {
-            pid,
-            options,
-            command,
-        } => {
+        Command::Top { target, options } => {
             // Refuse before attaching anything: a redirected top is a mistake.
             top::terminal::require_terminal()?;
-            let (trace, watch) = match pid {
+            let (trace, watch) = match target.pid {
                 Some(pid) => attach(pid, &options.trace, Duration::ZERO)?,
                 None => {
                     let output = top::command_output(options.command_output.as_deref())?;
-                    start(command, &options.trace, Duration::ZERO, output)?
+                    start(target.command, &options.trace, Duration::ZERO, output)?
                 }
             };
             top::run(trace, watch, options).await

@@ -38,37 +38,19 @@ pub enum Command {
     /// Write a flamegraph SVG of outstanding memory (a shortcut for
     /// `--format svg`), for a running process (--pid) or a command (-- CMD).
     Flamegraph {
-        /// Process to trace; without it, the command after `--` is started.
-        #[arg(long, short)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        target: Target,
         #[command(flatten)]
         options: ReportOptions,
-        /// The command and its arguments (after `--`), when no --pid is given.
-        #[arg(
-            last = true,
-            value_name = "CMD",
-            required_unless_present = "pid",
-            conflicts_with = "pid"
-        )]
-        command: Vec<OsString>,
     },
     /// Live full-screen view of the stacks holding the most unfreed memory,
     /// refreshed every second, for a running process (--pid) or a command
     /// (-- CMD). Needs a terminal; `report` is the scriptable form.
     Top {
-        /// Process to trace; without it, the command after `--` is started.
-        #[arg(long, short)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        target: Target,
         #[command(flatten)]
         options: TopOptions,
-        /// The command and its arguments (after `--`), when no --pid is given.
-        #[arg(
-            last = true,
-            value_name = "CMD",
-            required_unless_present = "pid",
-            conflicts_with = "pid"
-        )]
-        command: Vec<OsString>,
     },
     /// Run a command traced and fail when it leaks: exits with the
     /// command's code if it failed, else 23 if what it leaves allocated at
@@ -128,6 +110,23 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+/// What the commands that take either kind of target trace: a running
+/// process (`--pid`) or a command they start (after `--`).
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Process to trace; without it, the command after `--` is started.
+    #[arg(long, short)]
+    pub pid: Option<u32>,
+    /// The command and its arguments (after `--`), when no --pid is given.
+    #[arg(
+        last = true,
+        value_name = "CMD",
+        required_unless_present = "pid",
+        conflicts_with = "pid"
+    )]
+    pub command: Vec<OsString>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,5 +395,26 @@ mod tests {
             Cli::try_parse_from(["tracer", "report"]).is_err(),
             "--pid is required"
         );
+    }
+
+    #[test]
+    fn flamegraph_and_top_take_a_pid_or_a_command() {
+        for name in ["flamegraph", "top"] {
+            let target = |args: &[&str]| {
+                let cli = Cli::try_parse_from([&["tracer", name], args].concat())?;
+                Ok::<_, clap::Error>(match cli.command {
+                    Command::Flamegraph { target, .. } | Command::Top { target, .. } => target,
+                    _ => panic!("expected {name}"),
+                })
+            };
+            let by_pid = target(&["--pid", "7"]).unwrap();
+            assert_eq!((by_pid.pid, by_pid.command.len()), (Some(7), 0));
+            let started = target(&["--", "ls", "-l"]).unwrap();
+            assert_eq!(started.pid, None);
+            assert_eq!(started.command, ["ls", "-l"]);
+            for bad in [&[][..], &["--pid", "7", "--", "ls"], &["ls"]] {
+                assert!(target(bad).is_err(), "{name} {bad:?}");
+            }
+        }
     }
 }
