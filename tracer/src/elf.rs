@@ -88,7 +88,7 @@ impl ElfInfo {
             functions: self
                 .functions
                 .iter()
-                .filter_map(|(name, value)| Some((rename(name)?.to_string(), value.clone())))
+                .filter_map(|(name, value)| Some((rename(name)?.to_string(), *value)))
                 .collect(),
             segments: self.segments.clone(),
             interpreter: self.interpreter.clone(),

@@ -236,7 +236,7 @@ fn build_from(
 ) -> Report {
     let stacks = selected
         .into_iter()
-        .map(|s| stack_report(&snapshot, s, &mut frames))
+        .map(|s| stack_report(snapshot, s, &mut frames))
         .collect();
     let c = &snapshot.counters;
     Report {

@@ -78,7 +78,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    let rate = n.checked_mul(factor).unwrap_or(u64::MAX);
+    let rate = n.saturating_mul(factor);
     if rate == 0 || rate > MAX_RATE {
         return Err(format!("'{text}': the sample rate must be 1 byte to 2 GiB"));
     }

@@ -230,7 +230,6 @@ impl Reclaimer {
             candidates.len(),
             recycle.len()
         );
-        drop(stacks);
         let mut queue: Queue<&mut MapData, u32> =
             Queue::try_from(ebpf.map_mut("FREE_SLOTS").context("FREE_SLOTS map")?)?;
         for &slot in &recycle {
