@@ -307,6 +307,7 @@ pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool
 pub fn forget_dead_threads(
     ebpf: &mut Ebpf,
     pid: u32,
+    sample_rate: Option<u64>,
     live_tids: impl FnOnce() -> Vec<u32>,
 ) -> Result<usize> {
     let mut in_flight: BpfHashMap<&mut MapData, u64, InFlight> =
@@ -344,7 +345,7 @@ pub fn forget_dead_threads(
             // BPF_NOEXIST: if the address was recorded again, the block was
             // freed after all.
             if allocs.insert(addr, record, 1).is_err() {
-                table.retire(&record);
+                table.retire(&record, sample_rate);
             }
         }
     }

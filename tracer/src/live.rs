@@ -78,9 +78,16 @@ impl LiveTrace {
             }
         }
         let process = &self.process;
-        if let Err(e) = collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, || {
-            process.thread_ids()
-        }) {
+        let rate = self
+            .run
+            .allocators
+            .first()
+            .and_then(|a| a.sample_rate_bytes);
+        if let Err(e) =
+            collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, rate, || {
+                process.thread_ids()
+            })
+        {
             log::debug!("cleaning in-flight records: {e:#}");
         }
         if let Err(e) = self.probes.housekeeping() {

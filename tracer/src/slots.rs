@@ -90,17 +90,21 @@ impl StatsTable {
         }
     }
 
-    /// Takes a freed block out of its slot, as the programs' `retire` does.
-    pub fn retire(&self, record: &AllocRecord) {
+    /// Takes a freed block out of its slot, as the programs' `retire` does:
+    /// what it was counted for, which with `--sample-rate` is its weight,
+    /// not its size and 1.
+    pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) {
         let slot = record.slot as usize;
         if slot >= self.slots {
             return;
         }
+        let (bytes, blocks) =
+            crate::sampling::kernel_weights(record.size, record.timestamp_ns, sample_rate);
         // Same atomic add the programs use on the same memory.
         unsafe {
             let s = self.base.add(slot);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(record.size, Relaxed);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(1, Relaxed);
+            AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(bytes, Relaxed);
+            AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(blocks, Relaxed);
         }
     }
 
