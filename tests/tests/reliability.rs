@@ -104,18 +104,14 @@ fn the_command_survives_a_killed_tracer() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The command is in its pause by now.
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Its first line: the command runs traced and is entering its pause (a
+    // fixed sleep here was too short when the machine was busy).
+    let mut stdout = std::io::BufReader::new(tracer.stdout.take().unwrap());
+    let mut out = read_until(&mut stdout, "EXPECT leak_old");
     tracer.kill().unwrap();
     assert!(!tracer.wait().unwrap().success());
     // The command holds the pipe's write end until it exits.
-    let mut out = String::new();
-    tracer
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    stdout.read_to_string(&mut out).unwrap();
     assert_eq!(out, String::from_utf8_lossy(&alone.stdout));
 }
 

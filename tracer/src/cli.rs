@@ -27,28 +27,28 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach to a running process and report its outstanding allocations.
+    /// Attach to running processes and report their outstanding allocations.
     Report {
-        /// Process to trace.
-        #[arg(long, short)]
-        pid: u32,
+        #[command(flatten)]
+        targets: Attach,
         #[command(flatten)]
         options: ReportOptions,
     },
     /// Write a flamegraph SVG of outstanding memory (a shortcut for
-    /// `--format svg`), for a running process (--pid) or a command (-- CMD).
+    /// `--format svg`), for running processes (--pid, --comm) or a command
+    /// (-- CMD).
     Flamegraph {
         #[command(flatten)]
-        target: Target,
+        targets: AttachOrStart,
         #[command(flatten)]
         options: ReportOptions,
     },
     /// Live full-screen view of the stacks holding the most unfreed memory,
-    /// refreshed every second, for a running process (--pid) or a command
-    /// (-- CMD). Needs a terminal; `report` is the scriptable form.
+    /// refreshed every second, for running processes (--pid, --comm) or a
+    /// command (-- CMD). Needs a terminal; `report` is the scriptable form.
     Top {
         #[command(flatten)]
-        target: Target,
+        targets: AttachOrStart,
         #[command(flatten)]
         options: TopOptions,
     },
@@ -66,9 +66,8 @@ pub enum Command {
     /// /metrics, the JSON report at /report and a flamegraph at
     /// /flamegraph.svg. Stops when the process exits.
     Serve {
-        /// Process to trace.
-        #[arg(long, short)]
-        pid: u32,
+        #[command(flatten)]
+        targets: Attach,
         #[command(flatten)]
         options: ServeOptions,
     },
@@ -112,23 +111,6 @@ pub enum Command {
     },
 }
 
-/// What the commands that take either kind of target trace: a running
-/// process (`--pid`) or a command they start (after `--`).
-#[derive(Args, Debug, Clone)]
-pub struct Target {
-    /// Process to trace; without it, the command after `--` is started.
-    #[arg(long, short)]
-    pub pid: Option<u32>,
-    /// The command and its arguments (after `--`), when no --pid is given.
-    #[arg(
-        last = true,
-        value_name = "CMD",
-        required_unless_present = "pid",
-        conflicts_with = "pid"
-    )]
-    pub command: Vec<OsString>,
-}
-
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiffFormat {
     Text,
@@ -165,6 +147,51 @@ pub struct ReportOptions {
     pub trace: TraceOptions,
 }
 
+/// Running processes to trace: by pid, by name, or both.
+#[derive(Args, Debug, Clone, Default)]
+#[group(required = true, multiple = true)]
+pub struct Attach {
+    /// Process to trace; repeat for several (each stack is reported with
+    /// its process).
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace every running process named NAME (its comm, as `ps -o comm`
+    /// shows: at most 15 characters); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
+}
+
+/// Running processes to trace, or a command to start traced.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AttachOrStart {
+    /// Process to trace; repeat for several. Without --pid or --comm, the
+    /// command after `--` is started.
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace every running process named NAME (its comm); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
+    /// The command and its arguments (after `--`), when no --pid or --comm
+    /// is given.
+    #[arg(
+        last = true,
+        value_name = "CMD",
+        required_unless_present_any = ["pids", "comm"],
+        conflicts_with_all = ["pids", "comm"]
+    )]
+    pub command: Vec<OsString>,
+}
+
+impl AttachOrStart {
+    /// The processes to attach to, or None: start the command.
+    pub fn attach(&self) -> Option<Attach> {
+        (!self.pids.is_empty() || !self.comm.is_empty()).then(|| Attach {
+            pids: self.pids.clone(),
+            comm: self.comm.clone(),
+        })
+    }
+}
+
 /// What every command that traces shares: map sizes and verbosity.
 #[derive(Args, Debug, Clone)]
 pub struct TraceOptions {
@@ -185,6 +212,12 @@ pub struct TraceOptions {
     /// them; repeatable. je_, _rjem_, mi_ and tc_ are looked for anyway.
     #[arg(long = "symbols-prefix", value_name = "PREFIX")]
     pub symbols_prefix: Vec<String>,
+    /// Also trace the processes the traced ones fork, and what they exec,
+    /// each reported on its own (a started command's children are stopped
+    /// until their probes are in place; a running process's children are
+    /// attached a few milliseconds after the fork).
+    #[arg(long)]
+    pub follow_forks: bool,
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
@@ -395,26 +428,17 @@ mod tests {
             Cli::try_parse_from(["tracer", "report"]).is_err(),
             "--pid is required"
         );
-    }
-
-    #[test]
-    fn flamegraph_and_top_take_a_pid_or_a_command() {
-        for name in ["flamegraph", "top"] {
-            let target = |args: &[&str]| {
-                let cli = Cli::try_parse_from([&["tracer", name], args].concat())?;
-                Ok::<_, clap::Error>(match cli.command {
-                    Command::Flamegraph { target, .. } | Command::Top { target, .. } => target,
-                    _ => panic!("expected {name}"),
-                })
-            };
-            let by_pid = target(&["--pid", "7"]).unwrap();
-            assert_eq!((by_pid.pid, by_pid.command.len()), (Some(7), 0));
-            let started = target(&["--", "ls", "-l"]).unwrap();
-            assert_eq!(started.pid, None);
-            assert_eq!(started.command, ["ls", "-l"]);
-            for bad in [&[][..], &["--pid", "7", "--", "ls"], &["ls"]] {
-                assert!(target(bad).is_err(), "{name} {bad:?}");
+        let cli = Cli::try_parse_from(["tracer", "report", "--pid", "1", "-p", "2", "--comm", "x"])
+            .unwrap();
+        match cli.command {
+            Command::Report { targets, .. } => {
+                assert_eq!(targets.pids, [1, 2]);
+                assert_eq!(targets.comm, ["x"]);
             }
+            _ => panic!("expected report"),
         }
+        assert!(Cli::try_parse_from(["tracer", "report", "--comm", "x"]).is_ok());
+        assert!(Cli::try_parse_from(["tracer", "top", "--pid", "1", "--", "ls"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "flamegraph"]).is_err());
     }
 }

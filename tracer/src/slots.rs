@@ -82,6 +82,8 @@ impl StatsTable {
             let s = self.base.add(slot);
             StackStats {
                 stack_id: ptr::read_volatile(&raw const (*s).stack_id),
+                tgid: ptr::read_volatile(&raw const (*s).tgid),
+                _pad: 0,
                 outstanding_bytes: ptr::read_volatile(&raw const (*s).outstanding_bytes),
                 outstanding_count: ptr::read_volatile(&raw const (*s).outstanding_count),
                 total_count: ptr::read_volatile(&raw const (*s).total_count),
@@ -90,21 +92,34 @@ impl StatsTable {
         }
     }
 
-    /// Takes a freed block out of its slot, as the programs' `retire` does:
-    /// what it was counted for, which with `--sample-rate` is its weight,
-    /// not its size and 1.
+    /// Takes a freed block out of its slot, as the programs' `retire` does
+    /// (`sample_rate`: what a sampled block stood for).
     pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) {
         let slot = record.slot as usize;
         if slot >= self.slots {
             return;
         }
-        let (bytes, blocks) =
-            crate::sampling::kernel_weights(record.size, record.timestamp_ns, sample_rate);
+        let (bytes, blocks) = crate::sampling::kernel_weights(
+            record.size,
+            record.timestamp_ns,
+            sample_rate.unwrap_or(0),
+        );
         // Same atomic add the programs use on the same memory.
         unsafe {
             let s = self.base.add(slot);
             AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(bytes, Relaxed);
             AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(blocks, Relaxed);
+        }
+    }
+
+    /// Makes `slot` the unknown stack of process `tgid` (a reserved slot,
+    /// never handed out by the queue), keeping what it counted so far.
+    pub fn claim_unknown(&self, slot: usize, tgid: u32) {
+        assert!(slot < self.slots && slot != SLOT_UNKNOWN as usize);
+        unsafe {
+            let s = self.base.add(slot);
+            ptr::write_volatile(&raw mut (*s).tgid, tgid);
+            ptr::write_volatile(&raw mut (*s).stack_id, tracer_common::unknown_stack(tgid));
         }
     }
 
@@ -120,6 +135,10 @@ impl Drop for StatsTable {
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
+
+/// Slots past the stacks' (`1..=stacks`) reserved for the unknown stacks of
+/// traced processes, one each, while they last.
+pub const UNKNOWN_SLOTS: u32 = 1024;
 
 /// Puts slots 1..=`stacks` in the free queue (at load).
 pub fn fill_free_slots(ebpf: &mut Ebpf, stacks: u32) -> Result<()> {
@@ -162,7 +181,8 @@ impl Reclaimer {
         let mut candidates = Vec::new();
         for slot in 1..table.slots() {
             let s = table.get(slot);
-            if s.stack_id == 0 {
+            // Free, or a process's reserved unknown-stack slot.
+            if tracer_common::is_unknown_stack(s.stack_id) {
                 continue;
             }
             let seen = (s.stack_id, s.total_count);

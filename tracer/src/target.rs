@@ -305,6 +305,25 @@ pub fn is_mapped(maps: &[Mapping], path: &Path) -> bool {
         .any(|m| m.file_path().is_some_and(|p| Path::new(p) == path))
 }
 
+/// PIDs of the user processes named `comm` (as /proc/PID/comm says), in
+/// ascending order, this tracer excluded.
+pub fn pids_by_comm(comm: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid: &u32| pid != me)
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        // Kernel threads have no memory of their own to trace.
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,6 +108,7 @@ pub fn folded_lines(diff: &Diff, weight: Weight) -> Vec<String> {
     for s in &diff.changed {
         let path = folded::stack_path(&StackReport {
             stack_id: String::new(),
+            pid: 0,
             bytes: 0,
             allocations: 0,
             total_allocations: 0,
