@@ -258,6 +258,9 @@ fn storm_path(functions: &[String]) -> u32 {
 fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64) {
     use serde_json::Value;
     require_root();
+    // One storm at a time: two would take both cores from the other tests.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lines = temp_path(&format!("storm-{max_stacks}.jsonl"));
     let output = std::process::Command::new(tracer())
         .args([
