@@ -31,6 +31,7 @@ fn main() {
         "mapped",
         "sampled",
         "forks",
+        "reclaim_storm",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

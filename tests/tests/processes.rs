@@ -111,8 +111,12 @@ fn report_on(args: &[&str], count: usize) -> Child {
 fn json_of(tracer: Child) -> Value {
     let output = tracer.wait_with_output().unwrap();
     assert!(output.status.success(), "tracer: {}", output.status);
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 /// Two running processes traced at once, then both exit: one report, each
@@ -187,7 +191,8 @@ fn comm_without_such_process_is_one_line() {
 #[test]
 fn run_follows_forks_and_execs_exactly() {
     require_root();
-    let (report, stdout, _) = trace_run(&[fixture("forks_c").to_str().unwrap()], &["--follow-forks"]);
+    let (report, stdout, _) =
+        trace_run(&[fixture("forks_c").to_str().unwrap()], &["--follow-forks"]);
     assert!(stdout.contains("DONE"));
     let processes = report["processes"].as_array().unwrap();
     let parent = report["pid"].as_u64().unwrap();
@@ -202,13 +207,25 @@ fn run_follows_forks_and_execs_exactly() {
     let (first, second) = (children[0], children[1]);
 
     let parent_sites = sites_of(&report, parent, FORK_SITES);
-    assert_eq!(parent_sites.get("leak_in_parent"), Some(&(400, 4)), "{report:#}");
+    assert_eq!(
+        parent_sites.get("leak_in_parent"),
+        Some(&(400, 4)),
+        "{report:#}"
+    );
     assert_eq!(parent_sites.len(), 1, "{parent_sites:?}");
     let first_sites = sites_of(&report, first, FORK_SITES);
-    assert_eq!(first_sites.get("leak_in_child"), Some(&(2000, 2)), "{report:#}");
+    assert_eq!(
+        first_sites.get("leak_in_child"),
+        Some(&(2000, 2)),
+        "{report:#}"
+    );
     assert_eq!(first_sites.len(), 1, "{first_sites:?}");
     let second_sites = sites_of(&report, second, FORK_SITES);
-    assert_eq!(second_sites.get("leak_after_exec"), Some(&(1500, 3)), "{report:#}");
+    assert_eq!(
+        second_sites.get("leak_after_exec"),
+        Some(&(1500, 3)),
+        "{report:#}"
+    );
     assert_eq!(second_sites.len(), 1, "dropped at exec: {second_sites:?}");
 
     // The second child is listed twice: its first program (replaced) and
@@ -219,11 +236,17 @@ fn run_follows_forks_and_execs_exactly() {
         .map(|p| p["state"].as_str().unwrap())
         .collect();
     assert_eq!(states, ["exec", "exited"], "{report:#}");
-    assert!(second_entries[1]["command"].as_str().unwrap().ends_with(" exec"));
+    assert!(second_entries[1]["command"]
+        .as_str()
+        .unwrap()
+        .ends_with(" exec"));
     assert_eq!(second_entries[1]["exit_code"], 0);
     assert_eq!(report["totals"]["bytes"], 400 + 2000 + 1500, "{report:#}");
     // The churn in both children was seen, alloc and free alike.
-    assert!(report["events"]["frees"].as_u64().unwrap() >= 2000, "{report:#}");
+    assert!(
+        report["events"]["frees"].as_u64().unwrap() >= 2000,
+        "{report:#}"
+    );
 }
 
 /// Without --follow-forks a started command's children are not traced,
@@ -260,7 +283,11 @@ fn attach_follows_forks_and_execs() {
     parent.finish();
     let report = json_of(tracer);
     let parent_sites = sites_of(&report, pid, FORK_SITES);
-    assert_eq!(parent_sites.get("leak_in_parent"), Some(&(400, 4)), "{report:#}");
+    assert_eq!(
+        parent_sites.get("leak_in_parent"),
+        Some(&(400, 4)),
+        "{report:#}"
+    );
     let children: Vec<u64> = report["processes"]
         .as_array()
         .unwrap()
@@ -277,5 +304,9 @@ fn attach_follows_forks_and_execs() {
         .collect();
     assert_eq!(all.get("leak_in_child"), Some(&(2000, 2)), "{report:#}");
     assert_eq!(all.get("leak_after_exec"), Some(&(1500, 3)), "{report:#}");
-    assert_eq!(all.get("leak_before_exec"), None, "dropped at exec: {all:?}");
+    assert_eq!(
+        all.get("leak_before_exec"),
+        None,
+        "dropped at exec: {all:?}"
+    );
 }

@@ -121,7 +121,11 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     // anew: retire it instead.
     if call.has_old != 0
         && ALLOCS
-            .insert(&block(pid_tgid, call.ptr_arg), &call.old, BPF_NOEXIST as u64)
+            .insert(
+                &block(pid_tgid, call.ptr_arg),
+                &call.old,
+                BPF_NOEXIST as u64,
+            )
             .is_err()
     {
         retire(&call.old);
@@ -264,8 +268,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             count(Counter::FailedAllocs);
             return 0;
         }
-        let block_addr =
-            unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
+        let block_addr = unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
         if block_addr != 0 {
             record_alloc(&ctx, pid_tgid, block_addr, call.size);
         }

@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue},
 };
-use tracer_common::{AllocKey, AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS};
+use tracer_common::{
+    AllocKey, AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS,
+};
 
 /// Process ids (tgids) being traced. The uprobes are attached per process
 /// already; this filter keeps a shared library's probe from counting a
@@ -115,4 +117,5 @@ pub static MMAP_COUNTERS: PerCpuArray<u64> =
 
 /// Forks and execs of traced processes (see proc.rs).
 #[map]
-pub static PROC_EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(256 << 10, 0);
+pub static PROC_EVENTS: aya_ebpf::maps::RingBuf =
+    aya_ebpf::maps::RingBuf::with_byte_size(256 << 10, 0);

@@ -6,7 +6,9 @@
 //! new one. A started command's forks and execs come through ptrace instead.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns}, macros::tracepoint, programs::TracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 

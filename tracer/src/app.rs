@@ -283,11 +283,15 @@ fn attach(
     let unwinder = unwinder(&mut probes, &processes[0].process, options)?;
     if options.verbose {
         for traced in &processes {
-            eprintln!("tracer: attached to PID {} ({})", traced.info.pid, traced.info.command);
+            eprintln!(
+                "tracer: attached to PID {} ({})",
+                traced.info.pid, traced.info.command
+            );
         }
     }
     // Attaches the mmap tracepoints too: "attached" means all of it.
-    let trace = LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
+    let trace =
+        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
     Ok((trace, watch))
 }
 
@@ -347,8 +351,8 @@ fn start(
     let processes = vec![Traced::new(process.clone(), info)];
     let run = run_info(&processes, min_age);
     let unwinder = unwinder(&mut probes, &process, options)?;
-    let trace =
-        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder.clone());
+    let trace = LiveTrace::new(probes, processes, run, probe_options(options))
+        .with_unwinder(unwinder.clone());
     match unwinder {
         // At exec only the program and the dynamic loader are mapped: the
         // libraries' tables are added when the program reaches its entry

@@ -118,10 +118,12 @@ impl AgeSweep {
                 let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
                 let mut blocks = 0usize;
                 let cpu_before = thread_cpu_ns();
-                let read = self.cursor.read::<AllocKey, AllocRecord>(fd, slice, |_, r| {
-                    blocks += 1;
-                    add_block(&mut scanner, r, sample_rate)
-                });
+                let read = self
+                    .cursor
+                    .read::<AllocKey, AllocRecord>(fd, slice, |_, r| {
+                        blocks += 1;
+                        add_block(&mut scanner, r, sample_rate)
+                    });
                 let cpu_ns = thread_cpu_ns().saturating_sub(cpu_before);
                 if blocks >= 1024 && cpu_ns > 0 {
                     let per_block = (cpu_ns as f64 / blocks as f64).max(1.0);

@@ -502,7 +502,9 @@ impl<'a> Tree<'a> {
                     cont(pid, 0);
                 }
                 libc::PTRACE_EVENT_STOP => {
-                    if pid != self.main && !self.known.contains(&pid) && !self.released.contains(&pid)
+                    if pid != self.main
+                        && !self.known.contains(&pid)
+                        && !self.released.contains(&pid)
                     {
                         // A new child's first stop, before its parent's
                         // fork event: it goes on when released.

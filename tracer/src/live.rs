@@ -157,7 +157,11 @@ impl LiveTrace {
     /// Starts tracing process `pid` (found by `--comm`, or forked by a
     /// traced process): finds its allocator and attaches to it.
     pub fn add_process(&mut self, pid: u32, parent: Option<u32>) -> Result<()> {
-        if self.processes.iter().any(|t| t.info.pid == pid && t.is_running()) {
+        if self
+            .processes
+            .iter()
+            .any(|t| t.info.pid == pid && t.is_running())
+        {
             return Ok(());
         }
         let process = Process::open(pid)?;
@@ -168,7 +172,10 @@ impl LiveTrace {
             self.probes.attach(object, pid)?;
         }
         if let Some(mappings) = &self.mappings {
-            mappings.lock().unwrap_or_else(|e| e.into_inner()).add(&process);
+            mappings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(&process);
         }
         let info = ProcessInfo {
             pid,
@@ -206,7 +213,10 @@ impl LiveTrace {
             }
         }
         if let Some(mappings) = &self.mappings {
-            mappings.lock().unwrap_or_else(|e| e.into_inner()).add(&process);
+            mappings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(&process);
         }
         let info = ProcessInfo {
             pid,
@@ -447,7 +457,10 @@ impl LiveTrace {
 }
 
 /// What reports say about the objects probed in a process.
-pub fn allocator_infos(objects: &[AllocatorObject], sample_rate: Option<u64>) -> Vec<AllocatorInfo> {
+pub fn allocator_infos(
+    objects: &[AllocatorObject],
+    sample_rate: Option<u64>,
+) -> Vec<AllocatorInfo> {
     objects
         .iter()
         .map(|object| AllocatorInfo {

@@ -201,7 +201,9 @@ impl Probes {
             attached: Vec::new(),
             reclaimer: Default::default(),
             targets: Vec::new(),
-            unknown_slots: (first_reserved..first_reserved + UNKNOWN_SLOTS).rev().collect(),
+            unknown_slots: (first_reserved..first_reserved + UNKNOWN_SLOTS)
+                .rev()
+                .collect(),
             scopes: Vec::new(),
             _logger: logger,
         })
@@ -346,11 +348,7 @@ impl Probes {
     fn take_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) -> Vec<UProbeLink> {
         let mut owned = Vec::new();
         for (program, link) in links {
-            let Some(Ok(prog)) = self
-                .ebpf
-                .program_mut(program)
-                .map(<&mut UProbe>::try_from)
-            else {
+            let Some(Ok(prog)) = self.ebpf.program_mut(program).map(<&mut UProbe>::try_from) else {
                 continue;
             };
             if let Ok(link) = prog.take_link(link) {
@@ -451,11 +449,9 @@ impl Probes {
                     point.functions.join("/")
                 )
             })?;
-        if !self
-            .attached
-            .iter()
-            .any(|a| a.object == object.path && a.file_offset == file_offset && a.program == program)
-        {
+        if !self.attached.iter().any(|a| {
+            a.object == object.path && a.file_offset == file_offset && a.program == program
+        }) {
             self.attached.push(Attached {
                 object: object.path.clone(),
                 file_offset,

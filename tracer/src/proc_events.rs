@@ -55,7 +55,9 @@ impl ProcEvents {
     pub fn start(ebpf: &mut Ebpf, follow_forks: bool) -> Result<Self> {
         crate::mapping_trace::ensure_tracefs()?;
         if fork_child_pid_offset().is_none() {
-            return Err(anyhow!("the sched_process_fork tracepoint's format is unreadable"));
+            return Err(anyhow!(
+                "the sched_process_fork tracepoint's format is unreadable"
+            ));
         }
         for (program, tracepoint) in TRACEPOINTS {
             let prog: &mut TracePoint = ebpf
@@ -103,23 +105,22 @@ impl ProcEvents {
             guard.clear_ready();
         }
     }
-
 }
 
 fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
-        match event.kind {
-            // The tracepoint fires for new threads too: only a task that
-            // leads its own thread group is a new process.
-            PROC_FORK if follow_forks && is_process(event.pid) => Some(ProcessChange {
-                pid: event.pid,
-                kind: ChangeKind::Forked { parent: event.tgid },
-            }),
-            PROC_EXEC => Some(ProcessChange {
-                pid: event.tgid,
-                kind: ChangeKind::Execed { at_ns: event.at_ns },
-            }),
-            _ => None,
-        }
+    match event.kind {
+        // The tracepoint fires for new threads too: only a task that
+        // leads its own thread group is a new process.
+        PROC_FORK if follow_forks && is_process(event.pid) => Some(ProcessChange {
+            pid: event.pid,
+            kind: ChangeKind::Forked { parent: event.tgid },
+        }),
+        PROC_EXEC => Some(ProcessChange {
+            pid: event.tgid,
+            kind: ChangeKind::Execed { at_ns: event.at_ns },
+        }),
+        _ => None,
+    }
 }
 
 /// Task `pid` is a process (its own thread group's leader), alive.

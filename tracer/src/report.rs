@@ -286,7 +286,7 @@ fn build_from(
 ) -> Report {
     let stacks = selected
         .into_iter()
-        .map(|s| stack_report(&snapshot, s, &mut frames))
+        .map(|s| stack_report(snapshot, s, &mut frames))
         .collect();
     let c = &snapshot.counters;
     Report {
@@ -467,7 +467,10 @@ mod tests {
         assert_eq!(report.stack_count, 2);
         assert_eq!(report.stacks.len(), 1);
         assert_eq!(report.stacks[0].stack_id, "00000abc00000000");
-        assert_eq!(report.stacks[0].frames[0].function.as_deref(), Some("fabc00000000"));
+        assert_eq!(
+            report.stacks[0].frames[0].function.as_deref(),
+            Some("fabc00000000")
+        );
         assert_eq!(report.stacks[0].oldest_age_s, Some(1.0));
         assert_eq!(report.duration_s, 4.0);
         assert_eq!(report.dropped.lost_stacks, 2);

@@ -107,7 +107,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    let rate = n.checked_mul(factor).unwrap_or(u64::MAX);
+    let rate = n.saturating_mul(factor);
     if rate == 0 || rate > MAX_RATE {
         return Err(format!("'{text}': the sample rate must be 1 byte to 2 GiB"));
     }
@@ -185,6 +185,20 @@ mod tests {
                 (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64),
             )
         }
+    }
+
+    #[test]
+    fn userspace_retires_what_the_kernel_counted() {
+        assert_eq!(kernel_weights(100, 7, 0), (100, 1));
+        let rate = 65536;
+        let k = Kernel::new(rate);
+        for (size, key) in [(1u64, 1u64), (100, 2), (4096, 3), (65536, 4), (1 << 30, 5)] {
+            let (bytes, blocks) = kernel_weights(size, key, rate);
+            assert_eq!((bytes, blocks), k.weights(size, key), "size {size}");
+            assert!(bytes >= size && blocks >= 1);
+        }
+        // A 100-byte block sampled at 64 KiB stands for ~655 blocks, not 1.
+        assert!(kernel_weights(100, 9, rate).1 > 600);
     }
 
     #[test]

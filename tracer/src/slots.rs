@@ -99,8 +99,11 @@ impl StatsTable {
         if slot >= self.slots {
             return;
         }
-        let (bytes, blocks) =
-            crate::sampling::kernel_weights(record.size, record.timestamp_ns, sample_rate.unwrap_or(0));
+        let (bytes, blocks) = crate::sampling::kernel_weights(
+            record.size,
+            record.timestamp_ns,
+            sample_rate.unwrap_or(0),
+        );
         // Same atomic add the programs use on the same memory.
         unsafe {
             let s = self.base.add(slot);
@@ -203,6 +206,9 @@ impl Reclaimer {
         if candidates.is_empty() {
             return Ok(0);
         }
+        // Allocations from a candidate after this point and before its
+        // unpublishing are seen after the grace period: it is put back.
+        race_window();
 
         let mut stacks: BpfHashMap<&mut MapData, u64, StackTrace> =
             BpfHashMap::try_from(ebpf.map_mut("STACKS").context("STACKS map")?)?;
@@ -214,6 +220,9 @@ impl Reclaimer {
                 }
             }
         }
+        // Allocations from a candidate's stack now find no slot and claim a
+        // new one; with the window above, the old slot becomes a second one.
+        race_window();
         if let Err(e) = grace_period() {
             for c in &candidates {
                 if let Some(trace) = &c.removed {
@@ -225,6 +234,7 @@ impl Reclaimer {
             return Ok(0);
         }
         let mut recycle = Vec::new();
+        let (mut put_back, mut second) = (0, 0);
         for c in &candidates {
             let s = table.get(c.slot);
             if s.outstanding_count == 0 && s.total_count == c.total_count {
@@ -232,10 +242,18 @@ impl Reclaimer {
             } else if let Some(trace) = &c.removed {
                 // Allocated from while we looked: keep it. If the stack got a
                 // new slot meanwhile, this one stays a second slot of it.
-                let _ = stacks.insert(c.stack_id, trace, BPF_NOEXIST);
+                match stacks.insert(c.stack_id, trace, BPF_NOEXIST) {
+                    Ok(()) => put_back += 1,
+                    Err(_) => second += 1,
+                }
             }
         }
-        drop(stacks);
+        log::debug!(
+            "reclaim: {} candidates, {} recycled, {put_back} used meanwhile and put back, \
+             {second} used meanwhile and kept as a second slot",
+            candidates.len(),
+            recycle.len()
+        );
         let mut queue: Queue<&mut MapData, u32> =
             Queue::try_from(ebpf.map_mut("FREE_SLOTS").context("FREE_SLOTS map")?)?;
         for &slot in &recycle {
@@ -244,6 +262,24 @@ impl Reclaimer {
             queue.push(slot as u32, 0).context("returning a slot")?;
         }
         Ok(recycle.len())
+    }
+}
+
+/// Testing: `TRACER_TEST_RECLAIM_WINDOW_MS` makes each scan that found
+/// candidates wait that long after reading the slots, and again after
+/// unpublishing them, so that a stress test's allocations land in those
+/// windows often (tests/tests/reliability.rs). Unset: no wait.
+fn race_window() {
+    static WINDOW: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let window = WINDOW.get_or_init(|| {
+        std::env::var("TRACER_TEST_RECLAIM_WINDOW_MS")
+            .ok()?
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(window) = window {
+        std::thread::sleep(*window);
     }
 }
 
