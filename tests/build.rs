@@ -30,6 +30,8 @@ fn main() {
         "soak",
         "mapped",
         "sampled",
+        "forks",
+        "reclaim_storm",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

@@ -218,40 +218,6 @@ pub fn valgrind(program: &str, sites: &[&str]) -> Valgrind {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_expectations() {
-        let e = expectations("x\nEXPECT leak_a 100 2\nEXPECT start 0 0\nDONE\n");
-        assert_eq!(e.len(), 1);
-        assert_eq!(e["leak_a"], (100, 2));
-    }
-
-    #[test]
-    fn finds_sites_in_c_cpp_and_rust_names() {
-        let sites = ["leak_a", "make_widget", "leak_box"];
-        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            site_of(&f(&["malloc", "leak_a", "main"]), &sites),
-            Some("leak_a")
-        );
-        assert_eq!(
-            site_of(
-                &f(&["operator new(unsigned long)", "make_widget(long)"]),
-                &sites
-            ),
-            Some("make_widget")
-        );
-        assert_eq!(
-            site_of(&f(&["alloc::alloc::alloc", "leaky::leak_box"]), &sites),
-            Some("leak_box")
-        );
-        assert_eq!(site_of(&f(&["leak_ab"]), &sites), None);
-    }
-}
-
 /// Runs a fixture with `tracer run` (extra tracer options, extra environment)
 /// and holds the report against the fixture's EXPECT lines: every site
 /// exact, no memory from the `churn` functions, nothing dropped. Returns the
@@ -319,4 +285,38 @@ pub fn svg_titles(svg: &str) -> Vec<String> {
         .filter_map(|n| n.text())
         .map(str::to_string)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_expectations() {
+        let e = expectations("x\nEXPECT leak_a 100 2\nEXPECT start 0 0\nDONE\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e["leak_a"], (100, 2));
+    }
+
+    #[test]
+    fn finds_sites_in_c_cpp_and_rust_names() {
+        let sites = ["leak_a", "make_widget", "leak_box"];
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            site_of(&f(&["malloc", "leak_a", "main"]), &sites),
+            Some("leak_a")
+        );
+        assert_eq!(
+            site_of(
+                &f(&["operator new(unsigned long)", "make_widget(long)"]),
+                &sites
+            ),
+            Some("make_widget")
+        );
+        assert_eq!(
+            site_of(&f(&["alloc::alloc::alloc", "leaky::leak_box"]), &sites),
+            Some("leak_box")
+        );
+        assert_eq!(site_of(&f(&["leak_ab"]), &sites), None);
+    }
 }

@@ -5,12 +5,20 @@ use std::{os::unix::process::CommandExt, process::Command};
 use tracer_tests::*;
 
 fn fails_with(args: &[&str], message: &str) {
-    let output = Command::new(tracer()).args(args).output().unwrap();
+    let mut command = Command::new(tracer());
+    command.args(args);
+    command_fails_with(command, message);
+}
+
+/// `command` (which runs the tracer somehow) exits 1 with one line on
+/// stderr that contains `message`.
+fn command_fails_with(mut command: Command, message: &str) {
+    let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{args:?} should fail");
+    assert_eq!(output.status.code(), Some(1), "{command:?}: {stderr}");
     assert!(
         stderr.contains(message),
-        "{args:?}: expected {message:?} in {stderr:?}"
+        "{command:?}: expected {message:?} in {stderr:?}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr:?}");
@@ -32,9 +40,112 @@ fn pid_of_a_kernel_thread() {
 #[test]
 fn pid_of_an_exited_process() {
     // A zombie: exited, not yet reaped.
-    let child = Command::new("true").spawn().unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     fails_with(&["report", "--pid", &child.id().to_string()], "has exited");
+    child.wait().unwrap();
+}
+
+/// A process of another user (nobody), killed and reaped when dropped.
+struct OtherUsersProcess(std::process::Child);
+
+impl OtherUsersProcess {
+    fn start() -> Self {
+        require_root();
+        let child = Command::new("sleep")
+            .arg("60")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .unwrap();
+        OtherUsersProcess(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for OtherUsersProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sh -c SCRIPT` in a private mount namespace, where SCRIPT ends by
+/// running the tracer as root without CAP_SYS_PTRACE (and, with
+/// `other_group`, not in group 0, which `hidepid` exempts by default).
+fn without_ptrace(setup: &str, other_group: bool, args: &str) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["-m", "sh", "-c"]).arg(format!(
+        "{setup} exec setpriv {} --bounding-set=-sys_ptrace {} {args}",
+        if other_group {
+            "--regid 4242 --clear-groups"
+        } else {
+            ""
+        },
+        tracer().display()
+    ));
+    command
+}
+
+/// Unreadable /proc files: root without CAP_SYS_PTRACE may not read
+/// another user's /proc/PID/root (nor exe, mem...; maps may be). One
+/// line names the file, the reason and what is missing.
+#[test]
+fn another_users_process_without_cap_sys_ptrace() {
+    let target = OtherUsersProcess::start();
+    let pid = target.pid();
+    command_fails_with(
+        without_ptrace("", false, &format!("report --pid {pid}")),
+        &format!(
+            "cannot read /proc/{pid}/root: permission denied (another user's process needs CAP_SYS_PTRACE"
+        ),
+    );
+    // The probes are never attached: the same for the other front ends.
+    command_fails_with(
+        without_ptrace(
+            "",
+            false,
+            &format!("serve --pid {pid} --listen 127.0.0.1:0"),
+        ),
+        &format!("cannot read /proc/{pid}/root: permission denied"),
+    );
+}
+
+/// /proc mounted with hidepid=noaccess: another user's /proc/PID is listed
+/// but nothing in it can be read, from its first file on.
+#[test]
+fn proc_mounted_hidepid_noaccess() {
+    let target = OtherUsersProcess::start();
+    let pid = target.pid();
+    command_fails_with(
+        without_ptrace(
+            "mount -t proc -o hidepid=noaccess proc /proc &&",
+            true,
+            &format!("report --pid {pid}"),
+        ),
+        &format!("cannot read /proc/{pid}/comm: permission denied (another user's process needs CAP_SYS_PTRACE"),
+    );
+}
+
+/// /proc mounted with hidepid=invisible: another user's process is not
+/// there at all; the message says it may be hidden, and why.
+#[test]
+fn proc_mounted_hidepid_invisible() {
+    let target = OtherUsersProcess::start();
+    let pid = target.pid();
+    command_fails_with(
+        without_ptrace(
+            "mount -t proc -o hidepid=invisible proc /proc &&",
+            true,
+            &format!("report --pid {pid}"),
+        ),
+        &format!(
+            "no process with PID {pid} (or it is hidden: /proc is mounted with hidepid=invisible, and another user's process needs CAP_SYS_PTRACE"
+        ),
+    );
 }
 
 #[test]

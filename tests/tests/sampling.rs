@@ -66,7 +66,7 @@ fn check_sampled(
         );
     }
     assert!(
-        found.get("churn").is_none(),
+        !found.contains_key("churn"),
         "sessions {sessions}: freed churn reported: {found:?}"
     );
     // The churn's unsampled blocks are freed without a record: reported as

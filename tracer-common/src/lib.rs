@@ -21,6 +21,44 @@ pub const STACK_UNKNOWN: u64 = 0;
 /// reclaimed; slots 1..=max_stacks belong to real stacks while in use.
 pub const SLOT_UNKNOWN: u32 = 0;
 
+/// Stack ids below this are not hashes: the id `tgid` is the unknown stack
+/// of process `tgid` (see `unknown_stack`), 0 that of no known process.
+/// Hashes are moved above it (`hash_frames`).
+pub const UNKNOWN_STACK_IDS: u64 = 1 << 32;
+
+/// The id under which a process's allocations without a stack are counted.
+#[inline(always)]
+pub fn unknown_stack(tgid: u32) -> u64 {
+    tgid as u64
+}
+
+/// Whether a stack id stands for "stack not captured" rather than frames.
+#[inline(always)]
+pub fn is_unknown_stack(stack_id: u64) -> bool {
+    stack_id < UNKNOWN_STACK_IDS
+}
+
+/// Key of `ALLOCS`: a live block of one process. Processes have their own
+/// address spaces, so the same address may be live in several of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+impl AllocKey {
+    #[inline(always)]
+    pub fn new(tgid: u32, addr: u64) -> Self {
+        AllocKey {
+            tgid,
+            _pad: 0,
+            addr,
+        }
+    }
+}
+
 /// Which allocator entry point a call went through. Stored in the per-thread
 /// in-flight record between the entry probe and the return probe.
 #[repr(u32)]
@@ -81,6 +119,10 @@ pub struct TargetInfo {
     /// that uses it (0 until then); a mismatch (the process exec'ed since)
     /// makes the programs ignore the address.
     pub trampoline_code: u64,
+    /// The `STACK_STATS` slot of this process's unknown stack, reserved by
+    /// userspace; 0 (`SLOT_UNKNOWN`, shared) when none was left.
+    pub unknown_slot: u32,
+    pub _pad: u32,
 }
 
 /// One live allocation, keyed by its address.
@@ -117,6 +159,10 @@ pub struct StackStats {
     /// `SLOT_UNKNOWN`). Written by the program that claims the slot, before
     /// it publishes the slot in `STACKS`.
     pub stack_id: u64,
+    /// The process the stack belongs to (its id is per process too),
+    /// written with `stack_id`.
+    pub tgid: u32,
+    pub _pad: u32,
     /// Bytes allocated from this stack and not yet freed.
     pub outstanding_bytes: u64,
     /// Blocks allocated from this stack and not yet freed.
@@ -267,9 +313,32 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for AllocRecord {}
+    unsafe impl aya::Pod for AllocKey {}
     unsafe impl aya::Pod for StackStats {}
     unsafe impl aya::Pod for StackTrace {}
     unsafe impl aya::Pod for TargetInfo {}
+    unsafe impl aya::Pod for ProcEvent {}
+}
+
+/// What a `ProcEvent` says happened to a traced process.
+pub const PROC_FORK: u32 = 1;
+pub const PROC_EXEC: u32 = 2;
+
+/// A traced process forked (`pid` is the new task: a process, or a thread
+/// that userspace tells apart) or exec'ed; from the `sched` tracepoints,
+/// for `--follow-forks` and exec on running processes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub kind: u32,
+    /// The traced process (the parent, for a fork).
+    pub tgid: u32,
+    /// Fork: the new task's id. Exec: `tgid`.
+    pub pid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at the event: an exec drops the blocks recorded
+    /// before it, not those the new program made since.
+    pub at_ns: u64,
 }
 
 /// Calling conventions of the allocation functions: which entry program

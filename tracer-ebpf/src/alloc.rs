@@ -17,7 +17,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{convention, AllocRecord, CallKind, Counter, InFlight, IN_FLIGHT_UNSAMPLED};
+use tracer_common::{
+    convention, AllocKey, AllocRecord, CallKind, Counter, InFlight, IN_FLIGHT_UNSAMPLED,
+};
 
 use crate::{
     maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
@@ -26,6 +28,12 @@ use crate::{
 
 /// x86_64 page size, for `pvalloc`'s rounding.
 const PAGE_SIZE: u64 = 4096;
+
+/// The `ALLOCS` key of block `addr` of the calling thread's process.
+#[inline(always)]
+fn block(pid_tgid: u64, addr: u64) -> AllocKey {
+    AllocKey::new((pid_tgid >> 32) as u32, addr)
+}
 
 #[inline(always)]
 fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
@@ -115,7 +123,11 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     // anew: retire it instead.
     if call.has_old != 0
         && ALLOCS
-            .insert(call.ptr_arg, call.old, BPF_NOEXIST as u64)
+            .insert(
+                &block(pid_tgid, call.ptr_arg),
+                &call.old,
+                BPF_NOEXIST as u64,
+            )
             .is_err()
     {
         retire(&call.old);
@@ -169,7 +181,7 @@ fn enter_sampled(
     };
     let claims_old = kind == CallKind::Realloc && ptr_arg != 0;
     if claims_old {
-        if let Some(old) = unsafe { ALLOCS.get(ptr_arg) } {
+        if let Some(old) = unsafe { ALLOCS.get(&block(pid_tgid, ptr_arg)) } {
             call.old = *old;
             call.has_old = 1;
         }
@@ -183,7 +195,7 @@ fn enter_sampled(
     // the record is still the one read above; if the remove fails anyway (a
     // racing free of the same block in the program), there is nothing to
     // retire at return.
-    if call.has_old != 0 && ALLOCS.remove(ptr_arg).is_err() {
+    if call.has_old != 0 && ALLOCS.remove(&block(pid_tgid, ptr_arg)).is_err() {
         if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
             unsafe { (*stored).has_old = 0 };
         }
@@ -300,9 +312,9 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
             count(Counter::FailedAllocs);
             return 0;
         }
-        let block = unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
-        if block != 0 {
-            record_alloc(ctx, block, call.size);
+        let block_addr = unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0);
+        if block_addr != 0 {
+            record_alloc(ctx, pid_tgid, block_addr, call.size);
         }
         return 0;
     }
@@ -314,7 +326,10 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
         if ret != 0 || call.size == 0 {
             retire(&call.old);
             count(Counter::Frees);
-        } else if ALLOCS.insert(call.ptr_arg, call.old, 0).is_err() {
+        } else if ALLOCS
+            .insert(&block(pid_tgid, call.ptr_arg), &call.old, 0)
+            .is_err()
+        {
             retire(&call.old);
             count(Counter::AllocMapFull);
         }
@@ -328,7 +343,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     if call.flags & IN_FLIGHT_UNSAMPLED != 0 {
         return 0;
     }
-    record_alloc(ctx, ret, call.size);
+    record_alloc(ctx, pid_tgid, ret, call.size);
     0
 }
 
@@ -346,12 +361,13 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if is_inner_call(pid_tgid, stack_pointer(ctx.regs)) {
         return 0;
     }
-    match unsafe { ALLOCS.get(ptr) } {
+    let key = block(pid_tgid, ptr);
+    match unsafe { ALLOCS.get(&key) } {
         Some(record) => {
             let record = *record;
             // Only the caller whose remove succeeds subtracts, so a double
             // free from two threads cannot subtract twice.
-            if ALLOCS.remove(ptr).is_ok() {
+            if ALLOCS.remove(&key).is_ok() {
                 retire(&record);
                 count(Counter::Frees);
             }
@@ -362,7 +378,8 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
+fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
+    let key = block(pid_tgid, addr);
     let stack = stack::capture(ctx);
     let record = AllocRecord {
         size,
@@ -373,9 +390,9 @@ fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
     };
     // An address that is still recorded was freed behind our back; retire it
     // so its bytes do not stay counted forever.
-    if let Some(old) = unsafe { ALLOCS.get(addr) } {
+    if let Some(old) = unsafe { ALLOCS.get(&key) } {
         let old = *old;
-        if ALLOCS.remove(addr).is_ok() {
+        if ALLOCS.remove(&key).is_ok() {
             retire(&old);
             count(Counter::MissedFrees);
         }
@@ -387,7 +404,7 @@ fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64) {
     // Exact mode: (size, 1). Sampling: what the block stands for.
     let (bytes, blocks) = sample::weights(size, record.timestamp_ns);
     add_to_slot(stack.slot, bytes, blocks);
-    if ALLOCS.insert(addr, record, 0).is_err() {
+    if ALLOCS.insert(&key, &record, 0).is_err() {
         add_to_slot(stack.slot, bytes.wrapping_neg(), blocks.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);

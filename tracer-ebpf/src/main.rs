@@ -1,6 +1,7 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
 //! - `mmap`: syscall tracepoints on mmap, munmap, mremap and brk;
+//! - `proc`: fork and exec tracepoints (running processes' `--follow-forks`);
 //! - `stack`: user stack capture shared by all allocation paths;
 //! - `fpwalk`: its frame-pointer walk (the default);
 //! - `unwind`: its CFI walk (`--unwind cfi`);
@@ -18,6 +19,7 @@ mod bench;
 mod fpwalk;
 mod maps;
 mod mmap;
+mod proc;
 mod sample;
 mod session;
 mod stack;

@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue},
 };
-use tracer_common::{AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS};
+use tracer_common::{
+    AllocKey, AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, COUNTER_SLOTS,
+};
 
 /// Process ids (tgids) being traced. The uprobes are attached per process
 /// already; this filter keeps a shared library's probe from counting a
@@ -19,10 +21,10 @@ pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0
 #[map]
 pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
-/// Every live allocation by address. Preallocated so that inserts on the hot
+/// Every live allocation by process and address. Preallocated so that inserts on the hot
 /// path never allocate kernel memory.
 #[map]
-pub static ALLOCS: HashMap<u64, AllocRecord> = HashMap::with_max_entries(1 << 20, 0);
+pub static ALLOCS: HashMap<AllocKey, AllocRecord> = HashMap::with_max_entries(1 << 20, 0);
 
 /// Outstanding bytes/blocks and totals per stack, by slot (see
 /// `tracer_common::StackStats`): slot 0 is the unknown stack, slots
@@ -112,3 +114,8 @@ pub static BRK: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static MMAP_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(tracer_common::MMAP_COUNTER_SLOTS, 0);
+
+/// Forks and execs of traced processes (see proc.rs).
+#[map]
+pub static PROC_EVENTS: aya_ebpf::maps::RingBuf =
+    aya_ebpf::maps::RingBuf::with_byte_size(256 << 10, 0);

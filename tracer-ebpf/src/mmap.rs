@@ -273,7 +273,7 @@ fn capture(ctx: &TracePointContext) -> u64 {
         buf.ips[0] = caller;
     }
 
-    let hash = crate::stack::hash_frames(buf, len);
+    let hash = crate::stack::hash_frames(buf, len, (bpf_get_current_pid_tgid() >> 32) as u32);
     if MMAP_STACKS.get_ptr(hash).is_none() {
         if let Err(err) = MMAP_STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
             if err != -17 {

@@ -5,9 +5,11 @@
 //! (unlike `BPF_MAP_TYPE_STACK_TRACE`, whose bucket index collides often).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, EbpfContext};
-use tracer_common::{Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN};
+use tracer_common::{
+    unknown_stack, Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN, UNKNOWN_STACK_IDS,
+};
 
-use crate::maps::{count, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS};
+use crate::maps::{count, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -25,19 +27,35 @@ const UNKNOWN: Stack = Stack {
     slot: SLOT_UNKNOWN,
 };
 
-/// The stack id of the first `len` frames of `buf`: FNV-1a over the return
-/// addresses, never `STACK_UNKNOWN`. Shared by heap and mapping stacks.
+/// The unknown stack of process `tgid`: its own slot when userspace reserved
+/// one, so that per-process totals stay exact when stacks are lost.
 #[inline(always)]
-pub fn hash_frames(buf: &StackTrace, len: usize) -> u64 {
-    let mut hash = FNV_OFFSET ^ len as u64;
+fn unknown(tgid: u32) -> Stack {
+    match TARGETS.get_ptr(tgid) {
+        Some(target) => Stack {
+            id: unknown_stack(tgid),
+            slot: unsafe { (*target).unknown_slot },
+        },
+        None => UNKNOWN,
+    }
+}
+
+/// The stack id of the first `len` frames of `buf` in process `tgid`:
+/// FNV-1a over the process id and the return addresses, never below
+/// `UNKNOWN_STACK_IDS`. The process is part of the id because a forked
+/// child runs the same code at the same addresses as its parent, and each
+/// process is reported on its own. Shared by heap and mapping stacks.
+#[inline(always)]
+pub fn hash_frames(buf: &StackTrace, len: usize, tgid: u32) -> u64 {
+    let mut hash = (FNV_OFFSET ^ len as u64 ^ ((tgid as u64) << 32)).wrapping_mul(FNV_PRIME);
     for i in 0..MAX_FRAMES {
         if i >= len {
             break;
         }
         hash = (hash ^ buf.ips[i]).wrapping_mul(FNV_PRIME);
     }
-    if hash == STACK_UNKNOWN {
-        hash = 1;
+    if hash < UNKNOWN_STACK_IDS {
+        hash |= 1 << 63;
     }
     hash
 }
@@ -47,15 +65,16 @@ pub fn hash_frames(buf: &StackTrace, len: usize) -> u64 {
 /// stored.
 #[inline(always)]
 pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
+    let me = bpf_get_current_pid_tgid();
+    let tgid = (me >> 32) as u32;
     if crate::bench::no_stacks() {
-        return UNKNOWN;
+        return unknown(tgid);
     }
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return UNKNOWN;
+        return unknown(tgid);
     };
     // Claim the per-CPU buffer (see `maps::Scratch`): a thread is never
     // running two programs at once, so its pid_tgid is a unique claim.
-    let me = bpf_get_current_pid_tgid();
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
     let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
@@ -75,17 +94,17 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     let len = (unsafe { core::ptr::read_volatile(&buf.len) } as usize).min(MAX_FRAMES);
     if len == 0 {
         count(Counter::StackLost);
-        return UNKNOWN;
+        return unknown(tgid);
     }
     buf.len = len as u64;
     buf.truncated = (len == MAX_FRAMES || cut) as u64;
 
-    let hash = hash_frames(buf, len);
+    let hash = hash_frames(buf, len, tgid);
     // Preempted by another program that used the buffer: the frames and the
     // hash may be a mix of two stacks.
     if !still_ours() {
         count(Counter::StackLost);
-        return UNKNOWN;
+        return unknown(tgid);
     }
     // Two rounds: the second one only runs when another CPU stored the same
     // new stack between our lookup and our insert.
@@ -93,14 +112,14 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
         if let Some(slot) = known_slot(hash) {
             return Stack { id: hash, slot };
         }
-        match new_slot(hash, buf, &still_ours) {
+        match new_slot(hash, tgid, buf, &still_ours) {
             Ok(slot) => return Stack { id: hash, slot },
             Err(err) if err == EEXIST => continue,
             Err(_) => break,
         }
     }
     count(Counter::StackLost);
-    UNKNOWN
+    unknown(tgid)
 }
 
 /// The slot of a stack that is already stored.
@@ -121,7 +140,12 @@ fn known_slot(hash: u64) -> Option<u32> {
 /// Claims a free slot for a new stack and publishes both. Err(-EEXIST) when
 /// another CPU published the same stack first.
 #[inline(always)]
-fn new_slot(hash: u64, buf: &mut StackTrace, still_ours: &impl Fn() -> bool) -> Result<u32, i64> {
+fn new_slot(
+    hash: u64,
+    tgid: u32,
+    buf: &mut StackTrace,
+    still_ours: &impl Fn() -> bool,
+) -> Result<u32, i64> {
     let slot = match FREE_SLOTS.pop() {
         Ok(Some(slot)) => slot,
         // No free slot: more distinct live stacks than --max-stacks.
@@ -132,7 +156,10 @@ fn new_slot(hash: u64, buf: &mut StackTrace, still_ours: &impl Fn() -> bool) -> 
     };
     // Counters of a free slot are zero (userspace clears them before giving
     // the slot back); the owner is set before the slot becomes reachable.
-    unsafe { core::ptr::write_volatile(&mut (*stats).stack_id, hash) };
+    unsafe {
+        core::ptr::write_volatile(&mut (*stats).tgid, tgid);
+        core::ptr::write_volatile(&mut (*stats).stack_id, hash);
+    }
     buf.slot = slot as u64;
     // Checked again right before the insert, which copies the buffer under
     // the bucket lock with interrupts off. (A preemption in the few

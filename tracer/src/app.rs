@@ -3,18 +3,18 @@
 
 use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::{
     allocator::AllocatorObject,
     check,
-    cli::{Cli, Command, DiffFormat, Format, TraceOptions},
+    cli::{Attach, Cli, Command, DiffFormat, Format, TraceOptions},
     detect, diff,
     launch::{self, ChildOutput, Credentials},
-    live::LiveTrace,
+    live::{allocator_infos, LiveTrace, ProbeOptions, Traced},
     output, privileges,
     probes::{MapSizes, Probes, Variant},
-    report::{AllocatorInfo, RunInfo},
+    report::{ProcessInfo, ProcessState, RunInfo},
     serve,
     session::{open_output, Session},
     target::Process,
@@ -26,9 +26,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     // Before anything slow: a Ctrl-C during setup must reach the loop.
     crate::signals::install()?;
     match cli.command {
-        Command::Report { pid, options } => {
+        Command::Report { targets, options } => {
             let out = open_output(options.output.as_deref())?;
-            let (trace, watch) = attach(pid, &options.trace, options.min_age)?;
+            let (trace, watch) = attach(&targets, &options.trace, options.min_age)?;
             Session::new(trace, options, out).run(watch).await
         }
         Command::Run { options, command } => {
@@ -42,9 +42,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Session::new(trace, options, out).run(watch).await
         }
         Command::Flamegraph {
-            pid,
+            targets,
             mut options,
-            command,
         } => {
             options.format = Format::Svg;
             let path = options
@@ -52,10 +51,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .get_or_insert_with(|| "flamegraph.svg".into())
                 .clone();
             let out = open_output(Some(&path))?;
-            let (trace, watch) = match pid {
-                Some(pid) => attach(pid, &options.trace, options.min_age)?,
+            let (trace, watch) = match targets.attach() {
+                Some(attached) => attach(&attached, &options.trace, options.min_age)?,
                 None => start(
-                    command,
+                    targets.command,
                     &options.trace,
                     options.min_age,
                     ChildOutput::Inherit,
@@ -80,29 +79,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             check::run(trace, watch, options, rules, out).await
         }
-        Command::Top {
-            pid,
-            options,
-            command,
-        } => {
+        Command::Top { targets, options } => {
             // Refuse before attaching anything: a redirected top is a mistake.
             top::terminal::require_terminal()?;
-            let (trace, watch) = match pid {
-                Some(pid) => attach(pid, &options.trace, Duration::ZERO)?,
+            let (trace, watch) = match targets.attach() {
+                Some(attached) => attach(&attached, &options.trace, Duration::ZERO)?,
                 None => {
                     let output = top::command_output(options.command_output.as_deref())?;
-                    start(command, &options.trace, Duration::ZERO, output)?
+                    start(targets.command, &options.trace, Duration::ZERO, output)?
                 }
             };
             top::run(trace, watch, options).await
         }
-        Command::Serve { pid, options } => {
+        Command::Serve { targets, options } => {
             // A bad --push URL or a taken port fails before attaching.
             if let Some(url) = &options.push {
                 serve::push::Endpoint::parse(url)?;
             }
             let listener = serve::bind(options.listen).await?;
-            let (trace, watch) = attach(pid, &options.trace, Duration::ZERO)?;
+            let (trace, watch) = attach(&targets, &options.trace, Duration::ZERO)?;
             serve::run(trace, watch, options, listener).await
         }
         Command::Diff {
@@ -161,33 +156,6 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
     )
 }
 
-fn run_info(
-    process: &Process,
-    objects: &[AllocatorObject],
-    min_age: Duration,
-    sample_rate: Option<u64>,
-) -> RunInfo {
-    RunInfo {
-        pid: process.pid,
-        command: process.command_line(),
-        attached_ns: crate::collect::monotonic_ns(),
-        min_age_ns: min_age.as_nanos() as u64,
-        allocators: objects
-            .iter()
-            .map(|object| AllocatorInfo {
-                object: object.path.clone(),
-                functions: object
-                    .points
-                    .iter()
-                    .flat_map(|p| p.functions.iter().map(|f| f.to_string()))
-                    .collect(),
-                sample_rate_bytes: sample_rate,
-                estimated: sample_rate.is_some(),
-            })
-            .collect(),
-    }
-}
-
 /// Attaches the probes of every allocator object.
 fn attach_all(probes: &mut Probes, objects: &[AllocatorObject], pid: u32) -> Result<()> {
     for object in objects {
@@ -235,21 +203,70 @@ fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<Allo
     objects
 }
 
-/// Attaches to a running process.
-fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTrace, TargetWatch)> {
+fn probe_options(options: &TraceOptions) -> ProbeOptions {
+    ProbeOptions {
+        symbols_prefix: options.symbols_prefix.clone(),
+        entry_probes: options.entry_probes,
+        sample_rate: options.sample_rate,
+        verbose: options.verbose,
+    }
+}
+
+/// The PIDs `--pid` and `--comm` name, each once, in the order given.
+fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
+    let mut pids = targets.pids.clone();
+    for name in &targets.comm {
+        let found = crate::target::pids_by_comm(name);
+        if found.is_empty() {
+            bail!("no running process is named {name:?} (--comm matches /proc/PID/comm exactly, at most 15 characters)");
+        }
+        pids.extend(found);
+    }
+    let mut seen = std::collections::HashSet::new();
+    pids.retain(|pid| seen.insert(*pid));
+    Ok(pids)
+}
+
+/// Attaches to running processes.
+fn attach(
+    targets: &Attach,
+    options: &TraceOptions,
+    min_age: Duration,
+) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
     privileges::check()?;
-    let process = Process::open(pid)?;
-    let maps = process.maps()?;
-    let objects = placed(
-        detect::for_process(&process, &maps, &options.symbols_prefix)?,
-        options,
-    );
+    let pids = resolve_targets(targets)?;
+    if options.unwind == crate::unwind::UnwindMode::Cfi && pids.len() > 1 {
+        bail!("--unwind cfi traces one process; give one --pid");
+    }
+    // Every process is checked before anything is attached.
+    let mut found = Vec::new();
+    for &pid in &pids {
+        let process = Process::open(pid)?;
+        let maps = process.maps()?;
+        let objects = placed(
+            detect::for_process(&process, &maps, &options.symbols_prefix)
+                .with_context(|| format!("PID {pid} ({})", process.comm))?,
+            options,
+        );
+        found.push((process, objects));
+    }
     let located = std::time::Instant::now();
     let mut probes = load_probes(options)?;
     let loaded = std::time::Instant::now();
-    probes.add_target(pid)?;
-    attach_all(&mut probes, &objects, pid)?;
+    let mut processes = Vec::new();
+    for (process, objects) in found {
+        probes.add_target(process.pid)?;
+        attach_all(&mut probes, &objects, process.pid)?;
+        let info = ProcessInfo {
+            pid: process.pid,
+            parent: None,
+            command: process.command_line(),
+            allocators: allocator_infos(&objects, options.sample_rate),
+            state: ProcessState::Running,
+        };
+        processes.push(Traced::new(process, info));
+    }
     if options.timings {
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
         let now = std::time::Instant::now();
@@ -262,16 +279,41 @@ fn attach(pid: u32, options: &TraceOptions, min_age: Duration) -> Result<(LiveTr
         );
     }
     describe(&probes, options.verbose);
-    let run = run_info(&process, &objects, min_age, options.sample_rate);
-    let command = run.command.clone();
-    let watch = TargetWatch::attached(pid)?;
-    let unwinder = unwinder(&mut probes, &process, options)?;
-    // Attaches the mmap tracepoints too: "attached" means all of it.
-    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder);
-    if options.verbose {
-        eprintln!("tracer: attached to PID {pid} ({command})");
+    let run = run_info(&processes, min_age);
+    let mut watch = TargetWatch::attached(&pids)?;
+    match crate::proc_events::ProcEvents::start(&mut probes.ebpf, options.follow_forks) {
+        Ok(events) => watch = watch.with_events(events),
+        Err(e) if options.follow_forks => {
+            bail!("--follow-forks needs the sched tracepoints: {e:#}")
+        }
+        Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
+    let unwinder = unwinder(&mut probes, &processes[0].process, options)?;
+    if options.verbose {
+        for traced in &processes {
+            eprintln!(
+                "tracer: attached to PID {} ({})",
+                traced.info.pid, traced.info.command
+            );
+        }
+    }
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace =
+        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
     Ok((trace, watch))
+}
+
+/// What reports say about the run, from the processes traced at its start.
+fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
+    let first = &processes[0].info;
+    RunInfo {
+        pid: first.pid,
+        command: first.command.clone(),
+        attached_ns: crate::collect::monotonic_ns(),
+        min_age_ns: min_age.as_nanos() as u64,
+        allocators: first.allocators.clone(),
+        processes: processes.iter().map(|t| t.info.clone()).collect(),
+    }
 }
 
 /// Starts a command stopped at its exec, attaches, then lets it run.
@@ -291,21 +333,34 @@ fn start(
     let mut probes = load_probes(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
-    let child = launch::launch(&argv, Credentials::from_sudo(), output)?;
+    let child = launch::launch(
+        &argv,
+        Credentials::from_sudo(),
+        output,
+        options.follow_forks,
+    )?;
     let pid = child.pid;
     probes.add_target(pid)?;
     // On error, dropping `child` detaches it, so it is not left stopped.
     attach_all(&mut probes, &objects, pid)?;
     describe(&probes, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
-    let mut run = run_info(&process, &objects, min_age, options.sample_rate);
-    run.command = argv
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let info = ProcessInfo {
+        pid,
+        parent: None,
+        command: argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+        allocators: allocator_infos(&objects, options.sample_rate),
+        state: ProcessState::Running,
+    };
+    let processes = vec![Traced::new(process.clone(), info)];
+    let run = run_info(&processes, min_age);
     let unwinder = unwinder(&mut probes, &process, options)?;
-    let trace = LiveTrace::new(probes, process, run).with_unwinder(unwinder.clone());
+    let trace = LiveTrace::new(probes, processes, run, probe_options(options))
+        .with_unwinder(unwinder.clone());
     match unwinder {
         // At exec only the program and the dynamic loader are mapped: the
         // libraries' tables are added when the program reaches its entry

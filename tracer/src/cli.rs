@@ -27,48 +27,30 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach to a running process and report its outstanding allocations.
+    /// Attach to running processes and report their outstanding allocations.
     Report {
-        /// Process to trace.
-        #[arg(long, short)]
-        pid: u32,
+        #[command(flatten)]
+        targets: Attach,
         #[command(flatten)]
         options: ReportOptions,
     },
     /// Write a flamegraph SVG of outstanding memory (a shortcut for
-    /// `--format svg`), for a running process (--pid) or a command (-- CMD).
+    /// `--format svg`), for running processes (--pid, --comm) or a command
+    /// (-- CMD).
     Flamegraph {
-        /// Process to trace; without it, the command after `--` is started.
-        #[arg(long, short)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        targets: AttachOrStart,
         #[command(flatten)]
         options: ReportOptions,
-        /// The command and its arguments (after `--`), when no --pid is given.
-        #[arg(
-            last = true,
-            value_name = "CMD",
-            required_unless_present = "pid",
-            conflicts_with = "pid"
-        )]
-        command: Vec<OsString>,
     },
     /// Live full-screen view of the stacks holding the most unfreed memory,
-    /// refreshed every second, for a running process (--pid) or a command
-    /// (-- CMD). Needs a terminal; `report` is the scriptable form.
+    /// refreshed every second, for running processes (--pid, --comm) or a
+    /// command (-- CMD). Needs a terminal; `report` is the scriptable form.
     Top {
-        /// Process to trace; without it, the command after `--` is started.
-        #[arg(long, short)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        targets: AttachOrStart,
         #[command(flatten)]
         options: TopOptions,
-        /// The command and its arguments (after `--`), when no --pid is given.
-        #[arg(
-            last = true,
-            value_name = "CMD",
-            required_unless_present = "pid",
-            conflicts_with = "pid"
-        )]
-        command: Vec<OsString>,
     },
     /// Run a command traced and fail when it leaks: exits with the
     /// command's code if it failed, else 23 if what it leaves allocated at
@@ -84,9 +66,8 @@ pub enum Command {
     /// /metrics, the JSON report at /report and a flamegraph at
     /// /flamegraph.svg. Stops when the process exits.
     Serve {
-        /// Process to trace.
-        #[arg(long, short)]
-        pid: u32,
+        #[command(flatten)]
+        targets: Attach,
         #[command(flatten)]
         options: ServeOptions,
     },
@@ -166,6 +147,51 @@ pub struct ReportOptions {
     pub trace: TraceOptions,
 }
 
+/// Running processes to trace: by pid, by name, or both.
+#[derive(Args, Debug, Clone, Default)]
+#[group(required = true, multiple = true)]
+pub struct Attach {
+    /// Process to trace; repeat for several (each stack is reported with
+    /// its process).
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace every running process named NAME (its comm, as `ps -o comm`
+    /// shows: at most 15 characters); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
+}
+
+/// Running processes to trace, or a command to start traced.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AttachOrStart {
+    /// Process to trace; repeat for several. Without --pid or --comm, the
+    /// command after `--` is started.
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace every running process named NAME (its comm); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
+    /// The command and its arguments (after `--`), when no --pid or --comm
+    /// is given.
+    #[arg(
+        last = true,
+        value_name = "CMD",
+        required_unless_present_any = ["pids", "comm"],
+        conflicts_with_all = ["pids", "comm"]
+    )]
+    pub command: Vec<OsString>,
+}
+
+impl AttachOrStart {
+    /// The processes to attach to, or None: start the command.
+    pub fn attach(&self) -> Option<Attach> {
+        (!self.pids.is_empty() || !self.comm.is_empty()).then(|| Attach {
+            pids: self.pids.clone(),
+            comm: self.comm.clone(),
+        })
+    }
+}
+
 /// What every command that traces shares: map sizes and verbosity.
 #[derive(Args, Debug, Clone)]
 pub struct TraceOptions {
@@ -186,6 +212,12 @@ pub struct TraceOptions {
     /// them; repeatable. je_, _rjem_, mi_ and tc_ are looked for anyway.
     #[arg(long = "symbols-prefix", value_name = "PREFIX")]
     pub symbols_prefix: Vec<String>,
+    /// Also trace the processes the traced ones fork, and what they exec,
+    /// each reported on its own (a started command's children are stopped
+    /// until their probes are in place; a running process's children are
+    /// attached a few milliseconds after the fork).
+    #[arg(long)]
+    pub follow_forks: bool,
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
@@ -401,5 +433,17 @@ mod tests {
             Cli::try_parse_from(["tracer", "report"]).is_err(),
             "--pid is required"
         );
+        let cli = Cli::try_parse_from(["tracer", "report", "--pid", "1", "-p", "2", "--comm", "x"])
+            .unwrap();
+        match cli.command {
+            Command::Report { targets, .. } => {
+                assert_eq!(targets.pids, [1, 2]);
+                assert_eq!(targets.comm, ["x"]);
+            }
+            _ => panic!("expected report"),
+        }
+        assert!(Cli::try_parse_from(["tracer", "report", "--comm", "x"]).is_ok());
+        assert!(Cli::try_parse_from(["tracer", "top", "--pid", "1", "--", "ls"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "flamegraph"]).is_err());
     }
 }

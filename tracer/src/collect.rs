@@ -9,7 +9,7 @@ use aya::{
     Ebpf, Pod,
 };
 
-use tracer_common::{AllocRecord, Counter, InFlight, StackTrace};
+use tracer_common::{AllocKey, AllocRecord, Counter, InFlight, StackTrace};
 
 use crate::{
     batch,
@@ -118,10 +118,12 @@ impl AgeSweep {
                 let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
                 let mut blocks = 0usize;
                 let cpu_before = thread_cpu_ns();
-                let read = self.cursor.read::<u64, AllocRecord>(fd, slice, |_, r| {
-                    blocks += 1;
-                    add_block(&mut scanner, r, sample_rate)
-                });
+                let read = self
+                    .cursor
+                    .read::<AllocKey, AllocRecord>(fd, slice, |_, r| {
+                        blocks += 1;
+                        add_block(&mut scanner, r, sample_rate)
+                    });
                 let cpu_ns = thread_cpu_ns().saturating_sub(cpu_before);
                 if blocks >= 1024 && cpu_ns > 0 {
                     let per_block = (cpu_ns as f64 / blocks as f64).max(1.0);
@@ -150,7 +152,7 @@ impl AgeSweep {
             }
         }
         let mut scanner = AgeScanner::new(taken_ns, settle_cutoff);
-        for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+        for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |_, r| {
             add_block(&mut scanner, r, sample_rate)
         })?;
         Ok(scanner.finish())
@@ -208,6 +210,7 @@ pub fn snapshot(
         }
         let sample = by_stack.entry(s.stack_id).or_insert(StackSample {
             stack_id: s.stack_id,
+            pid: s.tgid,
             ..StackSample::default()
         });
         sample.bytes = sample.bytes.wrapping_add(s.outstanding_bytes);
@@ -225,7 +228,7 @@ pub fn snapshot(
             let cutoff = taken_ns.saturating_sub(min_age_ns);
             let settle_cutoff = taken_ns.saturating_sub(SETTLE_NS);
             let mut scanner = AgeScanner::new(cutoff, settle_cutoff);
-            for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+            for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |_, r| {
                 add_block(&mut scanner, r, sample_rate)
             })?;
             Some(scanner.finish())
@@ -251,7 +254,7 @@ pub fn snapshot(
 
 /// Calls `each(stack id, size, timestamp)` for every live allocation.
 pub fn for_each_live_allocation(ebpf: &Ebpf, mut each: impl FnMut(u64, u64, u64)) -> Result<()> {
-    for_each_entry::<u64, AllocRecord>(ebpf, "ALLOCS", |_, r| {
+    for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |_, r| {
         each(r.stack_id, r.size, r.timestamp_ns)
     })
 }
@@ -307,6 +310,7 @@ pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool
 pub fn forget_dead_threads(
     ebpf: &mut Ebpf,
     pid: u32,
+    sample_rate: Option<u64>,
     live_tids: impl FnOnce() -> Vec<u32>,
 ) -> Result<usize> {
     let mut in_flight: BpfHashMap<&mut MapData, u64, InFlight> =
@@ -338,15 +342,51 @@ pub fn forget_dead_threads(
     drop(in_flight);
     if !taken.is_empty() {
         let table = StatsTable::open(ebpf)?;
-        let mut allocs: BpfHashMap<&mut MapData, u64, AllocRecord> =
+        let mut allocs: BpfHashMap<&mut MapData, AllocKey, AllocRecord> =
             BpfHashMap::try_from(ebpf.map_mut("ALLOCS").context("ALLOCS map")?)?;
         for (addr, record) in taken {
             // BPF_NOEXIST: if the address was recorded again, the block was
             // freed after all.
-            if allocs.insert(addr, record, 1).is_err() {
-                table.retire(&record);
+            if allocs.insert(AllocKey::new(pid, addr), record, 1).is_err() {
+                table.retire(&record, sample_rate);
             }
         }
     }
     Ok(dead)
+}
+
+/// Drops the live blocks process `pid` recorded before `before_ns` (its
+/// program was replaced by an exec, which unmapped them), taking each out
+/// of its stack's totals. Returns how many were dropped.
+pub fn drop_process(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    before_ns: u64,
+    sample_rate: Option<u64>,
+) -> Result<usize> {
+    let mut blocks: Vec<AllocKey> = Vec::new();
+    for_each_entry::<AllocKey, AllocRecord>(ebpf, "ALLOCS", |key, record| {
+        if key.tgid == pid && record.timestamp_ns < before_ns {
+            blocks.push(*key);
+        }
+    })?;
+    let table = StatsTable::open(ebpf)?;
+    let mut allocs: BpfHashMap<&mut MapData, AllocKey, AllocRecord> =
+        BpfHashMap::try_from(ebpf.map_mut("ALLOCS").context("ALLOCS map")?)?;
+    let mut dropped = 0;
+    for key in blocks {
+        // Read, then remove: only a successful removal makes it ours to retire.
+        let Ok(record) = allocs.get(&key, 0) else {
+            continue;
+        };
+        // Freed and handed out again since the listing: the new program's.
+        if record.timestamp_ns >= before_ns {
+            continue;
+        }
+        if allocs.remove(&key).is_ok() {
+            table.retire(&record, sample_rate);
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }

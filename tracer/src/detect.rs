@@ -261,7 +261,7 @@ fn link_order<'a>(
         for name in needed {
             let found = names
                 .iter()
-                .find(|(_, known)| known.iter().any(|k| *k == name))
+                .find(|(_, known)| known.contains(&name))
                 .map(|(p, _)| *p);
             if let Some(found) = found {
                 if !order.contains(&found) {

@@ -191,6 +191,7 @@ pub(crate) mod tests {
     fn stack(id: &str, bytes: u64, allocations: u64, frames: Vec<ReportFrame>) -> StackReport {
         StackReport {
             stack_id: id.into(),
+            pid: 9,
             bytes,
             allocations,
             total_allocations: allocations,
@@ -203,6 +204,7 @@ pub(crate) mod tests {
 
     pub fn report(duration_s: f64, stacks: Vec<StackReport>) -> Report {
         Report {
+            processes: Vec::new(),
             pid: 9,
             command: "app".into(),
             duration_s,

@@ -7,13 +7,12 @@ use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} is not an ELF object this tracer can read: {source}")]
-    Parse { path: String, source: object::Error },
+    // The reasons are in the messages, not in `source()`: `{:#}` would
+    // print them twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{path} is not an ELF object this tracer can read: {error}")]
+    Parse { path: String, error: object::Error },
 }
 
 /// The symbols and layout of one ELF file.
@@ -30,13 +29,13 @@ pub struct ElfInfo {
 
 impl ElfInfo {
     pub fn read(path: &Path) -> Result<Self, ElfError> {
-        let data = fs::read(path).map_err(|source| ElfError::Read {
+        let data = fs::read(path).map_err(|error| ElfError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
-        Self::parse(&data).map_err(|source| ElfError::Parse {
+        Self::parse(&data).map_err(|error| ElfError::Parse {
             path: path.display().to_string(),
-            source,
+            error,
         })
     }
 
@@ -89,7 +88,7 @@ impl ElfInfo {
             functions: self
                 .functions
                 .iter()
-                .filter_map(|(name, value)| Some((rename(name)?.to_string(), value.clone())))
+                .filter_map(|(name, value)| Some((rename(name)?.to_string(), *value)))
                 .collect(),
             segments: self.segments.clone(),
             interpreter: self.interpreter.clone(),

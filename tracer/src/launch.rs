@@ -27,13 +27,19 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 
+use crate::watch::{ChangeKind, ProcessChange};
+
 /// What happens to the child after it was released.
 #[derive(Debug)]
 pub enum ChildEvent {
-    /// Stopped on its way out, memory still mapped. Send on `ack` to let it go.
+    /// Stopped on its way out, memory still mapped. `let_exit` lets it go.
     Exiting,
     /// Gone; exit code as a shell reports it (128 + signal when killed).
     Exited(i32),
+    /// Another process of the command's tree forked, exec'ed or is ending
+    /// (`--follow-forks`), or the command exec'ed. The process waits for
+    /// `resume` where the change says so.
+    Changed(ProcessChange),
 }
 
 /// Run by the child's thread when the started program reaches its entry
@@ -43,7 +49,8 @@ pub type EntryHook = Box<dyn FnOnce() + Send>;
 pub struct Launched {
     pub pid: u32,
     go: std_mpsc::Sender<Option<EntryHook>>,
-    ack: std_mpsc::Sender<()>,
+    /// Pids the child's thread may let go on.
+    resume: std_mpsc::Sender<u32>,
     pub events: mpsc::UnboundedReceiver<ChildEvent>,
 }
 
@@ -63,7 +70,12 @@ impl Launched {
 
     /// Lets an exiting child finish exiting.
     pub fn let_exit(&self) {
-        let _ = self.ack.send(());
+        let _ = self.resume.send(self.pid);
+    }
+
+    /// Lets process `pid`, stopped for a `Changed` event, go on.
+    pub fn resume(&self, pid: u32) {
+        let _ = self.resume.send(pid);
     }
 }
 
@@ -142,20 +154,23 @@ pub enum ChildOutput {
 
 /// Starts `argv` stopped right after exec. The returned child runs only once
 /// `release` is called.
+/// `follow_forks`: the processes the command forks are traced too, each
+/// stopped until the tracer has attached to it.
 pub fn launch(
     argv: &[OsString],
     credentials: Option<Credentials>,
     output: ChildOutput,
+    follow_forks: bool,
 ) -> Result<Launched> {
     let (pid_tx, pid_rx) = std_mpsc::channel::<Result<u32, String>>();
     let (go_tx, go_rx) = std_mpsc::channel::<Option<EntryHook>>();
-    let (ack_tx, ack_rx) = std_mpsc::channel::<()>();
+    let (ack_tx, ack_rx) = std_mpsc::channel::<u32>();
     let (event_tx, event_rx) = mpsc::unbounded_channel();
     let argv = argv.to_vec();
     thread::Builder::new()
         .name("tracer-child".into())
         .spawn(move || {
-            let pid = match start_stopped(&argv, credentials, output) {
+            let pid = match start_stopped(&argv, credentials, output, follow_forks) {
                 Ok(pid) => pid,
                 Err(e) => {
                     let _ = pid_tx.send(Err(e));
@@ -178,7 +193,7 @@ pub fn launch(
                 }
                 Ok(None) => {}
             }
-            follow(pid, &event_tx, &ack_rx);
+            Tree::new(pid, &event_tx, &ack_rx).follow();
         })?;
     let pid = pid_rx
         .recv()
@@ -187,7 +202,7 @@ pub fn launch(
     Ok(Launched {
         pid,
         go: go_tx,
-        ack: ack_tx,
+        resume: ack_tx,
         events: event_rx,
     })
 }
@@ -196,6 +211,7 @@ fn start_stopped(
     argv: &[OsString],
     credentials: Option<Credentials>,
     output: ChildOutput,
+    follow_forks: bool,
 ) -> Result<u32, String> {
     let program = argv[0].to_string_lossy().into_owned();
     // Everything the child needs is made before fork: after it, the child
@@ -280,7 +296,12 @@ fn start_stopped(
     }
     // 2. Seize it (not TRACEME: a seized tracee's job-control stops can be
     //    left in place with PTRACE_LISTEN), then let it go on to exec.
-    let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+    let mut options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+    if follow_forks {
+        // Children are traced from birth, stopped until released (threads,
+        // PTRACE_O_TRACECLONE, are not: they share the process's probes).
+        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
+    }
     if unsafe {
         libc::ptrace(
             libc::PTRACE_SEIZE,
@@ -344,59 +365,219 @@ fn cont(pid: u32, signal: libc::c_int) {
     };
 }
 
-fn follow(pid: u32, events: &mpsc::UnboundedSender<ChildEvent>, ack: &std_mpsc::Receiver<()>) {
-    cont(pid, 0);
-    loop {
-        let status = match wait(pid) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = events.send(ChildEvent::Exited(1));
-                return;
-            }
-        };
-        if libc::WIFEXITED(status) {
-            let _ = events.send(ChildEvent::Exited(libc::WEXITSTATUS(status)));
-            return;
-        }
-        if libc::WIFSIGNALED(status) {
-            let _ = events.send(ChildEvent::Exited(128 + libc::WTERMSIG(status)));
-            return;
-        }
-        if !libc::WIFSTOPPED(status) {
-            continue;
-        }
-        let signal = libc::WSTOPSIG(status);
-        match status >> 16 {
-            libc::PTRACE_EVENT_EXIT => {
-                if other_threads_run_on(pid) {
-                    // The main thread called pthread_exit; the process lives
-                    // on and is reported when it really ends.
-                    cont(pid, 0);
-                    continue;
-                }
-                let _ = events.send(ChildEvent::Exiting);
-                // Wait (bounded) for the final snapshot; never hold the child forever.
-                let _ = ack.recv_timeout(std::time::Duration::from_secs(30));
-                cont(pid, 0);
-            }
-            libc::PTRACE_EVENT_STOP => {
-                if matches!(
-                    signal,
-                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-                ) {
-                    // A job-control stop (Ctrl-Z, kill -STOP): it stays
-                    // stopped, and we hear of the SIGCONT that ends it.
-                    unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid as libc::pid_t, 0, 0) };
-                } else {
-                    cont(pid, 0);
-                }
-            }
-            // Signal-delivery stop: deliver the signal as if we were not here.
-            0 => cont(pid, signal),
-            // Another ptrace event (exec of a new program): not a signal.
-            _ => cont(pid, 0),
+/// How long a stopped process waits for the tracer to deal with a change
+/// before it is let go anyway: never hold a process forever.
+const RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The traced process tree of a started command: the command, and with
+/// `--follow-forks` every process it forks (ptrace attaches them at birth,
+/// options inherited).
+struct Tree<'a> {
+    main: u32,
+    events: &'a mpsc::UnboundedSender<ChildEvent>,
+    resume: &'a std_mpsc::Receiver<u32>,
+    /// Processes announced to the tracer (forked, or found at their exec).
+    known: std::collections::HashSet<u32>,
+    /// Children released before their first stop was seen, and children
+    /// whose first stop came before their parent's fork event.
+    released: std::collections::HashSet<u32>,
+    unreleased_stops: std::collections::HashSet<u32>,
+}
+
+impl<'a> Tree<'a> {
+    fn new(
+        main: u32,
+        events: &'a mpsc::UnboundedSender<ChildEvent>,
+        resume: &'a std_mpsc::Receiver<u32>,
+    ) -> Self {
+        Tree {
+            main,
+            events,
+            resume,
+            known: [main].into(),
+            released: Default::default(),
+            unreleased_stops: Default::default(),
         }
     }
+
+    /// Tells the tracer and waits (bounded) until it lets `pid` go on.
+    fn announce_and_wait(&self, pid: u32, kind: ChangeKind) {
+        let _ = self
+            .events
+            .send(ChildEvent::Changed(ProcessChange { pid, kind }));
+        let deadline = std::time::Instant::now() + RESUME_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.resume.recv_timeout(left) {
+                Ok(p) if p == pid => return,
+                Ok(_) => continue, // a late answer to an earlier wait
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn follow(mut self) {
+        cont(self.main, 0);
+        loop {
+            let (pid, status) = match wait_any() {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = self.events.send(ChildEvent::Exited(1));
+                    return;
+                }
+            };
+            let exit_code = if libc::WIFEXITED(status) {
+                Some(libc::WEXITSTATUS(status))
+            } else if libc::WIFSIGNALED(status) {
+                Some(128 + libc::WTERMSIG(status))
+            } else {
+                None
+            };
+            if let Some(code) = exit_code {
+                if pid == self.main {
+                    let _ = self.events.send(ChildEvent::Exited(code));
+                    return;
+                }
+                if self.known.remove(&pid) {
+                    let _ = self.events.send(ChildEvent::Changed(ProcessChange {
+                        pid,
+                        kind: ChangeKind::Ended(Some(code)),
+                    }));
+                }
+                continue;
+            }
+            if !libc::WIFSTOPPED(status) {
+                continue;
+            }
+            let signal = libc::WSTOPSIG(status);
+            match status >> 16 {
+                libc::PTRACE_EVENT_EXIT => {
+                    if other_threads_run_on(pid) {
+                        // The main thread called pthread_exit; the process lives
+                        // on and is reported when it really ends.
+                        cont(pid, 0);
+                        continue;
+                    }
+                    if pid == self.main {
+                        let _ = self.events.send(ChildEvent::Exiting);
+                        // Wait (bounded) for the final snapshot.
+                        while let Ok(p) = self.resume.recv_timeout(RESUME_TIMEOUT) {
+                            if p == pid {
+                                break;
+                            }
+                        }
+                    } else if self.known.contains(&pid) {
+                        self.announce_and_wait(pid, ChangeKind::Exiting);
+                    }
+                    cont(pid, 0);
+                }
+                event @ (libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK) => {
+                    let child = event_message(pid);
+                    // A vfork child borrows its parent's memory until it
+                    // execs: it is announced at its exec, if it makes one.
+                    if event == libc::PTRACE_EVENT_FORK && child != 0 {
+                        self.known.insert(child);
+                        self.announce_and_wait(child, ChangeKind::Forked { parent: pid });
+                        self.released.insert(child);
+                    } else if child != 0 {
+                        self.released.insert(child);
+                    }
+                    if child != 0 && self.unreleased_stops.remove(&child) {
+                        self.released.remove(&child);
+                        cont(child, 0);
+                    }
+                    cont(pid, 0);
+                }
+                libc::PTRACE_EVENT_EXEC => {
+                    if self.known.insert(pid) {
+                        // A vfork child's new program.
+                        let parent = parent_of(pid).unwrap_or(self.main);
+                        self.announce_and_wait(pid, ChangeKind::Forked { parent });
+                    } else {
+                        // Stopped since the exec: every block it has
+                        // recorded is the old program's.
+                        let at_ns = crate::collect::monotonic_ns();
+                        self.announce_and_wait(pid, ChangeKind::Execed { at_ns });
+                    }
+                    cont(pid, 0);
+                }
+                libc::PTRACE_EVENT_STOP => {
+                    if pid != self.main
+                        && !self.known.contains(&pid)
+                        && !self.released.contains(&pid)
+                    {
+                        // A new child's first stop, before its parent's
+                        // fork event: it goes on when released.
+                        self.unreleased_stops.insert(pid);
+                        continue;
+                    }
+                    if self.released.remove(&pid) {
+                        // A new child's first stop, already released.
+                        cont(pid, 0);
+                        continue;
+                    }
+                    if matches!(
+                        signal,
+                        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                    ) {
+                        // A job-control stop (Ctrl-Z, kill -STOP): it stays
+                        // stopped, and we hear of the SIGCONT that ends it.
+                        unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid as libc::pid_t, 0, 0) };
+                    } else {
+                        cont(pid, 0);
+                    }
+                }
+                // Signal-delivery stop: deliver the signal as if we were not here.
+                0 => cont(pid, signal),
+                // Another ptrace event: not a signal.
+                _ => cont(pid, 0),
+            }
+        }
+    }
+}
+
+/// The next tracee state change, of any tracee.
+fn wait_any() -> io::Result<(u32, libc::c_int)> {
+    let mut status: libc::c_int = 0;
+    loop {
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        if r > 0 {
+            return Ok((r as u32, status));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// PTRACE_GETEVENTMSG: the new child's pid at a fork event.
+fn event_message(pid: u32) -> u32 {
+    let mut message: libc::c_ulong = 0;
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETEVENTMSG,
+            pid as libc::pid_t,
+            0,
+            &mut message as *mut libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        0
+    } else {
+        message as u32
+    }
+}
+
+/// The parent process of `pid` (PPid in /proc/PID/status).
+fn parent_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Other threads of `pid` are alive and not being killed by an exit_group

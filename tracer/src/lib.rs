@@ -30,6 +30,7 @@ pub mod output;
 pub mod placement;
 pub mod privileges;
 pub mod probes;
+pub mod proc_events;
 pub mod procmaps;
 pub mod report;
 pub mod sampling;

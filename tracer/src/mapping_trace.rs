@@ -1,4 +1,4 @@
-//! The mmap family of one traced process: attaches the syscall tracepoints
+//! The mmap family of the traced processes: attaches the syscall tracepoints
 //! of `tracer-ebpf/src/mmap.rs`, reads their events into a `MappingTable`,
 //! and reads the program break. Tracepoints need tracefs; without it (and
 //! when it cannot be mounted) heap tracing goes on alone.
@@ -26,11 +26,17 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("brk_exit", "sys_exit_brk"),
 ];
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub struct MappingTrace {
-    pid: u32,
     events: RingBuf<MapData>,
+    processes: std::collections::HashMap<u32, MappedProcess>,
+    /// Stack id -> made by the loader.
+    by_loader: std::collections::HashMap<u64, bool>,
+}
+
+/// The mappings of one traced process.
+struct MappedProcess {
     table: MappingTable,
     /// The program break when tracing started.
     brk_at_attach: Option<u64>,
@@ -39,14 +45,25 @@ pub struct MappingTrace {
     /// Where the dynamic loader's code is: mappings it makes (library
     /// segments, its own memory) are not the program's.
     loader_code: Vec<(u64, u64)>,
-    /// Stack id -> made by the loader.
-    by_loader: std::collections::HashMap<u64, bool>,
+}
+
+impl MappedProcess {
+    fn new(process: &Process) -> Self {
+        let brk = current_break(process);
+        MappedProcess {
+            table: MappingTable::default(),
+            brk_at_attach: brk,
+            brk_last: brk,
+            loader_code: loader_code(process),
+        }
+    }
 }
 
 /// Outstanding mappings and the break, at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct MappingSample {
     pub stacks: Vec<StackSample>,
+    /// Over all processes.
     pub brk_growth: i64,
     pub lost_events: u64,
     pub lost_stacks: u64,
@@ -71,16 +88,21 @@ impl MappingTrace {
         let map = ebpf
             .take_map("MMAP_EVENTS")
             .context("eBPF object has no map MMAP_EVENTS")?;
-        let brk = current_break(process);
-        Ok(MappingTrace {
-            pid: process.pid,
+        let mut trace = MappingTrace {
             events: RingBuf::try_from(map)?,
-            table: MappingTable::default(),
-            brk_at_attach: brk,
-            brk_last: brk,
-            loader_code: loader_code(process),
+            processes: Default::default(),
             by_loader: Default::default(),
-        })
+        };
+        trace.add(process);
+        Ok(trace)
+    }
+
+    /// Follows one more process (or a process anew after an exec: what it
+    /// had mapped went with its old image).
+    pub fn add(&mut self, process: &Process) {
+        self.drain();
+        self.processes
+            .insert(process.pid, MappedProcess::new(process));
     }
 
     /// Applies every event waiting in the ring buffer.
@@ -91,8 +113,8 @@ impl MappingTrace {
             }
             let event: MmapEvent =
                 unsafe { std::ptr::read_unaligned(item.as_ptr() as *const MmapEvent) };
-            if event.tgid == self.pid {
-                self.table.apply(&event);
+            if let Some(process) = self.processes.get_mut(&event.tgid) {
+                process.table.apply(&event);
             }
         }
     }
@@ -101,30 +123,37 @@ impl MappingTrace {
     /// or before `cutoff_ns`, when given) and the break's growth.
     pub fn sample(&mut self, ebpf: &Ebpf, cutoff_ns: Option<u64>) -> MappingSample {
         self.drain();
-        if let Ok(map) = ebpf.map("BRK").context("BRK") {
-            if let Ok(brk) = BpfHashMap::<&MapData, u32, u64>::try_from(map) {
-                if let Ok(value) = brk.get(&self.pid, 0) {
-                    self.brk_last = Some(value);
-                    self.brk_at_attach.get_or_insert(value);
-                }
-            }
-        }
+        let brk = ebpf
+            .map("BRK")
+            .and_then(|map| BpfHashMap::<&MapData, u32, u64>::try_from(map).ok());
         let (lost_events, lost_stacks) = counters(ebpf).unwrap_or((0, 0));
-        let mut stacks = self.table.samples(cutoff_ns);
-        let loader = &self.loader_code;
-        let by_loader = &mut self.by_loader;
-        stacks.retain(|s| {
-            !*by_loader.entry(s.stack_id).or_insert_with(|| {
-                matches!(stack_frames(ebpf, s.stack_id), Ok(Some((ips, _)))
-                    if ips.first().is_some_and(|ip| loader.iter().any(|(a, b)| a <= ip && ip < b)))
-            })
-        });
+        let mut all = Vec::new();
+        let mut brk_growth = 0;
+        for (pid, process) in &mut self.processes {
+            if let Some(value) = brk.as_ref().and_then(|b| b.get(pid, 0).ok()) {
+                process.brk_last = Some(value);
+                process.brk_at_attach.get_or_insert(value);
+            }
+            if let (Some(start), Some(now)) = (process.brk_at_attach, process.brk_last) {
+                brk_growth += now as i64 - start as i64;
+            }
+            let mut stacks = process.table.samples(cutoff_ns);
+            let loader = &process.loader_code;
+            let by_loader = &mut self.by_loader;
+            stacks.retain(|s| {
+                !*by_loader.entry(s.stack_id).or_insert_with(|| {
+                    matches!(stack_frames(ebpf, s.stack_id), Ok(Some((ips, _)))
+                        if ips.first().is_some_and(|ip| loader.iter().any(|(a, b)| a <= ip && ip < b)))
+                })
+            });
+            for stack in &mut stacks {
+                stack.pid = *pid;
+            }
+            all.extend(stacks);
+        }
         MappingSample {
-            stacks,
-            brk_growth: match (self.brk_at_attach, self.brk_last) {
-                (Some(start), Some(now)) => now as i64 - start as i64,
-                _ => 0,
-            },
+            stacks: all,
+            brk_growth,
             lost_events,
             lost_stacks,
         }
@@ -192,7 +221,7 @@ fn current_break(process: &Process) -> Option<u64> {
 }
 
 /// Tracepoints are found through tracefs; mount it (as root) if it is not.
-fn ensure_tracefs() -> Result<()> {
+pub fn ensure_tracefs() -> Result<()> {
     let mounted = |dir: &str| {
         Path::new(dir)
             .join("events")

@@ -22,6 +22,8 @@ pub struct Counters {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StackSample {
     pub stack_id: u64,
+    /// The process the stack belongs to (0: unknown).
+    pub pid: u32,
     /// Bytes allocated here and not freed (older than the minimum age, when
     /// one is set).
     pub bytes: u64,

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::HashMap as BpfHashMap,
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
         UProbe,
     },
     Ebpf, EbpfLoader,
@@ -15,7 +15,10 @@ use aya::{
 
 use tracer_common::TargetInfo;
 
-use crate::allocator::{AllocatorObject, Entry, ProbePoint, RETURN_PROGRAM};
+use crate::{
+    allocator::{AllocatorObject, Entry, ProbePoint, RETURN_PROGRAM},
+    slots::UNKNOWN_SLOTS,
+};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -105,17 +108,35 @@ pub struct Probes {
     pub variant: Variant,
     pub attached: Vec<Attached>,
     reclaimer: crate::slots::Reclaimer,
-    /// Target pids and the trampoline address last told to the programs.
-    targets: Vec<(u32, u64)>,
-    /// What was attached, for which process, scoped to which of its threads.
-    scope: Option<(AllocatorObject, u32, u32)>,
-    links: Vec<(&'static str, UProbeLinkId)>,
+    /// Traced processes, as the programs know them.
+    targets: Vec<Target>,
+    /// Reserved `STACK_STATS` slots not yet given to a process's unknown stack.
+    unknown_slots: Vec<u32>,
+    /// What was attached, per process.
+    scopes: Vec<Scope>,
     /// The session program and its links, while allocation functions are
     /// to be probed with it (see `load_session`).
     sessions: Option<crate::uprobe_session::Sessions>,
     /// How allocation returns are probed, for `-v`.
     pub returns: String,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// A traced process in `TARGETS`.
+struct Target {
+    pid: u32,
+    /// The trampoline address last told to the programs.
+    trampoline: u64,
+    unknown_slot: u32,
+}
+
+/// The probes of one process: the objects they are on, the thread they
+/// are scoped to (see `follow_scope_thread`) and their links.
+struct Scope {
+    pid: u32,
+    tid: u32,
+    objects: Vec<AllocatorObject>,
+    links: Vec<(&'static str, UProbeLinkId)>,
 }
 
 impl Probes {
@@ -125,7 +146,7 @@ impl Probes {
 
     /// `sample_rate`: sample about one allocation every this many bytes
     /// (see `sampling`); None tracks every allocation. `sessions`: when to
-    /// probe allocation functions with a uprobe session (`enable_sessions`).
+    /// probe allocation functions with a uprobe session (`load_session`).
     pub fn load_variant(
         sizes: MapSizes,
         variant: Variant,
@@ -134,14 +155,18 @@ impl Probes {
     ) -> Result<Self> {
         let no_stacks: u8 = (variant == Variant::NoStacks).into();
         let rate: u64 = sample_rate.unwrap_or(0);
+        let fork_offset = crate::proc_events::fork_child_pid_offset().unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
+            .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
             .override_global("NO_STACKS", &no_stacks, true)
             .override_global("SAMPLE_RATE", &rate, true)
             .map_max_entries("ALLOCS", sizes.allocations)
             .map_max_entries("STACKS", sizes.stacks)
-            // Slot 0 is the unknown stack's; 1..=stacks are handed out.
-            .map_max_entries("STACK_STATS", sizes.stacks + 1)
+            // Slot 0 is the shared unknown stack's; 1..=stacks are handed
+            // out; then one unknown-stack slot per traced process.
+            .map_max_entries("STACK_STATS", sizes.stacks + 1 + UNKNOWN_SLOTS)
             .map_max_entries("FREE_SLOTS", sizes.stacks)
+            .map_max_entries("TARGETS", UNKNOWN_SLOTS)
             // Frame-pointer mode leaves the CFI tables (allocated up front) empty.
             .map_max_entries(
                 "UNWIND_ROWS",
@@ -193,14 +218,17 @@ impl Probes {
                 .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
+        let first_reserved = sizes.stacks + 1;
         let mut probes = Probes {
             ebpf,
             variant,
             attached: Vec::new(),
             reclaimer: Default::default(),
             targets: Vec::new(),
-            scope: None,
-            links: Vec::new(),
+            unknown_slots: (first_reserved..first_reserved + UNKNOWN_SLOTS)
+                .rev()
+                .collect(),
+            scopes: Vec::new(),
             sessions: None,
             returns: "uretprobe".to_string(),
             _logger: logger,
@@ -239,19 +267,25 @@ impl Probes {
         };
         let program = sessions.program_name;
         for point in sessions.attach(object, pid)? {
-            self.attached.push(Attached {
-                object: object.path.clone(),
-                file_offset: point.file_offset,
-                skip: 0,
-                functions: point.functions.clone(),
-                program,
-                is_return: false,
-                session: true,
-            });
+            if !self
+                .attached
+                .iter()
+                .any(|a| a.object == object.path && a.file_offset == point.file_offset && a.session)
+            {
+                self.attached.push(Attached {
+                    object: object.path.clone(),
+                    file_offset: point.file_offset,
+                    skip: 0,
+                    functions: point.functions.clone(),
+                    program,
+                    is_return: false,
+                    session: true,
+                });
+            }
         }
-        self.returns =
-            "uprobe session (a return is trapped only when the entry keeps the call: with --sample-rate, sampled calls)"
-                .to_string();
+        self.returns = "uprobe session (a return is trapped only when the entry keeps the \
+                        call: with --sample-rate, sampled calls)"
+            .to_string();
         Ok(())
     }
 
@@ -260,35 +294,66 @@ impl Probes {
     /// targets' uretprobe trampolines are and reclaims the stack slots of
     /// stacks that hold nothing. Returns how many were reclaimed.
     pub fn housekeeping(&mut self) -> Result<usize> {
-        self.follow_scope_thread()?;
+        self.follow_scope_threads()?;
         if let Some(sessions) = &mut self.sessions {
             if sessions.clean_forked_children()? {
-                log::debug!("uprobe sessions made anew: the target forked");
+                log::debug!("uprobe sessions made anew: a target forked");
             }
         }
         self.learn_trampolines()?;
         self.reclaimer.run(&mut self.ebpf)
     }
 
-    /// Lets the programs count events of this process.
+    fn targets_map(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u32, TargetInfo>> {
+        Ok(BpfHashMap::try_from(
+            self.ebpf.map_mut("TARGETS").context("TARGETS map")?,
+        )?)
+    }
+
+    /// Lets the programs count events of this process, with a stack slot
+    /// of its own for allocations whose stack is lost.
     pub fn add_target(&mut self, pid: u32) -> Result<()> {
-        let mut targets: BpfHashMap<_, u32, TargetInfo> =
-            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("TARGETS map")?)?;
-        targets
-            .insert(pid, TargetInfo::default(), 0)
-            .context("adding target pid")?;
-        self.targets.push((pid, 0));
+        if self.targets.iter().any(|t| t.pid == pid) {
+            return Ok(());
+        }
+        let unknown_slot = match self.unknown_slots.pop() {
+            Some(slot) => {
+                crate::slots::StatsTable::open(&self.ebpf)?.claim_unknown(slot as usize, pid);
+                slot
+            }
+            None => tracer_common::SLOT_UNKNOWN,
+        };
+        let info = TargetInfo {
+            unknown_slot,
+            ..TargetInfo::default()
+        };
+        self.targets_map()?
+            .insert(pid, info, 0)
+            .with_context(|| format!("adding PID {pid} to the traced processes"))?;
+        self.targets.push(Target {
+            pid,
+            trampoline: 0,
+            unknown_slot,
+        });
         Ok(())
+    }
+
+    /// Stops counting process `pid` (it exited or is being re-probed after
+    /// an exec). Its records stay for the final report.
+    pub fn remove_target(&mut self, pid: u32) {
+        self.targets.retain(|t| t.pid != pid);
+        if let Ok(mut map) = self.targets_map() {
+            let _ = map.remove(&pid);
+        }
     }
 
     /// Tells the programs where each target's uretprobe trampoline is (the
     /// start of its `[uprobes]` mapping, made at its first probe hit), when
     /// it appeared or moved (exec).
     fn learn_trampolines(&mut self) -> Result<()> {
-        let mut targets: BpfHashMap<_, u32, TargetInfo> =
-            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("TARGETS map")?)?;
-        for (pid, known) in &mut self.targets {
-            let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        let mut updates = Vec::new();
+        for target in &mut self.targets {
+            let Ok(maps) = std::fs::read_to_string(format!("/proc/{}/maps", target.pid)) else {
                 continue;
             };
             let start = maps
@@ -296,14 +361,22 @@ impl Probes {
                 .find(|l| l.ends_with(" [uprobes]"))
                 .and_then(|l| l.split('-').next())
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok());
-            if let Some(start) = start.filter(|s| s != known) {
-                let info = TargetInfo {
-                    trampoline: start,
-                    trampoline_code: 0,
-                };
-                targets.insert(*pid, info, 0).context("updating a target")?;
-                *known = start;
+            if let Some(start) = start.filter(|s| *s != target.trampoline) {
+                target.trampoline = start;
+                updates.push((
+                    target.pid,
+                    TargetInfo {
+                        trampoline: start,
+                        trampoline_code: 0,
+                        unknown_slot: target.unknown_slot,
+                        _pad: 0,
+                    },
+                ));
             }
+        }
+        let mut map = self.targets_map()?;
+        for (pid, info) in updates {
+            map.insert(pid, info, 0).context("updating a target")?;
         }
         Ok(())
     }
@@ -319,17 +392,71 @@ impl Probes {
     /// session link after `free`: entry and return come together. If the
     /// kernel refuses it, they get a uprobe and a uretprobe each.
     pub fn attach(&mut self, object: &AllocatorObject, pid: u32) -> Result<()> {
-        if self.sessions.is_some() {
-            self.attach_scoped(object, pid, Points::Frees)?;
+        let links = if self.sessions.is_some() {
+            let mut links = self.attach_scoped(object, pid, Points::Frees)?;
             if let Err(e) = self.attach_session(object, pid) {
                 self.session_unavailable(&e);
-                self.attach_scoped(object, pid, Points::Allocations)?;
+                links.extend(self.attach_scoped(object, pid, Points::Allocations)?);
             }
+            links
         } else {
-            self.attach_scoped(object, pid, Points::All)?;
+            self.attach_scoped(object, pid, Points::All)?
+        };
+        match self.scopes.iter_mut().find(|s| s.pid == pid) {
+            Some(scope) => {
+                scope.objects.push(object.clone());
+                scope.links.extend(links);
+            }
+            None => self.scopes.push(Scope {
+                pid,
+                tid: pid,
+                objects: vec![object.clone()],
+                links,
+            }),
         }
-        self.scope = Some((object.clone(), pid, pid));
         Ok(())
+    }
+
+    /// Whether `object` (by path and offsets) is already probed for `pid`.
+    pub fn is_attached(&self, object: &AllocatorObject, pid: u32) -> bool {
+        self.scopes.iter().any(|s| {
+            s.pid == pid
+                && s.objects
+                    .iter()
+                    .any(|o| o.host_path == object.host_path && o.points == object.points)
+        })
+    }
+
+    /// Detaches every probe of process `pid`. The kernel takes a while per
+    /// probe (see `Drop`), so the links are closed on another thread.
+    pub fn detach_process(&mut self, pid: u32) {
+        let Some(index) = self.scopes.iter().position(|s| s.pid == pid) else {
+            return;
+        };
+        let scope = self.scopes.remove(index);
+        if let Some(sessions) = &mut self.sessions {
+            sessions.detach_process(pid);
+        }
+        let links = self.take_links(scope.links);
+        if !links.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("tracer-detach".into())
+                .spawn(move || drop(links));
+        }
+    }
+
+    /// Owned links, to be dropped wherever suits (dropping one detaches it).
+    fn take_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) -> Vec<UProbeLink> {
+        let mut owned = Vec::new();
+        for (program, link) in links {
+            let Some(Ok(prog)) = self.ebpf.program_mut(program).map(<&mut UProbe>::try_from) else {
+                continue;
+            };
+            if let Ok(link) = prog.take_link(link) {
+                owned.push(link);
+            }
+        }
+        owned
     }
 
     /// The probes are scoped to one task: the kernel filters hits by that
@@ -347,39 +474,36 @@ impl Probes {
     /// filter: every other process using the same allocator would then take
     /// the uprobe traps too; measured here, an untraced malloc+free loop went
     /// from ~6 ns to ~9-16 us per iteration.
-    fn follow_scope_thread(&mut self) -> Result<()> {
-        let Some((object, pid, tid)) = self.scope.clone() else {
-            return Ok(());
-        };
-        if task_alive(pid, tid) {
-            return Ok(());
-        }
-        let Some(live) = live_task(pid) else {
-            return Ok(()); // the process is going away
-        };
-        let old_links = std::mem::take(&mut self.links);
-        let described = self.attached.len();
-        self.attach_scoped(&object, live, Points::All)?;
-        self.attached.truncate(described);
-        for (program, link) in old_links {
-            let prog: &mut UProbe = self
-                .ebpf
-                .program_mut(program)
-                .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-                .try_into()?;
-            let _ = prog.detach(link);
-        }
-        if let Some(sessions) = &mut self.sessions {
-            if sessions.covers(&object) {
-                sessions.detach(&object);
-                self.returns = format!(
-                    "uretprobe (since thread {tid}, the main thread, exited: uprobe sessions \
-                     follow the main thread's memory map)"
-                );
+    fn follow_scope_threads(&mut self) -> Result<()> {
+        for index in 0..self.scopes.len() {
+            let (pid, tid) = (self.scopes[index].pid, self.scopes[index].tid);
+            if task_alive(pid, tid) {
+                continue;
             }
+            let Some(live) = live_task(pid) else {
+                continue; // the process is going away
+            };
+            let objects = self.scopes[index].objects.clone();
+            let described = self.attached.len();
+            let mut links = Vec::new();
+            for object in &objects {
+                links.extend(self.attach_scoped(object, live, Points::All)?);
+            }
+            self.attached.truncate(described);
+            let old = std::mem::replace(&mut self.scopes[index].links, links);
+            drop(self.take_links(old));
+            if let Some(sessions) = &mut self.sessions {
+                if sessions.detach_process(pid) {
+                    self.returns = format!(
+                        "uretprobe (since thread {tid}, the main thread of {pid}, exited: uprobe \
+                         sessions follow the main thread's memory map)"
+                    );
+                    log::debug!("{}", self.returns);
+                }
+            }
+            self.scopes[index].tid = live;
+            log::debug!("thread {tid} of {pid} exited; probes now scoped to thread {live}");
         }
-        self.scope = Some((object, pid, live));
-        log::debug!("thread {tid} of {pid} exited; probes now scoped to thread {live}");
         Ok(())
     }
 
@@ -388,29 +512,30 @@ impl Probes {
         object: &AllocatorObject,
         scope_task: u32,
         which: Points,
-    ) -> Result<()> {
+    ) -> Result<Vec<(&'static str, UProbeLinkId)>> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(scope_task).context("pid 0")?);
         let (frees, allocs): (Vec<&ProbePoint>, Vec<&ProbePoint>) =
             object.points.iter().partition(|p| p.entry == Entry::Free);
-        let noop = self.variant == Variant::Noop;
         let (frees, allocs) = match which {
             Points::All => (frees, allocs),
             Points::Frees => (frees, Vec::new()),
             Points::Allocations => (Vec::new(), allocs),
         };
+        let noop = self.variant == Variant::Noop;
+        let mut links = Vec::new();
         for point in frees.into_iter().chain(allocs) {
             if point.entry.needs_return() {
                 let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
-                self.attach_one(object, point, program, true, scope)?;
+                links.push(self.attach_one(object, point, program, true, scope)?);
             }
             let program = if noop {
                 NOOP_ENTRY
             } else {
                 point.entry.program()
             };
-            self.attach_one(object, point, program, false, scope)?;
+            links.push(self.attach_one(object, point, program, false, scope)?);
         }
-        Ok(())
+        Ok(links)
     }
 
     fn attach_one(
@@ -420,7 +545,7 @@ impl Probes {
         program: &'static str,
         is_return: bool,
         scope: UProbeScope,
-    ) -> Result<()> {
+    ) -> Result<(&'static str, UProbeLinkId)> {
         let prog: &mut UProbe = self
             .ebpf
             .program_mut(program)
@@ -443,17 +568,20 @@ impl Probes {
                     point.functions.join("/")
                 )
             })?;
-        self.links.push((program, link));
-        self.attached.push(Attached {
-            object: object.path.clone(),
-            file_offset,
-            skip,
-            functions: point.functions.clone(),
-            program,
-            is_return,
-            session: false,
-        });
-        Ok(())
+        if !self.attached.iter().any(|a| {
+            a.object == object.path && a.file_offset == file_offset && a.program == program
+        }) {
+            self.attached.push(Attached {
+                object: object.path.clone(),
+                file_offset,
+                skip,
+                functions: point.functions.clone(),
+                program,
+                is_return,
+                session: false,
+            });
+        }
+        Ok((program, link))
     }
 }
 

@@ -3,7 +3,7 @@
 //! of each stack, passed in as a function so this module stays pure.
 
 use serde::{Deserialize, Serialize};
-use tracer_common::STACK_UNKNOWN;
+use tracer_common::is_unknown_stack;
 
 use crate::{
     model::{Counters, Snapshot},
@@ -37,6 +37,31 @@ pub struct Report {
     /// the heap: not part of `totals`.
     #[serde(default)]
     pub mappings: MappingsReport,
+    /// Every process traced (several with `--pid` repeated, `--comm` or
+    /// `--follow-forks`), the first one `pid`; each stack names its own.
+    #[serde(default)]
+    pub processes: Vec<ProcessReport>,
+}
+
+/// One traced process: its share of the totals, and what became of it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProcessReport {
+    pub pid: u32,
+    /// The process that forked it, when it was followed from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
+    pub command: String,
+    /// "running"; "exited" (with `exit_code` when known); "exec": it
+    /// replaced its program, whose memory went with it, and is listed again
+    /// as the new program.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The object whose allocator was probed in this process.
+    pub allocator: AllocatorInfo,
+    /// Outstanding heap memory of this process's stacks.
+    pub totals: Totals,
+    pub stack_count: usize,
 }
 
 /// Anonymous mappings (mmap, mremap) the process made outside its
@@ -90,6 +115,9 @@ pub struct StackReport {
     /// Stable id of the stack within this run (hex), "unknown" for blocks
     /// whose stack could not be captured.
     pub stack_id: String,
+    /// The process whose stack it is.
+    #[serde(default)]
+    pub pid: u32,
     pub bytes: u64,
     pub allocations: u64,
     pub total_allocations: u64,
@@ -184,6 +212,27 @@ pub struct RunInfo {
     pub min_age_ns: u64,
     /// Every object probed, the primary allocator first.
     pub allocators: Vec<AllocatorInfo>,
+    /// Every process traced, `pid` first (empty: just `pid`).
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// A traced process, as reports describe it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub parent: Option<u32>,
+    pub command: String,
+    pub allocators: Vec<AllocatorInfo>,
+    pub state: ProcessState,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProcessState {
+    #[default]
+    Running,
+    Exited(Option<i32>),
+    /// Replaced its program (exec); listed again as the new one.
+    Replaced,
 }
 
 /// Builds a report of the `top` stacks (0 = all). `frames` returns the
@@ -192,7 +241,7 @@ pub fn build(
     run: &RunInfo,
     snapshot: &Snapshot,
     top: usize,
-    frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+    frames: impl FnMut(u32, u64) -> (Vec<Frame>, bool),
 ) -> Report {
     build_from(run, snapshot, snapshot.top(top), frames)
 }
@@ -202,7 +251,7 @@ pub fn build(
 pub fn build_every_stack(
     run: &RunInfo,
     snapshot: &Snapshot,
-    frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+    frames: impl FnMut(u32, u64) -> (Vec<Frame>, bool),
 ) -> Report {
     build_from(run, snapshot, snapshot.every_stack(), frames)
 }
@@ -211,19 +260,20 @@ pub fn build_every_stack(
 fn stack_report(
     snapshot: &Snapshot,
     s: &crate::model::StackSample,
-    frames: &mut impl FnMut(u64) -> (Vec<Frame>, bool),
+    frames: &mut impl FnMut(u32, u64) -> (Vec<Frame>, bool),
 ) -> StackReport {
-    let (stack_frames, truncated) = if s.stack_id == STACK_UNKNOWN {
+    let (stack_frames, truncated) = if is_unknown_stack(s.stack_id) {
         (Vec::new(), false)
     } else {
-        frames(s.stack_id)
+        frames(s.pid, s.stack_id)
     };
     StackReport {
-        stack_id: if s.stack_id == STACK_UNKNOWN {
+        stack_id: if is_unknown_stack(s.stack_id) {
             "unknown".to_string()
         } else {
             format!("{:016x}", s.stack_id)
         },
+        pid: s.pid,
         bytes: s.bytes,
         allocations: s.count,
         total_allocations: s.total_count,
@@ -238,11 +288,11 @@ fn build_from(
     run: &RunInfo,
     snapshot: &Snapshot,
     selected: Vec<&crate::model::StackSample>,
-    mut frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+    mut frames: impl FnMut(u32, u64) -> (Vec<Frame>, bool),
 ) -> Report {
     let stacks = selected
         .into_iter()
-        .map(|s| stack_report(&snapshot, s, &mut frames))
+        .map(|s| stack_report(snapshot, s, &mut frames))
         .collect();
     let c = &snapshot.counters;
     Report {
@@ -261,6 +311,7 @@ fn build_from(
         dropped: Dropped::from_counters(c),
         events: events(run, c),
         mappings: MappingsReport::default(),
+        processes: process_reports(run, snapshot),
     }
 }
 
@@ -268,7 +319,11 @@ fn build_from(
 /// block from before attach in exact mode, but most often an unsampled
 /// block when sampling: reported apart, so it does not read as a loss.
 fn events(run: &RunInfo, c: &Counters) -> Events {
-    let sampling = run.allocators.iter().any(|a| a.sample_rate_bytes.is_some());
+    let sampling = run
+        .allocators
+        .iter()
+        .chain(run.processes.iter().flat_map(|p| p.allocators.iter()))
+        .any(|a| a.sample_rate_bytes.is_some());
     Events {
         allocations: c.allocs,
         frees: c.frees,
@@ -278,13 +333,60 @@ fn events(run: &RunInfo, c: &Counters) -> Events {
     }
 }
 
+/// Each process's share of a snapshot.
+fn process_reports(run: &RunInfo, snapshot: &Snapshot) -> Vec<ProcessReport> {
+    let only = [ProcessInfo {
+        pid: run.pid,
+        command: run.command.clone(),
+        allocators: run.allocators.clone(),
+        ..Default::default()
+    }];
+    let processes = if run.processes.is_empty() {
+        &only[..]
+    } else {
+        &run.processes[..]
+    };
+    processes
+        .iter()
+        .map(|p| {
+            // A pid listed twice (exec) has its live stacks under its
+            // current program; the replaced one's records were dropped.
+            let current = p.state != ProcessState::Replaced;
+            let mine = || {
+                snapshot
+                    .stacks
+                    .iter()
+                    .filter(move |s| current && s.pid == p.pid && s.count > 0)
+            };
+            let (state, exit_code) = match p.state {
+                ProcessState::Running => ("running", None),
+                ProcessState::Exited(code) => ("exited", code),
+                ProcessState::Replaced => ("exec", None),
+            };
+            ProcessReport {
+                pid: p.pid,
+                parent: p.parent,
+                command: p.command.clone(),
+                state: state.to_string(),
+                exit_code,
+                allocator: p.allocators.first().cloned().unwrap_or_default(),
+                totals: Totals {
+                    bytes: mine().map(|s| s.bytes).sum(),
+                    allocations: mine().map(|s| s.count).sum(),
+                },
+                stack_count: mine().count(),
+            }
+        })
+        .collect()
+}
+
 /// The mappings section from per-stack samples (see `mappings.rs`) taken at
 /// `taken_ns`: the `top` stacks (0: all) by outstanding bytes.
 pub fn build_mappings(
     sample: &crate::mapping_trace::MappingSample,
     taken_ns: u64,
     top: usize,
-    mut frames: impl FnMut(u64) -> (Vec<Frame>, bool),
+    mut frames: impl FnMut(u32, u64) -> (Vec<Frame>, bool),
 ) -> MappingsReport {
     let snapshot = Snapshot {
         taken_ns,
@@ -323,7 +425,8 @@ mod tests {
             taken_ns: 5_000_000_000,
             stacks: vec![
                 StackSample {
-                    stack_id: 0xabc,
+                    pid: 42,
+                    stack_id: 0xabc << 32,
                     bytes: 100,
                     count: 1,
                     total_count: 9,
@@ -332,7 +435,8 @@ mod tests {
                     settled_bytes: None,
                 },
                 StackSample {
-                    stack_id: STACK_UNKNOWN,
+                    pid: 42,
+                    stack_id: tracer_common::STACK_UNKNOWN,
                     bytes: 50,
                     count: 2,
                     total_count: 2,
@@ -341,7 +445,8 @@ mod tests {
                     settled_bytes: None,
                 },
                 StackSample {
-                    stack_id: 0xdef,
+                    pid: 42,
+                    stack_id: 0xdef << 32,
                     bytes: 0,
                     count: 0,
                     total_count: 5,
@@ -361,7 +466,7 @@ mod tests {
             attached_ns: 1_000_000_000,
             ..Default::default()
         };
-        let report = build(&run, &snapshot, 1, |id| {
+        let report = build(&run, &snapshot, 1, |_, id| {
             (
                 vec![Frame {
                     function: Some(format!("f{id:x}")),
@@ -380,14 +485,17 @@ mod tests {
         );
         assert_eq!(report.stack_count, 2);
         assert_eq!(report.stacks.len(), 1);
-        assert_eq!(report.stacks[0].stack_id, "0000000000000abc");
-        assert_eq!(report.stacks[0].frames[0].function.as_deref(), Some("fabc"));
+        assert_eq!(report.stacks[0].stack_id, "00000abc00000000");
+        assert_eq!(
+            report.stacks[0].frames[0].function.as_deref(),
+            Some("fabc00000000")
+        );
         assert_eq!(report.stacks[0].oldest_age_s, Some(1.0));
         assert_eq!(report.duration_s, 4.0);
         assert_eq!(report.dropped.lost_stacks, 2);
-        let all = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        let all = build(&run, &snapshot, 0, |_, _| (Vec::new(), false));
         assert_eq!(all.stacks[1].stack_id, "unknown");
-        let every = build_every_stack(&run, &snapshot, |_| (Vec::new(), false));
+        let every = build_every_stack(&run, &snapshot, |_, _| (Vec::new(), false));
         assert_eq!(every.stacks.len(), 3, "the freed stack 0xdef too");
         assert_eq!(every.stack_count, 2);
         assert_eq!(every.totals, all.totals);
@@ -407,7 +515,7 @@ mod tests {
             allocators: vec![AllocatorInfo::default()],
             ..Default::default()
         };
-        let exact = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        let exact = build(&run, &snapshot, 0, |_, _| (Vec::new(), false));
         assert_eq!(exact.events.untracked_frees, 1000);
         assert_eq!(exact.events.unsampled_frees, None);
         let json = serde_json::to_value(&exact).unwrap();
@@ -415,7 +523,7 @@ mod tests {
 
         run.allocators[0].sample_rate_bytes = Some(4096);
         run.allocators[0].estimated = true;
-        let sampled = build(&run, &snapshot, 0, |_| (Vec::new(), false));
+        let sampled = build(&run, &snapshot, 0, |_, _| (Vec::new(), false));
         assert_eq!(sampled.events.untracked_frees, 0);
         assert_eq!(sampled.events.unsampled_frees, Some(1000));
         assert_eq!(sampled.events.frees, 3);

@@ -35,6 +35,35 @@ pub fn weights(size: u64, rate: u64) -> (f64, f64) {
     (size as f64 / p, 1.0 / p)
 }
 
+/// The (bytes, blocks) the programs counted for a sampled block
+/// (`tracer-ebpf/src/sample.rs: weights`, same integer arithmetic), so
+/// userspace can take exactly that back out when it drops the block.
+/// `key` is the block's timestamp; rate 0 is exact mode.
+pub fn kernel_weights(size: u64, key: u64, rate: u64) -> (u64, u64) {
+    if rate == 0 || size == 0 {
+        return (size, 1);
+    }
+    let steps = SAMPLE_WEIGHT_STEPS as u64;
+    let last = (SAMPLE_WEIGHT_SLOTS - 1) as u64;
+    if size >= rate * last / steps {
+        return (size, 1);
+    }
+    let scaled = size * steps;
+    let i = scaled / rate;
+    let frac = scaled - i * rate;
+    if i >= last {
+        return (size, 1);
+    }
+    let weight = |i: u64| (rate as f64 * f(i as f64 / steps as f64)).round() as u64;
+    let (w0, w1) = (weight(i), weight(i + 1));
+    let bytes = w0 + w1.saturating_sub(w0) * frac / rate;
+    let bytes = bytes.max(size);
+    let blocks_fp = (bytes << 16) / size;
+    let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+    let blocks = (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64);
+    (bytes, blocks)
+}
+
 /// `SAMPLE_DRAWS`: quantiles of the exponential distribution of mean
 /// `rate` at the ends of its equal-probability slices; the last slice (the
 /// unbounded tail) ends one rate after it starts, its mean length.
@@ -78,7 +107,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    let rate = n.checked_mul(factor).unwrap_or(u64::MAX);
+    let rate = n.saturating_mul(factor);
     if rate == 0 || rate > MAX_RATE {
         return Err(format!("'{text}': the sample rate must be 1 byte to 2 GiB"));
     }
@@ -156,6 +185,20 @@ mod tests {
                 (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64),
             )
         }
+    }
+
+    #[test]
+    fn userspace_retires_what_the_kernel_counted() {
+        assert_eq!(kernel_weights(100, 7, 0), (100, 1));
+        let rate = 65536;
+        let k = Kernel::new(rate);
+        for (size, key) in [(1u64, 1u64), (100, 2), (4096, 3), (65536, 4), (1 << 30, 5)] {
+            let (bytes, blocks) = kernel_weights(size, key, rate);
+            assert_eq!((bytes, blocks), k.weights(size, key), "size {size}");
+            assert!(bytes >= size && blocks >= 1);
+        }
+        // A 100-byte block sampled at 64 KiB stands for ~655 blocks, not 1.
+        assert!(kernel_weights(100, 9, rate).1 > 600);
     }
 
     #[test]

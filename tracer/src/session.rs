@@ -100,7 +100,7 @@ impl Session {
                 }
                 event = target.next() => match event {
                     TargetEvent::Exiting => {
-                        self.trace.symbolizer.note_mappings();
+                        self.trace.main_exiting();
                         let result = self.emit(true);
                         target.let_exit();
                         result?;
@@ -108,6 +108,7 @@ impl Session {
                     }
                     // Exited: the maps are gone, the mappings noted so far and
                     // the BPF maps are all there is.
+                    TargetEvent::Changed(change) => self.trace.apply(change, &mut target),
                     TargetEvent::Exited(code) => {
                         self.emit(true)?;
                         break exit_code(code);
@@ -145,7 +146,7 @@ impl Session {
         };
         let report_done = std::time::Instant::now();
         let weight = self.options.weight;
-        let process = &self.trace.process;
+        let process = &self.trace.primary().process;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
             Format::Json if json_lines => output::json::line(&report).into_bytes(),

@@ -12,19 +12,78 @@ use crate::procmaps::{self, Mapping};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("no process with PID {0}")]
+    #[error("no process with PID {0}{hint}", hint = hidden_hint())]
     NoSuchProcess(u32),
     #[error("PID {0} is a kernel thread; only user processes have heap allocations to trace")]
     KernelThread(u32),
     #[error("PID {pid} has exited")]
     Exited { pid: u32 },
-    #[error("cannot read {path}: {source}")]
-    Unreadable { path: PathBuf, source: io::Error },
-    #[error("cannot parse {path}: {source}")]
+    /// The reason is in the message, not in `source()`: `{:#}` would print
+    /// it twice.
+    #[error("cannot read {}: {}", path.display(), describe_io(error))]
+    Unreadable { path: PathBuf, error: io::Error },
+    #[error("cannot parse {}: {error}", path.display())]
     Malformed {
         path: PathBuf,
-        source: procmaps::ParseError,
+        error: procmaps::ParseError,
     },
+}
+
+/// Why the kernel refuses a /proc file or directory of a process: another
+/// user's process is readable only with CAP_SYS_PTRACE, and `hidepid`
+/// mounts of /proc hide it the same way.
+const NEED_PTRACE: &str =
+    "another user's process needs CAP_SYS_PTRACE; root has it unless it was dropped";
+
+/// An I/O error as the end of a sentence: "permission denied (why)" rather
+/// than "Permission denied (os error 13)".
+fn describe_io(error: &io::Error) -> String {
+    if error.kind() == io::ErrorKind::PermissionDenied {
+        return format!("permission denied ({NEED_PTRACE})");
+    }
+    let text = error.to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// When this /proc hides other users' processes from us (`hidepid=2` or
+/// `4` without CAP_SYS_PTRACE), says so: a missing PID may only be hidden.
+fn hidden_hint() -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let hiding = mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, Some("/proc"), Some("proc"), Some(options)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return None;
+        };
+        options.split(',').find_map(|o| {
+            let mode = o.strip_prefix("hidepid=")?;
+            matches!(mode, "invisible" | "2" | "ptraceable" | "4").then(|| mode.to_string())
+        })
+    });
+    match hiding {
+        Some(mode) if !has_ptrace_capability() => {
+            format!(" (or it is hidden: /proc is mounted with hidepid={mode}, and {NEED_PTRACE})")
+        }
+        _ => String::new(),
+    }
+}
+
+/// CAP_SYS_PTRACE is in this process's effective set.
+fn has_ptrace_capability() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +118,15 @@ impl Process {
             return Err(TargetError::KernelThread(pid));
         }
         let root = proc_dir.join("root");
-        let same_root = match (fs::metadata(&root), fs::metadata("/")) {
+        // Every file of the process is opened through its root: if that is
+        // refused, say so now rather than "no allocator found" later.
+        let their_root = match fs::metadata(&root) {
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(read_error(pid, root, error))
+            }
+            other => other,
+        };
+        let same_root = match (their_root, fs::metadata("/")) {
             (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
             _ => false,
         };
@@ -91,31 +158,17 @@ impl Process {
     /// Some thread of the process is still running. (After the main thread
     /// calls `pthread_exit` it stays a zombie while the others run on.)
     pub fn is_alive(&self) -> bool {
-        // Field 3 is the state; a zombie has exited.
-        let running = |stat: &str| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start())
-                .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-        };
-        match read_proc_file(self.pid, "stat") {
-            Ok(stat) if running(&stat) => true,
-            Ok(_) => fs::read_dir(format!("/proc/{}/task", self.pid)).is_ok_and(|tasks| {
-                tasks.filter_map(Result::ok).any(|task| {
-                    fs::read_to_string(task.path().join("stat")).is_ok_and(|s| running(&s))
-                })
-            }),
-            Err(_) => false,
-        }
+        is_running(self.pid)
     }
 
     pub fn maps(&self) -> Result<Vec<Mapping>, TargetError> {
         let path = PathBuf::from(format!("/proc/{}/maps", self.pid));
         let text =
-            fs::read_to_string(&path).map_err(|source| self.read_error(path.clone(), source))?;
+            fs::read_to_string(&path).map_err(|error| read_error(self.pid, path.clone(), error))?;
         if text.is_empty() && !self.is_alive() {
             return Err(TargetError::Exited { pid: self.pid });
         }
-        procmaps::parse(&text).map_err(|source| TargetError::Malformed { path, source })
+        procmaps::parse(&text).map_err(|error| TargetError::Malformed { path, error })
     }
 
     /// A path inside the process's mount namespace, as this tracer can open it.
@@ -141,7 +194,7 @@ impl Process {
                     .map(str::to_string)
                     .unwrap_or(s)
             })
-            .map_err(|source| self.read_error(link, source))
+            .map_err(|error| read_error(self.pid, link, error))
     }
 
     /// The full command line, space separated (for reports).
@@ -170,6 +223,20 @@ impl Process {
         })
     }
 
+    /// The process's initial environment (unreadable: empty).
+    pub fn environ(&self) -> Vec<(String, String)> {
+        let Ok(bytes) = read_proc_bytes(self.pid, "environ") else {
+            return Vec::new();
+        };
+        bytes
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let (key, value) = std::str::from_utf8(entry).ok()?.split_once('=')?;
+                Some((key.to_string(), value.to_string()))
+            })
+            .collect()
+    }
+
     /// Resident set size in bytes (VmRSS), if the process still exists.
     pub fn rss_bytes(&self) -> Option<u64> {
         let status = read_proc_file(self.pid, "status").ok()?;
@@ -190,21 +257,47 @@ impl Process {
             })
             .unwrap_or_default()
     }
+}
 
-    fn read_error(&self, path: PathBuf, source: io::Error) -> TargetError {
-        if !self.is_alive() {
-            TargetError::Exited { pid: self.pid }
-        } else {
-            TargetError::Unreadable { path, source }
+/// A file of a process that exists could not be read: it exited meanwhile,
+/// or the kernel refuses.
+fn read_error(pid: u32, path: PathBuf, error: io::Error) -> TargetError {
+    if !is_running(pid) {
+        TargetError::Exited { pid }
+    } else {
+        TargetError::Unreadable { path, error }
+    }
+}
+
+fn is_running(pid: u32) -> bool {
+    // Field 3 is the state; a zombie has exited.
+    let running = |stat: &str| {
+        stat.rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start())
+            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+    };
+    match read_proc_file(pid, "stat") {
+        Ok(stat) if running(&stat) => true,
+        Ok(_) => fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .any(|task| fs::read_to_string(task.path().join("stat")).is_ok_and(|s| running(&s)))
+        }),
+        // Not ours to read (hidepid=noaccess): it exists, which is all we know.
+        Err(TargetError::Unreadable { error, .. })
+            if error.kind() == io::ErrorKind::PermissionDenied =>
+        {
+            true
         }
+        Err(_) => false,
     }
 }
 
 fn read_proc_bytes(pid: u32, name: &str) -> Result<Vec<u8>, TargetError> {
     let path = PathBuf::from(format!("/proc/{pid}/{name}"));
-    fs::read(&path).map_err(|source| match source.kind() {
+    fs::read(&path).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound => TargetError::NoSuchProcess(pid),
-        _ => TargetError::Unreadable { path, source },
+        _ => TargetError::Unreadable { path, error },
     })
 }
 
@@ -226,6 +319,25 @@ pub fn is_mapped(maps: &[Mapping], path: &Path) -> bool {
         .any(|m| m.file_path().is_some_and(|p| Path::new(p) == path))
 }
 
+/// PIDs of the user processes named `comm` (as /proc/PID/comm says), in
+/// ascending order, this tracer excluded.
+pub fn pids_by_comm(comm: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid: &u32| pid != me)
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        // Kernel threads have no memory of their own to trace.
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +348,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!("no process with PID {}", u32::MAX - 1)
+        );
+    }
+
+    #[test]
+    fn unreadable_files_say_why_once() {
+        let err = TargetError::Unreadable {
+            path: "/proc/7/root".into(),
+            error: io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(err)),
+            "cannot read /proc/7/root: permission denied (another user's process needs \
+             CAP_SYS_PTRACE; root has it unless it was dropped)"
+        );
+        let err = TargetError::Unreadable {
+            path: "/proc/7/maps".into(),
+            error: io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(err)),
+            "cannot read /proc/7/maps: input/output error"
         );
     }
 

@@ -147,21 +147,17 @@ impl Sessions {
         ))
     }
 
-    /// Whether `object`'s allocation functions are probed by a session.
-    pub fn covers(&self, object: &AllocatorObject) -> bool {
-        self.links
-            .iter()
-            .any(|l| l.object.host_path == object.host_path)
-    }
-
-    /// Detaches the session of `object` (its functions are probed another
-    /// way now). The close waits for the kernel: done on a thread.
-    pub fn detach(&mut self, object: &AllocatorObject) {
-        let (gone, kept) = std::mem::take(&mut self.links)
+    /// Detaches the sessions of process `pid` (it is gone, or its functions
+    /// are probed another way now); returns whether it had any. The close
+    /// waits for the kernel: done on a thread.
+    pub fn detach_process(&mut self, pid: u32) -> bool {
+        let (gone, kept): (Vec<Link>, Vec<Link>) = std::mem::take(&mut self.links)
             .into_iter()
-            .partition(|l| l.object.host_path == object.host_path);
+            .partition(|l| l.pid == pid);
         self.links = kept;
+        let had = !gone.is_empty();
         close_later(gone);
+        had
     }
 
     /// Makes the links anew when a target has a child that forked without

@@ -1,10 +1,13 @@
-//! How a session learns that its target is gone: a pidfd for a process it
-//! attached to, the launcher's events for a command it started.
+//! How a session learns what happens to its processes: pidfds for processes
+//! it attached to (and fork/exec events from the kernel with
+//! `--follow-forks`), the launcher's ptrace events for a command it started.
 
 use std::{
     io,
     os::fd::{FromRawFd, OwnedFd},
     process::ExitCode,
+    sync::mpsc as std_mpsc,
+    task::Poll,
 };
 
 use anyhow::{Context as _, Result};
@@ -13,9 +16,14 @@ use tokio::io::unix::AsyncFd;
 use crate::launch::{ChildEvent, Launched};
 
 pub enum TargetWatch {
-    /// An existing process, watched through a pidfd.
-    Attached(AsyncFd<OwnedFd>),
-    /// A child started by the tracer.
+    /// Running processes, each watched through a pidfd; with
+    /// `--follow-forks`, also the kernel's fork and exec events.
+    Attached {
+        pidfds: Vec<(u32, AsyncFd<OwnedFd>)>,
+        events: Option<crate::proc_events::ProcEvents>,
+    },
+    /// A command started by the tracer (and, with `--follow-forks`, what
+    /// it forks).
     Child(Launched),
 }
 
@@ -24,36 +32,132 @@ pub enum TargetEvent {
     /// A started command is stopped on its way out, its memory still mapped:
     /// read what is needed, then call `let_exit`.
     Exiting,
-    /// Gone, with the exit code a shell would report, when known.
+    /// The session's processes are gone (a started command: with the exit
+    /// code a shell would report, when known).
     Exited(Option<i32>),
+    /// Something happened to one traced process while the session goes on;
+    /// apply it with `LiveTrace::apply`, then `TargetWatch::applied`.
+    Changed(ProcessChange),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessChange {
+    pub pid: u32,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A new process, forked by `parent`. A started command's child waits,
+    /// stopped, until `applied`.
+    Forked { parent: u32 },
+    /// Replaced its program at `at_ns` (CLOCK_MONOTONIC). A started
+    /// command's process waits for `applied`.
+    Execed { at_ns: u64 },
+    /// About to exit, memory still mapped; waits for `applied`.
+    Exiting,
+    /// Gone.
+    Ended(Option<i32>),
+}
+
+fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("watching PID {pid}"));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Safety: the fd is owned by the AsyncFd and closed only when it drops.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| anyhow::anyhow!("watching PID {pid}: {e}"))
 }
 
 impl TargetWatch {
-    pub fn attached(pid: u32) -> Result<Self> {
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("watching PID {pid}"));
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // Safety: the fd is owned by the AsyncFd and closed only when it drops.
-        let fd = unsafe { AsyncFd::register(fd) }
-            .map_err(|e| anyhow::anyhow!("watching PID {pid}: {e}"))?;
-        Ok(TargetWatch::Attached(fd))
+    pub fn attached(pids: &[u32]) -> Result<Self> {
+        let pidfds = pids
+            .iter()
+            .map(|&pid| Ok((pid, pidfd(pid)?)))
+            .collect::<Result<_>>()?;
+        Ok(TargetWatch::Attached {
+            pidfds,
+            events: None,
+        })
     }
 
-    /// The next thing that happens to the target; pending until then.
-    /// Cancel-safe, for use in `select!`.
+    /// With `--follow-forks` on running processes: hear of their forks and
+    /// execs from the kernel.
+    pub fn with_events(mut self, new: crate::proc_events::ProcEvents) -> Self {
+        if let TargetWatch::Attached { events, .. } = &mut self {
+            *events = Some(new);
+        }
+        self
+    }
+
+    /// Watches one more running process (one that a traced process forked).
+    pub fn watch(&mut self, pid: u32) {
+        if let TargetWatch::Attached { pidfds, .. } = self {
+            if pidfds.iter().all(|(p, _)| *p != pid) {
+                match pidfd(pid) {
+                    Ok(fd) => pidfds.push((pid, fd)),
+                    Err(e) => log::debug!("{e:#}"),
+                }
+            }
+        }
+    }
+
+    /// The next thing that happens; pending until then. Cancel-safe, for
+    /// use in `select!`.
     pub async fn next(&mut self) -> TargetEvent {
         match self {
-            TargetWatch::Attached(fd) => {
-                let _ = fd.readable().await;
-                TargetEvent::Exited(None)
+            TargetWatch::Attached { pidfds, events } => {
+                if pidfds.is_empty() {
+                    return TargetEvent::Exited(None);
+                }
+                let ended = std::future::poll_fn(|cx| {
+                    if let Some(events) = events.as_mut() {
+                        if let Poll::Ready(change) = events.poll_next(cx) {
+                            return Poll::Ready(Err(change));
+                        }
+                    }
+                    for (i, (_, fd)) in pidfds.iter().enumerate() {
+                        if fd.poll_read_ready(cx).is_ready() {
+                            return Poll::Ready(Ok(i));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match ended {
+                    Err(change) => TargetEvent::Changed(change),
+                    Ok(i) => {
+                        let (pid, _) = pidfds.remove(i);
+                        if pidfds.is_empty() {
+                            TargetEvent::Exited(None)
+                        } else {
+                            TargetEvent::Changed(ProcessChange {
+                                pid,
+                                kind: ChangeKind::Ended(None),
+                            })
+                        }
+                    }
+                }
             }
             TargetWatch::Child(child) => match child.events.recv().await {
                 Some(ChildEvent::Exiting) => TargetEvent::Exiting,
                 Some(ChildEvent::Exited(code)) => TargetEvent::Exited(Some(code)),
+                Some(ChildEvent::Changed(change)) => TargetEvent::Changed(change),
                 None => TargetEvent::Exited(None),
             },
+        }
+    }
+
+    /// Lets a process that waits on a change go on.
+    pub fn applied(&self, change: &ProcessChange) {
+        if let TargetWatch::Child(child) = self {
+            if matches!(
+                change.kind,
+                ChangeKind::Forked { .. } | ChangeKind::Execed { .. } | ChangeKind::Exiting
+            ) {
+                child.resume(change.pid);
+            }
         }
     }
 
@@ -61,7 +165,7 @@ impl TargetWatch {
     pub fn started_pid(&self) -> Option<u32> {
         match self {
             TargetWatch::Child(child) => Some(child.pid),
-            TargetWatch::Attached(_) => None,
+            TargetWatch::Attached { .. } => None,
         }
     }
 
@@ -78,10 +182,14 @@ impl TargetWatch {
             match self.next().await {
                 TargetEvent::Exiting => self.let_exit(),
                 TargetEvent::Exited(code) => return code,
+                TargetEvent::Changed(change) => self.applied(&change),
             }
         }
     }
 }
+
+/// A sender the launcher waits on while a change is applied.
+pub type Resume = std_mpsc::Sender<u32>;
 
 /// A shell-style exit code as the tracer's own (0 when unknown).
 pub fn exit_code(code: Option<i32>) -> ExitCode {

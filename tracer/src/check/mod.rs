@@ -68,11 +68,12 @@ pub async fn run(
             }
             event = target.next() => match event {
                 TargetEvent::Exiting => {
-                    trace.symbolizer.note_mappings();
+                    trace.main_exiting();
                     let report = final_snapshot(&mut trace);
                     target.let_exit();
                     final_report = Some(report?);
                 }
+                TargetEvent::Changed(change) => trace.apply(change, &mut target),
                 TargetEvent::Exited(code) => break code,
             }
         }

@@ -4,8 +4,8 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use anyhow::{Context as _, Result};
-use inferno::flamegraph::{self, Options};
+use anyhow::Result;
+use inferno::flamegraph::Options;
 
 use super::{
     folded::{self, Weight},
@@ -108,6 +108,7 @@ pub fn folded_lines(diff: &Diff, weight: Weight) -> Vec<String> {
     for s in &diff.changed {
         let path = folded::stack_path(&StackReport {
             stack_id: String::new(),
+            pid: 0,
             bytes: 0,
             allocations: 0,
             total_allocations: 0,
@@ -150,19 +151,8 @@ pub fn render_svg(diff: &Diff, weight: Weight) -> Result<Vec<u8>> {
         weight.unit()
     ));
     options.count_name = weight.unit().to_string();
-    let mut svg = Vec::new();
-    if lines.iter().all(|l| l.ends_with(" 0")) {
-        // Nothing has width (no change, or only shrinking stacks): inferno
-        // refuses that, so say it in a placeholder frame.
-        let placeholder = ["[no growth] 0 1"];
-        options.subtitle = Some("no stack grew".to_string());
-        flamegraph::from_lines(&mut options, placeholder, &mut svg)
-            .context("drawing the flamegraph")?;
-        return Ok(svg);
-    }
-    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
-        .context("drawing the flamegraph")?;
-    Ok(svg)
+    // Nothing has width when nothing changed or stacks only shrank.
+    super::flamegraph::draw(&mut options, &lines, "[no growth] 0 1", "no stack grew")
 }
 
 #[cfg(test)]

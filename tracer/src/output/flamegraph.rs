@@ -21,18 +21,35 @@ pub fn render(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     ));
     options.count_name = weight.unit().to_string();
     options.colors = Palette::Basic(BasicPalette::Mem);
+    draw(
+        &mut options,
+        &lines,
+        "[no outstanding memory] 1",
+        "no outstanding memory",
+    )
+}
+
+/// Draws folded `lines` (`stack weight`, or `stack before after` for a
+/// differential graph) with inferno. inferno refuses a graph where nothing
+/// has width (it writes an "ERROR: No valid input" SVG), so then one frame,
+/// `placeholder` (a line of the same format with width 1), is drawn
+/// instead, with `why` as the subtitle: an empty graph still says what was
+/// traced.
+pub(super) fn draw(
+    options: &mut Options,
+    lines: &[String],
+    placeholder: &str,
+    why: &str,
+) -> Result<Vec<u8>> {
     let mut svg = Vec::new();
-    if lines.is_empty() {
-        // inferno refuses empty input; an empty graph still says what was traced.
-        let placeholder = ["[no outstanding memory] 0"];
-        options.subtitle = Some("no outstanding memory".to_string());
-        let _ = flamegraph::from_lines(&mut options, placeholder, &mut svg);
-        if !svg.is_empty() {
-            return Ok(svg);
-        }
-    }
-    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
-        .context("drawing the flamegraph")?;
+    let no_width = lines.iter().all(|l| l.ends_with(" 0"));
+    let drawn = if no_width {
+        options.subtitle = Some(why.to_string());
+        flamegraph::from_lines(options, [placeholder], &mut svg)
+    } else {
+        flamegraph::from_lines(options, lines.iter().map(String::as_str), &mut svg)
+    };
+    drawn.context("drawing the flamegraph")?;
     Ok(svg)
 }
 
@@ -57,7 +74,9 @@ mod tests {
     fn empty_report_still_makes_an_svg() {
         let mut report = sample_report();
         report.stacks.clear();
-        let svg = render(&report, Weight::Bytes).unwrap();
-        assert!(!svg.is_empty());
+        let svg = String::from_utf8(render(&report, Weight::Bytes).unwrap()).unwrap();
+        assert!(svg.contains("no outstanding memory"), "{svg}");
+        assert!(svg.contains("pid 7 (app)"), "{svg}");
+        assert!(!svg.contains("ERROR"), "inferno's error picture: {svg}");
     }
 }

@@ -103,6 +103,7 @@ pub(crate) mod tests {
     pub fn sample_report() -> Report {
         let stack = |bytes, allocations, frames: Vec<ReportFrame>| StackReport {
             stack_id: "1".into(),
+            pid: 7,
             bytes,
             allocations,
             total_allocations: allocations,
@@ -112,6 +113,7 @@ pub(crate) mod tests {
             frames,
         };
         Report {
+            processes: Vec::new(),
             pid: 7,
             command: "app".into(),
             duration_s: 2.0,

@@ -23,6 +23,7 @@ mod tests {
     #[test]
     fn has_the_documented_fields_and_round_trips() {
         let report = Report {
+            processes: Vec::new(),
             pid: 1,
             command: "x".into(),
             duration_s: 1.5,
@@ -36,6 +37,7 @@ mod tests {
             },
             stacks: vec![StackReport {
                 stack_id: "1".into(),
+                pid: 1,
                 bytes: 10,
                 allocations: 1,
                 total_allocations: 3,

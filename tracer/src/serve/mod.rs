@@ -46,7 +46,7 @@ pub async fn run(
     options: ServeOptions,
     listener: TcpListener,
 ) -> Result<ExitCode> {
-    let process = trace.process.comm.clone();
+    let process = trace.primary().process.comm.clone();
     let mut state = TopState::new(
         trace.run.pid,
         trace.run.command.clone(),
@@ -54,7 +54,7 @@ pub async fn run(
         SortKey::Bytes,
         false,
     );
-    state.process.rss_at_attach = trace.process.rss_bytes();
+    state.process.rss_at_attach = trace.primary().process.rss_bytes();
     refresh(&mut trace, &mut state)?;
     eprintln!(
         "tracer: serving http://{}/metrics for PID {} ({})",
@@ -87,7 +87,7 @@ pub async fn run(
             _ = pushes.tick(), if push.is_some() => {
                 let now = unix_seconds();
                 let report = trace.report_every_stack(&state.shown);
-                let host_process = trace.process.clone();
+                let host_process = trace.primary().process.clone();
                 let profile = output::pprof::render(&report, &|module| {
                     crate::elf::build_id(&host_process.host_path(module))
                 })?;
@@ -114,11 +114,12 @@ pub async fn run(
             _ = sigterm.recv() => break,
             event = target.next() => match event {
                 TargetEvent::Exiting => {
-                    trace.symbolizer.note_mappings();
+                    trace.main_exiting();
                     let result = refresh(&mut trace, &mut state);
                     target.let_exit();
                     result?;
                 }
+                TargetEvent::Changed(change) => trace.apply(change, &mut target),
                 TargetEvent::Exited(_) => {
                     eprintln!("tracer: PID {} exited; stopping", trace.run.pid);
                     break;

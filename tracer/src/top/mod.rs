@@ -56,7 +56,7 @@ pub async fn run(
         options.sort,
         options.group_by_function,
     );
-    state.process.rss_at_attach = trace.process.rss_bytes();
+    state.process.rss_at_attach = trace.primary().process.rss_bytes();
     state.sample_rate = trace
         .run
         .allocators
@@ -104,12 +104,13 @@ pub async fn run(
             event = target.next(), if !target_gone => match event {
                 TargetEvent::Exiting => {
                     // Last look while its memory is still mapped.
-                    trace.symbolizer.note_mappings();
+                    trace.main_exiting();
                     let result = refresh(&mut trace, &mut state);
                     target.let_exit();
                     result?;
                     screen.draw(&state)?;
                 }
+                TargetEvent::Changed(change) => trace.apply(change, &mut target),
                 TargetEvent::Exited(code) => {
                     target_gone = true;
                     if state.ended.is_none() {
@@ -135,11 +136,11 @@ pub async fn run(
 /// Takes a snapshot, symbolizes stacks not seen before, and hands both to the state.
 pub(crate) fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
     let snapshot = trace.snapshot(true)?;
-    for stack_id in state.unknown_stacks(&snapshot) {
-        let (frames, truncated) = trace.stack(stack_id);
+    for (pid, stack_id) in state.unknown_stacks(&snapshot) {
+        let (frames, truncated) = trace.stack(pid, stack_id);
         state.add_stack(stack_id, StackInfo { frames, truncated });
     }
-    if let Some(rss) = trace.process.rss_bytes() {
+    if let Some(rss) = trace.primary().process.rss_bytes() {
         state.process.rss_now = Some(rss);
     }
     state.update(snapshot);

@@ -127,12 +127,13 @@ impl TopState {
 
     /// Stacks of a snapshot whose frames are not known yet, for the loop to
     /// symbolize (once each) before `update`.
-    pub fn unknown_stacks(&self, snapshot: &Snapshot) -> Vec<u64> {
+    /// (pid, stack id) of the stacks not symbolized yet.
+    pub fn unknown_stacks(&self, snapshot: &Snapshot) -> Vec<(u32, u64)> {
         snapshot
             .stacks
             .iter()
             .filter(|s| s.count > 0 && !self.stacks.contains_key(&s.stack_id))
-            .map(|s| s.stack_id)
+            .map(|s| (s.pid, s.stack_id))
             .collect()
     }
 
@@ -415,6 +416,7 @@ pub(crate) mod tests {
     fn sample(id: u64, bytes: u64, count: u64, settled: u64) -> StackSample {
         StackSample {
             stack_id: id,
+            pid: 1,
             bytes,
             count,
             total_count: count * 10,

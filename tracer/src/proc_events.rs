@@ -1,0 +1,134 @@
+//! Forks and execs of running processes the tracer attached to, from the
+//! `sched` tracepoints (`tracer-ebpf/src/proc.rs`): an exec is followed
+//! always (the old program's blocks are dropped, the new one is probed), a
+//! fork with `--follow-forks`. Unlike a started command's children, which
+//! ptrace holds until they are probed, a running process's child runs on
+//! while the tracer attaches to it: what it allocates in those first
+//! milliseconds is not seen.
+
+use std::{
+    collections::VecDeque,
+    task::{Context, Poll},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::TracePoint,
+    Ebpf,
+};
+use tokio::io::unix::AsyncFd;
+use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
+
+use crate::watch::{ChangeKind, ProcessChange};
+
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("process_fork", "sched_process_fork"),
+    ("process_exec", "sched_process_exec"),
+];
+
+/// The offset of `child_pid` in the fork tracepoint's record, from its
+/// format file (it differs between kernel versions); None if unreadable.
+pub fn fork_child_pid_offset() -> Option<u32> {
+    let format = std::fs::read_to_string(format!(
+        "{}/events/sched/sched_process_fork/format",
+        crate::mapping_trace::TRACEFS
+    ))
+    .ok()?;
+    format
+        .lines()
+        .find(|l| l.contains(" child_pid;"))?
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("offset:"))?
+        .parse()
+        .ok()
+}
+
+pub struct ProcEvents {
+    ring: AsyncFd<RingBuf<MapData>>,
+    follow_forks: bool,
+    pending: VecDeque<ProcessChange>,
+}
+
+impl ProcEvents {
+    /// Attaches the tracepoints (the offset global was set at load).
+    pub fn start(ebpf: &mut Ebpf, follow_forks: bool) -> Result<Self> {
+        crate::mapping_trace::ensure_tracefs()?;
+        if fork_child_pid_offset().is_none() {
+            return Err(anyhow!(
+                "the sched_process_fork tracepoint's format is unreadable"
+            ));
+        }
+        for (program, tracepoint) in TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
+                .try_into()?;
+            prog.load()
+                .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+                .with_context(|| format!("loading eBPF program {program}"))?;
+            prog.attach("sched", tracepoint)
+                .with_context(|| format!("attaching {program} to sched/{tracepoint}"))?;
+        }
+        let map = ebpf
+            .take_map("PROC_EVENTS")
+            .context("eBPF object has no map PROC_EVENTS")?;
+        Ok(ProcEvents {
+            // Safety: the ring buffer owns its fd, closed only when it drops.
+            ring: unsafe { AsyncFd::register(RingBuf::try_from(map)?) }?,
+            follow_forks,
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// The next change; registers for a wake-up when there is none.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<ProcessChange> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Poll::Ready(change);
+            }
+            let mut guard = match self.ring.poll_read_ready_mut(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(_)) | Poll::Pending => return Poll::Pending,
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<ProcEvent>() {
+                    continue;
+                }
+                let event: ProcEvent =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcEvent) };
+                if let Some(change) = change(&event, self.follow_forks) {
+                    self.pending.push_back(change);
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
+    match event.kind {
+        // The tracepoint fires for new threads too: only a task that
+        // leads its own thread group is a new process.
+        PROC_FORK if follow_forks && is_process(event.pid) => Some(ProcessChange {
+            pid: event.pid,
+            kind: ChangeKind::Forked { parent: event.tgid },
+        }),
+        PROC_EXEC => Some(ProcessChange {
+            pid: event.tgid,
+            kind: ChangeKind::Execed { at_ns: event.at_ns },
+        }),
+        _ => None,
+    }
+}
+
+/// Task `pid` is a process (its own thread group's leader), alive.
+fn is_process(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .is_some_and(|tgid| tgid.trim().parse() == Ok(pid))
+    })
+}
