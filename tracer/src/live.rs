@@ -223,15 +223,27 @@ impl LiveTrace {
         self.probes.remove_target(pid);
         let rate = self.sample_rate();
         let dropped = collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
-        let process = Process::open(pid)?;
         // Heard of from the exec tracepoint, the process may still be
-        // inside execve, where its maps cannot be read yet: wait a little.
-        for _ in 0..25 {
-            if process.maps().is_ok_and(|maps| !maps.is_empty()) || !process.is_alive() {
-                break;
+        // inside execve, where /proc shows it without a memory map (as if it
+        // had exited): wait a little for it to come out.
+        let mut tries = 0;
+        let process = loop {
+            let opened = Process::open(pid)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| match p.maps() {
+                    Ok(maps) if !maps.is_empty() => Ok(p),
+                    Ok(_) => Err(anyhow::anyhow!("PID {pid} has no memory map")),
+                    Err(e) => Err(e.into()),
+                });
+            match opened {
+                Ok(process) => break process,
+                Err(e) if tries == 25 => return Err(e),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        };
         let objects = self.locate_new_program(&process)?;
         self.probes.add_target(pid)?;
         for object in &objects {
