@@ -231,7 +231,8 @@ impl LiveTrace {
             let opened = Process::open(pid)
                 .map_err(anyhow::Error::from)
                 .and_then(|p| match p.maps() {
-                    Ok(maps) if !maps.is_empty() => Ok(p),
+                    // An empty command line too: not out of execve yet.
+                    Ok(maps) if !maps.is_empty() && has_command_line(pid) => Ok(p),
                     Ok(_) => Err(anyhow::anyhow!("PID {pid} has no memory map")),
                     Err(e) => Err(e.into()),
                 });
@@ -513,6 +514,11 @@ impl LiveTrace {
         let run = self.run.clone();
         report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
     }
+}
+
+/// /proc/PID/cmdline is not empty (it is while a process is inside execve).
+fn has_command_line(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
 
 /// Both processes run the same executable file.
