@@ -198,3 +198,87 @@ fn a_bad_suppressions_file_stops_before_the_command_runs() {
     );
     assert!(out.stdout.is_empty(), "the command must not have run");
 }
+
+/// `--follow-forks`: a command whose children leak. Limits hold per
+/// process, each process has its verdict, and JUnit names the process of
+/// each leaking stack.
+#[test]
+fn follow_forks_gives_a_verdict_per_process() {
+    let forks = fixture("forks_c").display().to_string();
+    let path = temp_path("check-forks.json");
+    let out = check(
+        &[
+            "--follow-forks",
+            "--report",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        &[&forks],
+    );
+    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let verdicts: Vec<(String, u64, u64, bool)> = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["state"].as_str().unwrap().to_string(),
+                p["leaked"]["bytes"].as_u64().unwrap(),
+                p["leaked"]["allocations"].as_u64().unwrap(),
+                p["passed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // The parent, the first child, the second child before and after its exec.
+    assert_eq!(
+        verdicts,
+        [
+            ("exited".to_string(), 400, 4, false),
+            ("exited".to_string(), 2000, 2, false),
+            ("exec".to_string(), 0, 0, true),
+            ("exited".to_string(), 1500, 3, false),
+        ],
+        "{report:#}"
+    );
+    assert_eq!(report["leaked"]["bytes"], 3900);
+
+    // 2000 bytes per process is enough for each, though not for all together.
+    let out = check(&["--follow-forks", "--max-leak-bytes", "2000"], &[&forks]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = check(&["--follow-forks", "--max-leak-bytes", "1999"], &[&forks]);
+    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(" LEAKS: 2000 bytes in 2 allocations"),
+        "{text}"
+    );
+
+    let xml_path = temp_path("check-forks.xml");
+    let out = check(
+        &[
+            "--follow-forks",
+            "--report",
+            xml_path.to_str().unwrap(),
+            "--format",
+            "junit",
+        ],
+        &[&forks],
+    );
+    assert_eq!(out.status.code(), Some(23));
+    let xml = std::fs::read_to_string(&xml_path).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    let failed: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .filter(|n| n.children().any(|c| c.has_tag_name("failure")))
+        .filter_map(|n| n.attribute("name"))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|name| name.contains("leak_in_child") && name.contains("PID ")),
+        "{failed:?}"
+    );
+}

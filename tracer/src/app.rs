@@ -258,6 +258,7 @@ fn attach(
     for (process, objects) in found {
         probes.add_target(process.pid)?;
         attach_all(&mut probes, &objects, process.pid)?;
+        let probed = objects.clone();
         let info = ProcessInfo {
             pid: process.pid,
             parent: None,
@@ -265,7 +266,7 @@ fn attach(
             allocators: allocator_infos(&objects, options.sample_rate),
             state: ProcessState::Running,
         };
-        processes.push(Traced::new(process, info));
+        processes.push(Traced::new(process, info, probed));
     }
     if options.timings {
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
@@ -289,17 +290,17 @@ fn attach(
         Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
     let unwinder = unwinder(&mut probes, &processes[0].process, options)?;
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace =
+        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
     if options.verbose {
-        for traced in &processes {
+        for traced in &trace.processes {
             eprintln!(
                 "tracer: attached to PID {} ({})",
                 traced.info.pid, traced.info.command
             );
         }
     }
-    // Attaches the mmap tracepoints too: "attached" means all of it.
-    let trace =
-        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
     Ok((trace, watch))
 }
 
@@ -356,7 +357,7 @@ fn start(
         allocators: allocator_infos(&objects, options.sample_rate),
         state: ProcessState::Running,
     };
-    let processes = vec![Traced::new(process.clone(), info)];
+    let processes = vec![Traced::new(process.clone(), info, objects)];
     let run = run_info(&processes, min_age);
     let unwinder = unwinder(&mut probes, &process, options)?;
     let trace = LiveTrace::new(probes, processes, run, probe_options(options))

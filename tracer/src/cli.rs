@@ -62,9 +62,9 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
-    /// Keep tracing a running process and serve Prometheus metrics at
+    /// Keep tracing running processes and serve Prometheus metrics at
     /// /metrics, the JSON report at /report and a flamegraph at
-    /// /flamegraph.svg. Stops when the process exits.
+    /// /flamegraph.svg. Stops when every traced process has exited.
     Serve {
         #[command(flatten)]
         targets: Attach,

@@ -40,10 +40,12 @@ pub struct Traced {
     pub process: Process,
     pub symbolizer: Symbolizer,
     pub info: ProcessInfo,
+    /// What is probed in it (a forked child gets its parent's).
+    pub objects: Vec<AllocatorObject>,
 }
 
 impl Traced {
-    pub fn new(process: Process, info: ProcessInfo) -> Self {
+    pub fn new(process: Process, info: ProcessInfo, objects: Vec<AllocatorObject>) -> Self {
         let mut symbolizer = Symbolizer::new(process.clone());
         // At once, so addresses in objects it unloads later still resolve.
         symbolizer.note_mappings();
@@ -51,6 +53,7 @@ impl Traced {
             process,
             symbolizer,
             info,
+            objects,
         }
     }
 
@@ -165,11 +168,27 @@ impl LiveTrace {
             return Ok(());
         }
         let process = Process::open(pid)?;
-        // A vfork child is announced at its exec, before its libraries are mapped.
-        let objects = self.locate_new_program(&process)?;
+        // A forked child runs its parent's program with its parent's
+        // libraries: no need to look again (which takes long enough under
+        // load for a short-lived child to be gone). A vfork child is
+        // announced at its exec, before its libraries are mapped.
+        let inherited = parent
+            .and_then(|parent| {
+                self.processes
+                    .iter()
+                    .rev()
+                    .find(|t| t.info.pid == parent && t.is_running())
+            })
+            // Still the same program: not exec'ed since the fork.
+            .filter(|t| same_program(&t.process, &process))
+            .map(|t| t.objects.clone());
+        let objects = match inherited {
+            Some(objects) => objects,
+            None => self.locate_new_program(&process)?,
+        };
         self.probes.add_target(pid)?;
         for object in &objects {
-            self.probes.attach(object, pid)?;
+            self.attach_soon(object, &process)?;
         }
         if let Some(mappings) = &self.mappings {
             mappings
@@ -187,7 +206,7 @@ impl LiveTrace {
         if self.probe_options.verbose {
             eprintln!("tracer: tracing PID {pid} ({})", info.command);
         }
-        self.processes.push(Traced::new(process, info));
+        self.processes.push(Traced::new(process, info, objects));
         self.sync_run();
         Ok(())
     }
@@ -203,13 +222,34 @@ impl LiveTrace {
         });
         self.probes.remove_target(pid);
         let rate = self.sample_rate();
-        collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
-        let process = Process::open(pid)?;
+        let dropped = collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
+        // Heard of from the exec tracepoint, the process may still be
+        // inside execve, where /proc shows it without a memory map (as if it
+        // had exited): wait a little for it to come out.
+        let mut tries = 0;
+        let process = loop {
+            let opened = Process::open(pid)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| match p.maps() {
+                    // An empty command line too: not out of execve yet.
+                    Ok(maps) if !maps.is_empty() && has_command_line(pid) => Ok(p),
+                    Ok(_) => Err(anyhow::anyhow!("PID {pid} has no memory map")),
+                    Err(e) => Err(e.into()),
+                });
+            match opened {
+                Ok(process) => break process,
+                Err(e) if tries == 25 => return Err(e),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        };
         let objects = self.locate_new_program(&process)?;
         self.probes.add_target(pid)?;
         for object in &objects {
             if !self.probes.is_attached(object, pid) {
-                self.probes.attach(object, pid)?;
+                self.attach_soon(object, &process)?;
             }
         }
         if let Some(mappings) = &self.mappings {
@@ -226,9 +266,12 @@ impl LiveTrace {
             state: ProcessState::Running,
         };
         if self.probe_options.verbose {
-            eprintln!("tracer: PID {pid} exec'ed {}", info.command);
+            eprintln!(
+                "tracer: PID {pid} exec'ed {}; dropped the {dropped} blocks of its old program",
+                info.command
+            );
         }
-        self.processes.push(Traced::new(process, info));
+        self.processes.push(Traced::new(process, info, objects));
         self.sync_run();
         Ok(())
     }
@@ -269,6 +312,23 @@ impl LiveTrace {
             ChangeKind::Ended(code) => self.ended(pid, code),
         }
         watch.applied(&change);
+    }
+
+    /// Attaches `object`'s probes for a process just heard of. A process
+    /// the sched tracepoints announced may still be inside fork or execve,
+    /// where perf_event_open fails for it (ESRCH, seen here under load):
+    /// retry for a few tens of milliseconds.
+    fn attach_soon(&mut self, object: &AllocatorObject, process: &Process) -> Result<()> {
+        let mut tries = 0;
+        while let Err(e) = self.probes.attach(object, process.pid) {
+            tries += 1;
+            if tries == 25 || !process.is_alive() {
+                return Err(e);
+            }
+            log::debug!("attaching to PID {}, try {tries}: {e:#}", process.pid);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(())
     }
 
     /// The allocator objects of a process, placed as the options say.
@@ -454,6 +514,22 @@ impl LiveTrace {
         let run = self.run.clone();
         report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
     }
+}
+
+/// /proc/PID/cmdline is not empty (it is while a process is inside execve).
+fn has_command_line(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// Both processes run the same executable file.
+fn same_program(a: &Process, b: &Process) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let file = |p: &Process| {
+        std::fs::metadata(format!("/proc/{}/exe", p.pid))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    file(a).is_some() && file(a) == file(b)
 }
 
 /// What reports say about the objects probed in a process.

@@ -417,13 +417,20 @@ impl Probes {
         Ok(())
     }
 
-    /// Whether `object` (by path and offsets) is already probed for `pid`.
+    /// Whether `object` (the same file, by inode: /lib and /usr/lib may
+    /// name one file) is already probed for `pid` at the same offsets.
     pub fn is_attached(&self, object: &AllocatorObject, pid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let file =
+            |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let wanted = file(&object.host_path);
         self.scopes.iter().any(|s| {
             s.pid == pid
-                && s.objects
-                    .iter()
-                    .any(|o| o.host_path == object.host_path && o.points == object.points)
+                && s.objects.iter().any(|o| {
+                    (o.host_path == object.host_path
+                        || (wanted.is_some() && file(&o.host_path) == wanted))
+                        && o.points == object.points
+                })
         })
     }
 

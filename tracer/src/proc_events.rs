@@ -87,6 +87,7 @@ impl ProcEvents {
             if let Some(change) = self.pending.pop_front() {
                 return Poll::Ready(change);
             }
+            log::debug!("polling sched events at {}", crate::collect::monotonic_ns());
             let mut guard = match self.ring.poll_read_ready_mut(cx) {
                 Poll::Ready(Ok(guard)) => guard,
                 Poll::Ready(Err(_)) | Poll::Pending => return Poll::Pending,
@@ -98,6 +99,10 @@ impl ProcEvents {
                 }
                 let event: ProcEvent =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcEvent) };
+                log::debug!(
+                    "sched event {event:?} read at {}",
+                    crate::collect::monotonic_ns()
+                );
                 if let Some(change) = change(&event, self.follow_forks) {
                     self.pending.push_back(change);
                 }

@@ -114,8 +114,14 @@ impl Process {
             return Err(TargetError::Exited { pid });
         }
         // Kernel threads have no mm: no VmSize line and an empty maps file.
+        // Neither has a process that is exiting (its mm already released):
+        // the PF_KTHREAD flag tells them apart.
         if status_field(&status, "VmSize:").is_none() {
-            return Err(TargetError::KernelThread(pid));
+            return Err(if is_kernel_thread(pid) {
+                TargetError::KernelThread(pid)
+            } else {
+                TargetError::Exited { pid }
+            });
         }
         let root = proc_dir.join("root");
         // Every file of the process is opened through its root: if that is
@@ -317,6 +323,19 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 pub fn is_mapped(maps: &[Mapping], path: &Path) -> bool {
     maps.iter()
         .any(|m| m.file_path().is_some_and(|p| Path::new(p) == path))
+}
+
+/// The task's flags (field 9 of /proc/PID/stat) have PF_KTHREAD.
+fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            // After the comm: state (3), ppid, pgrp, session, tty, tpgid, flags (9).
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 /// PIDs of the user processes named `comm` (as /proc/PID/comm says), in

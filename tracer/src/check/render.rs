@@ -65,6 +65,24 @@ pub fn text(check: &CheckReport) -> String {
             if s.stacks == 1 { "" } else { "s" },
         );
     }
+    if check.processes.len() > 1 {
+        for p in &check.processes {
+            let verdict = match (p.state.as_str(), p.passed) {
+                ("exec", _) => "replaced by exec",
+                (_, true) => "ok",
+                (_, false) => "LEAKS",
+            };
+            let _ = writeln!(
+                out,
+                "  PID {} {verdict}: {} in {} allocation{} ({})",
+                p.pid,
+                bytes(p.leaked.bytes),
+                p.leaked.allocations,
+                if p.leaked.allocations == 1 { "" } else { "s" },
+                p.command
+            );
+        }
+    }
     if !check.report.stacks.is_empty() {
         out.push('\n');
         out.push_str(&output::text::render(&check.report, true));
@@ -126,7 +144,27 @@ pub fn junit(check: &CheckReport) -> String {
                 }
             })
             .unwrap_or_else(|| "[unknown stack]".to_string());
-        let name = format!("{place} [stack {}]", stack.stack_id);
+        let name = if check.processes.len() > 1 {
+            let command = check
+                .processes
+                .iter()
+                .rev()
+                .find(|p| p.pid == stack.pid)
+                .map(|p| {
+                    p.command
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(&p.command)
+                        .to_string()
+                })
+                .unwrap_or_default();
+            format!(
+                "{place} [stack {}, PID {} {command}]",
+                stack.stack_id, stack.pid
+            )
+        } else {
+            format!("{place} [stack {}]", stack.stack_id)
+        };
         let message = format!(
             "{} in {} allocation{} not freed",
             bytes(stack.bytes),

@@ -57,12 +57,26 @@ pub struct CheckReport {
     /// The command's own exit code (128 + signal when it was killed).
     pub command_exit_code: Option<i32>,
     pub limits: Limits,
-    /// Outstanding at exit and not suppressed.
+    /// Outstanding at exit and not suppressed, over all processes.
     pub leaked: Totals,
+    /// Each process traced (several with `--follow-forks`): what it leaked,
+    /// and whether that is within the limits, which apply per process.
+    #[serde(default)]
+    pub processes: Vec<ProcessVerdict>,
     pub suppressed: Vec<Suppressed>,
     /// The final report; its `stacks` are the unsuppressed ones, its
     /// `totals` everything outstanding.
     pub report: Report,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProcessVerdict {
+    pub pid: u32,
+    pub command: String,
+    /// "exited", "exec" (its program was replaced; nothing of it is left), "running".
+    pub state: String,
+    pub leaked: Totals,
+    pub passed: bool,
 }
 
 pub fn evaluate(
@@ -102,7 +116,33 @@ pub fn evaluate(
         bytes: report.stacks.iter().map(|s| s.bytes).sum(),
         allocations: report.stacks.iter().map(|s| s.allocations).sum(),
     };
-    let passed = !limits.exceeded_by(&leaked);
+    let processes: Vec<ProcessVerdict> = report
+        .processes
+        .iter()
+        .map(|p| {
+            // A replaced program's blocks were dropped: its stacks are the
+            // next program's with the same pid.
+            let current = p.state != "exec";
+            let mine = report.stacks.iter().filter(|s| current && s.pid == p.pid);
+            let leaked = mine.fold(Totals::default(), |t, s| Totals {
+                bytes: t.bytes + s.bytes,
+                allocations: t.allocations + s.allocations,
+            });
+            ProcessVerdict {
+                pid: p.pid,
+                command: p.command.clone(),
+                state: p.state.clone(),
+                passed: !limits.exceeded_by(&leaked),
+                leaked,
+            }
+        })
+        .collect();
+    // Limits hold per process; with one process that is the whole run.
+    let passed = if processes.is_empty() {
+        !limits.exceeded_by(&leaked)
+    } else {
+        processes.iter().all(|p| p.passed)
+    };
     let exit_code = match command_exit_code {
         Some(code) if code != 0 => code,
         _ if !passed => LEAK_EXIT_CODE,
@@ -114,6 +154,7 @@ pub fn evaluate(
         command_exit_code,
         limits,
         leaked,
+        processes,
         suppressed,
         report,
     }

@@ -31,6 +31,25 @@ pub fn render(report: &Report, final_report: bool) -> String {
             "estimated: allocations sampled about once every {rate} bytes; bytes and counts are estimates"
         );
     }
+    let several = report.processes.len() > 1;
+    for p in report.processes.iter().filter(|_| several) {
+        let state = match (p.state.as_str(), p.exit_code) {
+            ("exited", Some(code)) => format!("exited {code}"),
+            (state, _) => state.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  pid {} ({state}{}): {} in {} allocation{}: {}",
+            p.pid,
+            p.parent
+                .map(|pp| format!(", child of {pp}"))
+                .unwrap_or_default(),
+            bytes(p.totals.bytes),
+            p.totals.allocations,
+            plural(p.totals.allocations),
+            p.command
+        );
+    }
     if report.stacks.len() < report.stack_count {
         let _ = writeln!(
             out,
@@ -43,9 +62,14 @@ pub fn render(report: &Report, final_report: bool) -> String {
             .oldest_age_s
             .map(|a| format!(", oldest {a:.1}s"))
             .unwrap_or_default();
+        let process = if several {
+            format!("pid {}: ", stack.pid)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "\n  {} in {} allocation{} (allocated since attach: {}{})",
+            "\n  {process}{} in {} allocation{} (allocated since attach: {}{})",
             bytes(stack.bytes),
             stack.allocations,
             plural(stack.allocations),

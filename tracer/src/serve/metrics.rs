@@ -37,47 +37,83 @@ impl Writer {
     }
 }
 
-/// `process` is a short name for the `process` label (the executable's name).
-pub fn render(state: &TopState, process: &str, top: usize, target_up: bool) -> String {
+/// A traced process, as its series are labelled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exported {
+    pub pid: u32,
+    /// Short name for the `process` label (the executable's name).
+    pub name: String,
+    pub up: bool,
+    pub resident_bytes: Option<u64>,
+}
+
+/// `processes`: every process traced, the first one first. Per-process
+/// gauges get a series per process; the event counters cover the whole
+/// session and carry the first process's labels.
+pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
     let mut w = Writer { out: String::new() };
-    let pid = state.pid.to_string();
-    let base = [("pid", pid.as_str()), ("process", process)];
+    let first_pid = state.pid.to_string();
+    let first_name = processes.first().map(|p| p.name.as_str()).unwrap_or("");
+    let base = [("pid", first_pid.as_str()), ("process", first_name)];
     let snapshot = &state.shown;
     let c = &snapshot.counters;
+    let pids: Vec<String> = processes.iter().map(|p| p.pid.to_string()).collect();
+    let labels_of = |i: usize| {
+        [
+            ("pid", pids[i].as_str()),
+            ("process", processes[i].name.as_str()),
+        ]
+    };
+    let mine = |pid: u32| {
+        snapshot
+            .stacks
+            .iter()
+            .filter(move |s| s.pid == pid || processes.len() == 1)
+    };
 
     w.family(
         "tracer_target_up",
         "gauge",
         "1 while the traced process runs, 0 once it has exited.",
     );
-    w.sample("tracer_target_up", &base, if target_up { 1.0 } else { 0.0 });
+    for (i, p) in processes.iter().enumerate() {
+        w.sample(
+            "tracer_target_up",
+            &labels_of(i),
+            if p.up { 1.0 } else { 0.0 },
+        );
+    }
     w.family(
         "tracer_outstanding_bytes",
         "gauge",
         "Bytes allocated since attach and not freed.",
     );
-    w.sample(
-        "tracer_outstanding_bytes",
-        &base,
-        snapshot.total_bytes() as f64,
-    );
+    for (i, p) in processes.iter().enumerate() {
+        let bytes: u64 = mine(p.pid).map(|s| s.bytes).sum();
+        w.sample("tracer_outstanding_bytes", &labels_of(i), bytes as f64);
+    }
     w.family(
         "tracer_outstanding_allocations",
         "gauge",
         "Allocations made since attach and not freed.",
     );
-    w.sample(
-        "tracer_outstanding_allocations",
-        &base,
-        snapshot.total_count() as f64,
-    );
+    for (i, p) in processes.iter().enumerate() {
+        let count: u64 = mine(p.pid).map(|s| s.count).sum();
+        w.sample(
+            "tracer_outstanding_allocations",
+            &labels_of(i),
+            count as f64,
+        );
+    }
     w.family(
         "tracer_stacks",
         "gauge",
         "Distinct call stacks holding memory.",
     );
-    let holding = snapshot.stacks.iter().filter(|s| s.count > 0).count();
-    w.sample("tracer_stacks", &base, holding as f64);
+    for (i, p) in processes.iter().enumerate() {
+        let holding = mine(p.pid).filter(|s| s.count > 0).count();
+        w.sample("tracer_stacks", &labels_of(i), holding as f64);
+    }
     w.family(
         "tracer_allocations_total",
         "counter",
@@ -109,13 +145,17 @@ pub fn render(state: &TopState, process: &str, top: usize, target_up: bool) -> S
             n as f64,
         );
     }
-    if let Some(rss) = state.process.rss_now {
+    if processes.iter().any(|p| p.resident_bytes.is_some()) {
         w.family(
             "tracer_process_resident_bytes",
             "gauge",
             "The traced process's resident set size.",
         );
-        w.sample("tracer_process_resident_bytes", &base, rss as f64);
+        for (i, p) in processes.iter().enumerate() {
+            if let Some(rss) = p.resident_bytes {
+                w.sample("tracer_process_resident_bytes", &labels_of(i), rss as f64);
+            }
+        }
     }
 
     // Rows are sorted by bytes (the serve loop keeps the state that way).
@@ -163,9 +203,14 @@ pub fn render(state: &TopState, process: &str, top: usize, target_up: bool) -> S
     for (name, help, value, rest_value) in families {
         w.family(name, "gauge", help);
         for (id, row) in &series {
+            let i = processes.iter().position(|p| p.pid == row.pid).unwrap_or(0);
+            let (pid, process) = match processes.get(i) {
+                Some(p) if processes.len() > 1 => (pids[i].as_str(), p.name.as_str()),
+                _ => (base[0].1, base[1].1),
+            };
             let labels = [
-                base[0],
-                base[1],
+                ("pid", pid),
+                ("process", process),
                 ("stack_id", id.as_str()),
                 ("function", row.function.as_str()),
                 ("location", row.location.as_deref().unwrap_or("")),
@@ -193,7 +238,13 @@ mod tests {
             ratatui::crossterm::event::KeyCode::Char('b'),
         ));
         assert_eq!(state.sort, SortKey::Bytes);
-        let text = render(&state, "server", 1, true);
+        let processes = [Exported {
+            pid: 42,
+            name: "server".into(),
+            up: true,
+            resident_bytes: None,
+        }];
+        let text = render(&state, &processes, 1);
         assert!(
             text.contains("tracer_target_up{pid=\"42\",process=\"server\"} 1\n"),
             "{text}"
@@ -218,6 +269,52 @@ mod tests {
         // Every family is declared once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(types, 11, "{text}");
+    }
+
+    #[test]
+    fn several_processes_get_their_own_series() {
+        let mut state = state();
+        // The fixture's stacks belong to pid 1; say one of them is pid 7's.
+        let mut shown = state.shown.clone();
+        shown.stacks[0].pid = 7;
+        let own_bytes = shown.stacks[0].bytes;
+        state.update(shown);
+        let processes = [
+            Exported {
+                pid: 1,
+                name: "server".into(),
+                up: true,
+                resident_bytes: Some(4096),
+            },
+            Exported {
+                pid: 7,
+                name: "worker".into(),
+                up: false,
+                resident_bytes: None,
+            },
+        ];
+        let text = render(&state, &processes, 5);
+        assert!(
+            text.contains("tracer_target_up{pid=\"1\",process=\"server\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_target_up{pid=\"7\",process=\"worker\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "tracer_outstanding_bytes{{pid=\"7\",process=\"worker\"}} {own_bytes}\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("tracer_process_resident_bytes{pid=\"1\",process=\"server\"} 4096\n"));
+        assert!(
+            text.lines()
+                .any(|l| l
+                    .starts_with("tracer_stack_outstanding_bytes{pid=\"7\",process=\"worker\",")),
+            "{text}"
+        );
     }
 
     #[test]

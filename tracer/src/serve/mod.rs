@@ -108,7 +108,7 @@ pub async fn run(
                 }
             }
             Some((request, reply)) = jobs.recv() => {
-                let _ = reply.send(answer(&request, &mut trace, &state, &process, &options));
+                let _ = reply.send(answer(&request, &mut trace, &state, &options));
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -151,11 +151,32 @@ async fn connection(mut stream: tokio::net::TcpStream, jobs: mpsc::Sender<Job>) 
     }
 }
 
+/// The traced processes as the metrics label them (a process replaced by
+/// an exec is its new program).
+fn exported(trace: &LiveTrace, serving: bool) -> Vec<metrics::Exported> {
+    let mut out: Vec<metrics::Exported> = Vec::new();
+    for traced in &trace.processes {
+        let entry = metrics::Exported {
+            pid: traced.info.pid,
+            name: traced.process.comm.clone(),
+            up: serving && traced.is_running(),
+            resident_bytes: traced
+                .is_running()
+                .then(|| traced.process.rss_bytes())
+                .flatten(),
+        };
+        match out.iter_mut().find(|e| e.pid == entry.pid) {
+            Some(existing) => *existing = entry,
+            None => out.push(entry),
+        }
+    }
+    out
+}
+
 fn answer(
     request: &Request,
     trace: &mut LiveTrace,
     state: &TopState,
-    process: &str,
     options: &ServeOptions,
 ) -> Response {
     if request.method != "GET" && request.method != "HEAD" {
@@ -164,7 +185,7 @@ fn answer(
     match request.path.as_str() {
         "/metrics" => Response::ok(
             metrics::CONTENT_TYPE,
-            metrics::render(state, process, options.top, state.ended.is_none()),
+            metrics::render(state, &exported(trace, state.ended.is_none()), options.top),
         ),
         "/report" => {
             let top = match request.param("top").map(str::parse::<usize>) {

@@ -30,6 +30,8 @@ pub struct StackInfo {
 pub struct Row {
     /// Largest first; the first is the one the detail pane shows.
     pub stack_ids: Vec<u64>,
+    /// The process of the first stack.
+    pub pid: u32,
     pub bytes: u64,
     pub count: u64,
     /// Bytes per second; None until two snapshots are known.
@@ -220,6 +222,7 @@ impl TopState {
             let (function, location) = allocating_function(frames);
             let row = Row {
                 stack_ids: vec![sample.stack_id],
+                pid: sample.pid,
                 bytes: sample.bytes,
                 count: sample.count,
                 growth: self.shown_growth.get(&sample.stack_id).copied(),
