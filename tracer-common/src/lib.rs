@@ -239,6 +239,47 @@ pub const SAMPLE_WEIGHT_STEPS: u32 = 64;
 /// Sampling: weight table slots, covering sizes up to 16 rates.
 pub const SAMPLE_WEIGHT_SLOTS: u32 = 16 * SAMPLE_WEIGHT_STEPS + 1;
 
+/// (bytes, blocks) that a sampled block of `size` bytes stands for, at
+/// `rate` (0: exact mode, the block itself). `weight(i)` is slot i of the
+/// weight table (`SAMPLE_WEIGHTS`); sizes past it weigh 1. The block count
+/// is rounded up or down at random in proportion, keyed on `key` (the
+/// block's timestamp), so that retiring the block subtracts what was added.
+/// One definition for the programs (which count) and userspace (which
+/// sometimes retires a block itself).
+#[inline(always)]
+pub fn sampled_weights(
+    size: u64,
+    key: u64,
+    rate: u64,
+    weight: impl Fn(u64) -> Option<u64>,
+) -> (u64, u64) {
+    if rate == 0 || size == 0 {
+        return (size, 1);
+    }
+    let steps = SAMPLE_WEIGHT_STEPS as u64;
+    let last = (SAMPLE_WEIGHT_SLOTS - 1) as u64;
+    // Past the table (size >= 16 rates), p > 1 - 1e-7: weight 1.
+    if size >= rate * last / steps {
+        return (size, 1);
+    }
+    let scaled = size * steps;
+    let i = scaled / rate;
+    let frac = scaled - i * rate;
+    if i >= last {
+        return (size, 1);
+    }
+    let (Some(w0), Some(w1)) = (weight(i), weight(i + 1)) else {
+        return (size, 1);
+    };
+    let bytes = w0 + w1.saturating_sub(w0) * frac / rate;
+    let bytes = if bytes < size { size } else { bytes };
+    // Blocks: bytes / size in 16.16 fixed point, rounded at random.
+    let blocks_fp = (bytes << 16) / size;
+    let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+    let blocks = (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64);
+    (bytes, blocks)
+}
+
 /// `InFlight::flags`: the call's new block was not sampled; its return
 /// only settles the old block (realloc) and records nothing.
 pub const IN_FLIGHT_UNSAMPLED: u32 = 1;

@@ -103,33 +103,5 @@ pub fn skip(pid_tgid: u64, size: u64) -> bool {
 /// timestamp) so that retiring the block subtracts what was added.
 #[inline(always)]
 pub fn weights(size: u64, key: u64) -> (u64, u64) {
-    let rate = rate();
-    if rate == 0 || size == 0 {
-        return (size, 1);
-    }
-    let steps = SAMPLE_WEIGHT_STEPS as u64;
-    let last = (SAMPLE_WEIGHT_SLOTS - 1) as u64;
-    // Past the table (size >= 16 rates), p > 1 - 1e-7: weight 1.
-    if size >= rate * last / steps {
-        return (size, 1);
-    }
-    let scaled = size * steps;
-    let i = scaled / rate;
-    let frac = scaled - i * rate;
-    if i >= last {
-        return (size, 1);
-    }
-    let (Some(w0), Some(w1)) = (
-        SAMPLE_WEIGHTS.get(i as u32).copied(),
-        SAMPLE_WEIGHTS.get(i as u32 + 1).copied(),
-    ) else {
-        return (size, 1);
-    };
-    let bytes = w0 + w1.saturating_sub(w0) * frac / rate;
-    let bytes = if bytes < size { size } else { bytes };
-    // Blocks: bytes / size in 16.16 fixed point, rounded at random.
-    let blocks_fp = (bytes << 16) / size;
-    let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
-    let blocks = (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64);
-    (bytes, blocks)
+    tracer_common::sampled_weights(size, key, rate(), |i| SAMPLE_WEIGHTS.get(i as u32).copied())
 }

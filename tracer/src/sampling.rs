@@ -36,32 +36,11 @@ pub fn weights(size: u64, rate: u64) -> (f64, f64) {
 }
 
 /// The (bytes, blocks) the programs counted for a sampled block
-/// (`tracer-ebpf/src/sample.rs: weights`, same integer arithmetic), so
+/// (`tracer_common::sampled_weights` over `weight_table`), so
 /// userspace can take exactly that back out when it drops the block.
 /// `key` is the block's timestamp; rate 0 is exact mode.
 pub fn kernel_weights(size: u64, key: u64, rate: u64) -> (u64, u64) {
-    if rate == 0 || size == 0 {
-        return (size, 1);
-    }
-    let steps = SAMPLE_WEIGHT_STEPS as u64;
-    let last = (SAMPLE_WEIGHT_SLOTS - 1) as u64;
-    if size >= rate * last / steps {
-        return (size, 1);
-    }
-    let scaled = size * steps;
-    let i = scaled / rate;
-    let frac = scaled - i * rate;
-    if i >= last {
-        return (size, 1);
-    }
-    let weight = |i: u64| (rate as f64 * f(i as f64 / steps as f64)).round() as u64;
-    let (w0, w1) = (weight(i), weight(i + 1));
-    let bytes = w0 + w1.saturating_sub(w0) * frac / rate;
-    let bytes = bytes.max(size);
-    let blocks_fp = (bytes << 16) / size;
-    let coin = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
-    let blocks = (blocks_fp >> 16) + ((coin < (blocks_fp & 0xffff)) as u64);
-    (bytes, blocks)
+    tracer_common::sampled_weights(size, key, rate, |i| Some(table_weight(rate, i)))
 }
 
 /// `SAMPLE_DRAWS`: quantiles of the exponential distribution of mean
@@ -79,10 +58,15 @@ pub fn draw_table(rate: u64) -> Vec<u64> {
     table
 }
 
+/// Slot i of `SAMPLE_WEIGHTS`: rate * f(i / STEPS).
+fn table_weight(rate: u64, i: u64) -> u64 {
+    (rate as f64 * f(i as f64 / SAMPLE_WEIGHT_STEPS as f64)).round() as u64
+}
+
 /// `SAMPLE_WEIGHTS`: slot i is rate * f(i / STEPS).
 pub fn weight_table(rate: u64) -> Vec<u64> {
-    (0..SAMPLE_WEIGHT_SLOTS)
-        .map(|i| (rate as f64 * f(i as f64 / SAMPLE_WEIGHT_STEPS as f64)).round() as u64)
+    (0..SAMPLE_WEIGHT_SLOTS as u64)
+        .map(|i| table_weight(rate, i))
         .collect()
 }
 
