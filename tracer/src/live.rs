@@ -186,28 +186,10 @@ impl LiveTrace {
             Some(objects) => objects,
             None => self.locate_new_program(&process)?,
         };
-        self.probes.add_target(pid)?;
-        for object in &objects {
-            self.attach_soon(object, &process)?;
-        }
-        if let Some(mappings) = &self.mappings {
-            mappings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add(&process);
-        }
-        let info = ProcessInfo {
-            pid,
-            parent,
-            command: process.command_line(),
-            allocators: allocator_infos(&objects, self.probe_options.sample_rate),
-            state: ProcessState::Running,
-        };
+        let command = self.trace_program(process, parent, objects)?;
         if self.probe_options.verbose {
-            eprintln!("tracer: tracing PID {pid} ({})", info.command);
+            eprintln!("tracer: tracing PID {pid} ({command})");
         }
-        self.processes.push(Traced::new(process, info, objects));
-        self.sync_run();
         Ok(())
     }
 
@@ -220,7 +202,8 @@ impl LiveTrace {
             t.info.state = ProcessState::Replaced;
             t.info.parent
         });
-        self.probes.remove_target(pid);
+        // The process stays a target throughout: the new program's first
+        // allocations must not go unseen while it is re-probed.
         let rate = self.sample_rate();
         let dropped = collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
         // Heard of from the exec tracepoint, the process may still be
@@ -246,6 +229,25 @@ impl LiveTrace {
             }
         };
         let objects = self.locate_new_program(&process)?;
+        let command = self.trace_program(process, parent, objects)?;
+        if self.probe_options.verbose {
+            eprintln!(
+                "tracer: PID {pid} exec'ed {command}; dropped the {dropped} blocks of its old program"
+            );
+        }
+        Ok(())
+    }
+
+    /// Traces a program (a process's, from its start or its exec): makes
+    /// the process a target, attaches what `objects` it does not have yet,
+    /// follows its mappings and lists it. Returns its command line.
+    fn trace_program(
+        &mut self,
+        process: Process,
+        parent: Option<u32>,
+        objects: Vec<AllocatorObject>,
+    ) -> Result<String> {
+        let pid = process.pid;
         self.probes.add_target(pid)?;
         for object in &objects {
             if !self.probes.is_attached(object, pid) {
@@ -265,15 +267,10 @@ impl LiveTrace {
             allocators: allocator_infos(&objects, self.probe_options.sample_rate),
             state: ProcessState::Running,
         };
-        if self.probe_options.verbose {
-            eprintln!(
-                "tracer: PID {pid} exec'ed {}; dropped the {dropped} blocks of its old program",
-                info.command
-            );
-        }
+        let command = info.command.clone();
         self.processes.push(Traced::new(process, info, objects));
         self.sync_run();
-        Ok(())
+        Ok(command)
     }
 
     /// Process `pid` is gone. Its blocks stay: what it held at exit is what
