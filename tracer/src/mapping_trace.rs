@@ -69,22 +69,33 @@ pub struct MappingSample {
     pub lost_stacks: u64,
 }
 
+/// Mounts tracefs if needed, then loads each program of `programs`
+/// (program name -> tracepoint) and attaches it to `category/tracepoint`.
+pub fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    category: &str,
+    programs: &[(&str, &str)],
+) -> Result<()> {
+    ensure_tracefs()?;
+    for (program, tracepoint) in programs {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+            .with_context(|| format!("loading eBPF program {program}"))?;
+        prog.attach(category, tracepoint)
+            .with_context(|| format!("attaching {program} to {category}/{tracepoint}"))?;
+    }
+    Ok(())
+}
+
 impl MappingTrace {
     /// Attaches the tracepoints (the programs filter on the targets already
     /// added) and takes the event ring buffer out of `ebpf`.
     pub fn start(ebpf: &mut Ebpf, process: &Process) -> Result<Self> {
-        ensure_tracefs()?;
-        for (program, tracepoint) in TRACEPOINTS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-                .try_into()?;
-            prog.load()
-                .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
-                .with_context(|| format!("loading eBPF program {program}"))?;
-            prog.attach("syscalls", tracepoint)
-                .with_context(|| format!("attaching {program} to syscalls/{tracepoint}"))?;
-        }
+        attach_tracepoints(ebpf, "syscalls", TRACEPOINTS)?;
         let map = ebpf
             .take_map("MMAP_EVENTS")
             .context("eBPF object has no map MMAP_EVENTS")?;

@@ -14,7 +14,6 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{MapData, RingBuf},
-    programs::TracePoint,
     Ebpf,
 };
 use tokio::io::unix::AsyncFd;
@@ -59,17 +58,7 @@ impl ProcEvents {
                 "the sched_process_fork tracepoint's format is unreadable"
             ));
         }
-        for (program, tracepoint) in TRACEPOINTS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-                .try_into()?;
-            prog.load()
-                .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
-                .with_context(|| format!("loading eBPF program {program}"))?;
-            prog.attach("sched", tracepoint)
-                .with_context(|| format!("attaching {program} to sched/{tracepoint}"))?;
-        }
+        crate::mapping_trace::attach_tracepoints(ebpf, "sched", TRACEPOINTS)?;
         let map = ebpf
             .take_map("PROC_EVENTS")
             .context("eBPF object has no map PROC_EVENTS")?;
