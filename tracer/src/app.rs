@@ -6,20 +6,22 @@ use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Du
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    allocator::AllocatorObject,
-    check,
     cli::{Attach, Cli, Command, DiffFormat, Format, TraceOptions},
-    detect, diff,
-    launch::{self, ChildOutput, Credentials},
-    live::{allocator_infos, LiveTrace, ProbeOptions, Traced},
-    output, privileges,
-    probes::{MapSizes, Probes, Variant},
+    frontends::check,
+    frontends::report::{open_output, Session},
+    frontends::serve,
+    frontends::top,
+    kernel::privileges,
+    kernel::probes::{MapSizes, Probes, Variant},
+    lifecycle::launch::{self, ChildOutput, Credentials},
+    lifecycle::watch::TargetWatch,
+    output,
+    report::diff,
     report::{ProcessInfo, ProcessState, RunInfo},
-    serve,
-    session::{open_output, Session},
-    target::Process,
-    top,
-    watch::TargetWatch,
+    target::allocator::AllocatorObject,
+    target::detect,
+    target::process::Process,
+    trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
 };
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
@@ -197,7 +199,7 @@ fn describe(probes: &Probes, verbose: bool) {
 fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<AllocatorObject> {
     if !options.entry_probes {
         for object in &mut objects {
-            crate::allocator::place_entry_probes(object);
+            crate::target::allocator::place_entry_probes(object);
         }
     }
     objects
@@ -216,7 +218,7 @@ fn probe_options(options: &TraceOptions) -> ProbeOptions {
 fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
     let mut pids = targets.pids.clone();
     for name in &targets.comm {
-        let found = crate::target::pids_by_comm(name);
+        let found = crate::target::process::pids_by_comm(name);
         if found.is_empty() {
             bail!("no running process is named {name:?} (--comm matches /proc/PID/comm exactly, at most 15 characters)");
         }
@@ -236,7 +238,7 @@ fn attach(
     let started = std::time::Instant::now();
     privileges::check()?;
     let pids = resolve_targets(targets)?;
-    if options.unwind == crate::unwind::UnwindMode::Cfi && pids.len() > 1 {
+    if options.unwind == crate::target::unwind::UnwindMode::Cfi && pids.len() > 1 {
         bail!("--unwind cfi traces one process; give one --pid");
     }
     // Every process is checked before anything is attached.
@@ -282,7 +284,8 @@ fn attach(
     describe(&probes, options.verbose);
     let run = run_info(&processes, min_age);
     let mut watch = TargetWatch::attached(&pids)?;
-    match crate::proc_events::ProcEvents::start(&mut probes.ebpf, options.follow_forks) {
+    match crate::lifecycle::sched_events::ProcEvents::start(&mut probes.ebpf, options.follow_forks)
+    {
         Ok(events) => watch = watch.with_events(events),
         Err(e) if options.follow_forks => {
             bail!("--follow-forks needs the sched tracepoints: {e:#}")
@@ -381,12 +384,12 @@ fn unwinder(
     probes: &mut Probes,
     process: &Process,
     options: &TraceOptions,
-) -> Result<Option<crate::unwind::SharedUnwinder>> {
-    if options.unwind != crate::unwind::UnwindMode::Cfi {
+) -> Result<Option<crate::target::unwind::SharedUnwinder>> {
+    if options.unwind != crate::target::unwind::UnwindMode::Cfi {
         return Ok(None);
     }
     let mut unwinder =
-        crate::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
+        crate::target::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
     unwinder.refresh().context("unwind tables")?;
     Ok(Some(unwinder.shared()))
 }

@@ -224,8 +224,8 @@ pub struct TraceOptions {
     /// How allocation stacks are walked: fp (frame pointers) or cfi (the
     /// .eh_frame unwind tables of every mapped object, for code built
     /// without frame pointers; costs kernel memory for the tables).
-    #[arg(long, value_enum, default_value_t = crate::unwind::UnwindMode::Fp)]
-    pub unwind: crate::unwind::UnwindMode,
+    #[arg(long, value_enum, default_value_t = crate::target::unwind::UnwindMode::Fp)]
+    pub unwind: crate::target::unwind::UnwindMode,
     /// With --unwind cfi: unwind rows the kernel side can hold for all
     /// mapped objects together (8 bytes each, allocated up front).
     #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
@@ -243,8 +243,8 @@ pub struct TraceOptions {
     /// Benchmarking: when the allocation functions are probed with one
     /// uprobe session program (kernel 6.13+) instead of a uprobe and a
     /// uretprobe each: auto (with --sample-rate), always, never.
-    #[arg(long, hide = true, value_enum, default_value_t = crate::uprobe_session::SessionMode::Auto)]
-    pub uprobe_sessions: crate::uprobe_session::SessionMode,
+    #[arg(long, hide = true, value_enum, default_value_t = crate::kernel::sessions::SessionMode::Auto)]
+    pub uprobe_sessions: crate::kernel::sessions::SessionMode,
     /// Benchmarking: print how long attaching, snapshots, symbolization and
     /// rendering take, to standard error.
     #[arg(long, hide = true)]

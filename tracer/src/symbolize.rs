@@ -12,7 +12,7 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blazesym,
 };
 
-use crate::{procmaps::Mapping, target::Process};
+use crate::{target::memory_map::Mapping, target::process::Process};
 
 /// One symbolized frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -3,7 +3,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(info) = tracer::elf::ElfInfo::parse(data) {
+    if let Ok(info) = tracer::target::elf::ElfInfo::parse(data) {
         for name in ["malloc", "free", "calloc", "realloc"] {
             let _ = info.function_offset(name);
         }

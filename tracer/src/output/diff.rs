@@ -12,7 +12,7 @@ use super::{
     text,
 };
 use crate::{
-    diff::{Amount, Diff, Side},
+    report::diff::{Amount, Diff, Side},
     report::StackReport,
 };
 
@@ -158,7 +158,7 @@ pub fn render_svg(diff: &Diff, weight: Weight) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diff::{compare, tests::before_and_after};
+    use crate::report::diff::{compare, tests::before_and_after};
 
     #[test]
     fn text_lists_growth_first_with_frames() {

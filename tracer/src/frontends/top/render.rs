@@ -405,7 +405,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::top::state::tests::state;
+    use crate::frontends::top::state::tests::state;
 
     fn screen(state: &TopState, width: u16, height: u16) -> Vec<String> {
         let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();

@@ -2,6 +2,8 @@
 //! output documents (see README "JSON report"). Building it needs the frames
 //! of each stack, passed in as a function so this module stays pure.
 
+pub mod diff;
+
 use serde::{Deserialize, Serialize};
 use tracer_common::is_unknown_stack;
 
@@ -383,7 +385,7 @@ fn process_reports(run: &RunInfo, snapshot: &Snapshot) -> Vec<ProcessReport> {
 /// The mappings section from per-stack samples (see `mappings.rs`) taken at
 /// `taken_ns`: the `top` stacks (0: all) by outstanding bytes.
 pub fn build_mappings(
-    sample: &crate::mapping_trace::MappingSample,
+    sample: &crate::collect::mapping_events::MappingSample,
     taken_ns: u64,
     top: usize,
     mut frames: impl FnMut(u32, u64) -> (Vec<Frame>, bool),

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{elf::ElfInfo, target::TargetError};
+use crate::{target::elf::ElfInfo, target::process::TargetError};
 
 /// The entry programs in `tracer-ebpf/src/alloc.rs`, by calling convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -197,7 +197,7 @@ fn entry_skip(info: &ElfInfo, data: &[u8], name: &str, offset: u64) -> Option<u6
     let size = info.function_size(name)?;
     let start = offset as usize;
     let code = data.get(start..start.checked_add(size as usize)?)?;
-    let placement = crate::placement::first_argument_probe(code, address);
+    let placement = crate::target::placement::first_argument_probe(code, address);
     log::debug!(
         "{name}: entry probe at +{} ({})",
         placement.skip,
@@ -300,9 +300,9 @@ mod tests {
 
     #[test]
     fn glibc_aliases_become_one_probe_point() {
-        let me = crate::target::Process::open(std::process::id()).unwrap();
+        let me = crate::target::process::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
-        let found = crate::detect::for_process(&me, &maps, &[])
+        let found = crate::target::detect::for_process(&me, &maps, &[])
             .unwrap()
             .remove(0);
         assert!(found.path.contains("libc.so"), "{}", found.path);
@@ -341,9 +341,9 @@ mod tests {
 
     #[test]
     fn only_free_like_probes_may_move_past_the_entry() {
-        let me = crate::target::Process::open(std::process::id()).unwrap();
+        let me = crate::target::process::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
-        let mut found = crate::detect::for_process(&me, &maps, &[])
+        let mut found = crate::target::detect::for_process(&me, &maps, &[])
             .unwrap()
             .remove(0);
         place_entry_probes(&mut found);

@@ -19,7 +19,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 
-use crate::watch::{ChangeKind, ProcessChange};
+use crate::lifecycle::watch::{ChangeKind, ProcessChange};
 
 const TRACEPOINTS: &[(&str, &str)] = &[
     ("process_fork", "sched_process_fork"),
@@ -31,7 +31,7 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 pub fn fork_child_pid_offset() -> Option<u32> {
     let format = std::fs::read_to_string(format!(
         "{}/events/sched/sched_process_fork/format",
-        crate::mapping_trace::TRACEFS
+        crate::collect::mapping_events::TRACEFS
     ))
     .ok()?;
     format
@@ -52,13 +52,13 @@ pub struct ProcEvents {
 impl ProcEvents {
     /// Attaches the tracepoints (the offset global was set at load).
     pub fn start(ebpf: &mut Ebpf, follow_forks: bool) -> Result<Self> {
-        crate::mapping_trace::ensure_tracefs()?;
+        crate::collect::mapping_events::ensure_tracefs()?;
         if fork_child_pid_offset().is_none() {
             return Err(anyhow!(
                 "the sched_process_fork tracepoint's format is unreadable"
             ));
         }
-        crate::mapping_trace::attach_tracepoints(ebpf, "sched", TRACEPOINTS)?;
+        crate::collect::mapping_events::attach_tracepoints(ebpf, "sched", TRACEPOINTS)?;
         let map = ebpf
             .take_map("PROC_EVENTS")
             .context("eBPF object has no map PROC_EVENTS")?;

@@ -26,10 +26,10 @@ use std::{
 use object::{Object as _, ObjectKind};
 
 use crate::{
-    allocator::{self, AllocatorError, AllocatorObject, Entry, ProbePoint, FUNCTIONS},
-    elf::ElfInfo,
-    procmaps::Mapping,
-    target::Process,
+    target::allocator::{self, AllocatorError, AllocatorObject, Entry, ProbePoint, FUNCTIONS},
+    target::elf::ElfInfo,
+    target::memory_map::Mapping,
+    target::process::Process,
 };
 
 /// Prefixes looked for without being asked.

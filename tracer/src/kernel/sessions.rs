@@ -16,7 +16,7 @@ use std::{
     path::Path,
 };
 
-use crate::allocator::{AllocatorObject, ProbePoint};
+use crate::target::allocator::{AllocatorObject, ProbePoint};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{maps::Map, Ebpf};
@@ -46,8 +46,8 @@ impl SessionMode {
 }
 
 /// The attach cookie of an allocation function: its calling convention.
-pub fn convention(entry: crate::allocator::Entry) -> Option<u64> {
-    use crate::allocator::Entry;
+pub fn convention(entry: crate::target::allocator::Entry) -> Option<u64> {
+    use crate::target::allocator::Entry;
     use tracer_common::convention;
     Some(match entry {
         Entry::Malloc => convention::MALLOC,

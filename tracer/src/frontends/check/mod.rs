@@ -17,10 +17,10 @@ use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use self::{suppress::Rule, verdict::Limits};
 use crate::{
     cli::{CheckFormat, CheckOptions},
-    live::LiveTrace,
+    frontends::report::HOUSEKEEPING,
+    lifecycle::watch::{TargetEvent, TargetWatch},
     report::Report,
-    session::HOUSEKEEPING,
-    watch::{TargetEvent, TargetWatch},
+    trace::LiveTrace,
 };
 
 /// The rules in force: the defaults unless turned off, then each file's.

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::top::state::{Row, TopState};
+use crate::frontends::top::state::{Row, TopState};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -229,7 +229,7 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::SortKey, top::state::tests::state};
+    use crate::{cli::SortKey, frontends::top::state::tests::state};
 
     #[test]
     fn exposes_totals_top_stacks_and_the_rest() {

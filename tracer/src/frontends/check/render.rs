@@ -243,7 +243,7 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::{
-        check::{suppress, verdict::evaluate},
+        frontends::check::{suppress, verdict::evaluate},
         output::folded::tests::sample_report,
     };
 

@@ -21,11 +21,11 @@ use tokio::{
 use self::http::{Request, Response};
 use crate::{
     cli::{ServeOptions, SortKey},
-    live::LiveTrace,
+    frontends::report::HOUSEKEEPING,
+    frontends::top::{refresh, state::TopState},
+    lifecycle::watch::{TargetEvent, TargetWatch},
     output::{self, folded::Weight},
-    session::HOUSEKEEPING,
-    top::{refresh, state::TopState},
-    watch::{TargetEvent, TargetWatch},
+    trace::LiveTrace,
 };
 
 type Job = (Request, oneshot::Sender<Response>);
@@ -89,7 +89,7 @@ pub async fn run(
                 let report = trace.report_every_stack(&state.shown);
                 let host_process = trace.primary().process.clone();
                 let profile = output::pprof::render(&report, &|module| {
-                    crate::elf::build_id(&host_process.host_path(module))
+                    crate::target::elf::build_id(&host_process.host_path(module))
                 })?;
                 let name = push::application_name(trace.run.pid, &process);
                 let endpoint = push.clone().expect("checked by the guard");

@@ -9,7 +9,7 @@
 
 use std::io;
 
-use crate::launch::EntryHook;
+use crate::lifecycle::launch::EntryHook;
 
 const AT_ENTRY: u64 = 9;
 

@@ -23,11 +23,11 @@ use self::{
 };
 use crate::{
     cli::TopOptions,
-    launch::ChildOutput,
-    live::LiveTrace,
+    frontends::report::{open_output, HOUSEKEEPING},
+    lifecycle::launch::ChildOutput,
+    lifecycle::watch::{TargetEvent, TargetWatch},
     output::{self, folded::Weight},
-    session::{open_output, HOUSEKEEPING},
-    watch::{TargetEvent, TargetWatch},
+    trace::LiveTrace,
 };
 
 /// Where a command started by `top` writes: a file the user named, or nowhere.

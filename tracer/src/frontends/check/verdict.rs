@@ -164,7 +164,7 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::{
-        check::suppress,
+        frontends::check::suppress,
         output::folded::tests::{frame, sample_report},
         report::StackReport,
     };

@@ -13,15 +13,16 @@ use std::sync::Mutex;
 use anyhow::{Context as _, Result};
 
 use crate::{
-    allocator::AllocatorObject,
-    collect, detect,
-    mapping_trace::{self, MappingTrace},
+    collect,
+    collect::mapping_events::{self, MappingTrace},
+    kernel::probes::Probes,
+    lifecycle::watch::{ChangeKind, ProcessChange, TargetWatch},
     model::Snapshot,
-    probes::Probes,
     report::{self, AllocatorInfo, ProcessInfo, ProcessState, Report, RunInfo},
     symbolize::{Frame, Symbolizer},
-    target::Process,
-    watch::{ChangeKind, ProcessChange, TargetWatch},
+    target::allocator::AllocatorObject,
+    target::detect,
+    target::process::Process,
 };
 
 /// How processes found during the run (forks, execs, `--comm`) are probed:
@@ -71,7 +72,7 @@ pub struct LiveTrace {
     pub processes: Vec<Traced>,
     pub probe_options: ProbeOptions,
     /// `--unwind cfi`: the kernel side's unwind tables (first process only).
-    pub unwinder: Option<crate::unwind::SharedUnwinder>,
+    pub unwinder: Option<crate::target::unwind::SharedUnwinder>,
     /// The mmap family, when its tracepoints could be attached.
     pub mappings: Option<Mutex<MappingTrace>>,
     /// Ages of live blocks, read a bounded slice per snapshot.
@@ -111,7 +112,10 @@ impl LiveTrace {
         }
     }
 
-    pub fn with_unwinder(mut self, unwinder: Option<crate::unwind::SharedUnwinder>) -> Self {
+    pub fn with_unwinder(
+        mut self,
+        unwinder: Option<crate::target::unwind::SharedUnwinder>,
+    ) -> Self {
         self.unwinder = unwinder;
         self
     }
@@ -335,7 +339,7 @@ impl LiveTrace {
             .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
         if !self.probe_options.entry_probes {
             for object in &mut objects {
-                crate::allocator::place_entry_probes(object);
+                crate::target::allocator::place_entry_probes(object);
             }
         }
         Ok(objects)
@@ -358,7 +362,7 @@ impl LiveTrace {
                 .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
         if !self.probe_options.entry_probes {
             for object in &mut objects {
-                crate::allocator::place_entry_probes(object);
+                crate::target::allocator::place_entry_probes(object);
             }
         }
         Ok(objects)
@@ -495,7 +499,7 @@ impl LiveTrace {
                 .rev()
                 .find(|t| t.info.pid == pid)
                 .map(|t| &mut t.symbolizer);
-            match (mapping_trace::stack_frames(ebpf, id), symbolizer) {
+            match (mapping_events::stack_frames(ebpf, id), symbolizer) {
                 (Ok(Some((ips, truncated))), Some(symbolizer)) => {
                     (symbolizer.symbolize_stack(&ips), truncated)
                 }

@@ -15,9 +15,9 @@ use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use crate::{
     cli::{Format, ReportOptions},
-    live::LiveTrace,
+    lifecycle::watch::{exit_code, TargetEvent, TargetWatch},
     output,
-    watch::{exit_code, TargetEvent, TargetWatch},
+    trace::LiveTrace,
 };
 
 /// How often mappings are re-read and dead threads forgotten, whatever the
@@ -154,7 +154,7 @@ impl Session {
             Format::Folded => output::folded::render(&report, weight).into_bytes(),
             Format::Svg => output::flamegraph::render(&report, weight)?,
             Format::Pprof => output::pprof::render(&report, &|module| {
-                crate::elf::build_id(&process.host_path(module))
+                crate::target::elf::build_id(&process.host_path(module))
             })?,
             Format::Speedscope => output::speedscope::render(&report, weight).into_bytes(),
         };

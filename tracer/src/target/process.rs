@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::procmaps::{self, Mapping};
+use crate::target::memory_map::{self, Mapping};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -25,7 +25,7 @@ pub enum TargetError {
     #[error("cannot parse {}: {error}", path.display())]
     Malformed {
         path: PathBuf,
-        error: procmaps::ParseError,
+        error: memory_map::ParseError,
     },
 }
 
@@ -174,7 +174,7 @@ impl Process {
         if text.is_empty() && !self.is_alive() {
             return Err(TargetError::Exited { pid: self.pid });
         }
-        procmaps::parse(&text).map_err(|error| TargetError::Malformed { path, error })
+        memory_map::parse(&text).map_err(|error| TargetError::Malformed { path, error })
     }
 
     /// A path inside the process's mount namespace, as this tracer can open it.

@@ -13,14 +13,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::io::unix::AsyncFd;
 
-use crate::launch::{ChildEvent, Launched};
+use crate::lifecycle::launch::{ChildEvent, Launched};
 
 pub enum TargetWatch {
     /// Running processes, each watched through a pidfd; with
     /// `--follow-forks`, also the kernel's fork and exec events.
     Attached {
         pidfds: Vec<(u32, AsyncFd<OwnedFd>)>,
-        events: Option<crate::proc_events::ProcEvents>,
+        events: Option<crate::lifecycle::sched_events::ProcEvents>,
     },
     /// A command started by the tracer (and, with `--follow-forks`, what
     /// it forks).
@@ -84,7 +84,7 @@ impl TargetWatch {
 
     /// With `--follow-forks` on running processes: hear of their forks and
     /// execs from the kernel.
-    pub fn with_events(mut self, new: crate::proc_events::ProcEvents) -> Self {
+    pub fn with_events(mut self, new: crate::lifecycle::sched_events::ProcEvents) -> Self {
         if let TargetWatch::Attached { events, .. } = &mut self {
             *events = Some(new);
         }

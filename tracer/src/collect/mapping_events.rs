@@ -13,7 +13,7 @@ use aya::{
 };
 use tracer_common::{MmapEvent, StackTrace, MMAP_EVENTS_LOST, MMAP_STACKS_LOST};
 
-use crate::{mappings::MappingTable, model::StackSample, target::Process};
+use crate::{collect::mappings::MappingTable, model::StackSample, target::process::Process};
 
 /// Program name -> syscall tracepoint.
 const TRACEPOINTS: &[(&str, &str)] = &[
@@ -83,7 +83,7 @@ pub fn attach_tracepoints(
             .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
             .try_into()?;
         prog.load()
-            .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+            .map_err(|e| crate::kernel::privileges::explain_load_error(anyhow!(e)))
             .with_context(|| format!("loading eBPF program {program}"))?;
         prog.attach(category, tracepoint)
             .with_context(|| format!("attaching {program} to {category}/{tracepoint}"))?;
@@ -199,7 +199,7 @@ fn loader_code(process: &Process) -> Vec<(u64, u64)> {
     let Ok(exe) = process.exe() else {
         return Vec::new();
     };
-    let Some(interp) = crate::elf::ElfInfo::read(&process.host_path(&exe))
+    let Some(interp) = crate::target::elf::ElfInfo::read(&process.host_path(&exe))
         .ok()
         .and_then(|info| info.interpreter)
     else {

@@ -29,7 +29,7 @@ use clap::ValueEnum;
 use object::{Object, ObjectSegment};
 use tracer_common::unwind::{UnwindConfig, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS};
 
-use crate::{procmaps::Mapping, target::Process};
+use crate::{target::memory_map::Mapping, target::process::Process};
 
 /// How user stacks are walked.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

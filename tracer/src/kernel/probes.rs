@@ -16,8 +16,8 @@ use aya::{
 use tracer_common::TargetInfo;
 
 use crate::{
-    allocator::{AllocatorObject, Entry, ProbePoint, RETURN_PROGRAM},
-    slots::UNKNOWN_SLOTS,
+    kernel::slots::UNKNOWN_SLOTS,
+    target::allocator::{AllocatorObject, Entry, ProbePoint, RETURN_PROGRAM},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -31,7 +31,7 @@ pub struct MapSizes {
     /// `STACK_STATS`); stacks that hold nothing are reclaimed.
     pub stacks: u32,
     /// How stacks are walked, and room for CFI rows (`UNWIND_ROWS`).
-    pub unwind: crate::unwind::UnwindMode,
+    pub unwind: crate::target::unwind::UnwindMode,
     pub unwind_rows: u32,
 }
 
@@ -40,7 +40,7 @@ impl Default for MapSizes {
         MapSizes {
             allocations: 1 << 20,
             stacks: 65536,
-            unwind: crate::unwind::UnwindMode::Fp,
+            unwind: crate::target::unwind::UnwindMode::Fp,
             unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         }
     }
@@ -107,7 +107,7 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub variant: Variant,
     pub attached: Vec<Attached>,
-    reclaimer: crate::slots::Reclaimer,
+    reclaimer: crate::kernel::slots::Reclaimer,
     /// Traced processes, as the programs know them.
     targets: Vec<Target>,
     /// Reserved `STACK_STATS` slots not yet given to a process's unknown stack.
@@ -116,7 +116,7 @@ pub struct Probes {
     scopes: Vec<Scope>,
     /// The session program and its links, while allocation functions are
     /// to be probed with it (see `load_session`).
-    sessions: Option<crate::uprobe_session::Sessions>,
+    sessions: Option<crate::kernel::sessions::Sessions>,
     /// How allocation returns are probed, for `-v`.
     pub returns: String,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -151,11 +151,11 @@ impl Probes {
         sizes: MapSizes,
         variant: Variant,
         sample_rate: Option<u64>,
-        sessions: crate::uprobe_session::SessionMode,
+        sessions: crate::kernel::sessions::SessionMode,
     ) -> Result<Self> {
         let no_stacks: u8 = (variant == Variant::NoStacks).into();
         let rate: u64 = sample_rate.unwrap_or(0);
-        let fork_offset = crate::proc_events::fork_child_pid_offset().unwrap_or(0);
+        let fork_offset = crate::lifecycle::sched_events::fork_child_pid_offset().unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
             .override_global("NO_STACKS", &no_stacks, true)
@@ -171,15 +171,15 @@ impl Probes {
             .map_max_entries(
                 "UNWIND_ROWS",
                 match sizes.unwind {
-                    crate::unwind::UnwindMode::Fp => 1,
-                    crate::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
+                    crate::target::unwind::UnwindMode::Fp => 1,
+                    crate::target::unwind::UnwindMode::Cfi => sizes.unwind_rows.max(1),
                 },
             )
             .override_global("UNWIND_MODE", &sizes.unwind.global(), true)
             .load(EBPF_OBJECT)
-            .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+            .map_err(|e| crate::kernel::privileges::explain_load_error(anyhow!(e)))
             .context("loading the eBPF programs")?;
-        crate::slots::fill_free_slots(&mut ebpf, sizes.stacks)?;
+        crate::kernel::slots::fill_free_slots(&mut ebpf, sizes.stacks)?;
         if rate > 0 {
             fill_array(
                 &mut ebpf,
@@ -198,7 +198,7 @@ impl Probes {
             .then(|| Self::load_session(&ebpf, variant));
         // The programs only log rare conditions (a full map); forward them.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
-        let mut programs: Vec<&str> = crate::allocator::FUNCTIONS
+        let mut programs: Vec<&str> = crate::target::allocator::FUNCTIONS
             .iter()
             .map(|(_, entry)| entry.program())
             .collect();
@@ -215,7 +215,7 @@ impl Probes {
                 .try_into()?;
             program
                 .load()
-                .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+                .map_err(|e| crate::kernel::privileges::explain_load_error(anyhow!(e)))
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
         let first_reserved = sizes.stacks + 1;
@@ -244,13 +244,13 @@ impl Probes {
     /// Loads the program that probes the allocation functions as one uprobe
     /// session (kernel 6.13+) instead of a uprobe and a uretprobe each.
     /// Failing is not fatal: they get those (`-v` says which, `returns`).
-    fn load_session(ebpf: &Ebpf, variant: Variant) -> Result<crate::uprobe_session::Sessions> {
+    fn load_session(ebpf: &Ebpf, variant: Variant) -> Result<crate::kernel::sessions::Sessions> {
         let program = if variant == Variant::Noop {
             NOOP_SESSION
         } else {
             SESSION_PROGRAM
         };
-        crate::uprobe_session::Sessions::load(ebpf, EBPF_OBJECT, program)
+        crate::kernel::sessions::Sessions::load(ebpf, EBPF_OBJECT, program)
     }
 
     fn session_unavailable(&mut self, error: &anyhow::Error) {
@@ -318,7 +318,8 @@ impl Probes {
         }
         let unknown_slot = match self.unknown_slots.pop() {
             Some(slot) => {
-                crate::slots::StatsTable::open(&self.ebpf)?.claim_unknown(slot as usize, pid);
+                crate::kernel::slots::StatsTable::open(&self.ebpf)?
+                    .claim_unknown(slot as usize, pid);
                 slot
             }
             None => tracer_common::SLOT_UNKNOWN,
@@ -566,7 +567,7 @@ impl Probes {
                 &object.host_path,
                 scope,
             )
-            .map_err(|e| crate::privileges::explain_load_error(anyhow!(e)))
+            .map_err(|e| crate::kernel::privileges::explain_load_error(anyhow!(e)))
             .with_context(|| {
                 format!(
                     "attaching {program} to {} at {:#x} ({})",

@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn finds_malloc_in_our_libc() {
-        let me = crate::target::Process::open(std::process::id()).unwrap();
+        let me = crate::target::process::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
         let libc = maps
             .iter()

@@ -27,7 +27,7 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 
-use crate::watch::{ChangeKind, ProcessChange};
+use crate::lifecycle::watch::{ChangeKind, ProcessChange};
 
 /// What happens to the child after it was released.
 #[derive(Debug)]
@@ -186,7 +186,7 @@ pub fn launch(
                     return;
                 }
                 Ok(Some(hook)) => {
-                    if let Some(code) = crate::launch_entry::run_to_entry(pid, hook) {
+                    if let Some(code) = crate::lifecycle::entry::run_to_entry(pid, hook) {
                         let _ = event_tx.send(ChildEvent::Exited(code));
                         return;
                     }

@@ -1,6 +1,9 @@
 //! Reads the kernel-side aggregates out of the BPF maps into a `Snapshot`.
 //! The only module besides `probes` that touches aya.
 
+pub mod mapping_events;
+pub mod mappings;
+
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
@@ -12,9 +15,9 @@ use aya::{
 use tracer_common::{AllocKey, AllocRecord, Counter, InFlight, StackTrace};
 
 use crate::{
-    batch,
+    kernel::batch,
+    kernel::slots::StatsTable,
     model::{AgeScan, AgeScanner, Counters, Snapshot, StackSample, SETTLE_NS},
-    slots::StatsTable,
 };
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.

@@ -1,0 +1,7 @@
+//! What happens to the traced processes: a command started under ptrace,
+//! its entry point, the kernel's fork and exec events, pidfds.
+
+pub mod entry;
+pub mod launch;
+pub mod sched_events;
+pub mod watch;
