@@ -8,6 +8,8 @@
 //! process, so each stack belongs to one process and is symbolized with
 //! that process's mappings.
 
+pub mod setup;
+
 use std::sync::Mutex;
 
 use anyhow::{Context as _, Result};

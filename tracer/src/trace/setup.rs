@@ -1,0 +1,277 @@
+//! Starting a trace: find what each process calls, load the programs,
+//! attach them, and hand back the `LiveTrace` and the `TargetWatch` that
+//! tells what happens to its processes. Attaching to running processes
+//! (`attach`) or starting a command stopped at its exec (`start`).
+
+use std::{ffi::OsString, path::Path, time::Duration};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    cli::{Attach, TraceOptions},
+    kernel::probes::{MapSizes, Probes, Variant},
+    lifecycle::{
+        launch::{self, ChildOutput, Credentials},
+        watch::TargetWatch,
+    },
+    report::{ProcessInfo, ProcessState, RunInfo},
+    target::{allocator::AllocatorObject, detect, process::Process},
+    trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
+};
+
+fn load_probes(options: &TraceOptions) -> Result<Probes> {
+    let variant = if options.noop_probes {
+        Variant::Noop
+    } else if options.no_stacks {
+        Variant::NoStacks
+    } else {
+        Variant::Full
+    };
+    Probes::load_variant(
+        MapSizes {
+            allocations: options.max_allocations,
+            stacks: options.max_stacks,
+            unwind: options.unwind,
+            unwind_rows: options.unwind_rows,
+        },
+        variant,
+        options.sample_rate,
+        options.uprobe_sessions,
+    )
+}
+
+/// Attaches the probes of every allocator object.
+fn attach_all(probes: &mut Probes, objects: &[AllocatorObject], pid: u32) -> Result<()> {
+    for object in objects {
+        probes.attach(object, pid)?;
+    }
+    Ok(())
+}
+
+fn describe(probes: &Probes, verbose: bool) {
+    if !verbose {
+        return;
+    }
+    eprintln!("tracer: allocation returns: {}", probes.returns);
+    for a in &probes.attached {
+        let place = if a.skip > 0 {
+            format!(", entry+{}: past its NULL guard", a.skip)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "tracer: {} {} at {}+{:#x} ({}{place})",
+            if a.session {
+                "uprobe session"
+            } else if a.is_return {
+                "uretprobe"
+            } else {
+                "uprobe"
+            },
+            a.program,
+            a.object,
+            a.file_offset,
+            a.functions.join("/")
+        );
+    }
+}
+
+/// Places each object's entry probes (see `allocator::place_entry_probes`);
+/// `--entry-probes` keeps them all at their functions' entries.
+fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<AllocatorObject> {
+    if !options.entry_probes {
+        for object in &mut objects {
+            crate::target::allocator::place_entry_probes(object);
+        }
+    }
+    objects
+}
+
+fn probe_options(options: &TraceOptions) -> ProbeOptions {
+    ProbeOptions {
+        symbols_prefix: options.symbols_prefix.clone(),
+        entry_probes: options.entry_probes,
+        sample_rate: options.sample_rate,
+        verbose: options.verbose,
+    }
+}
+
+/// The PIDs `--pid` and `--comm` name, each once, in the order given.
+fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
+    let mut pids = targets.pids.clone();
+    for name in &targets.comm {
+        let found = crate::target::process::pids_by_comm(name);
+        if found.is_empty() {
+            bail!("no running process is named {name:?} (--comm matches /proc/PID/comm exactly, at most 15 characters)");
+        }
+        pids.extend(found);
+    }
+    let mut seen = std::collections::HashSet::new();
+    pids.retain(|pid| seen.insert(*pid));
+    Ok(pids)
+}
+
+/// Attaches to running processes.
+pub fn attach(
+    targets: &Attach,
+    options: &TraceOptions,
+    min_age: Duration,
+) -> Result<(LiveTrace, TargetWatch)> {
+    let started = std::time::Instant::now();
+    crate::kernel::privileges::check()?;
+    let pids = resolve_targets(targets)?;
+    if options.unwind == crate::target::unwind::UnwindMode::Cfi && pids.len() > 1 {
+        bail!("--unwind cfi traces one process; give one --pid");
+    }
+    // Every process is checked before anything is attached.
+    let mut found = Vec::new();
+    for &pid in &pids {
+        let process = Process::open(pid)?;
+        let maps = process.maps()?;
+        let objects = placed(
+            detect::for_process(&process, &maps, &options.symbols_prefix)
+                .with_context(|| format!("PID {pid} ({})", process.comm))?,
+            options,
+        );
+        found.push((process, objects));
+    }
+    let located = std::time::Instant::now();
+    let mut probes = load_probes(options)?;
+    let loaded = std::time::Instant::now();
+    let mut processes = Vec::new();
+    for (process, objects) in found {
+        probes.add_target(process.pid)?;
+        attach_all(&mut probes, &objects, process.pid)?;
+        let probed = objects.clone();
+        let info = ProcessInfo {
+            pid: process.pid,
+            parent: None,
+            command: process.command_line(),
+            allocators: allocator_infos(&objects, options.sample_rate),
+            state: ProcessState::Running,
+        };
+        processes.push(Traced::new(process, info, probed));
+    }
+    if options.timings {
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        let now = std::time::Instant::now();
+        eprintln!(
+            "tracer: timing: attach {:.1} ms (find allocator {:.1} ms, load programs {:.1} ms, attach {:.1} ms)",
+            ms(started, now),
+            ms(started, located),
+            ms(located, loaded),
+            ms(loaded, now)
+        );
+    }
+    describe(&probes, options.verbose);
+    let run = run_info(&processes, min_age);
+    let mut watch = TargetWatch::attached(&pids)?;
+    match crate::lifecycle::sched_events::ProcEvents::start(&mut probes.ebpf, options.follow_forks)
+    {
+        Ok(events) => watch = watch.with_events(events),
+        Err(e) if options.follow_forks => {
+            bail!("--follow-forks needs the sched tracepoints: {e:#}")
+        }
+        Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
+    }
+    let unwinder = unwinder(&mut probes, &processes[0].process, options)?;
+    // Attaches the mmap tracepoints too: "attached" means all of it.
+    let trace =
+        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
+    if options.verbose {
+        for traced in &trace.processes {
+            eprintln!(
+                "tracer: attached to PID {} ({})",
+                traced.info.pid, traced.info.command
+            );
+        }
+    }
+    Ok((trace, watch))
+}
+
+/// What reports say about the run, from the processes traced at its start.
+fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
+    let first = &processes[0].info;
+    RunInfo {
+        pid: first.pid,
+        command: first.command.clone(),
+        attached_ns: crate::collect::monotonic_ns(),
+        min_age_ns: min_age.as_nanos() as u64,
+        allocators: first.allocators.clone(),
+        processes: processes.iter().map(|t| t.info.clone()).collect(),
+    }
+}
+
+/// Starts a command stopped at its exec, attaches, then lets it run.
+pub fn start(
+    argv: Vec<OsString>,
+    options: &TraceOptions,
+    min_age: Duration,
+    output: ChildOutput,
+) -> Result<(LiveTrace, TargetWatch)> {
+    crate::kernel::privileges::check()?;
+    let exe = launch::resolve_command(Path::new(&argv[0]))?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let objects = placed(
+        detect::for_command(&exe, &env, &options.symbols_prefix)?,
+        options,
+    );
+    let mut probes = load_probes(options)?;
+    let mut argv = argv;
+    argv[0] = exe.clone().into_os_string();
+    let child = launch::launch(
+        &argv,
+        Credentials::from_sudo(),
+        output,
+        options.follow_forks,
+    )?;
+    let pid = child.pid;
+    probes.add_target(pid)?;
+    // On error, dropping `child` detaches it, so it is not left stopped.
+    attach_all(&mut probes, &objects, pid)?;
+    describe(&probes, options.verbose);
+    let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
+    let info = ProcessInfo {
+        pid,
+        parent: None,
+        command: argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+        allocators: allocator_infos(&objects, options.sample_rate),
+        state: ProcessState::Running,
+    };
+    let processes = vec![Traced::new(process.clone(), info, objects)];
+    let run = run_info(&processes, min_age);
+    let unwinder = unwinder(&mut probes, &process, options)?;
+    let trace = LiveTrace::new(probes, processes, run, probe_options(options))
+        .with_unwinder(unwinder.clone());
+    match unwinder {
+        // At exec only the program and the dynamic loader are mapped: the
+        // libraries' tables are added when the program reaches its entry
+        // point, before any of its own code runs.
+        Some(unwinder) => child.release_with_entry_hook(Box::new(move || {
+            if let Err(e) = unwinder.lock().unwrap().refresh() {
+                log::warn!("unwind tables at entry: {e:#}");
+            }
+        })),
+        None => child.release(),
+    }
+    Ok((trace, TargetWatch::Child(child)))
+}
+
+/// With `--unwind cfi`: the unwind tables of what the process has mapped.
+fn unwinder(
+    probes: &mut Probes,
+    process: &Process,
+    options: &TraceOptions,
+) -> Result<Option<crate::target::unwind::SharedUnwinder>> {
+    if options.unwind != crate::target::unwind::UnwindMode::Cfi {
+        return Ok(None);
+    }
+    let mut unwinder =
+        crate::target::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
+    unwinder.refresh().context("unwind tables")?;
+    Ok(Some(unwinder.shared()))
+}
