@@ -1,35 +1,24 @@
-//! The mmap family of the traced processes: attaches the syscall tracepoints
-//! of `tracer-ebpf/src/mmap.rs`, reads their events into a `MappingTable`,
-//! and reads the program break. Tracepoints need tracefs; without it (and
-//! when it cannot be mounted) heap tracing goes on alone.
+//! The mmap family of the traced processes: the events of the syscall
+//! tracepoints (`tracer-ebpf/src/mmap.rs`, attached by `kernel::tracefs`)
+//! applied to a `MappingTable` per process, and the program break.
+//! Tracepoints need tracefs; without it (and when it cannot be mounted)
+//! heap tracing goes on alone.
 
-use std::path::Path;
+use anyhow::Result;
+use tracer_common::{MmapEvent, MMAP_EVENTS_LOST, MMAP_STACKS_LOST};
 
-use anyhow::{anyhow, Context as _, Result};
-use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
-    Ebpf,
+use crate::{
+    collect::mappings::MappingTable,
+    kernel::{
+        maps::{self, EventRing},
+        programs::Loaded,
+    },
+    model::StackSample,
+    target::process::Process,
 };
-use tracer_common::{MmapEvent, StackTrace, MMAP_EVENTS_LOST, MMAP_STACKS_LOST};
-
-use crate::{collect::mappings::MappingTable, model::StackSample, target::process::Process};
-
-/// Program name -> syscall tracepoint.
-const TRACEPOINTS: &[(&str, &str)] = &[
-    ("mmap_enter", "sys_enter_mmap"),
-    ("mmap_exit", "sys_exit_mmap"),
-    ("munmap_enter", "sys_enter_munmap"),
-    ("munmap_exit", "sys_exit_munmap"),
-    ("mremap_enter", "sys_enter_mremap"),
-    ("mremap_exit", "sys_exit_mremap"),
-    ("brk_exit", "sys_exit_brk"),
-];
-
-pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub struct MappingTrace {
-    events: RingBuf<MapData>,
+    events: EventRing<MmapEvent>,
     processes: std::collections::HashMap<u32, MappedProcess>,
     /// Stack id -> made by the loader.
     by_loader: std::collections::HashMap<u64, bool>,
@@ -69,43 +58,17 @@ pub struct MappingSample {
     pub lost_stacks: u64,
 }
 
-/// Mounts tracefs if needed, then loads each program of `programs`
-/// (program name -> tracepoint) and attaches it to `category/tracepoint`.
-pub fn attach_tracepoints(
-    ebpf: &mut Ebpf,
-    category: &str,
-    programs: &[(&str, &str)],
-) -> Result<()> {
-    ensure_tracefs()?;
-    for (program, tracepoint) in programs {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-            .try_into()?;
-        prog.load()
-            .map_err(|e| crate::kernel::privileges::explain_load_error(anyhow!(e)))
-            .with_context(|| format!("loading eBPF program {program}"))?;
-        prog.attach(category, tracepoint)
-            .with_context(|| format!("attaching {program} to {category}/{tracepoint}"))?;
-    }
-    Ok(())
-}
-
 impl MappingTrace {
-    /// Attaches the tracepoints (the programs filter on the targets already
-    /// added) and takes the event ring buffer out of `ebpf`.
-    pub fn start(ebpf: &mut Ebpf, process: &Process) -> Result<Self> {
-        attach_tracepoints(ebpf, "syscalls", TRACEPOINTS)?;
-        let map = ebpf
-            .take_map("MMAP_EVENTS")
-            .context("eBPF object has no map MMAP_EVENTS")?;
+    /// Follows `process` through the events of `events` (see
+    /// `Kernel::start_mapping_events`).
+    pub fn new(events: EventRing<MmapEvent>, process: &Process) -> Self {
         let mut trace = MappingTrace {
-            events: RingBuf::try_from(map)?,
+            events,
             processes: Default::default(),
             by_loader: Default::default(),
         };
         trace.add(process);
-        Ok(trace)
+        trace
     }
 
     /// Follows one more process (or a process anew after an exec: what it
@@ -118,12 +81,7 @@ impl MappingTrace {
 
     /// Applies every event waiting in the ring buffer.
     pub fn drain(&mut self) {
-        while let Some(item) = self.events.next() {
-            if item.len() < std::mem::size_of::<MmapEvent>() {
-                continue;
-            }
-            let event: MmapEvent =
-                unsafe { std::ptr::read_unaligned(item.as_ptr() as *const MmapEvent) };
+        while let Some(event) = self.events.next_record() {
             if let Some(process) = self.processes.get_mut(&event.tgid) {
                 process.table.apply(&event);
             }
@@ -132,16 +90,14 @@ impl MappingTrace {
 
     /// Drains, then samples: per-stack outstanding mappings (those made at
     /// or before `cutoff_ns`, when given) and the break's growth.
-    pub fn sample(&mut self, ebpf: &Ebpf, cutoff_ns: Option<u64>) -> MappingSample {
+    pub fn sample(&mut self, loaded: &Loaded, cutoff_ns: Option<u64>) -> MappingSample {
         self.drain();
-        let brk = ebpf
-            .map("BRK")
-            .and_then(|map| BpfHashMap::<&MapData, u32, u64>::try_from(map).ok());
-        let (lost_events, lost_stacks) = counters(ebpf).unwrap_or((0, 0));
+        let brk = maps::brk(loaded).ok();
+        let (lost_events, lost_stacks) = counters(loaded).unwrap_or((0, 0));
         let mut all = Vec::new();
         let mut brk_growth = 0;
         for (pid, process) in &mut self.processes {
-            if let Some(value) = brk.as_ref().and_then(|b| b.get(pid, 0).ok()) {
+            if let Some(value) = brk.as_ref().and_then(|b| b.get(pid).ok().flatten()) {
                 process.brk_last = Some(value);
                 process.brk_at_attach.get_or_insert(value);
             }
@@ -153,7 +109,7 @@ impl MappingTrace {
             let by_loader = &mut self.by_loader;
             stacks.retain(|s| {
                 !*by_loader.entry(s.stack_id).or_insert_with(|| {
-                    matches!(stack_frames(ebpf, s.stack_id), Ok(Some((ips, _)))
+                    matches!(stack_frames(loaded, s.stack_id), Ok(Some((ips, _)))
                         if ips.first().is_some_and(|ip| loader.iter().any(|(a, b)| a <= ip && ip < b)))
                 })
             });
@@ -171,25 +127,18 @@ impl MappingTrace {
     }
 }
 
-fn counters(ebpf: &Ebpf) -> Result<(u64, u64)> {
-    let array: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(ebpf.map("MMAP_COUNTERS").context("MMAP_COUNTERS")?)?;
-    let read = |slot: u32| -> Result<u64> { Ok(array.get(&slot, 0)?.iter().sum()) };
-    Ok((read(MMAP_EVENTS_LOST)?, read(MMAP_STACKS_LOST)?))
+fn counters(loaded: &Loaded) -> Result<(u64, u64)> {
+    let sums = maps::counter_sums(
+        loaded,
+        maps::MMAP_COUNTERS,
+        &[MMAP_EVENTS_LOST, MMAP_STACKS_LOST],
+    )?;
+    Ok((sums[0], sums[1]))
 }
 
 /// The frames of a mapping stack (see `collect::stack_frames`).
-pub fn stack_frames(ebpf: &Ebpf, stack_id: u64) -> Result<Option<(Vec<u64>, bool)>> {
-    let stacks: BpfHashMap<&MapData, u64, StackTrace> =
-        BpfHashMap::try_from(ebpf.map("MMAP_STACKS").context("MMAP_STACKS")?)?;
-    match stacks.get(&stack_id, 0) {
-        Ok(trace) => {
-            let len = (trace.len as usize).min(trace.ips.len());
-            Ok(Some((trace.ips[..len].to_vec(), trace.truncated != 0)))
-        }
-        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e).context("reading MMAP_STACKS"),
-    }
+pub fn stack_frames(loaded: &Loaded, stack_id: u64) -> Result<Option<(Vec<u64>, bool)>> {
+    Ok(maps::stack_frames(&maps::mmap_stacks(loaded)?, stack_id)?)
 }
 
 /// The executable ranges of the process's dynamic loader (its PT_INTERP,
@@ -229,36 +178,4 @@ fn current_break(process: &Process) -> Option<u64> {
     let (_, rest) = stat.rsplit_once(')')?;
     // rest starts at field 3 (state); start_brk is field 47.
     rest.split_whitespace().nth(47 - 3)?.parse().ok()
-}
-
-/// Tracepoints are found through tracefs; mount it (as root) if it is not.
-pub fn ensure_tracefs() -> Result<()> {
-    let mounted = |dir: &str| {
-        Path::new(dir)
-            .join("events")
-            .join("syscalls")
-            .join("sys_enter_mmap")
-            .exists()
-    };
-    if mounted(TRACEFS) || mounted("/sys/kernel/debug/tracing") {
-        return Ok(());
-    }
-    let source = std::ffi::CString::new("tracefs").unwrap();
-    let target = std::ffi::CString::new(TRACEFS).unwrap();
-    let r = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            source.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 || !mounted(TRACEFS) {
-        return Err(anyhow!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed ({}): as root, mount -t tracefs tracefs {TRACEFS}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
 }

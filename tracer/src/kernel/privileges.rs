@@ -1,14 +1,13 @@
-//! Checks that the tracer may load eBPF programs, and turns the kernel's
-//! EPERM into a sentence a user can act on.
+//! Checks, before anything is attached, that the tracer may load eBPF
+//! programs (an EPERM later is said by `KernelError`).
 
-use anyhow::{anyhow, Error};
+use anyhow::anyhow;
+
+pub use super::error::NEED_PRIVILEGES;
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
-
-pub const NEED_PRIVILEGES: &str =
-    "tracer needs root, or the CAP_BPF and CAP_PERFMON capabilities, to load eBPF programs (try: sudo tracer ...)";
 
 /// Effective capability bits of this process (from /proc/self/status).
 fn effective_capabilities() -> Option<u64> {
@@ -30,16 +29,6 @@ pub fn check() -> anyhow::Result<()> {
     match effective_capabilities() {
         Some(caps) if !has_capabilities(caps) => Err(anyhow!(NEED_PRIVILEGES)),
         _ => Ok(()),
-    }
-}
-
-/// Adds the privilege hint to an EPERM from the kernel.
-pub fn explain_load_error(err: Error) -> Error {
-    let text = format!("{err:#}");
-    if text.contains("Operation not permitted") || text.contains("os error 1)") {
-        err.context(NEED_PRIVILEGES)
-    } else {
-        err
     }
 }
 

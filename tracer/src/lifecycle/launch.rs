@@ -496,7 +496,7 @@ impl<'a> Tree<'a> {
                     } else {
                         // Stopped since the exec: every block it has
                         // recorded is the old program's.
-                        let at_ns = crate::collect::monotonic_ns();
+                        let at_ns = crate::model::monotonic_ns();
                         self.announce_and_wait(pid, ChangeKind::Execed { at_ns });
                     }
                     cont(pid, 0);

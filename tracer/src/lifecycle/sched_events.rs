@@ -11,60 +11,27 @@ use std::{
     task::{Context, Poll},
 };
 
-use anyhow::{anyhow, Context as _, Result};
-use aya::{
-    maps::{MapData, RingBuf},
-    Ebpf,
-};
+use anyhow::Result;
 use tokio::io::unix::AsyncFd;
 use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 
-use crate::lifecycle::watch::{ChangeKind, ProcessChange};
-
-const TRACEPOINTS: &[(&str, &str)] = &[
-    ("process_fork", "sched_process_fork"),
-    ("process_exec", "sched_process_exec"),
-];
-
-/// The offset of `child_pid` in the fork tracepoint's record, from its
-/// format file (it differs between kernel versions); None if unreadable.
-pub fn fork_child_pid_offset() -> Option<u32> {
-    let format = std::fs::read_to_string(format!(
-        "{}/events/sched/sched_process_fork/format",
-        crate::collect::mapping_events::TRACEFS
-    ))
-    .ok()?;
-    format
-        .lines()
-        .find(|l| l.contains(" child_pid;"))?
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("offset:"))?
-        .parse()
-        .ok()
-}
+use crate::{
+    kernel::maps::EventRing,
+    lifecycle::watch::{ChangeKind, ProcessChange},
+};
 
 pub struct ProcEvents {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: AsyncFd<EventRing<ProcEvent>>,
     follow_forks: bool,
     pending: VecDeque<ProcessChange>,
 }
 
 impl ProcEvents {
-    /// Attaches the tracepoints (the offset global was set at load).
-    pub fn start(ebpf: &mut Ebpf, follow_forks: bool) -> Result<Self> {
-        crate::collect::mapping_events::ensure_tracefs()?;
-        if fork_child_pid_offset().is_none() {
-            return Err(anyhow!(
-                "the sched_process_fork tracepoint's format is unreadable"
-            ));
-        }
-        crate::collect::mapping_events::attach_tracepoints(ebpf, "sched", TRACEPOINTS)?;
-        let map = ebpf
-            .take_map("PROC_EVENTS")
-            .context("eBPF object has no map PROC_EVENTS")?;
+    /// Reads the events of `ring` (see `Kernel::start_sched_events`).
+    pub fn new(ring: EventRing<ProcEvent>, follow_forks: bool) -> Result<Self> {
         Ok(ProcEvents {
             // Safety: the ring buffer owns its fd, closed only when it drops.
-            ring: unsafe { AsyncFd::register(RingBuf::try_from(map)?) }?,
+            ring: unsafe { AsyncFd::register(ring) }?,
             follow_forks,
             pending: VecDeque::new(),
         })
@@ -76,21 +43,16 @@ impl ProcEvents {
             if let Some(change) = self.pending.pop_front() {
                 return Poll::Ready(change);
             }
-            log::debug!("polling sched events at {}", crate::collect::monotonic_ns());
+            log::debug!("polling sched events at {}", crate::model::monotonic_ns());
             let mut guard = match self.ring.poll_read_ready_mut(cx) {
                 Poll::Ready(Ok(guard)) => guard,
                 Poll::Ready(Err(_)) | Poll::Pending => return Poll::Pending,
             };
             let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < size_of::<ProcEvent>() {
-                    continue;
-                }
-                let event: ProcEvent =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcEvent) };
+            while let Some(event) = ring.next_record() {
                 log::debug!(
                     "sched event {event:?} read at {}",
-                    crate::collect::monotonic_ns()
+                    crate::model::monotonic_ns()
                 );
                 if let Some(change) = change(&event, self.follow_forks) {
                     self.pending.push_back(change);

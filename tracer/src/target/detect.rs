@@ -425,6 +425,53 @@ fn intern(name: &str) -> &'static str {
     leaked
 }
 
+/// Moves each object's entry probes past what the kernel would
+/// single-step (see `allocator::place_entry_probes`), unless
+/// `entry_probes` (`--entry-probes`) keeps them at the functions' entries.
+pub fn placed(mut objects: Vec<AllocatorObject>, entry_probes: bool) -> Vec<AllocatorObject> {
+    if !entry_probes {
+        for object in &mut objects {
+            crate::target::allocator::place_entry_probes(object);
+        }
+    }
+    objects
+}
+
+/// The allocator objects of a running process, placed.
+pub fn for_running(
+    process: &Process,
+    prefixes: &[String],
+    entry_probes: bool,
+) -> anyhow::Result<Vec<AllocatorObject>> {
+    use anyhow::Context as _;
+    let maps = process.maps()?;
+    let objects = for_process(process, &maps, prefixes)
+        .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
+    Ok(placed(objects, entry_probes))
+}
+
+/// The allocator objects of a program that has just started or exec'ed,
+/// placed. Its dynamic loader may not have mapped its libraries yet (a
+/// started command's child is stopped at the exec): then they are found as
+/// for a command about to start, from its executable and environment.
+///
+/// `for_command` runs the loader (`ld.so --list`): safe while the
+/// launcher's thread, which waits for any child, waits for this change.
+pub fn for_new_program(
+    process: &Process,
+    prefixes: &[String],
+    entry_probes: bool,
+) -> anyhow::Result<Vec<AllocatorObject>> {
+    use anyhow::Context as _;
+    if let Ok(objects) = for_running(process, prefixes, entry_probes) {
+        return Ok(objects);
+    }
+    let exe = process.host_path(&process.exe()?);
+    let objects = for_command(&exe, &process.environ(), prefixes)
+        .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
+    Ok(placed(objects, entry_probes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

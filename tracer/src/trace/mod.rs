@@ -8,23 +8,25 @@
 //! process, so each stack belongs to one process and is symbolized with
 //! that process's mappings.
 
+mod reading;
 pub mod setup;
 
 use std::sync::Mutex;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
-    collect,
-    collect::mapping_events::{self, MappingTrace},
-    kernel::probes::Probes,
+    collect::{self, mapping_events::MappingTrace},
+    kernel::{unwind::SharedUnwinder, Kernel, KernelOps},
     lifecycle::watch::{ChangeKind, ProcessChange, TargetWatch},
-    model::Snapshot,
-    report::{self, AllocatorInfo, ProcessInfo, ProcessState, Report, RunInfo},
-    symbolize::{Frame, Symbolizer},
-    target::allocator::AllocatorObject,
-    target::detect,
-    target::process::Process,
+    report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
+    symbolize::Symbolizer,
+    target::{
+        allocator::AllocatorObject,
+        detect,
+        process::Process,
+        tasks::{same_program, wait_out_of_execve},
+    },
 };
 
 /// How processes found during the run (forks, execs, `--comm`) are probed:
@@ -65,8 +67,9 @@ impl Traced {
     }
 }
 
-pub struct LiveTrace {
-    pub probes: Probes,
+/// `K`: the kernel side (`Kernel`; a fake in the tests below).
+pub struct LiveTrace<K = Kernel> {
+    kernel: K,
     /// The run as a whole; `run.pid` is the first process.
     pub run: RunInfo,
     /// Every process traced so far, the first one first. A pid that
@@ -74,37 +77,31 @@ pub struct LiveTrace {
     pub processes: Vec<Traced>,
     pub probe_options: ProbeOptions,
     /// `--unwind cfi`: the kernel side's unwind tables (first process only).
-    pub unwinder: Option<crate::target::unwind::SharedUnwinder>,
+    pub unwinder: Option<SharedUnwinder>,
     /// The mmap family, when its tracepoints could be attached.
     pub mappings: Option<Mutex<MappingTrace>>,
     /// Ages of live blocks, read a bounded slice per snapshot.
     sweep: collect::AgeSweep,
 }
 
-impl LiveTrace {
-    /// Also attaches the mmap-family tracepoints (the processes must
-    /// already be in the probes' target set); when that fails, says why in
-    /// one line and traces the heap alone.
+impl<K: KernelOps> LiveTrace<K> {
+    /// `processes` are already targets of `kernel`, their probes attached;
+    /// `mappings` follows the first of them (None: mmap is not traced).
     pub fn new(
-        mut probes: Probes,
+        kernel: K,
         processes: Vec<Traced>,
         run: RunInfo,
         probe_options: ProbeOptions,
+        mappings: Option<MappingTrace>,
     ) -> Self {
-        let mappings = match MappingTrace::start(&mut probes.ebpf, &processes[0].process) {
-            Ok(mut trace) => {
-                for traced in &processes[1..] {
-                    trace.add(&traced.process);
-                }
-                Some(Mutex::new(trace))
+        let mappings = mappings.map(|mut trace| {
+            for traced in &processes[1..] {
+                trace.add(&traced.process);
             }
-            Err(e) => {
-                eprintln!("tracer: not tracing mmap (heap tracing goes on): {e:#}");
-                None
-            }
-        };
+            Mutex::new(trace)
+        });
         LiveTrace {
-            probes,
+            kernel,
             run,
             processes,
             probe_options,
@@ -114,12 +111,14 @@ impl LiveTrace {
         }
     }
 
-    pub fn with_unwinder(
-        mut self,
-        unwinder: Option<crate::target::unwind::SharedUnwinder>,
-    ) -> Self {
+    pub fn with_unwinder(mut self, unwinder: Option<SharedUnwinder>) -> Self {
         self.unwinder = unwinder;
         self
+    }
+
+    /// The kernel side.
+    pub fn kernel(&self) -> &K {
+        &self.kernel
     }
 
     /// The first process (the one started, or the first `--pid`).
@@ -186,7 +185,7 @@ impl LiveTrace {
                     .find(|t| t.info.pid == parent && t.is_running())
             })
             // Still the same program: not exec'ed since the fork.
-            .filter(|t| same_program(&t.process, &process))
+            .filter(|t| same_program(t.info.pid, pid))
             .map(|t| t.objects.clone());
         let objects = match inherited {
             Some(objects) => objects,
@@ -211,29 +210,8 @@ impl LiveTrace {
         // The process stays a target throughout: the new program's first
         // allocations must not go unseen while it is re-probed.
         let rate = self.sample_rate();
-        let dropped = collect::drop_process(&mut self.probes.ebpf, pid, at_ns, rate)?;
-        // Heard of from the exec tracepoint, the process may still be
-        // inside execve, where /proc shows it without a memory map (as if it
-        // had exited): wait a little for it to come out.
-        let mut tries = 0;
-        let process = loop {
-            let opened = Process::open(pid)
-                .map_err(anyhow::Error::from)
-                .and_then(|p| match p.maps() {
-                    // An empty command line too: not out of execve yet.
-                    Ok(maps) if !maps.is_empty() && has_command_line(pid) => Ok(p),
-                    Ok(_) => Err(anyhow::anyhow!("PID {pid} has no memory map")),
-                    Err(e) => Err(e.into()),
-                });
-            match opened {
-                Ok(process) => break process,
-                Err(e) if tries == 25 => return Err(e),
-                Err(_) => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-            }
-        };
+        let dropped = self.kernel.drop_blocks(pid, at_ns, rate)?;
+        let process = wait_out_of_execve(pid)?;
         let objects = self.locate_new_program(&process)?;
         let command = self.trace_program(process, parent, objects)?;
         if self.probe_options.verbose {
@@ -254,9 +232,9 @@ impl LiveTrace {
         objects: Vec<AllocatorObject>,
     ) -> Result<String> {
         let pid = process.pid;
-        self.probes.add_target(pid)?;
+        self.kernel.add_target(pid)?;
         for object in &objects {
-            if !self.probes.is_attached(object, pid) {
+            if !self.kernel.is_attached(object, pid) {
                 self.attach_soon(object, &process)?;
             }
         }
@@ -287,8 +265,8 @@ impl LiveTrace {
                 traced.info.state = ProcessState::Exited(code);
             }
         }
-        self.probes.remove_target(pid);
-        self.probes.detach_process(pid);
+        self.kernel.remove_target(pid);
+        self.kernel.detach_process(pid);
         self.sync_run();
     }
 
@@ -323,10 +301,10 @@ impl LiveTrace {
     /// retry for a few tens of milliseconds.
     fn attach_soon(&mut self, object: &AllocatorObject, process: &Process) -> Result<()> {
         let mut tries = 0;
-        while let Err(e) = self.probes.attach(object, process.pid) {
+        while let Err(e) = self.kernel.attach(object, process.pid) {
             tries += 1;
             if tries == 25 || !process.is_alive() {
-                return Err(e);
+                return Err(e.into());
             }
             log::debug!("attaching to PID {}, try {tries}: {e:#}", process.pid);
             std::thread::sleep(std::time::Duration::from_millis(2));
@@ -334,40 +312,11 @@ impl LiveTrace {
         Ok(())
     }
 
-    /// The allocator objects of a process, placed as the options say.
-    fn locate(&self, process: &Process) -> Result<Vec<AllocatorObject>> {
-        let maps = process.maps()?;
-        let mut objects = detect::for_process(process, &maps, &self.probe_options.symbols_prefix)
-            .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
-        if !self.probe_options.entry_probes {
-            for object in &mut objects {
-                crate::target::allocator::place_entry_probes(object);
-            }
-        }
-        Ok(objects)
-    }
-
-    /// The allocator objects of a program that has just been exec'ed: the
-    /// dynamic loader may not have mapped its libraries yet (a started
-    /// command's child is stopped at the exec), so they are found as for a
-    /// command about to start, from its executable and environment.
-    ///
-    /// `for_command` runs the loader (`ld.so --list`): safe while the
-    /// launcher's thread, which waits for any child, waits for this change.
+    /// The allocator objects of a program that has just started or
+    /// exec'ed, placed as the options say (see `detect::for_new_program`).
     fn locate_new_program(&self, process: &Process) -> Result<Vec<AllocatorObject>> {
-        if let Ok(objects) = self.locate(process) {
-            return Ok(objects);
-        }
-        let exe = process.host_path(&process.exe()?);
-        let mut objects =
-            detect::for_command(&exe, &process.environ(), &self.probe_options.symbols_prefix)
-                .with_context(|| format!("PID {} ({})", process.pid, process.comm))?;
-        if !self.probe_options.entry_probes {
-            for object in &mut objects {
-                crate::target::allocator::place_entry_probes(object);
-            }
-        }
-        Ok(objects)
+        let options = &self.probe_options;
+        detect::for_new_program(process, &options.symbols_prefix, options.entry_probes)
     }
 
     /// Processes that are gone without word (a running process's last
@@ -399,10 +348,9 @@ impl LiveTrace {
             }
             traced.symbolizer.note_mappings();
             let process = &traced.process;
-            if let Err(e) =
-                collect::forget_dead_threads(&mut self.probes.ebpf, process.pid, rate, || {
-                    process.thread_ids()
-                })
+            if let Err(e) = self
+                .kernel
+                .forget_dead_threads(process.pid, rate, &mut || process.thread_ids())
             {
                 log::debug!("cleaning in-flight records: {e:#}");
             }
@@ -412,9 +360,7 @@ impl LiveTrace {
                 log::debug!("refreshing unwind tables: {e:#}");
             }
         }
-        if let Err(e) = self.probes.housekeeping() {
-            log::debug!("probe housekeeping: {e:#}");
-        }
+        self.kernel.housekeeping();
     }
 
     fn sample_rate(&self) -> Option<u64> {
@@ -423,116 +369,6 @@ impl LiveTrace {
             .first()
             .and_then(|a| a.sample_rate_bytes)
     }
-
-    /// The per-stack totals now. `scan` also reads live blocks, for ages and
-    /// the settled bytes growth is measured on: a bounded slice of them per
-    /// call (see `collect::Ages::Sweep`), unless a minimum age is set.
-    pub fn snapshot(&mut self, scan: bool) -> Result<Snapshot> {
-        let rate = self.sample_rate();
-        let ages = if scan {
-            collect::Ages::Sweep(&mut self.sweep)
-        } else {
-            collect::Ages::Skip
-        };
-        collect::snapshot(&self.probes.ebpf, self.run.min_age_ns, ages, rate)
-    }
-
-    /// The per-stack totals now, with every live block read for exact ages
-    /// (final reports).
-    pub fn snapshot_exact(&self) -> Result<Snapshot> {
-        collect::snapshot(
-            &self.probes.ebpf,
-            self.run.min_age_ns,
-            collect::Ages::Exact,
-            self.sample_rate(),
-        )
-    }
-
-    /// The symbolizer for the stacks of process `pid`: its current program
-    /// (stacks of a replaced program were dropped with it).
-    fn symbolizer(&mut self, pid: u32) -> Option<&mut Symbolizer> {
-        let index = self
-            .processes
-            .iter()
-            .rposition(|t| t.info.pid == pid)
-            .or((pid == 0).then_some(0))?;
-        Some(&mut self.processes[index].symbolizer)
-    }
-
-    /// Symbolized frames of a stack of process `pid`, innermost first, and
-    /// whether the capture was cut short. Empty if the stack is gone from
-    /// the map.
-    pub fn stack(&mut self, pid: u32, stack_id: u64) -> (Vec<Frame>, bool) {
-        let ips = collect::stack_frames(&self.probes.ebpf, stack_id);
-        match (ips, self.symbolizer(pid)) {
-            (Ok(Some((ips, truncated))), Some(symbolizer)) => {
-                (symbolizer.symbolize_stack(&ips), truncated)
-            }
-            _ => (Vec::new(), false),
-        }
-    }
-
-    /// A report of the `top` stacks (0: all) of a snapshot, with the
-    /// mappings made up to now.
-    pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
-        self.refresh_states();
-        let run = self.run.clone();
-        let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
-        report.mappings = self.mappings_report(snapshot.taken_ns, top);
-        report
-    }
-
-    /// The mappings section: outstanding anonymous mappings per stack.
-    pub fn mappings_report(&mut self, taken_ns: u64, top: usize) -> report::MappingsReport {
-        let Some(mappings) = &self.mappings else {
-            return report::MappingsReport::default();
-        };
-        let cutoff =
-            (self.run.min_age_ns > 0).then(|| taken_ns.saturating_sub(self.run.min_age_ns));
-        let sample = mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sample(&self.probes.ebpf, cutoff);
-        let ebpf = &self.probes.ebpf;
-        let processes = &mut self.processes;
-        report::build_mappings(&sample, taken_ns, top, |pid, id| {
-            let symbolizer = processes
-                .iter_mut()
-                .rev()
-                .find(|t| t.info.pid == pid)
-                .map(|t| &mut t.symbolizer);
-            match (mapping_events::stack_frames(ebpf, id), symbolizer) {
-                (Ok(Some((ips, truncated))), Some(symbolizer)) => {
-                    (symbolizer.symbolize_stack(&ips), truncated)
-                }
-                _ => (Vec::new(), false),
-            }
-        })
-    }
-
-    /// A report of every stack seen, including those whose blocks were all
-    /// freed (pprof's alloc_* values need them).
-    pub fn report_every_stack(&mut self, snapshot: &Snapshot) -> Report {
-        self.refresh_states();
-        let run = self.run.clone();
-        report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
-    }
-}
-
-/// /proc/PID/cmdline is not empty (it is while a process is inside execve).
-fn has_command_line(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
-}
-
-/// Both processes run the same executable file.
-fn same_program(a: &Process, b: &Process) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let file = |p: &Process| {
-        std::fs::metadata(format!("/proc/{}/exe", p.pid))
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    };
-    file(a).is_some() && file(a) == file(b)
 }
 
 /// What reports say about the objects probed in a process.

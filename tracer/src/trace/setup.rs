@@ -9,9 +9,11 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     cli::{Attach, TraceOptions},
-    kernel::probes::{MapSizes, Probes, Variant},
+    collect::mapping_events::MappingTrace,
+    kernel::{unwind::SharedUnwinder, Kernel, KernelOps, LoadOptions, MapSizes, Variant},
     lifecycle::{
         launch::{self, ChildOutput, Credentials},
+        sched_events::ProcEvents,
         watch::TargetWatch,
     },
     report::{ProcessInfo, ProcessState, RunInfo},
@@ -19,7 +21,7 @@ use crate::{
     trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
 };
 
-fn load_probes(options: &TraceOptions) -> Result<Probes> {
+fn load_kernel(options: &TraceOptions) -> Result<Kernel> {
     let variant = if options.noop_probes {
         Variant::Noop
     } else if options.no_stacks {
@@ -27,33 +29,33 @@ fn load_probes(options: &TraceOptions) -> Result<Probes> {
     } else {
         Variant::Full
     };
-    Probes::load_variant(
-        MapSizes {
+    Ok(Kernel::load(LoadOptions {
+        sizes: MapSizes {
             allocations: options.max_allocations,
             stacks: options.max_stacks,
             unwind: options.unwind,
             unwind_rows: options.unwind_rows,
         },
         variant,
-        options.sample_rate,
-        options.uprobe_sessions,
-    )
+        sample_rate: options.sample_rate,
+        sessions: options.uprobe_sessions,
+    })?)
 }
 
 /// Attaches the probes of every allocator object.
-fn attach_all(probes: &mut Probes, objects: &[AllocatorObject], pid: u32) -> Result<()> {
+fn attach_all(kernel: &mut Kernel, objects: &[AllocatorObject], pid: u32) -> Result<()> {
     for object in objects {
-        probes.attach(object, pid)?;
+        kernel.attach(object, pid)?;
     }
     Ok(())
 }
 
-fn describe(probes: &Probes, verbose: bool) {
+fn describe(kernel: &Kernel, verbose: bool) {
     if !verbose {
         return;
     }
-    eprintln!("tracer: allocation returns: {}", probes.returns);
-    for a in &probes.attached {
+    eprintln!("tracer: allocation returns: {}", kernel.returns());
+    for a in kernel.attached() {
         let place = if a.skip > 0 {
             format!(", entry+{}: past its NULL guard", a.skip)
         } else {
@@ -74,17 +76,6 @@ fn describe(probes: &Probes, verbose: bool) {
             a.functions.join("/")
         );
     }
-}
-
-/// Places each object's entry probes (see `allocator::place_entry_probes`);
-/// `--entry-probes` keeps them all at their functions' entries.
-fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<AllocatorObject> {
-    if !options.entry_probes {
-        for object in &mut objects {
-            crate::target::allocator::place_entry_probes(object);
-        }
-    }
-    objects
 }
 
 fn probe_options(options: &TraceOptions) -> ProbeOptions {
@@ -127,21 +118,16 @@ pub fn attach(
     let mut found = Vec::new();
     for &pid in &pids {
         let process = Process::open(pid)?;
-        let maps = process.maps()?;
-        let objects = placed(
-            detect::for_process(&process, &maps, &options.symbols_prefix)
-                .with_context(|| format!("PID {pid} ({})", process.comm))?,
-            options,
-        );
+        let objects = detect::for_running(&process, &options.symbols_prefix, options.entry_probes)?;
         found.push((process, objects));
     }
     let located = std::time::Instant::now();
-    let mut probes = load_probes(options)?;
+    let mut kernel = load_kernel(options)?;
     let loaded = std::time::Instant::now();
     let mut processes = Vec::new();
     for (process, objects) in found {
-        probes.add_target(process.pid)?;
-        attach_all(&mut probes, &objects, process.pid)?;
+        kernel.add_target(process.pid)?;
+        attach_all(&mut kernel, &objects, process.pid)?;
         let probed = objects.clone();
         let info = ProcessInfo {
             pid: process.pid,
@@ -163,21 +149,24 @@ pub fn attach(
             ms(loaded, now)
         );
     }
-    describe(&probes, options.verbose);
+    describe(&kernel, options.verbose);
     let run = run_info(&processes, min_age);
     let mut watch = TargetWatch::attached(&pids)?;
-    match crate::lifecycle::sched_events::ProcEvents::start(&mut probes.ebpf, options.follow_forks)
-    {
+    let events = kernel
+        .start_sched_events()
+        .and_then(|ring| ProcEvents::new(ring, options.follow_forks));
+    match events {
         Ok(events) => watch = watch.with_events(events),
         Err(e) if options.follow_forks => {
             bail!("--follow-forks needs the sched tracepoints: {e:#}")
         }
         Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
-    let unwinder = unwinder(&mut probes, &processes[0].process, options)?;
-    // Attaches the mmap tracepoints too: "attached" means all of it.
-    let trace =
-        LiveTrace::new(probes, processes, run, probe_options(options)).with_unwinder(unwinder);
+    let unwinder = unwinder(&mut kernel, &processes[0].process, options)?;
+    // The mmap tracepoints too, before saying so: "attached" means all of it.
+    let mappings = start_mappings(&mut kernel, &processes[0].process);
+    let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
+        .with_unwinder(unwinder);
     if options.verbose {
         for traced in &trace.processes {
             eprintln!(
@@ -195,7 +184,7 @@ fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
     RunInfo {
         pid: first.pid,
         command: first.command.clone(),
-        attached_ns: crate::collect::monotonic_ns(),
+        attached_ns: crate::model::monotonic_ns(),
         min_age_ns: min_age.as_nanos() as u64,
         allocators: first.allocators.clone(),
         processes: processes.iter().map(|t| t.info.clone()).collect(),
@@ -212,11 +201,11 @@ pub fn start(
     crate::kernel::privileges::check()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let objects = placed(
+    let objects = detect::placed(
         detect::for_command(&exe, &env, &options.symbols_prefix)?,
-        options,
+        options.entry_probes,
     );
-    let mut probes = load_probes(options)?;
+    let mut kernel = load_kernel(options)?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
     let child = launch::launch(
@@ -226,10 +215,10 @@ pub fn start(
         options.follow_forks,
     )?;
     let pid = child.pid;
-    probes.add_target(pid)?;
+    kernel.add_target(pid)?;
     // On error, dropping `child` detaches it, so it is not left stopped.
-    attach_all(&mut probes, &objects, pid)?;
-    describe(&probes, options.verbose);
+    attach_all(&mut kernel, &objects, pid)?;
+    describe(&kernel, options.verbose);
     let process = Process::open(pid).with_context(|| format!("started {}", exe.display()))?;
     let info = ProcessInfo {
         pid,
@@ -244,8 +233,9 @@ pub fn start(
     };
     let processes = vec![Traced::new(process.clone(), info, objects)];
     let run = run_info(&processes, min_age);
-    let unwinder = unwinder(&mut probes, &process, options)?;
-    let trace = LiveTrace::new(probes, processes, run, probe_options(options))
+    let unwinder = unwinder(&mut kernel, &process, options)?;
+    let mappings = start_mappings(&mut kernel, &process);
+    let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
         .with_unwinder(unwinder.clone());
     match unwinder {
         // At exec only the program and the dynamic loader are mapped: the
@@ -263,15 +253,28 @@ pub fn start(
 
 /// With `--unwind cfi`: the unwind tables of what the process has mapped.
 fn unwinder(
-    probes: &mut Probes,
+    kernel: &mut Kernel,
     process: &Process,
     options: &TraceOptions,
-) -> Result<Option<crate::target::unwind::SharedUnwinder>> {
+) -> Result<Option<SharedUnwinder>> {
     if options.unwind != crate::target::unwind::UnwindMode::Cfi {
         return Ok(None);
     }
     let mut unwinder =
-        crate::target::unwind::Unwinder::new(&mut probes.ebpf, process.clone(), options.verbose)?;
+        crate::kernel::unwind::Unwinder::new(kernel, process.clone(), options.verbose)?;
     unwinder.refresh().context("unwind tables")?;
     Ok(Some(unwinder.shared()))
+}
+
+/// Follows the mmap family of `first` (and the other processes, which
+/// `LiveTrace::new` adds); when its tracepoints cannot be attached, says why
+/// in one line and the heap is traced alone.
+fn start_mappings(kernel: &mut Kernel, first: &Process) -> Option<MappingTrace> {
+    match kernel.start_mapping_events() {
+        Ok(events) => Some(MappingTrace::new(events, first)),
+        Err(e) => {
+            eprintln!("tracer: not tracing mmap (heap tracing goes on): {e:#}");
+            None
+        }
+    }
 }

@@ -1,19 +1,25 @@
-//! Reading a whole BPF hash map in few syscalls: `BPF_MAP_LOOKUP_BATCH`
-//! (kernel 5.6+), which aya 0.14 does not wrap. Key-by-key iteration costs
-//! two syscalls per entry (get next key, look up), which for a million live
-//! allocations is most of a second per snapshot; a batch returns thousands
-//! of entries per call.
+//! The raw bpf(2) calls aya 0.14 does not make: batch lookups of hash
+//! maps (`BPF_MAP_LOOKUP_BATCH`, kernel 5.6+), and uprobe session programs
+//! (kernel 6.13+): loading one (`BPF_PROG_LOAD` with an expected attach
+//! type, the program taken from the object with `aya-obj` and its map
+//! references pointed at the maps aya created) and attaching it with a
+//! `uprobe_multi` link (`BPF_LINK_CREATE`).
 //!
-//! Callers fall back to key-by-key iteration when this returns `Unsupported`
-//! (an older kernel, or a map type without batch ops).
+//! Key-by-key iteration costs two syscalls per entry, which for a million
+//! live allocations is most of a second per snapshot; a batch returns
+//! thousands of entries per call. Callers fall back to key-by-key
+//! iteration when a batch read returns `Unsupported`.
 
 use std::{
+    collections::HashSet,
+    ffi::CString,
     io,
     mem::{size_of, MaybeUninit},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
 };
 
-use aya::Pod;
+use anyhow::{anyhow, bail, Context as _, Result};
 
 /// `enum bpf_cmd`: BPF_MAP_LOOKUP_BATCH.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -57,7 +63,7 @@ const CHUNK: usize = 16384;
 /// Calls `each(key, value)` for every entry of the hash map `map`, reading
 /// it in batches. Entries changed while the map is read may be seen or not,
 /// as with key-by-key iteration; none is seen twice.
-pub fn for_each<K: Pod, V: Pod>(
+pub fn for_each<K: Copy, V: Copy>(
     map: BorrowedFd<'_>,
     mut each: impl FnMut(&K, &V),
 ) -> Result<(), BatchError> {
@@ -82,7 +88,7 @@ impl Cursor {
     /// buckets: fewer than twice as many), calling `each` for each.
     /// Returns true when the end of the map was reached; the cursor is then
     /// back at the start.
-    pub fn read<K: Pod, V: Pod>(
+    pub fn read<K: Copy, V: Copy>(
         &mut self,
         map: BorrowedFd<'_>,
         limit: usize,
@@ -147,16 +153,173 @@ impl Cursor {
     }
 }
 
-/// The file descriptor of a hash map in a loaded object.
-pub fn hash_map_fd<'a>(map: &'a aya::maps::Map) -> Option<BorrowedFd<'a>> {
-    match map {
-        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => Some(data.fd().as_fd()),
-        _ => None,
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_KPROBE: u32 = 2;
+/// `enum bpf_attach_type` (include/uapi/linux/bpf.h, 6.13+).
+pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+
+/// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr` for BPF_LINK_CREATE with its `uprobe_multi` part.
+#[repr(C)]
+#[derive(Default)]
+struct UprobeMultiLinkAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    path: u64,
+    offsets: u64,
+    ref_ctr_offsets: u64,
+    cookies: u64,
+    cnt: u32,
+    multi_flags: u32,
+    pid: u32,
+    _pad: u32,
+}
+
+fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<OwnedFd> {
+    // Safety: `attr` points at `size` initialized bytes of a bpf_attr.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // Safety: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Loads program `name` of the eBPF object `object` as a uprobe session
+/// program whose map references point at `maps` (name and descriptor of
+/// each map already created from the same object).
+pub fn load_session_program(
+    maps: &[(String, RawFd)],
+    object: &[u8],
+    name: &str,
+) -> Result<OwnedFd> {
+    let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
+    let defined = obj.maps.clone();
+    let maps: Vec<(&str, RawFd, &aya_obj::Map)> = maps
+        .iter()
+        .filter_map(|(map_name, fd)| {
+            defined
+                .get(map_name)
+                .map(|def| (map_name.as_str(), *fd, def))
+        })
+        .collect();
+    // A map missing here would be resolved to another map of its ELF
+    // section by aya-obj: refuse instead. (aya-log takes its map out of
+    // `ebpf`, so load before its logger starts.)
+    if let Some(missing) = defined
+        .keys()
+        .find(|name| !maps.iter().any(|(n, _, _)| n == name))
+    {
+        bail!("map {missing} is not available to the session program");
+    }
+    obj.relocate_maps(maps.into_iter(), &text_sections)
+        .map_err(|e| anyhow!("{e}"))
+        .context("relocating map references")?;
+    obj.relocate_calls(&text_sections)
+        .map_err(|e| anyhow!("{e}"))
+        .context("relocating calls")?;
+    let program = obj
+        .programs
+        .get(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+    let function = obj
+        .functions
+        .get(&program.function_key())
+        .ok_or_else(|| anyhow!("eBPF object has no code for {name}"))?;
+    let instructions = &function.instructions;
+    let license = CString::new("GPL")?;
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_KPROBE,
+        insn_cnt: instructions.len() as u32,
+        insns: instructions.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: BPF_TRACE_UPROBE_SESSION,
+        ..Default::default()
+    };
+    for (slot, byte) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *slot = byte;
+    }
+    let size = std::mem::size_of::<ProgLoadAttr>();
+    match bpf(BPF_PROG_LOAD, (&raw const attr).cast(), size) {
+        Ok(fd) => Ok(fd),
+        Err(error) => {
+            // Again with the verifier's log, for the message.
+            let mut log = vec![0u8; 1 << 20];
+            attr.log_level = 1;
+            attr.log_size = log.len() as u32;
+            attr.log_buf = log.as_mut_ptr() as u64;
+            let _ = bpf(BPF_PROG_LOAD, (&raw const attr).cast(), size);
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "loading {name} as a uprobe session program: {error}{}",
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (verifier: {})", tail.join(" | "))
+                }
+            )
+        }
+    }
+}
+
+/// Attaches session program `program` at `offsets` of the file `path` (its
+/// path in the tracer's mount namespace), for process `pid` only, each
+/// offset with its cookie. Dropping the descriptor detaches.
+pub fn attach_session(
+    program: &OwnedFd,
+    path: &Path,
+    offsets: &[u64],
+    cookies: &[u64],
+    pid: u32,
+) -> std::io::Result<OwnedFd> {
+    assert_eq!(offsets.len(), cookies.len());
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = UprobeMultiLinkAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        attach_type: BPF_TRACE_UPROBE_SESSION,
+        path: path.as_ptr() as u64,
+        offsets: offsets.as_ptr() as u64,
+        cookies: cookies.as_ptr() as u64,
+        cnt: offsets.len() as u32,
+        pid,
+        ..Default::default()
+    };
+    bpf(
+        BPF_LINK_CREATE,
+        (&raw const attr).cast(),
+        std::mem::size_of::<UprobeMultiLinkAttr>(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd as _;
+
     use std::os::fd::{FromRawFd, OwnedFd};
 
     use super::*;
@@ -280,5 +443,14 @@ mod tests {
         let mut count = 0;
         for_each::<u64, [u64; 3]>(fd.as_fd(), |_, _| count += 1).unwrap();
         assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn attr_layouts_match_the_kernel() {
+        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, path), 16);
+        assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, cnt), 48);
+        assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, pid), 56);
     }
 }
