@@ -281,7 +281,7 @@ fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64)
         // slots and 100 ms after unpublishing them (slots.rs, testing only):
         // bursts that start then take the rare paths.
         .env("TRACER_TEST_RECLAIM_WINDOW_MS", "100")
-        .env("RUST_LOG", "tracer::kernel::slots=debug")
+        .env("RUST_LOG", "tracer::kernel::reclaim=debug")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -191,11 +191,20 @@ impl<K: KernelOps> LiveTrace<K> {
             Some(objects) => objects,
             None => self.locate_new_program(&process)?,
         };
-        let command = self.trace_program(process, parent, objects)?;
-        if self.probe_options.verbose {
-            eprintln!("tracer: tracing PID {pid} ({command})");
+        match self.trace_program(process, parent, objects) {
+            Ok(command) => {
+                if self.probe_options.verbose {
+                    eprintln!("tracer: tracing PID {pid} ({command})");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing half-attached stays behind for a process not traced.
+                self.kernel.detach_process(pid);
+                self.kernel.remove_target(pid);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Process `pid` replaced its program (exec): the old program's memory
@@ -203,10 +212,11 @@ impl<K: KernelOps> LiveTrace<K> {
     /// new program is probed as a process of its own.
     /// `at_ns`: when it exec'ed; blocks recorded since are the new program's.
     pub fn exec(&mut self, pid: u32, at_ns: u64) -> Result<()> {
-        let parent = self.current_mut(pid).and_then(|t| {
-            t.info.state = ProcessState::Replaced;
-            t.info.parent
-        });
+        let old = self
+            .processes
+            .iter()
+            .rposition(|t| t.info.pid == pid && t.info.state != ProcessState::Replaced);
+        let parent = old.and_then(|i| self.processes[i].info.parent);
         // The process stays a target throughout: the new program's first
         // allocations must not go unseen while it is re-probed.
         let rate = self.sample_rate();
@@ -214,6 +224,12 @@ impl<K: KernelOps> LiveTrace<K> {
         let process = wait_out_of_execve(pid)?;
         let objects = self.locate_new_program(&process)?;
         let command = self.trace_program(process, parent, objects)?;
+        // Listed as replaced once the new program is listed: an exec that
+        // cannot be followed leaves the process as it was, to be ended.
+        if let Some(i) = old {
+            self.processes[i].info.state = ProcessState::Replaced;
+            self.sync_run();
+        }
         if self.probe_options.verbose {
             eprintln!(
                 "tracer: PID {pid} exec'ed {command}; dropped the {dropped} blocks of its old program"
@@ -389,4 +405,296 @@ pub fn allocator_infos(
             estimated: sample_rate.is_some(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lifecycle of traced processes against a fake kernel side that
+    //! records what it is asked; the processes are real (`sleep` children),
+    //! so /proc, allocator detection and symbolizers are the real ones.
+
+    use std::process::{Child, Command};
+
+    use super::*;
+    use crate::kernel::{KernelError, Result as KernelResult};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        AddTarget(u32),
+        RemoveTarget(u32),
+        Attach(String, u32),
+        Detach(u32),
+        DropBlocks(u32, u64),
+        ForgetDeadThreads(u32),
+        Housekeeping,
+    }
+
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: Vec<Call>,
+        /// (object path, pid) attached so far.
+        attached: Vec<(String, u32)>,
+        refuse_attach: bool,
+    }
+
+    impl KernelOps for FakeKernel {
+        fn add_target(&mut self, pid: u32) -> KernelResult<()> {
+            self.calls.push(Call::AddTarget(pid));
+            Ok(())
+        }
+        fn remove_target(&mut self, pid: u32) {
+            self.calls.push(Call::RemoveTarget(pid));
+        }
+        fn attach(&mut self, object: &AllocatorObject, pid: u32) -> KernelResult<()> {
+            if self.refuse_attach {
+                return Err(KernelError::attach(
+                    "a probe",
+                    std::io::Error::from_raw_os_error(libc::ESRCH),
+                ));
+            }
+            self.calls.push(Call::Attach(object.path.clone(), pid));
+            self.attached.push((object.path.clone(), pid));
+            Ok(())
+        }
+        fn is_attached(&self, object: &AllocatorObject, pid: u32) -> bool {
+            self.attached.contains(&(object.path.clone(), pid))
+        }
+        fn detach_process(&mut self, pid: u32) {
+            self.calls.push(Call::Detach(pid));
+            self.attached.retain(|(_, p)| *p != pid);
+        }
+        fn drop_blocks(&mut self, pid: u32, before_ns: u64, _: Option<u64>) -> KernelResult<usize> {
+            self.calls.push(Call::DropBlocks(pid, before_ns));
+            Ok(7)
+        }
+        fn forget_dead_threads(
+            &mut self,
+            pid: u32,
+            _: Option<u64>,
+            live_tids: &mut dyn FnMut() -> Vec<u32>,
+        ) -> KernelResult<usize> {
+            assert!(live_tids().contains(&pid), "the main thread of {pid} lives");
+            self.calls.push(Call::ForgetDeadThreads(pid));
+            Ok(0)
+        }
+        fn housekeeping(&mut self) {
+            self.calls.push(Call::Housekeeping);
+        }
+    }
+
+    /// A real process to trace, killed when dropped.
+    struct Sleeper(Child);
+
+    impl Sleeper {
+        fn start() -> Self {
+            let child = Command::new("sleep").arg("60").spawn().expect("sleep");
+            // Out of its exec: its libraries are mapped.
+            crate::target::tasks::wait_out_of_execve(child.id()).expect("sleep runs");
+            while Process::open(child.id())
+                .and_then(|p| p.maps())
+                .map_or(true, |m| {
+                    !m.iter()
+                        .any(|m| m.path.as_deref().is_some_and(|p| p.contains("libc")))
+                })
+            {
+                std::thread::yield_now();
+            }
+            Sleeper(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A trace of `first`, attached as `trace::setup` attaches.
+    fn trace_of(first: &Sleeper) -> LiveTrace<FakeKernel> {
+        let process = Process::open(first.pid()).unwrap();
+        let objects = detect::for_running(&process, &[], false).unwrap();
+        let mut kernel = FakeKernel::default();
+        kernel.add_target(first.pid()).unwrap();
+        for object in &objects {
+            kernel.attach(object, first.pid()).unwrap();
+        }
+        let info = ProcessInfo {
+            pid: first.pid(),
+            parent: None,
+            command: process.command_line(),
+            allocators: allocator_infos(&objects, None),
+            state: ProcessState::Running,
+        };
+        let run = RunInfo {
+            pid: first.pid(),
+            command: info.command.clone(),
+            processes: vec![info.clone()],
+            ..RunInfo::default()
+        };
+        kernel.calls.clear();
+        LiveTrace::new(
+            kernel,
+            vec![Traced::new(process, info, objects)],
+            run,
+            ProbeOptions::default(),
+            None,
+        )
+    }
+
+    fn states(trace: &LiveTrace<FakeKernel>) -> Vec<(u32, ProcessState)> {
+        trace
+            .run
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.state))
+            .collect()
+    }
+
+    #[test]
+    fn a_forked_child_of_the_same_program_reuses_its_parents_objects() {
+        let (parent, child) = (Sleeper::start(), Sleeper::start());
+        let mut trace = trace_of(&parent);
+        trace.add_process(child.pid(), Some(parent.pid())).unwrap();
+        let objects = &trace.processes[0].objects;
+        assert!(!objects.is_empty());
+        let mut expected = vec![Call::AddTarget(child.pid())];
+        expected.extend(
+            objects
+                .iter()
+                .map(|o| Call::Attach(o.path.clone(), child.pid())),
+        );
+        assert_eq!(trace.kernel().calls, expected);
+        let paths = |t: &Traced| t.objects.iter().map(|o| o.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&trace.processes[1]), paths(&trace.processes[0]));
+        assert_eq!(trace.processes[1].info.parent, Some(parent.pid()));
+        assert_eq!(
+            states(&trace),
+            vec![
+                (parent.pid(), ProcessState::Running),
+                (child.pid(), ProcessState::Running)
+            ]
+        );
+        // Heard of twice (the launcher and the tracepoint): traced once.
+        trace.add_process(child.pid(), Some(parent.pid())).unwrap();
+        assert_eq!(trace.processes.len(), 2);
+        assert_eq!(trace.kernel().calls.len(), expected.len());
+    }
+
+    #[test]
+    fn an_exec_drops_the_old_programs_blocks_and_reprobes_only_what_is_new() {
+        let first = Sleeper::start();
+        let mut trace = trace_of(&first);
+        let pid = first.pid();
+        trace.exec(pid, 12345).unwrap();
+        // Same libc as before: already probed for this pid, not again.
+        assert_eq!(
+            trace.kernel().calls,
+            vec![Call::DropBlocks(pid, 12345), Call::AddTarget(pid)]
+        );
+        assert_eq!(
+            states(&trace),
+            vec![(pid, ProcessState::Replaced), (pid, ProcessState::Running)]
+        );
+        assert!(trace.any_running());
+    }
+
+    #[test]
+    fn an_ended_process_keeps_its_records_and_loses_its_probes() {
+        let (parent, child) = (Sleeper::start(), Sleeper::start());
+        let mut trace = trace_of(&parent);
+        trace.add_process(child.pid(), Some(parent.pid())).unwrap();
+        trace.kernel.calls.clear();
+        trace.ended(child.pid(), Some(3));
+        assert_eq!(
+            trace.kernel().calls,
+            vec![Call::RemoveTarget(child.pid()), Call::Detach(child.pid())]
+        );
+        assert_eq!(
+            states(&trace),
+            vec![
+                (parent.pid(), ProcessState::Running),
+                (child.pid(), ProcessState::Exited(Some(3)))
+            ]
+        );
+        assert!(trace.any_running());
+        trace.ended(parent.pid(), None);
+        assert!(!trace.any_running());
+    }
+
+    #[test]
+    fn a_process_that_cannot_be_attached_leaves_nothing_behind() {
+        let (parent, child) = (Sleeper::start(), Sleeper::start());
+        let mut trace = trace_of(&parent);
+        trace.kernel.refuse_attach = true;
+        assert!(trace.add_process(child.pid(), Some(parent.pid())).is_err());
+        assert_eq!(
+            trace.kernel().calls,
+            vec![
+                Call::AddTarget(child.pid()),
+                Call::Detach(child.pid()),
+                Call::RemoveTarget(child.pid())
+            ]
+        );
+        assert_eq!(trace.processes.len(), 1);
+        assert_eq!(trace.run.processes.len(), 1);
+    }
+
+    #[test]
+    fn housekeeping_cleans_each_running_process_then_the_kernel_side() {
+        let (parent, child) = (Sleeper::start(), Sleeper::start());
+        let mut trace = trace_of(&parent);
+        trace.add_process(child.pid(), Some(parent.pid())).unwrap();
+        trace.ended(child.pid(), None);
+        trace.kernel.calls.clear();
+        trace.housekeeping();
+        assert_eq!(
+            trace.kernel().calls,
+            vec![Call::ForgetDeadThreads(parent.pid()), Call::Housekeeping]
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_are_applied_and_a_failed_exec_ends_the_process() {
+        let (parent, child) = (Sleeper::start(), Sleeper::start());
+        let mut trace = trace_of(&parent);
+        let mut watch = TargetWatch::attached(&[parent.pid()]).unwrap();
+        trace.apply(
+            ProcessChange {
+                pid: child.pid(),
+                kind: ChangeKind::Forked {
+                    parent: parent.pid(),
+                },
+            },
+            &mut watch,
+        );
+        assert_eq!(trace.processes.len(), 2);
+        // Its program cannot be read any more: it counts as ended.
+        let pid = child.pid();
+        drop(child);
+        trace.kernel.calls.clear();
+        trace.apply(
+            ProcessChange {
+                pid,
+                kind: ChangeKind::Execed { at_ns: 1 },
+            },
+            &mut watch,
+        );
+        assert_eq!(
+            trace.kernel().calls,
+            vec![
+                Call::DropBlocks(pid, 1),
+                Call::RemoveTarget(pid),
+                Call::Detach(pid)
+            ]
+        );
+        assert_eq!(
+            trace.run.processes.last().unwrap().state,
+            ProcessState::Exited(None)
+        );
+    }
 }
