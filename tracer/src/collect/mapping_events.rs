@@ -14,7 +14,10 @@ use crate::{
         programs::Loaded,
     },
     model::StackSample,
-    target::process::Process,
+    target::{
+        process::Process,
+        tasks::{loader_code, program_break},
+    },
 };
 
 pub struct MappingTrace {
@@ -38,7 +41,7 @@ struct MappedProcess {
 
 impl MappedProcess {
     fn new(process: &Process) -> Self {
-        let brk = current_break(process);
+        let brk = program_break(process);
         MappedProcess {
             table: MappingTable::default(),
             brk_at_attach: brk,
@@ -139,43 +142,4 @@ fn counters(loaded: &Loaded) -> Result<(u64, u64)> {
 /// The frames of a mapping stack (see `collect::stack_frames`).
 pub fn stack_frames(loaded: &Loaded, stack_id: u64) -> Result<Option<(Vec<u64>, bool)>> {
     Ok(maps::stack_frames(&maps::mmap_stacks(loaded)?, stack_id)?)
-}
-
-/// The executable ranges of the process's dynamic loader (its PT_INTERP,
-/// matched by inode: musl's loader is a symlink to its libc).
-fn loader_code(process: &Process) -> Vec<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(exe) = process.exe() else {
-        return Vec::new();
-    };
-    let Some(interp) = crate::target::elf::ElfInfo::read(&process.host_path(&exe))
-        .ok()
-        .and_then(|info| info.interpreter)
-    else {
-        return Vec::new();
-    };
-    let Ok(meta) = std::fs::metadata(process.host_path(&interp)) else {
-        return Vec::new();
-    };
-    process
-        .maps()
-        .unwrap_or_default()
-        .iter()
-        .filter(|m| m.executable && m.inode == meta.ino())
-        .map(|m| (m.start, m.end))
-        .collect()
-}
-
-/// The program break now: the end of the `[heap]` mapping, or the start of
-/// the break area (/proc/PID/stat field 47) while there is none.
-fn current_break(process: &Process) -> Option<u64> {
-    if let Ok(maps) = process.maps() {
-        if let Some(heap) = maps.iter().find(|m| m.path.as_deref() == Some("[heap]")) {
-            return Some(heap.end);
-        }
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    // rest starts at field 3 (state); start_brk is field 47.
-    rest.split_whitespace().nth(47 - 3)?.parse().ok()
 }

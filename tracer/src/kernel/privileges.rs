@@ -9,16 +9,6 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Effective capability bits of this process (from /proc/self/status).
-fn effective_capabilities() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))?
-        .trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
 pub fn has_capabilities(caps: u64) -> bool {
     let has = |cap: u32| caps & (1u64 << cap) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
@@ -26,7 +16,7 @@ pub fn has_capabilities(caps: u64) -> bool {
 
 /// Fails with one clear line when the tracer cannot possibly load programs.
 pub fn check() -> anyhow::Result<()> {
-    match effective_capabilities() {
+    match crate::target::tasks::own_effective_capabilities() {
         Some(caps) if !has_capabilities(caps) => Err(anyhow!(NEED_PRIVILEGES)),
         _ => Ok(()),
     }

@@ -146,14 +146,7 @@ impl Unwinder {
     /// Compiles an object's rows into `UNWIND_ROWS`; None if it has no
     /// usable CFI or the rows do not fit (its frames then use frame pointers).
     fn load_object(&mut self, m: &Mapping, path: &str) -> Option<ObjectTable> {
-        // map_files reaches the mapped file even if it was deleted or
-        // replaced on disk; the path is the fallback.
-        let data = std::fs::read(format!(
-            "/proc/{}/map_files/{:x}-{:x}",
-            self.process.pid, m.start, m.end
-        ))
-        .or_else(|_| std::fs::read(self.process.host_path(path)))
-        .ok()?;
+        let data = crate::target::tasks::mapped_file(&self.process, m, path)?;
         let segments = segments(&data)?;
         let (rows, stats) = match cfi::compile(&data) {
             Ok(r) => r,
