@@ -14,7 +14,8 @@ use std::{
 
 use crate::{target::elf::ElfInfo, target::process::TargetError};
 
-/// The entry programs in `tracer-ebpf/src/alloc.rs`, by calling convention.
+/// The calling conventions of the allocator functions (each has its entry
+/// program, see `kernel::probes::entry_program`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Entry {
     Malloc,
@@ -30,28 +31,10 @@ pub enum Entry {
 }
 
 impl Entry {
-    pub fn program(self) -> &'static str {
-        match self {
-            Entry::Malloc => "malloc_enter",
-            Entry::Calloc => "calloc_enter",
-            Entry::Realloc => "realloc_enter",
-            Entry::Reallocarray => "reallocarray_enter",
-            Entry::Memalign => "memalign_enter",
-            Entry::PosixMemalign => "posix_memalign_enter",
-            Entry::Valloc => "valloc_enter",
-            Entry::Pvalloc => "pvalloc_enter",
-            Entry::Free => "free_enter",
-        }
-    }
-
-    /// Allocations need the return value; free does not.
     pub fn needs_return(self) -> bool {
         self != Entry::Free
     }
 }
-
-/// The return program shared by every allocation function.
-pub const RETURN_PROGRAM: &str = "alloc_return";
 
 /// The allocator API the tracer probes, with each function's convention.
 pub const FUNCTIONS: &[(&str, Entry)] = &[
