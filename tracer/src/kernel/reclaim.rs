@@ -245,6 +245,10 @@ mod tests {
 
     use super::*;
 
+    /// What a program does during the grace period: count in slots, publish
+    /// stacks.
+    type Meanwhile = Box<dyn FnMut(&mut Vec<StackStats>, &mut HashMap<u64, StackTrace>)>;
+
     /// Slots and stack entries in memory; `during_grace` runs inside the
     /// grace period, as a program would between unpublishing and recycling.
     #[derive(Default)]
@@ -253,7 +257,7 @@ mod tests {
         stacks: HashMap<u64, StackTrace>,
         recycled: Vec<usize>,
         no_grace: bool,
-        during_grace: Option<Box<dyn FnMut(&mut Vec<StackStats>, &mut HashMap<u64, StackTrace>)>>,
+        during_grace: Option<Meanwhile>,
     }
 
     impl SlotMaps for FakeSlots {
