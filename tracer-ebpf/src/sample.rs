@@ -19,7 +19,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap},
 };
-use tracer_common::{SAMPLE_DRAW_SLOTS, SAMPLE_WEIGHT_SLOTS, SAMPLE_WEIGHT_STEPS};
+use tracer_common::{SAMPLE_DRAW_SLOTS, SAMPLE_WEIGHT_SLOTS};
 
 /// Mean bytes between samples; 0: exact mode. Set by userspace at load.
 #[unsafe(no_mangle)]

@@ -55,7 +55,7 @@ fn real_main() -> Result<()> {
 }
 
 /// CI shells and `sudo` often lack ~/.cargo/bin; cargo, rustup and a freshly
-/// installed bpf-linker live there, and aya-build (run by cargo) needs them too.
+/// installed bpf-linker live there, and tracer/build.rs (run by cargo) needs them too.
 /// Set once here so every child process inherits it.
 fn prepend_cargo_bin_to_path() {
     let mut dirs: Vec<PathBuf> = Vec::new();
