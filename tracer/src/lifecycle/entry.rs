@@ -9,7 +9,9 @@
 
 use std::io;
 
-use crate::lifecycle::launch::EntryHook;
+/// Run by the child's thread when the started program reaches its entry
+/// point, the child stopped there (see `Launched::release_with_entry_hook`).
+pub type EntryHook = Box<dyn FnOnce() + Send>;
 
 const AT_ENTRY: u64 = 9;
 

@@ -27,31 +27,17 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 
-use crate::lifecycle::watch::{ChangeKind, ProcessChange};
-
-/// What happens to the child after it was released.
-#[derive(Debug)]
-pub enum ChildEvent {
-    /// Stopped on its way out, memory still mapped. `let_exit` lets it go.
-    Exiting,
-    /// Gone; exit code as a shell reports it (128 + signal when killed).
-    Exited(i32),
-    /// Another process of the command's tree forked, exec'ed or is ending
-    /// (`--follow-forks`), or the command exec'ed. The process waits for
-    /// `resume` where the change says so.
-    Changed(ProcessChange),
-}
-
-/// Run by the child's thread when the started program reaches its entry
-/// point, the child stopped there (see `Launched::release_with_entry_hook`).
-pub type EntryHook = Box<dyn FnOnce() + Send>;
+use crate::lifecycle::{
+    entry::{self, EntryHook},
+    event::{ChangeKind, ProcessChange, TargetEvent},
+};
 
 pub struct Launched {
     pub pid: u32,
     go: std_mpsc::Sender<Option<EntryHook>>,
     /// Pids the child's thread may let go on.
     resume: std_mpsc::Sender<u32>,
-    pub events: mpsc::UnboundedReceiver<ChildEvent>,
+    pub events: mpsc::UnboundedReceiver<TargetEvent>,
 }
 
 impl Launched {
@@ -186,8 +172,8 @@ pub fn launch(
                     return;
                 }
                 Ok(Some(hook)) => {
-                    if let Some(code) = crate::lifecycle::entry::run_to_entry(pid, hook) {
-                        let _ = event_tx.send(ChildEvent::Exited(code));
+                    if let Some(code) = entry::run_to_entry(pid, hook) {
+                        let _ = event_tx.send(TargetEvent::Exited(Some(code)));
                         return;
                     }
                 }
@@ -374,7 +360,7 @@ const RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// options inherited).
 struct Tree<'a> {
     main: u32,
-    events: &'a mpsc::UnboundedSender<ChildEvent>,
+    events: &'a mpsc::UnboundedSender<TargetEvent>,
     resume: &'a std_mpsc::Receiver<u32>,
     /// Processes announced to the tracer (forked, or found at their exec).
     known: std::collections::HashSet<u32>,
@@ -387,7 +373,7 @@ struct Tree<'a> {
 impl<'a> Tree<'a> {
     fn new(
         main: u32,
-        events: &'a mpsc::UnboundedSender<ChildEvent>,
+        events: &'a mpsc::UnboundedSender<TargetEvent>,
         resume: &'a std_mpsc::Receiver<u32>,
     ) -> Self {
         Tree {
@@ -404,7 +390,7 @@ impl<'a> Tree<'a> {
     fn announce_and_wait(&self, pid: u32, kind: ChangeKind) {
         let _ = self
             .events
-            .send(ChildEvent::Changed(ProcessChange { pid, kind }));
+            .send(TargetEvent::Changed(ProcessChange { pid, kind }));
         let deadline = std::time::Instant::now() + RESUME_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -422,7 +408,7 @@ impl<'a> Tree<'a> {
             let (pid, status) = match wait_any() {
                 Ok(r) => r,
                 Err(_) => {
-                    let _ = self.events.send(ChildEvent::Exited(1));
+                    let _ = self.events.send(TargetEvent::Exited(Some(1)));
                     return;
                 }
             };
@@ -435,11 +421,11 @@ impl<'a> Tree<'a> {
             };
             if let Some(code) = exit_code {
                 if pid == self.main {
-                    let _ = self.events.send(ChildEvent::Exited(code));
+                    let _ = self.events.send(TargetEvent::Exited(Some(code)));
                     return;
                 }
                 if self.known.remove(&pid) {
-                    let _ = self.events.send(ChildEvent::Changed(ProcessChange {
+                    let _ = self.events.send(TargetEvent::Changed(ProcessChange {
                         pid,
                         kind: ChangeKind::Ended(Some(code)),
                     }));
@@ -459,7 +445,7 @@ impl<'a> Tree<'a> {
                         continue;
                     }
                     if pid == self.main {
-                        let _ = self.events.send(ChildEvent::Exiting);
+                        let _ = self.events.send(TargetEvent::Exiting);
                         // Wait (bounded) for the final snapshot.
                         while let Ok(p) = self.resume.recv_timeout(RESUME_TIMEOUT) {
                             if p == pid {

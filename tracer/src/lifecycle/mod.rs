@@ -2,6 +2,7 @@
 //! its entry point, the kernel's fork and exec events, pidfds.
 
 pub mod entry;
+pub mod event;
 pub mod launch;
 pub mod sched_events;
 pub mod watch;

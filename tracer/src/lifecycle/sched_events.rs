@@ -19,7 +19,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 
-use crate::lifecycle::watch::{ChangeKind, ProcessChange};
+use crate::lifecycle::event::{ChangeKind, ProcessChange};
 
 const TRACEPOINTS: &[(&str, &str)] = &[
     ("process_fork", "sched_process_fork"),

@@ -18,7 +18,10 @@ use crate::{
     collect,
     collect::mapping_events::{self, MappingTrace},
     kernel::probes::Probes,
-    lifecycle::watch::{ChangeKind, ProcessChange, TargetWatch},
+    lifecycle::{
+        event::{ChangeKind, ProcessChange},
+        watch::TargetWatch,
+    },
     model::Snapshot,
     report::{self, AllocatorInfo, ProcessInfo, ProcessState, Report, RunInfo},
     symbolize::{Frame, Symbolizer},
