@@ -9,6 +9,8 @@
 
 use std::io;
 
+use crate::lifecycle::ptrace;
+
 /// Run by the child's thread when the started program reaches its entry
 /// point, the child stopped there (see `Launched::release_with_entry_hook`).
 pub type EntryHook = Box<dyn FnOnce() + Send>;
@@ -28,19 +30,6 @@ fn entry_address(pid: u32) -> io::Result<u64> {
         .find(|&(key, _)| key == AT_ENTRY)
         .map(|(_, value)| value)
         .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
-}
-
-fn wait(pid: u32) -> io::Result<libc::c_int> {
-    let mut status: libc::c_int = 0;
-    loop {
-        if unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL) } >= 0 {
-            return Ok(status);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
 }
 
 /// Runs the stopped child to its entry point and calls `hook` there; on any
@@ -66,17 +55,14 @@ pub fn run_to_entry(pid: u32, hook: EntryHook) -> Option<i32> {
     let restore = || unsafe { libc::ptrace(libc::PTRACE_POKETEXT, p, entry, word) };
     let mut signal = 0;
     loop {
-        unsafe { libc::ptrace(libc::PTRACE_CONT, p, 0, signal as libc::c_long) };
+        ptrace::cont(pid, signal);
         signal = 0;
-        let Ok(status) = wait(pid) else {
+        let Ok(status) = ptrace::wait(pid) else {
             hook();
             return Some(1);
         };
-        if libc::WIFEXITED(status) {
-            return Some(libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            return Some(128 + libc::WTERMSIG(status));
+        if let Some(code) = ptrace::exit_code(status) {
+            return Some(code);
         }
         if !libc::WIFSTOPPED(status) {
             continue;

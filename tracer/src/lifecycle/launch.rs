@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::lifecycle::{
     entry::{self, EntryHook},
     event::{ChangeKind, ProcessChange, TargetEvent},
+    ptrace,
 };
 
 pub struct Launched {
@@ -276,7 +277,7 @@ fn start_stopped(
         }
     };
     // 1. The child's own SIGSTOP (not traced yet: needs WUNTRACED to be seen).
-    let status = wait_with(pid, libc::WUNTRACED).map_err(|e| format!("waiting for {pid}: {e}"))?;
+    let status = ptrace::wait_untraced(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
     if !libc::WIFSTOPPED(status) {
         return Err(exec_error());
     }
@@ -304,7 +305,7 @@ fn start_stopped(
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
     // 3. Run it up to the exec stop, before the new program's first instruction.
     loop {
-        let status = wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
+        let status = ptrace::wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             return Err(exec_error());
         }
@@ -318,37 +319,8 @@ fn start_stopped(
         } else {
             0
         };
-        cont(pid, signal);
+        ptrace::cont(pid, signal);
     }
-}
-
-fn wait(pid: u32) -> io::Result<libc::c_int> {
-    wait_with(pid, 0)
-}
-
-fn wait_with(pid: u32, flags: libc::c_int) -> io::Result<libc::c_int> {
-    let mut status: libc::c_int = 0;
-    loop {
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL | flags) };
-        if r >= 0 {
-            return Ok(status);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-fn cont(pid: u32, signal: libc::c_int) {
-    unsafe {
-        libc::ptrace(
-            libc::PTRACE_CONT,
-            pid as libc::pid_t,
-            0,
-            signal as libc::c_long,
-        )
-    };
 }
 
 /// How long a stopped process waits for the tracer to deal with a change
@@ -403,23 +375,16 @@ impl<'a> Tree<'a> {
     }
 
     fn follow(mut self) {
-        cont(self.main, 0);
+        ptrace::cont(self.main, 0);
         loop {
-            let (pid, status) = match wait_any() {
+            let (pid, status) = match ptrace::wait_any() {
                 Ok(r) => r,
                 Err(_) => {
                     let _ = self.events.send(TargetEvent::Exited(Some(1)));
                     return;
                 }
             };
-            let exit_code = if libc::WIFEXITED(status) {
-                Some(libc::WEXITSTATUS(status))
-            } else if libc::WIFSIGNALED(status) {
-                Some(128 + libc::WTERMSIG(status))
-            } else {
-                None
-            };
-            if let Some(code) = exit_code {
+            if let Some(code) = ptrace::exit_code(status) {
                 if pid == self.main {
                     let _ = self.events.send(TargetEvent::Exited(Some(code)));
                     return;
@@ -441,7 +406,7 @@ impl<'a> Tree<'a> {
                     if other_threads_run_on(pid) {
                         // The main thread called pthread_exit; the process lives
                         // on and is reported when it really ends.
-                        cont(pid, 0);
+                        ptrace::cont(pid, 0);
                         continue;
                     }
                     if pid == self.main {
@@ -455,10 +420,10 @@ impl<'a> Tree<'a> {
                     } else if self.known.contains(&pid) {
                         self.announce_and_wait(pid, ChangeKind::Exiting);
                     }
-                    cont(pid, 0);
+                    ptrace::cont(pid, 0);
                 }
                 event @ (libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK) => {
-                    let child = event_message(pid);
+                    let child = ptrace::event_message(pid);
                     // A vfork child borrows its parent's memory until it
                     // execs: it is announced at its exec, if it makes one.
                     if event == libc::PTRACE_EVENT_FORK && child != 0 {
@@ -470,9 +435,9 @@ impl<'a> Tree<'a> {
                     }
                     if child != 0 && self.unreleased_stops.remove(&child) {
                         self.released.remove(&child);
-                        cont(child, 0);
+                        ptrace::cont(child, 0);
                     }
-                    cont(pid, 0);
+                    ptrace::cont(pid, 0);
                 }
                 libc::PTRACE_EVENT_EXEC => {
                     if self.known.insert(pid) {
@@ -485,7 +450,7 @@ impl<'a> Tree<'a> {
                         let at_ns = crate::collect::monotonic_ns();
                         self.announce_and_wait(pid, ChangeKind::Execed { at_ns });
                     }
-                    cont(pid, 0);
+                    ptrace::cont(pid, 0);
                 }
                 libc::PTRACE_EVENT_STOP => {
                     if pid != self.main
@@ -499,7 +464,7 @@ impl<'a> Tree<'a> {
                     }
                     if self.released.remove(&pid) {
                         // A new child's first stop, already released.
-                        cont(pid, 0);
+                        ptrace::cont(pid, 0);
                         continue;
                     }
                     if matches!(
@@ -510,48 +475,15 @@ impl<'a> Tree<'a> {
                         // stopped, and we hear of the SIGCONT that ends it.
                         unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid as libc::pid_t, 0, 0) };
                     } else {
-                        cont(pid, 0);
+                        ptrace::cont(pid, 0);
                     }
                 }
                 // Signal-delivery stop: deliver the signal as if we were not here.
-                0 => cont(pid, signal),
+                0 => ptrace::cont(pid, signal),
                 // Another ptrace event: not a signal.
-                _ => cont(pid, 0),
+                _ => ptrace::cont(pid, 0),
             }
         }
-    }
-}
-
-/// The next tracee state change, of any tracee.
-fn wait_any() -> io::Result<(u32, libc::c_int)> {
-    let mut status: libc::c_int = 0;
-    loop {
-        let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
-        if r > 0 {
-            return Ok((r as u32, status));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// PTRACE_GETEVENTMSG: the new child's pid at a fork event.
-fn event_message(pid: u32) -> u32 {
-    let mut message: libc::c_ulong = 0;
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETEVENTMSG,
-            pid as libc::pid_t,
-            0,
-            &mut message as *mut libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        0
-    } else {
-        message as u32
     }
 }
 

@@ -4,5 +4,6 @@
 pub mod entry;
 pub mod event;
 pub mod launch;
+mod ptrace;
 pub mod sched_events;
 pub mod watch;
