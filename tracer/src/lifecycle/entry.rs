@@ -9,35 +9,18 @@
 
 use std::io;
 
-use crate::lifecycle::ptrace;
+use crate::{lifecycle::ptrace, target::process};
 
 /// Run by the child's thread when the started program reaches its entry
 /// point, the child stopped there (see `Launched::release_with_entry_hook`).
 pub type EntryHook = Box<dyn FnOnce() + Send>;
-
-const AT_ENTRY: u64 = 9;
-
-/// The program's entry address from /proc/PID/auxv.
-fn entry_address(pid: u32) -> io::Result<u64> {
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))?;
-    auxv.chunks_exact(16)
-        .map(|pair| {
-            (
-                u64::from_ne_bytes(pair[..8].try_into().unwrap()),
-                u64::from_ne_bytes(pair[8..].try_into().unwrap()),
-            )
-        })
-        .find(|&(key, _)| key == AT_ENTRY)
-        .map(|(_, value)| value)
-        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
-}
 
 /// Runs the stopped child to its entry point and calls `hook` there; on any
 /// failure the hook still runs (later is better than never) and the child is
 /// left as it was. Returns the exit code if the child ended before.
 pub fn run_to_entry(pid: u32, hook: EntryHook) -> Option<i32> {
     let p = pid as libc::pid_t;
-    let Ok(entry) = entry_address(pid) else {
+    let Ok(entry) = process::entry_address(pid) else {
         hook();
         return None;
     };

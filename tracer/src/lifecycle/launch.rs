@@ -27,10 +27,13 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 
-use crate::lifecycle::{
-    entry::{self, EntryHook},
-    event::{ChangeKind, ProcessChange, TargetEvent},
-    ptrace,
+use crate::{
+    lifecycle::{
+        entry::{self, EntryHook},
+        event::{ChangeKind, ProcessChange, TargetEvent},
+        ptrace,
+    },
+    target::process,
 };
 
 pub struct Launched {
@@ -403,7 +406,7 @@ impl<'a> Tree<'a> {
             let signal = libc::WSTOPSIG(status);
             match status >> 16 {
                 libc::PTRACE_EVENT_EXIT => {
-                    if other_threads_run_on(pid) {
+                    if process::other_threads_run_on(pid) {
                         // The main thread called pthread_exit; the process lives
                         // on and is reported when it really ends.
                         ptrace::cont(pid, 0);
@@ -442,7 +445,7 @@ impl<'a> Tree<'a> {
                 libc::PTRACE_EVENT_EXEC => {
                     if self.known.insert(pid) {
                         // A vfork child's new program.
-                        let parent = parent_of(pid).unwrap_or(self.main);
+                        let parent = process::parent_pid(pid).unwrap_or(self.main);
                         self.announce_and_wait(pid, ChangeKind::Forked { parent });
                     } else {
                         // Stopped since the exec: every block it has
@@ -485,43 +488,6 @@ impl<'a> Tree<'a> {
             }
         }
     }
-}
-
-/// The parent process of `pid` (PPid in /proc/PID/status).
-fn parent_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Other threads of `pid` are alive and not being killed by an exit_group
-/// (which leaves SIGKILL pending on each of them).
-fn other_threads_run_on(pid: u32) -> bool {
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.filter_map(Result::ok).any(|task| {
-        if task.file_name().to_str() == Some(&pid.to_string()) {
-            return false;
-        }
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            return false;
-        };
-        let pending = status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigPnd:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0);
-        let dying = status
-            .lines()
-            .any(|l| l.starts_with("State:") && (l.contains("Z") || l.contains("X")));
-        pending & SIGKILL_BIT == 0 && !dying
-    })
 }
 
 #[cfg(test)]
