@@ -6,4 +6,5 @@ pub mod event;
 pub mod launch;
 mod ptrace;
 pub mod sched_events;
+mod tree;
 pub mod watch;
