@@ -16,7 +16,7 @@ use std::{
     ffi::{CString, OsString},
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
@@ -195,6 +195,8 @@ pub fn launch(
     })
 }
 
+/// Forks and execs `argv`, seized with ptrace and stopped at the exec,
+/// before the new program's first instruction.
 fn start_stopped(
     argv: &[OsString],
     credentials: Option<Credentials>,
@@ -202,81 +204,131 @@ fn start_stopped(
     follow_forks: bool,
 ) -> Result<u32, String> {
     let program = argv[0].to_string_lossy().into_owned();
-    // Everything the child needs is made before fork: after it, the child
-    // may only make async-signal-safe calls.
-    let to_c = |s: &OsString| {
-        CString::new(s.as_bytes()).map_err(|_| format!("{program}: argument contains a NUL byte"))
-    };
-    let args: Vec<CString> = argv.iter().map(to_c).collect::<Result<_, _>>()?;
-    let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    arg_ptrs.push(std::ptr::null());
-    let redirect = match &output {
-        ChildOutput::Inherit => None,
-        ChildOutput::File(file) => {
-            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-            Some((null, file.as_raw_fd()))
-        }
-    };
-    let groups = credentials
-        .as_ref()
-        .map(|c| c.groups.clone())
-        .unwrap_or_default();
-    // The child reports a failed exec (or setuid) through this pipe; a
-    // successful exec closes it.
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(format!("pipe: {}", io::Error::last_os_error()));
-    }
-    let (err_read, err_write) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-
+    let plan = ExecPlan::new(argv, &program, credentials, &output)?;
+    let (err_read, err_write) = cloexec_pipe().map_err(|e| format!("pipe: {e}"))?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", io::Error::last_os_error()));
     }
     if pid == 0 {
-        // The child. It stops itself so the tracer can seize it, then execs.
+        plan.stop_and_exec(err_write.as_raw_fd());
+    }
+    drop(err_write);
+    let pid = pid as u32;
+    trace_to_exec(pid, follow_forks, &program, || {
+        exec_error(&err_read, &program)
+    })?;
+    Ok(pid)
+}
+
+/// Everything the child needs between fork and exec, made before fork:
+/// after it, the child may only make async-signal-safe calls.
+struct ExecPlan<'a> {
+    args: Vec<CString>,
+    arg_ptrs: Vec<*const libc::c_char>,
+    /// /dev/null for stdin, and the fd for stdout and stderr.
+    redirect: Option<(std::fs::File, RawFd)>,
+    credentials: Option<Credentials>,
+    /// Owns the fd in `redirect`: borrowed so that it stays open.
+    _output: &'a ChildOutput,
+}
+
+impl<'a> ExecPlan<'a> {
+    fn new(
+        argv: &[OsString],
+        program: &str,
+        credentials: Option<Credentials>,
+        output: &'a ChildOutput,
+    ) -> Result<Self, String> {
+        let to_c = |s: &OsString| {
+            CString::new(s.as_bytes())
+                .map_err(|_| format!("{program}: argument contains a NUL byte"))
+        };
+        let args: Vec<CString> = argv.iter().map(to_c).collect::<Result<_, _>>()?;
+        let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let redirect = match output {
+            ChildOutput::Inherit => None,
+            ChildOutput::File(file) => {
+                let null =
+                    std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+                Some((null, file.as_raw_fd()))
+            }
+        };
+        Ok(ExecPlan {
+            args,
+            arg_ptrs,
+            redirect,
+            credentials,
+            _output: output,
+        })
+    }
+
+    /// In the forked child: redirects, drops to the credentials, stops
+    /// itself so the tracer can seize it, then execs. A failure's errno
+    /// goes to `err_fd`.
+    fn stop_and_exec(&self, err_fd: RawFd) -> ! {
         unsafe {
-            let fail = |fd: i32| -> ! {
+            let fail = || -> ! {
                 let errno = *libc::__errno_location();
-                libc::write(fd, (&errno as *const i32).cast(), 4);
+                libc::write(err_fd, (&errno as *const i32).cast(), 4);
                 libc::_exit(127)
             };
-            if let Some((null, out)) = &redirect {
+            if let Some((null, out)) = &self.redirect {
                 if libc::dup2(null.as_raw_fd(), 0) < 0
                     || libc::dup2(*out, 1) < 0
                     || libc::dup2(*out, 2) < 0
                 {
-                    fail(err_write.as_raw_fd());
+                    fail();
                 }
             }
-            if let Some(c) = &credentials {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            if let Some(c) = &self.credentials {
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
                     || libc::setuid(c.uid) < 0
                 {
-                    fail(err_write.as_raw_fd());
+                    fail();
                 }
             }
             libc::raise(libc::SIGSTOP);
-            libc::execv(args[0].as_ptr(), arg_ptrs.as_ptr());
-            fail(err_write.as_raw_fd());
+            libc::execv(self.args[0].as_ptr(), self.arg_ptrs.as_ptr());
+            fail()
         }
     }
-    drop(err_write);
-    let pid = pid as u32;
-    let exec_error = || -> String {
-        let mut errno = [0u8; 4];
-        let n = unsafe { libc::read(err_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
-        if n == 4 {
-            format!(
-                "cannot run {program}: {}",
-                io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
-            )
-        } else {
-            format!("{program} exited before it could be traced")
-        }
-    };
+}
+
+/// The pipe the child reports a failed exec (or setuid) through; a
+/// successful exec closes it. Returns (read end, write end).
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Why the child ended before its exec stop, from the pipe's read end.
+fn exec_error(err_read: &OwnedFd, program: &str) -> String {
+    let mut errno = [0u8; 4];
+    let n = unsafe { libc::read(err_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+    if n == 4 {
+        format!(
+            "cannot run {program}: {}",
+            io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+        )
+    } else {
+        format!("{program} exited before it could be traced")
+    }
+}
+
+/// Takes the forked child from its own SIGSTOP to the stop at its exec,
+/// seized; `exec_error` says why when it ends instead.
+fn trace_to_exec(
+    pid: u32,
+    follow_forks: bool,
+    program: &str,
+    exec_error: impl Fn() -> String,
+) -> Result<(), String> {
     // 1. The child's own SIGSTOP (not traced yet: needs WUNTRACED to be seen).
     let status = ptrace::wait_untraced(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
     if !libc::WIFSTOPPED(status) {
@@ -284,22 +336,7 @@ fn start_stopped(
     }
     // 2. Seize it (not TRACEME: a seized tracee's job-control stops can be
     //    left in place with PTRACE_LISTEN), then let it go on to exec.
-    let mut options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-    if follow_forks {
-        // Children are traced from birth, stopped until released (threads,
-        // PTRACE_O_TRACECLONE, are not: they share the process's probes).
-        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
-    }
-    if unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid as libc::pid_t,
-            0,
-            options as libc::c_long,
-        )
-    } < 0
-    {
-        let e = io::Error::last_os_error();
+    if let Err(e) = seize(pid, follow_forks) {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         return Err(format!("cannot trace {program}: {e}"));
     }
@@ -312,7 +349,7 @@ fn start_stopped(
         }
         let event = status >> 16;
         if event == libc::PTRACE_EVENT_EXEC {
-            return Ok(pid);
+            return Ok(());
         }
         // The stop seen on seizing, or a signal (SIGCONT) on its way in.
         let signal = if event == 0 {
@@ -322,6 +359,28 @@ fn start_stopped(
         };
         ptrace::cont(pid, signal);
     }
+}
+
+/// PTRACE_SEIZE with the options the launcher follows the child by.
+fn seize(pid: u32, follow_forks: bool) -> io::Result<()> {
+    let mut options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+    if follow_forks {
+        // Children are traced from birth, stopped until released (threads,
+        // PTRACE_O_TRACECLONE, are not: they share the process's probes).
+        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
+    }
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid as libc::pid_t,
+            0,
+            options as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
