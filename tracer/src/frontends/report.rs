@@ -15,7 +15,10 @@ use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use crate::{
     cli::{Format, ReportOptions},
-    lifecycle::watch::{exit_code, TargetEvent, TargetWatch},
+    lifecycle::{
+        event::TargetEvent,
+        watch::{exit_code, TargetWatch},
+    },
     output,
     trace::LiveTrace,
 };

@@ -9,44 +9,18 @@
 
 use std::io;
 
-use crate::lifecycle::launch::EntryHook;
+use crate::{lifecycle::ptrace, target::process};
 
-const AT_ENTRY: u64 = 9;
-
-/// The program's entry address from /proc/PID/auxv.
-fn entry_address(pid: u32) -> io::Result<u64> {
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))?;
-    auxv.chunks_exact(16)
-        .map(|pair| {
-            (
-                u64::from_ne_bytes(pair[..8].try_into().unwrap()),
-                u64::from_ne_bytes(pair[8..].try_into().unwrap()),
-            )
-        })
-        .find(|&(key, _)| key == AT_ENTRY)
-        .map(|(_, value)| value)
-        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
-}
-
-fn wait(pid: u32) -> io::Result<libc::c_int> {
-    let mut status: libc::c_int = 0;
-    loop {
-        if unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL) } >= 0 {
-            return Ok(status);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
+/// Run by the child's thread when the started program reaches its entry
+/// point, the child stopped there (see `Launched::release_with_entry_hook`).
+pub type EntryHook = Box<dyn FnOnce() + Send>;
 
 /// Runs the stopped child to its entry point and calls `hook` there; on any
 /// failure the hook still runs (later is better than never) and the child is
 /// left as it was. Returns the exit code if the child ended before.
 pub fn run_to_entry(pid: u32, hook: EntryHook) -> Option<i32> {
     let p = pid as libc::pid_t;
-    let Ok(entry) = entry_address(pid) else {
+    let Ok(entry) = process::entry_address(pid) else {
         hook();
         return None;
     };
@@ -64,17 +38,14 @@ pub fn run_to_entry(pid: u32, hook: EntryHook) -> Option<i32> {
     let restore = || unsafe { libc::ptrace(libc::PTRACE_POKETEXT, p, entry, word) };
     let mut signal = 0;
     loop {
-        unsafe { libc::ptrace(libc::PTRACE_CONT, p, 0, signal as libc::c_long) };
+        ptrace::cont(pid, signal);
         signal = 0;
-        let Ok(status) = wait(pid) else {
+        let Ok(status) = ptrace::wait(pid) else {
             hook();
             return Some(1);
         };
-        if libc::WIFEXITED(status) {
-            return Some(libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            return Some(128 + libc::WTERMSIG(status));
+        if let Some(code) = ptrace::exit_code(status) {
+            return Some(code);
         }
         if !libc::WIFSTOPPED(status) {
             continue;

@@ -16,7 +16,7 @@ use std::{
     ffi::{CString, OsString},
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
@@ -27,31 +27,19 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc;
 
-use crate::lifecycle::watch::{ChangeKind, ProcessChange};
-
-/// What happens to the child after it was released.
-#[derive(Debug)]
-pub enum ChildEvent {
-    /// Stopped on its way out, memory still mapped. `let_exit` lets it go.
-    Exiting,
-    /// Gone; exit code as a shell reports it (128 + signal when killed).
-    Exited(i32),
-    /// Another process of the command's tree forked, exec'ed or is ending
-    /// (`--follow-forks`), or the command exec'ed. The process waits for
-    /// `resume` where the change says so.
-    Changed(ProcessChange),
-}
-
-/// Run by the child's thread when the started program reaches its entry
-/// point, the child stopped there (see `Launched::release_with_entry_hook`).
-pub type EntryHook = Box<dyn FnOnce() + Send>;
+use crate::lifecycle::{
+    entry::{self, EntryHook},
+    event::TargetEvent,
+    ptrace,
+    tree::Tree,
+};
 
 pub struct Launched {
     pub pid: u32,
     go: std_mpsc::Sender<Option<EntryHook>>,
     /// Pids the child's thread may let go on.
     resume: std_mpsc::Sender<u32>,
-    pub events: mpsc::UnboundedReceiver<ChildEvent>,
+    pub events: mpsc::UnboundedReceiver<TargetEvent>,
 }
 
 impl Launched {
@@ -186,8 +174,8 @@ pub fn launch(
                     return;
                 }
                 Ok(Some(hook)) => {
-                    if let Some(code) = crate::lifecycle::entry::run_to_entry(pid, hook) {
-                        let _ = event_tx.send(ChildEvent::Exited(code));
+                    if let Some(code) = entry::run_to_entry(pid, hook) {
+                        let _ = event_tx.send(TargetEvent::Exited(Some(code)));
                         return;
                     }
                 }
@@ -207,6 +195,8 @@ pub fn launch(
     })
 }
 
+/// Forks and execs `argv`, seized with ptrace and stopped at the exec,
+/// before the new program's first instruction.
 fn start_stopped(
     argv: &[OsString],
     credentials: Option<Credentials>,
@@ -214,117 +204,152 @@ fn start_stopped(
     follow_forks: bool,
 ) -> Result<u32, String> {
     let program = argv[0].to_string_lossy().into_owned();
-    // Everything the child needs is made before fork: after it, the child
-    // may only make async-signal-safe calls.
-    let to_c = |s: &OsString| {
-        CString::new(s.as_bytes()).map_err(|_| format!("{program}: argument contains a NUL byte"))
-    };
-    let args: Vec<CString> = argv.iter().map(to_c).collect::<Result<_, _>>()?;
-    let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    arg_ptrs.push(std::ptr::null());
-    let redirect = match &output {
-        ChildOutput::Inherit => None,
-        ChildOutput::File(file) => {
-            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-            Some((null, file.as_raw_fd()))
-        }
-    };
-    let groups = credentials
-        .as_ref()
-        .map(|c| c.groups.clone())
-        .unwrap_or_default();
-    // The child reports a failed exec (or setuid) through this pipe; a
-    // successful exec closes it.
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(format!("pipe: {}", io::Error::last_os_error()));
-    }
-    let (err_read, err_write) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-
+    let plan = ExecPlan::new(argv, &program, credentials, &output)?;
+    let (err_read, err_write) = cloexec_pipe().map_err(|e| format!("pipe: {e}"))?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", io::Error::last_os_error()));
     }
     if pid == 0 {
-        // The child. It stops itself so the tracer can seize it, then execs.
+        plan.stop_and_exec(err_write.as_raw_fd());
+    }
+    drop(err_write);
+    let pid = pid as u32;
+    trace_to_exec(pid, follow_forks, &program, || {
+        exec_error(&err_read, &program)
+    })?;
+    Ok(pid)
+}
+
+/// Everything the child needs between fork and exec, made before fork:
+/// after it, the child may only make async-signal-safe calls.
+struct ExecPlan<'a> {
+    args: Vec<CString>,
+    arg_ptrs: Vec<*const libc::c_char>,
+    /// /dev/null for stdin, and the fd for stdout and stderr.
+    redirect: Option<(std::fs::File, RawFd)>,
+    credentials: Option<Credentials>,
+    /// Owns the fd in `redirect`: borrowed so that it stays open.
+    _output: &'a ChildOutput,
+}
+
+impl<'a> ExecPlan<'a> {
+    fn new(
+        argv: &[OsString],
+        program: &str,
+        credentials: Option<Credentials>,
+        output: &'a ChildOutput,
+    ) -> Result<Self, String> {
+        let to_c = |s: &OsString| {
+            CString::new(s.as_bytes())
+                .map_err(|_| format!("{program}: argument contains a NUL byte"))
+        };
+        let args: Vec<CString> = argv.iter().map(to_c).collect::<Result<_, _>>()?;
+        let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let redirect = match output {
+            ChildOutput::Inherit => None,
+            ChildOutput::File(file) => {
+                let null =
+                    std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+                Some((null, file.as_raw_fd()))
+            }
+        };
+        Ok(ExecPlan {
+            args,
+            arg_ptrs,
+            redirect,
+            credentials,
+            _output: output,
+        })
+    }
+
+    /// In the forked child: redirects, drops to the credentials, stops
+    /// itself so the tracer can seize it, then execs. A failure's errno
+    /// goes to `err_fd`.
+    fn stop_and_exec(&self, err_fd: RawFd) -> ! {
         unsafe {
-            let fail = |fd: i32| -> ! {
+            let fail = || -> ! {
                 let errno = *libc::__errno_location();
-                libc::write(fd, (&errno as *const i32).cast(), 4);
+                libc::write(err_fd, (&errno as *const i32).cast(), 4);
                 libc::_exit(127)
             };
-            if let Some((null, out)) = &redirect {
+            if let Some((null, out)) = &self.redirect {
                 if libc::dup2(null.as_raw_fd(), 0) < 0
                     || libc::dup2(*out, 1) < 0
                     || libc::dup2(*out, 2) < 0
                 {
-                    fail(err_write.as_raw_fd());
+                    fail();
                 }
             }
-            if let Some(c) = &credentials {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            if let Some(c) = &self.credentials {
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
                     || libc::setuid(c.uid) < 0
                 {
-                    fail(err_write.as_raw_fd());
+                    fail();
                 }
             }
             libc::raise(libc::SIGSTOP);
-            libc::execv(args[0].as_ptr(), arg_ptrs.as_ptr());
-            fail(err_write.as_raw_fd());
+            libc::execv(self.args[0].as_ptr(), self.arg_ptrs.as_ptr());
+            fail()
         }
     }
-    drop(err_write);
-    let pid = pid as u32;
-    let exec_error = || -> String {
-        let mut errno = [0u8; 4];
-        let n = unsafe { libc::read(err_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
-        if n == 4 {
-            format!(
-                "cannot run {program}: {}",
-                io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
-            )
-        } else {
-            format!("{program} exited before it could be traced")
-        }
-    };
+}
+
+/// The pipe the child reports a failed exec (or setuid) through; a
+/// successful exec closes it. Returns (read end, write end).
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Why the child ended before its exec stop, from the pipe's read end.
+fn exec_error(err_read: &OwnedFd, program: &str) -> String {
+    let mut errno = [0u8; 4];
+    let n = unsafe { libc::read(err_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+    if n == 4 {
+        format!(
+            "cannot run {program}: {}",
+            io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+        )
+    } else {
+        format!("{program} exited before it could be traced")
+    }
+}
+
+/// Takes the forked child from its own SIGSTOP to the stop at its exec,
+/// seized; `exec_error` says why when it ends instead.
+fn trace_to_exec(
+    pid: u32,
+    follow_forks: bool,
+    program: &str,
+    exec_error: impl Fn() -> String,
+) -> Result<(), String> {
     // 1. The child's own SIGSTOP (not traced yet: needs WUNTRACED to be seen).
-    let status = wait_with(pid, libc::WUNTRACED).map_err(|e| format!("waiting for {pid}: {e}"))?;
+    let status = ptrace::wait_untraced(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
     if !libc::WIFSTOPPED(status) {
         return Err(exec_error());
     }
     // 2. Seize it (not TRACEME: a seized tracee's job-control stops can be
     //    left in place with PTRACE_LISTEN), then let it go on to exec.
-    let mut options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-    if follow_forks {
-        // Children are traced from birth, stopped until released (threads,
-        // PTRACE_O_TRACECLONE, are not: they share the process's probes).
-        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
-    }
-    if unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid as libc::pid_t,
-            0,
-            options as libc::c_long,
-        )
-    } < 0
-    {
-        let e = io::Error::last_os_error();
+    if let Err(e) = seize(pid, follow_forks) {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         return Err(format!("cannot trace {program}: {e}"));
     }
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
     // 3. Run it up to the exec stop, before the new program's first instruction.
     loop {
-        let status = wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
+        let status = ptrace::wait(pid).map_err(|e| format!("waiting for {pid}: {e}"))?;
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             return Err(exec_error());
         }
         let event = status >> 16;
         if event == libc::PTRACE_EVENT_EXEC {
-            return Ok(pid);
+            return Ok(());
         }
         // The stop seen on seizing, or a signal (SIGCONT) on its way in.
         let signal = if event == 0 {
@@ -332,278 +357,30 @@ fn start_stopped(
         } else {
             0
         };
-        cont(pid, signal);
+        ptrace::cont(pid, signal);
     }
 }
 
-fn wait(pid: u32) -> io::Result<libc::c_int> {
-    wait_with(pid, 0)
-}
-
-fn wait_with(pid: u32, flags: libc::c_int) -> io::Result<libc::c_int> {
-    let mut status: libc::c_int = 0;
-    loop {
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL | flags) };
-        if r >= 0 {
-            return Ok(status);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
+/// PTRACE_SEIZE with the options the launcher follows the child by.
+fn seize(pid: u32, follow_forks: bool) -> io::Result<()> {
+    let mut options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+    if follow_forks {
+        // Children are traced from birth, stopped until released (threads,
+        // PTRACE_O_TRACECLONE, are not: they share the process's probes).
+        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
     }
-}
-
-fn cont(pid: u32, signal: libc::c_int) {
-    unsafe {
-        libc::ptrace(
-            libc::PTRACE_CONT,
-            pid as libc::pid_t,
-            0,
-            signal as libc::c_long,
-        )
-    };
-}
-
-/// How long a stopped process waits for the tracer to deal with a change
-/// before it is let go anyway: never hold a process forever.
-const RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The traced process tree of a started command: the command, and with
-/// `--follow-forks` every process it forks (ptrace attaches them at birth,
-/// options inherited).
-struct Tree<'a> {
-    main: u32,
-    events: &'a mpsc::UnboundedSender<ChildEvent>,
-    resume: &'a std_mpsc::Receiver<u32>,
-    /// Processes announced to the tracer (forked, or found at their exec).
-    known: std::collections::HashSet<u32>,
-    /// Children released before their first stop was seen, and children
-    /// whose first stop came before their parent's fork event.
-    released: std::collections::HashSet<u32>,
-    unreleased_stops: std::collections::HashSet<u32>,
-}
-
-impl<'a> Tree<'a> {
-    fn new(
-        main: u32,
-        events: &'a mpsc::UnboundedSender<ChildEvent>,
-        resume: &'a std_mpsc::Receiver<u32>,
-    ) -> Self {
-        Tree {
-            main,
-            events,
-            resume,
-            known: [main].into(),
-            released: Default::default(),
-            unreleased_stops: Default::default(),
-        }
-    }
-
-    /// Tells the tracer and waits (bounded) until it lets `pid` go on.
-    fn announce_and_wait(&self, pid: u32, kind: ChangeKind) {
-        let _ = self
-            .events
-            .send(ChildEvent::Changed(ProcessChange { pid, kind }));
-        let deadline = std::time::Instant::now() + RESUME_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.resume.recv_timeout(left) {
-                Ok(p) if p == pid => return,
-                Ok(_) => continue, // a late answer to an earlier wait
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn follow(mut self) {
-        cont(self.main, 0);
-        loop {
-            let (pid, status) = match wait_any() {
-                Ok(r) => r,
-                Err(_) => {
-                    let _ = self.events.send(ChildEvent::Exited(1));
-                    return;
-                }
-            };
-            let exit_code = if libc::WIFEXITED(status) {
-                Some(libc::WEXITSTATUS(status))
-            } else if libc::WIFSIGNALED(status) {
-                Some(128 + libc::WTERMSIG(status))
-            } else {
-                None
-            };
-            if let Some(code) = exit_code {
-                if pid == self.main {
-                    let _ = self.events.send(ChildEvent::Exited(code));
-                    return;
-                }
-                if self.known.remove(&pid) {
-                    let _ = self.events.send(ChildEvent::Changed(ProcessChange {
-                        pid,
-                        kind: ChangeKind::Ended(Some(code)),
-                    }));
-                }
-                continue;
-            }
-            if !libc::WIFSTOPPED(status) {
-                continue;
-            }
-            let signal = libc::WSTOPSIG(status);
-            match status >> 16 {
-                libc::PTRACE_EVENT_EXIT => {
-                    if other_threads_run_on(pid) {
-                        // The main thread called pthread_exit; the process lives
-                        // on and is reported when it really ends.
-                        cont(pid, 0);
-                        continue;
-                    }
-                    if pid == self.main {
-                        let _ = self.events.send(ChildEvent::Exiting);
-                        // Wait (bounded) for the final snapshot.
-                        while let Ok(p) = self.resume.recv_timeout(RESUME_TIMEOUT) {
-                            if p == pid {
-                                break;
-                            }
-                        }
-                    } else if self.known.contains(&pid) {
-                        self.announce_and_wait(pid, ChangeKind::Exiting);
-                    }
-                    cont(pid, 0);
-                }
-                event @ (libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK) => {
-                    let child = event_message(pid);
-                    // A vfork child borrows its parent's memory until it
-                    // execs: it is announced at its exec, if it makes one.
-                    if event == libc::PTRACE_EVENT_FORK && child != 0 {
-                        self.known.insert(child);
-                        self.announce_and_wait(child, ChangeKind::Forked { parent: pid });
-                        self.released.insert(child);
-                    } else if child != 0 {
-                        self.released.insert(child);
-                    }
-                    if child != 0 && self.unreleased_stops.remove(&child) {
-                        self.released.remove(&child);
-                        cont(child, 0);
-                    }
-                    cont(pid, 0);
-                }
-                libc::PTRACE_EVENT_EXEC => {
-                    if self.known.insert(pid) {
-                        // A vfork child's new program.
-                        let parent = parent_of(pid).unwrap_or(self.main);
-                        self.announce_and_wait(pid, ChangeKind::Forked { parent });
-                    } else {
-                        // Stopped since the exec: every block it has
-                        // recorded is the old program's.
-                        let at_ns = crate::model::monotonic_ns();
-                        self.announce_and_wait(pid, ChangeKind::Execed { at_ns });
-                    }
-                    cont(pid, 0);
-                }
-                libc::PTRACE_EVENT_STOP => {
-                    if pid != self.main
-                        && !self.known.contains(&pid)
-                        && !self.released.contains(&pid)
-                    {
-                        // A new child's first stop, before its parent's
-                        // fork event: it goes on when released.
-                        self.unreleased_stops.insert(pid);
-                        continue;
-                    }
-                    if self.released.remove(&pid) {
-                        // A new child's first stop, already released.
-                        cont(pid, 0);
-                        continue;
-                    }
-                    if matches!(
-                        signal,
-                        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-                    ) {
-                        // A job-control stop (Ctrl-Z, kill -STOP): it stays
-                        // stopped, and we hear of the SIGCONT that ends it.
-                        unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid as libc::pid_t, 0, 0) };
-                    } else {
-                        cont(pid, 0);
-                    }
-                }
-                // Signal-delivery stop: deliver the signal as if we were not here.
-                0 => cont(pid, signal),
-                // Another ptrace event: not a signal.
-                _ => cont(pid, 0),
-            }
-        }
-    }
-}
-
-/// The next tracee state change, of any tracee.
-fn wait_any() -> io::Result<(u32, libc::c_int)> {
-    let mut status: libc::c_int = 0;
-    loop {
-        let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
-        if r > 0 {
-            return Ok((r as u32, status));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// PTRACE_GETEVENTMSG: the new child's pid at a fork event.
-fn event_message(pid: u32) -> u32 {
-    let mut message: libc::c_ulong = 0;
     let r = unsafe {
         libc::ptrace(
-            libc::PTRACE_GETEVENTMSG,
+            libc::PTRACE_SEIZE,
             pid as libc::pid_t,
             0,
-            &mut message as *mut libc::c_ulong,
+            options as libc::c_long,
         )
     };
     if r < 0 {
-        0
-    } else {
-        message as u32
+        return Err(io::Error::last_os_error());
     }
-}
-
-/// The parent process of `pid` (PPid in /proc/PID/status).
-fn parent_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Other threads of `pid` are alive and not being killed by an exit_group
-/// (which leaves SIGKILL pending on each of them).
-fn other_threads_run_on(pid: u32) -> bool {
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.filter_map(Result::ok).any(|task| {
-        if task.file_name().to_str() == Some(&pid.to_string()) {
-            return false;
-        }
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            return false;
-        };
-        let pending = status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigPnd:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0);
-        let dying = status
-            .lines()
-            .any(|l| l.starts_with("State:") && (l.contains("Z") || l.contains("X")));
-        pending & SIGKILL_BIT == 0 && !dying
-    })
+    Ok(())
 }
 
 #[cfg(test)]

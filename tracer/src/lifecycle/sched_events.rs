@@ -17,7 +17,8 @@ use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 
 use crate::{
     kernel::maps::EventRing,
-    lifecycle::watch::{ChangeKind, ProcessChange},
+    lifecycle::event::{ChangeKind, ProcessChange},
+    target::process,
 };
 
 pub struct ProcEvents {
@@ -67,7 +68,7 @@ fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
     match event.kind {
         // The tracepoint fires for new threads too: only a task that
         // leads its own thread group is a new process.
-        PROC_FORK if follow_forks && is_process(event.pid) => Some(ProcessChange {
+        PROC_FORK if follow_forks && process::is_process(event.pid) => Some(ProcessChange {
             pid: event.pid,
             kind: ChangeKind::Forked { parent: event.tgid },
         }),
@@ -77,14 +78,4 @@ fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
         }),
         _ => None,
     }
-}
-
-/// Task `pid` is a process (its own thread group's leader), alive.
-fn is_process(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .is_some_and(|tgid| tgid.trim().parse() == Ok(pid))
-    })
 }

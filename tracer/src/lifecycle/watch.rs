@@ -6,58 +6,28 @@ use std::{
     io,
     os::fd::{FromRawFd, OwnedFd},
     process::ExitCode,
-    sync::mpsc as std_mpsc,
     task::Poll,
 };
 
 use anyhow::{Context as _, Result};
 use tokio::io::unix::AsyncFd;
 
-use crate::lifecycle::launch::{ChildEvent, Launched};
+use crate::lifecycle::{
+    event::{ChangeKind, ProcessChange, TargetEvent},
+    launch::Launched,
+    sched_events::ProcEvents,
+};
 
 pub enum TargetWatch {
     /// Running processes, each watched through a pidfd; with
     /// `--follow-forks`, also the kernel's fork and exec events.
     Attached {
         pidfds: Vec<(u32, AsyncFd<OwnedFd>)>,
-        events: Option<crate::lifecycle::sched_events::ProcEvents>,
+        events: Option<ProcEvents>,
     },
     /// A command started by the tracer (and, with `--follow-forks`, what
     /// it forks).
     Child(Launched),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetEvent {
-    /// A started command is stopped on its way out, its memory still mapped:
-    /// read what is needed, then call `let_exit`.
-    Exiting,
-    /// The session's processes are gone (a started command: with the exit
-    /// code a shell would report, when known).
-    Exited(Option<i32>),
-    /// Something happened to one traced process while the session goes on;
-    /// apply it with `LiveTrace::apply`, then `TargetWatch::applied`.
-    Changed(ProcessChange),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessChange {
-    pub pid: u32,
-    pub kind: ChangeKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// A new process, forked by `parent`. A started command's child waits,
-    /// stopped, until `applied`.
-    Forked { parent: u32 },
-    /// Replaced its program at `at_ns` (CLOCK_MONOTONIC). A started
-    /// command's process waits for `applied`.
-    Execed { at_ns: u64 },
-    /// About to exit, memory still mapped; waits for `applied`.
-    Exiting,
-    /// Gone.
-    Ended(Option<i32>),
 }
 
 fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
@@ -84,7 +54,7 @@ impl TargetWatch {
 
     /// With `--follow-forks` on running processes: hear of their forks and
     /// execs from the kernel.
-    pub fn with_events(mut self, new: crate::lifecycle::sched_events::ProcEvents) -> Self {
+    pub fn with_events(mut self, new: ProcEvents) -> Self {
         if let TargetWatch::Attached { events, .. } = &mut self {
             *events = Some(new);
         }
@@ -140,12 +110,11 @@ impl TargetWatch {
                     }
                 }
             }
-            TargetWatch::Child(child) => match child.events.recv().await {
-                Some(ChildEvent::Exiting) => TargetEvent::Exiting,
-                Some(ChildEvent::Exited(code)) => TargetEvent::Exited(Some(code)),
-                Some(ChildEvent::Changed(change)) => TargetEvent::Changed(change),
-                None => TargetEvent::Exited(None),
-            },
+            TargetWatch::Child(child) => child
+                .events
+                .recv()
+                .await
+                .unwrap_or(TargetEvent::Exited(None)),
         }
     }
 
@@ -187,9 +156,6 @@ impl TargetWatch {
         }
     }
 }
-
-/// A sender the launcher waits on while a change is applied.
-pub type Resume = std_mpsc::Sender<u32>;
 
 /// A shell-style exit code as the tracer's own (0 when unknown).
 pub fn exit_code(code: Option<i32>) -> ExitCode {

@@ -109,8 +109,7 @@ impl Process {
         }
         let comm = read_proc_file(pid, "comm")?.trim_end().to_string();
         let status = read_proc_file(pid, "status")?;
-        if status_field(&status, "State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
-        {
+        if status_field(&status, "State:").is_some_and(is_exited_state) {
             return Err(TargetError::Exited { pid });
         }
         // Kernel threads have no mm: no VmSize line and an empty maps file.
@@ -256,12 +255,7 @@ impl Process {
 
     /// Thread ids currently alive in the process.
     pub fn thread_ids(&self) -> Vec<u32> {
-        fs::read_dir(format!("/proc/{}/task", self.pid))
-            .map(|dir| {
-                dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        task_ids(self.pid).collect()
     }
 }
 
@@ -276,19 +270,9 @@ fn read_error(pid: u32, path: PathBuf, error: io::Error) -> TargetError {
 }
 
 fn is_running(pid: u32) -> bool {
-    // Field 3 is the state; a zombie has exited.
-    let running = |stat: &str| {
-        stat.rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start())
-            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-    };
     match read_proc_file(pid, "stat") {
-        Ok(stat) if running(&stat) => true,
-        Ok(_) => fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
-            tasks
-                .filter_map(Result::ok)
-                .any(|task| fs::read_to_string(task.path().join("stat")).is_ok_and(|s| running(&s)))
-        }),
+        Ok(stat) if stat_is_alive(&stat) => true,
+        Ok(_) => task_ids(pid).any(|tid| is_task_alive(pid, tid)),
         // Not ours to read (hidepid=noaccess): it exists, which is all we know.
         Err(TargetError::Unreadable { error, .. })
             if error.kind() == io::ErrorKind::PermissionDenied =>
@@ -297,6 +281,79 @@ fn is_running(pid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The thread ids listed in /proc/PID/task (none if it is gone).
+fn task_ids(pid: u32) -> impl Iterator<Item = u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+}
+
+/// A task state from /proc (field 3 of stat, `State:` in status) that
+/// says it has exited: Z (zombie) or X (dead).
+fn is_exited_state(state: &str) -> bool {
+    state.starts_with('Z') || state.starts_with('X')
+}
+
+/// A stat line's state (field 3, after the command in parentheses, which
+/// may itself hold ')') is not an exited one.
+fn stat_is_alive(stat: &str) -> bool {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start())
+        .is_some_and(|state| !is_exited_state(state))
+}
+
+/// Thread `tid` of process `pid` has not exited (the state in
+/// /proc/PID/task/TID/stat is not Z or X); false if unreadable.
+pub fn is_task_alive(pid: u32, tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| stat_is_alive(&s))
+}
+
+/// Threads of `pid` other than its main thread are alive and not being
+/// killed by an exit_group (which leaves SIGKILL pending on each of them).
+pub fn other_threads_run_on(pid: u32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    task_ids(pid).filter(|&tid| tid != pid).any(|tid| {
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            return false;
+        };
+        let pending = status_field(&status, "SigPnd:")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or(0);
+        let exited = status_field(&status, "State:").is_some_and(is_exited_state);
+        pending & SIGKILL_BIT == 0 && !exited
+    })
+}
+
+/// The parent process of `pid` (PPid in /proc/PID/status).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field(&status, "PPid:")?.parse().ok()
+}
+
+/// Task `tid` is a process (its own thread group's leader), alive.
+pub fn is_process(tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{tid}/status")).is_ok_and(|status| {
+        status_field(&status, "Tgid:").is_some_and(|tgid| tgid.parse() == Ok(tid))
+    })
+}
+
+/// The program's entry address (AT_ENTRY in /proc/PID/auxv).
+pub fn entry_address(pid: u32) -> io::Result<u64> {
+    const AT_ENTRY: u64 = 9;
+    let auxv = fs::read(format!("/proc/{pid}/auxv"))?;
+    auxv.chunks_exact(16)
+        .map(|pair| {
+            (
+                u64::from_ne_bytes(pair[..8].try_into().unwrap()),
+                u64::from_ne_bytes(pair[8..].try_into().unwrap()),
+            )
+        })
+        .find(|&(key, _)| key == AT_ENTRY)
+        .map(|(_, value)| value)
+        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
 }
 
 fn read_proc_bytes(pid: u32, name: &str) -> Result<Vec<u8>, TargetError> {
@@ -409,5 +466,16 @@ mod tests {
         assert!(!me.exe().unwrap().is_empty());
         assert_eq!(me.host_path("/etc/passwd"), PathBuf::from("/etc/passwd"));
         assert!(me.thread_ids().contains(&std::process::id()));
+    }
+
+    #[test]
+    fn task_queries_on_our_own_process() {
+        let me = std::process::id();
+        assert!(is_task_alive(me, me));
+        assert!(is_process(me));
+        assert_eq!(parent_pid(me), Some(unsafe { libc::getppid() } as u32));
+        assert!(entry_address(me).is_ok_and(|entry| entry != 0));
+        assert!(!stat_is_alive("12 (a) b) Z 1 2"));
+        assert!(stat_is_alive("12 (a) Z) S 1 2"));
     }
 }

@@ -4,27 +4,15 @@
 
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
-use super::{memory_map::Mapping, process::Process};
+use super::{
+    memory_map::Mapping,
+    process::{is_task_alive, Process},
+};
 
 /// Device and inode of a file: one file can have several paths (/lib and
 /// /usr/lib, a container's root).
 pub fn file_identity(path: &Path) -> Option<(u64, u64)> {
     fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// The state letter of /proc/PID/task/TID/stat says the task runs (not a
-/// zombie, not dead).
-pub fn is_task_alive(pid: u32, tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-        .is_ok_and(|stat| stat_is_alive(&stat))
-}
-
-/// A /proc stat line whose state (field 3, after the command in
-/// parentheses) is not Z (zombie) or X (dead).
-pub fn stat_is_alive(stat: &str) -> bool {
-    stat.rsplit_once(')')
-        .map(|(_, rest)| rest.trim_start())
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
 /// Some live thread of `pid`.
@@ -169,8 +157,6 @@ mod tests {
         assert_eq!(live_task(me).map(|t| is_task_alive(me, t)), Some(true));
         assert!(same_program(me, me));
         assert!(has_command_line(me));
-        assert!(!stat_is_alive("12 (a) b) Z 1 2"));
-        assert!(stat_is_alive("12 (a) Z) S 1 2"));
     }
 
     #[test]

@@ -18,7 +18,10 @@ use anyhow::Result;
 use crate::{
     collect::{self, mapping_events::MappingTrace},
     kernel::{unwind::SharedUnwinder, Kernel, KernelOps},
-    lifecycle::watch::{ChangeKind, ProcessChange, TargetWatch},
+    lifecycle::{
+        event::{ChangeKind, ProcessChange},
+        watch::TargetWatch,
+    },
     report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
     symbolize::Symbolizer,
     target::{

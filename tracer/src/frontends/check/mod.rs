@@ -18,7 +18,7 @@ use self::{suppress::Rule, verdict::Limits};
 use crate::{
     cli::{CheckFormat, CheckOptions},
     frontends::report::HOUSEKEEPING,
-    lifecycle::watch::{TargetEvent, TargetWatch},
+    lifecycle::{event::TargetEvent, watch::TargetWatch},
     report::Report,
     trace::LiveTrace,
 };

@@ -23,7 +23,7 @@ use crate::{
     cli::{ServeOptions, SortKey},
     frontends::report::HOUSEKEEPING,
     frontends::top::{refresh, state::TopState},
-    lifecycle::watch::{TargetEvent, TargetWatch},
+    lifecycle::{event::TargetEvent, watch::TargetWatch},
     output::{self, folded::Weight},
     trace::LiveTrace,
 };

@@ -25,7 +25,7 @@ use crate::{
     cli::TopOptions,
     frontends::report::{open_output, HOUSEKEEPING},
     lifecycle::launch::ChildOutput,
-    lifecycle::watch::{TargetEvent, TargetWatch},
+    lifecycle::{event::TargetEvent, watch::TargetWatch},
     output::{self, folded::Weight},
     trace::LiveTrace,
 };
