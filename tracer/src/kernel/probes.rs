@@ -224,7 +224,7 @@ impl Kernel {
     /// the uprobe traps too; measured here, an untraced malloc+free loop went
     /// from ~6 ns to ~9-16 us per iteration.
     pub(super) fn follow_scope_threads(&mut self) -> Result<()> {
-        use crate::target::{process::is_task_alive, tasks::live_task};
+        use crate::target::tasks::{is_task_alive, live_task};
         for index in 0..self.probes.scopes.len() {
             let (pid, tid) = (self.probes.scopes[index].pid, self.probes.scopes[index].tid);
             if is_task_alive(pid, tid) {

@@ -9,7 +9,7 @@
 
 use std::io;
 
-use crate::{lifecycle::ptrace, target::process};
+use crate::{lifecycle::ptrace, target::tasks};
 
 /// Run by the child's thread when the started program reaches its entry
 /// point, the child stopped there (see `Launched::release_with_entry_hook`).
@@ -20,7 +20,7 @@ pub type EntryHook = Box<dyn FnOnce() + Send>;
 /// left as it was. Returns the exit code if the child ended before.
 pub fn run_to_entry(pid: u32, hook: EntryHook) -> Option<i32> {
     let p = pid as libc::pid_t;
-    let Ok(entry) = process::entry_address(pid) else {
+    let Ok(entry) = tasks::entry_address(pid) else {
         hook();
         return None;
     };

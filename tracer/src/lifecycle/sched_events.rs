@@ -18,7 +18,7 @@ use tracer_common::{ProcEvent, PROC_EXEC, PROC_FORK};
 use crate::{
     kernel::maps::EventRing,
     lifecycle::event::{ChangeKind, ProcessChange},
-    target::process,
+    target::tasks,
 };
 
 pub struct ProcEvents {
@@ -68,7 +68,7 @@ fn change(event: &ProcEvent, follow_forks: bool) -> Option<ProcessChange> {
     match event.kind {
         // The tracepoint fires for new threads too: only a task that
         // leads its own thread group is a new process.
-        PROC_FORK if follow_forks && process::is_process(event.pid) => Some(ProcessChange {
+        PROC_FORK if follow_forks && tasks::is_process(event.pid) => Some(ProcessChange {
             pid: event.pid,
             kind: ChangeKind::Forked { parent: event.tgid },
         }),

@@ -15,7 +15,7 @@ use crate::{
         event::{ChangeKind, ProcessChange, TargetEvent},
         ptrace,
     },
-    target::process,
+    target::tasks,
 };
 
 /// How long a stopped process waits for the tracer to deal with a change
@@ -105,7 +105,7 @@ impl<'a> Tree<'a> {
 
     /// PTRACE_EVENT_EXIT: `pid` is on its way out, memory still mapped.
     fn exiting(&mut self, pid: u32) {
-        if process::other_threads_run_on(pid) {
+        if tasks::other_threads_run_on(pid) {
             // The main thread called pthread_exit; the process lives
             // on and is reported when it really ends.
             ptrace::cont(pid, 0);
@@ -148,7 +148,7 @@ impl<'a> Tree<'a> {
     fn execed(&mut self, pid: u32) {
         if self.known.insert(pid) {
             // A vfork child's new program.
-            let parent = process::parent_pid(pid).unwrap_or(self.main);
+            let parent = tasks::parent_pid(pid).unwrap_or(self.main);
             self.announce_and_wait(pid, ChangeKind::Forked { parent });
         } else {
             // Stopped since the exec: every block it has

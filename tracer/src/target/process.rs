@@ -272,7 +272,7 @@ fn read_error(pid: u32, path: PathBuf, error: io::Error) -> TargetError {
 fn is_running(pid: u32) -> bool {
     match read_proc_file(pid, "stat") {
         Ok(stat) if stat_is_alive(&stat) => true,
-        Ok(_) => task_ids(pid).any(|tid| is_task_alive(pid, tid)),
+        Ok(_) => task_ids(pid).any(|tid| super::tasks::is_task_alive(pid, tid)),
         // Not ours to read (hidepid=noaccess): it exists, which is all we know.
         Err(TargetError::Unreadable { error, .. })
             if error.kind() == io::ErrorKind::PermissionDenied =>
@@ -284,7 +284,7 @@ fn is_running(pid: u32) -> bool {
 }
 
 /// The thread ids listed in /proc/PID/task (none if it is gone).
-fn task_ids(pid: u32) -> impl Iterator<Item = u32> {
+pub(super) fn task_ids(pid: u32) -> impl Iterator<Item = u32> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
@@ -293,67 +293,16 @@ fn task_ids(pid: u32) -> impl Iterator<Item = u32> {
 
 /// A task state from /proc (field 3 of stat, `State:` in status) that
 /// says it has exited: Z (zombie) or X (dead).
-fn is_exited_state(state: &str) -> bool {
+pub(super) fn is_exited_state(state: &str) -> bool {
     state.starts_with('Z') || state.starts_with('X')
 }
 
 /// A stat line's state (field 3, after the command in parentheses, which
 /// may itself hold ')') is not an exited one.
-fn stat_is_alive(stat: &str) -> bool {
+pub(super) fn stat_is_alive(stat: &str) -> bool {
     stat.rsplit_once(')')
         .map(|(_, rest)| rest.trim_start())
         .is_some_and(|state| !is_exited_state(state))
-}
-
-/// Thread `tid` of process `pid` has not exited (the state in
-/// /proc/PID/task/TID/stat is not Z or X); false if unreadable.
-pub fn is_task_alive(pid: u32, tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| stat_is_alive(&s))
-}
-
-/// Threads of `pid` other than its main thread are alive and not being
-/// killed by an exit_group (which leaves SIGKILL pending on each of them).
-pub fn other_threads_run_on(pid: u32) -> bool {
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    task_ids(pid).filter(|&tid| tid != pid).any(|tid| {
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
-            return false;
-        };
-        let pending = status_field(&status, "SigPnd:")
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            .unwrap_or(0);
-        let exited = status_field(&status, "State:").is_some_and(is_exited_state);
-        pending & SIGKILL_BIT == 0 && !exited
-    })
-}
-
-/// The parent process of `pid` (PPid in /proc/PID/status).
-pub fn parent_pid(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status_field(&status, "PPid:")?.parse().ok()
-}
-
-/// Task `tid` is a process (its own thread group's leader), alive.
-pub fn is_process(tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{tid}/status")).is_ok_and(|status| {
-        status_field(&status, "Tgid:").is_some_and(|tgid| tgid.parse() == Ok(tid))
-    })
-}
-
-/// The program's entry address (AT_ENTRY in /proc/PID/auxv).
-pub fn entry_address(pid: u32) -> io::Result<u64> {
-    const AT_ENTRY: u64 = 9;
-    let auxv = fs::read(format!("/proc/{pid}/auxv"))?;
-    auxv.chunks_exact(16)
-        .map(|pair| {
-            (
-                u64::from_ne_bytes(pair[..8].try_into().unwrap()),
-                u64::from_ne_bytes(pair[8..].try_into().unwrap()),
-            )
-        })
-        .find(|&(key, _)| key == AT_ENTRY)
-        .map(|(_, value)| value)
-        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
 }
 
 fn read_proc_bytes(pid: u32, name: &str) -> Result<Vec<u8>, TargetError> {
@@ -364,11 +313,11 @@ fn read_proc_bytes(pid: u32, name: &str) -> Result<Vec<u8>, TargetError> {
     })
 }
 
-fn read_proc_file(pid: u32, name: &str) -> Result<String, TargetError> {
+pub(super) fn read_proc_file(pid: u32, name: &str) -> Result<String, TargetError> {
     read_proc_bytes(pid, name).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     status
         .lines()
         .find_map(|line| line.strip_prefix(key))
@@ -393,25 +342,6 @@ fn is_kernel_thread(pid: u32) -> bool {
             rest.split_whitespace().nth(6)?.parse::<u64>().ok()
         })
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
-}
-
-/// PIDs of the user processes named `comm` (as /proc/PID/comm says), in
-/// ascending order, this tracer excluded.
-pub fn pids_by_comm(comm: &str) -> Vec<u32> {
-    let me = std::process::id();
-    let mut pids: Vec<u32> = fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&pid: &u32| pid != me)
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
-        })
-        // Kernel threads have no memory of their own to trace.
-        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok())
-        .collect();
-    pids.sort_unstable();
-    pids
 }
 
 #[cfg(test)]
@@ -466,16 +396,5 @@ mod tests {
         assert!(!me.exe().unwrap().is_empty());
         assert_eq!(me.host_path("/etc/passwd"), PathBuf::from("/etc/passwd"));
         assert!(me.thread_ids().contains(&std::process::id()));
-    }
-
-    #[test]
-    fn task_queries_on_our_own_process() {
-        let me = std::process::id();
-        assert!(is_task_alive(me, me));
-        assert!(is_process(me));
-        assert_eq!(parent_pid(me), Some(unsafe { libc::getppid() } as u32));
-        assert!(entry_address(me).is_ok_and(|entry| entry != 0));
-        assert!(!stat_is_alive("12 (a) b) Z 1 2"));
-        assert!(stat_is_alive("12 (a) Z) S 1 2"));
     }
 }

@@ -1,18 +1,89 @@
-//! Processes and threads by PID, through /proc, for the kernel side's
-//! upkeep: which threads live, which children a process has, whether two
-//! processes run the same program, where a process's uprobe trampoline is.
+//! Processes and threads by PID, through /proc: which threads live, a
+//! process's parent, children and entry point, whether two processes run
+//! the same program, where its uprobe trampoline is, which PIDs have a
+//! name. (`process::Process` is one opened process.)
 
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+use std::{fs, io, os::unix::fs::MetadataExt as _, path::Path};
 
 use super::{
     memory_map::Mapping,
-    process::{is_task_alive, Process},
+    process::{is_exited_state, stat_is_alive, status_field, task_ids, Process},
 };
 
 /// Device and inode of a file: one file can have several paths (/lib and
 /// /usr/lib, a container's root).
 pub fn file_identity(path: &Path) -> Option<(u64, u64)> {
     fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Thread `tid` of process `pid` has not exited (the state in
+/// /proc/PID/task/TID/stat is not Z or X); false if unreadable.
+pub fn is_task_alive(pid: u32, tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| stat_is_alive(&s))
+}
+
+/// Threads of `pid` other than its main thread are alive and not being
+/// killed by an exit_group (which leaves SIGKILL pending on each of them).
+pub fn other_threads_run_on(pid: u32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    task_ids(pid).filter(|&tid| tid != pid).any(|tid| {
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            return false;
+        };
+        let pending = status_field(&status, "SigPnd:")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or(0);
+        let exited = status_field(&status, "State:").is_some_and(is_exited_state);
+        pending & SIGKILL_BIT == 0 && !exited
+    })
+}
+
+/// The parent process of `pid` (PPid in /proc/PID/status).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field(&status, "PPid:")?.parse().ok()
+}
+
+/// Task `tid` is a process (its own thread group's leader), alive.
+pub fn is_process(tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{tid}/status")).is_ok_and(|status| {
+        status_field(&status, "Tgid:").is_some_and(|tgid| tgid.parse() == Ok(tid))
+    })
+}
+
+/// The program's entry address (AT_ENTRY in /proc/PID/auxv).
+pub fn entry_address(pid: u32) -> io::Result<u64> {
+    const AT_ENTRY: u64 = 9;
+    let auxv = fs::read(format!("/proc/{pid}/auxv"))?;
+    auxv.chunks_exact(16)
+        .map(|pair| {
+            (
+                u64::from_ne_bytes(pair[..8].try_into().unwrap()),
+                u64::from_ne_bytes(pair[8..].try_into().unwrap()),
+            )
+        })
+        .find(|&(key, _)| key == AT_ENTRY)
+        .map(|(_, value)| value)
+        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
+}
+
+/// PIDs of the user processes named `comm` (as /proc/PID/comm says), in
+/// ascending order, this tracer excluded.
+pub fn pids_by_comm(comm: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid: &u32| pid != me)
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        // Kernel threads have no memory of their own to trace.
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok())
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Some live thread of `pid`.
@@ -170,5 +241,15 @@ mod tests {
         assert!(!same_program(me, child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+    #[test]
+    fn task_queries_on_our_own_process() {
+        let me = std::process::id();
+        assert!(is_task_alive(me, me));
+        assert!(is_process(me));
+        assert_eq!(parent_pid(me), Some(unsafe { libc::getppid() } as u32));
+        assert!(entry_address(me).is_ok_and(|entry| entry != 0));
+        assert!(!stat_is_alive("12 (a) b) Z 1 2"));
+        assert!(stat_is_alive("12 (a) Z) S 1 2"));
     }
 }

@@ -91,7 +91,7 @@ fn probe_options(options: &TraceOptions) -> ProbeOptions {
 fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
     let mut pids = targets.pids.clone();
     for name in &targets.comm {
-        let found = crate::target::process::pids_by_comm(name);
+        let found = crate::target::tasks::pids_by_comm(name);
         if found.is_empty() {
             bail!("no running process is named {name:?} (--comm matches /proc/PID/comm exactly, at most 15 characters)");
         }
