@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::frontends::top::state::{Row, TopState};
+use crate::frontends::live_view::{LiveView, Row};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -50,12 +50,12 @@ pub struct Exported {
 /// `processes`: every process traced, the first one first. Per-process
 /// gauges get a series per process; the event counters cover the whole
 /// session and carry the first process's labels.
-pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
+pub fn render(view: &LiveView, processes: &[Exported], top: usize) -> String {
     let mut w = Writer { out: String::new() };
-    let first_pid = state.pid.to_string();
+    let first_pid = view.pid.to_string();
     let first_name = processes.first().map(|p| p.name.as_str()).unwrap_or("");
     let base = [("pid", first_pid.as_str()), ("process", first_name)];
-    let snapshot = &state.shown;
+    let snapshot = &view.shown;
     let c = &snapshot.counters;
     let pids: Vec<String> = processes.iter().map(|p| p.pid.to_string()).collect();
     let labels_of = |i: usize| {
@@ -131,7 +131,7 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
         "counter",
         "Events the tracer could not account for, by reason; non-zero means totals are lower bounds.",
     );
-    let d = state.dropped();
+    let d = view.dropped();
     for (reason, n) in [
         ("allocation_map_full", d.untracked_allocations),
         ("stack_lost", d.lost_stacks),
@@ -158,8 +158,8 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
         }
     }
 
-    // Rows are sorted by bytes (the serve loop keeps the state that way).
-    let rows = state.rows();
+    // Rows are sorted by bytes (the serve loop keeps its view that way).
+    let rows = view.rows();
     let (shown, rest) = rows.split_at(top.min(rows.len()));
     let series: Vec<(String, &Row)> = shown
         .iter()
@@ -229,22 +229,20 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::SortKey, frontends::top::state::tests::state};
+    use crate::{cli::SortKey, frontends::live_view::tests::view};
 
     #[test]
     fn exposes_totals_top_stacks_and_the_rest() {
-        let mut state = state();
-        state.key(ratatui::crossterm::event::KeyEvent::from(
-            ratatui::crossterm::event::KeyCode::Char('b'),
-        ));
-        assert_eq!(state.sort, SortKey::Bytes);
+        let mut view = view();
+        view.sort_by(SortKey::Bytes);
+        assert_eq!(view.sort, SortKey::Bytes);
         let processes = [Exported {
             pid: 42,
             name: "server".into(),
             up: true,
             resident_bytes: None,
         }];
-        let text = render(&state, &processes, 1);
+        let text = render(&view, &processes, 1);
         assert!(
             text.contains("tracer_target_up{pid=\"42\",process=\"server\"} 1\n"),
             "{text}"
@@ -273,12 +271,12 @@ mod tests {
 
     #[test]
     fn several_processes_get_their_own_series() {
-        let mut state = state();
+        let mut view = view();
         // The fixture's stacks belong to pid 1; say one of them is pid 7's.
-        let mut shown = state.shown.clone();
+        let mut shown = view.shown.clone();
         shown.stacks[0].pid = 7;
         let own_bytes = shown.stacks[0].bytes;
-        state.update(shown);
+        view.update(shown);
         let processes = [
             Exported {
                 pid: 1,
@@ -293,7 +291,7 @@ mod tests {
                 resident_bytes: None,
             },
         ];
-        let text = render(&state, &processes, 5);
+        let text = render(&view, &processes, 5);
         assert!(
             text.contains("tracer_target_up{pid=\"1\",process=\"server\"} 1\n"),
             "{text}"

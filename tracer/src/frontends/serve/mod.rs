@@ -2,8 +2,8 @@
 //! monitoring. `/metrics` (Prometheus), `/report` (the JSON report),
 //! `/flamegraph.svg`; with `--push`, pprof profiles to Pyroscope. `metrics`
 //! renders, `http` speaks just enough HTTP, `push` sends profiles;
-//! this file is the loop. Snapshots feed the same state as `tracer top`
-//! (growth, symbolized rows), sorted by bytes.
+//! this file is the loop. Snapshots feed the same `LiveView` as `tracer
+//! top` (growth, symbolized rows), sorted by bytes.
 
 pub mod http;
 pub mod metrics;
@@ -21,8 +21,8 @@ use tokio::{
 use self::http::{Request, Response};
 use crate::{
     cli::{ServeOptions, SortKey},
+    frontends::live_view::{refresh, LiveView},
     frontends::report::HOUSEKEEPING,
-    frontends::top::{refresh, state::TopState},
     lifecycle::watch::{TargetEvent, TargetWatch},
     output::{self, folded::Weight},
     trace::LiveTrace,
@@ -47,15 +47,8 @@ pub async fn run(
     listener: TcpListener,
 ) -> Result<ExitCode> {
     let process = trace.primary().process.comm.clone();
-    let mut state = TopState::new(
-        trace.run.pid,
-        trace.run.command.clone(),
-        trace.run.attached_ns,
-        SortKey::Bytes,
-        false,
-    );
-    state.process.rss_at_attach = trace.primary().process.rss_bytes();
-    refresh(&mut trace, &mut state)?;
+    let mut view = LiveView::of(&trace, SortKey::Bytes, false);
+    refresh(&mut trace, &mut view)?;
     eprintln!(
         "tracer: serving http://{}/metrics for PID {} ({})",
         listener.local_addr()?,
@@ -82,11 +75,11 @@ pub async fn run(
     let mut last_push = unix_seconds();
     loop {
         tokio::select! {
-            _ = refreshes.tick() => refresh(&mut trace, &mut state)?,
+            _ = refreshes.tick() => refresh(&mut trace, &mut view)?,
             _ = housekeeping.tick() => trace.housekeeping(),
             _ = pushes.tick(), if push.is_some() => {
                 let now = unix_seconds();
-                let report = trace.report_every_stack(&state.shown);
+                let report = trace.report_every_stack(&view.shown);
                 let host_process = trace.primary().process.clone();
                 let profile = output::pprof::render(&report, &|module| {
                     crate::target::elf::build_id(&host_process.host_path(module))
@@ -108,14 +101,14 @@ pub async fn run(
                 }
             }
             Some((request, reply)) = jobs.recv() => {
-                let _ = reply.send(answer(&request, &mut trace, &state, &options));
+                let _ = reply.send(answer(&request, &mut trace, &view, &options));
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             event = target.next() => match event {
                 TargetEvent::Exiting => {
                     trace.main_exiting();
-                    let result = refresh(&mut trace, &mut state);
+                    let result = refresh(&mut trace, &mut view);
                     target.let_exit();
                     result?;
                 }
@@ -176,7 +169,7 @@ fn exported(trace: &LiveTrace, serving: bool) -> Vec<metrics::Exported> {
 fn answer(
     request: &Request,
     trace: &mut LiveTrace,
-    state: &TopState,
+    view: &LiveView,
     options: &ServeOptions,
 ) -> Response {
     if request.method != "GET" && request.method != "HEAD" {
@@ -185,7 +178,7 @@ fn answer(
     match request.path.as_str() {
         "/metrics" => Response::ok(
             metrics::CONTENT_TYPE,
-            metrics::render(state, &exported(trace, state.ended.is_none()), options.top),
+            metrics::render(view, &exported(trace, view.ended.is_none()), options.top),
         ),
         "/report" => {
             let top = match request.param("top").map(str::parse::<usize>) {
@@ -193,11 +186,11 @@ fn answer(
                 Some(Ok(n)) => n,
                 Some(Err(_)) => return Response::error(400, "top must be a number"),
             };
-            let report = trace.report(&state.shown, top);
+            let report = trace.report(&view.shown, top);
             Response::ok("application/json", output::json::document(&report))
         }
         "/flamegraph.svg" => {
-            let report = trace.report(&state.shown, 0);
+            let report = trace.report(&view.shown, 0);
             match output::flamegraph::render(&report, Weight::Bytes) {
                 Ok(svg) => Response::ok("image/svg+xml", svg),
                 Err(e) => Response::error(500, &format!("{e:#}")),
@@ -210,8 +203,8 @@ fn answer(
                  <li><a href=\"/metrics\">/metrics</a> (Prometheus)</li>\
                  <li><a href=\"/report\">/report</a> (JSON; ?top=N)</li>\
                  <li><a href=\"/flamegraph.svg\">/flamegraph.svg</a></li></ul></body></html>\n",
-                state.pid,
-                html_escape(&state.command)
+                view.pid,
+                html_escape(&view.command)
             ),
         ),
         _ => Response::error(404, "not found: try /metrics, /report or /flamegraph.svg"),

@@ -18,12 +18,15 @@ use anyhow::{Context as _, Result};
 use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
 
 use self::{
-    state::{Action, StackInfo, TopState},
+    state::{Action, TopState},
     terminal::{spawn_input_reader, Input, Screen},
 };
 use crate::{
     cli::TopOptions,
-    frontends::report::{open_output, HOUSEKEEPING},
+    frontends::{
+        live_view::{self, LiveView},
+        report::{open_output, HOUSEKEEPING},
+    },
     lifecycle::launch::ChildOutput,
     lifecycle::watch::{TargetEvent, TargetWatch},
     output::{self, folded::Weight},
@@ -49,19 +52,11 @@ pub async fn run(
     mut target: TargetWatch,
     options: TopOptions,
 ) -> Result<ExitCode> {
-    let mut state = TopState::new(
-        trace.run.pid,
-        trace.run.command.clone(),
-        trace.run.attached_ns,
+    let mut state = TopState::new(LiveView::of(
+        &trace,
         options.sort,
         options.group_by_function,
-    );
-    state.process.rss_at_attach = trace.primary().process.rss_bytes();
-    state.sample_rate = trace
-        .run
-        .allocators
-        .first()
-        .and_then(|a| a.sample_rate_bytes);
+    ));
     let mut screen = Screen::open()?;
     let mut input = spawn_input_reader();
     let crate::signals::Signals {
@@ -78,7 +73,7 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            _ = refreshes.tick(), if state.ended.is_none() => {
+            _ = refreshes.tick(), if state.view.ended.is_none() => {
                 refresh(&mut trace, &mut state)?;
                 screen.draw(&state)?;
             }
@@ -113,11 +108,11 @@ pub async fn run(
                 TargetEvent::Changed(change) => trace.apply(change, &mut target),
                 TargetEvent::Exited(code) => {
                     target_gone = true;
-                    if state.ended.is_none() {
+                    if state.view.ended.is_none() {
                         // The BPF maps outlive the process: one more read.
                         let _ = refresh(&mut trace, &mut state);
                     }
-                    state.end(match code {
+                    state.view.end(match code {
                         Some(code) => format!("process exited (code {code})"),
                         None => "process exited".to_string(),
                     });
@@ -133,16 +128,9 @@ pub async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Takes a snapshot, symbolizes stacks not seen before, and hands both to the state.
-pub(crate) fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
-    let snapshot = trace.snapshot(true)?;
-    for (pid, stack_id) in state.unknown_stacks(&snapshot) {
-        let (frames, truncated) = trace.stack(pid, stack_id);
-        state.add_stack(stack_id, StackInfo { frames, truncated });
-    }
-    if let Some(rss) = trace.primary().process.rss_bytes() {
-        state.process.rss_now = Some(rss);
-    }
+/// Takes a snapshot into the view (see `live_view::read`).
+fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
+    let snapshot = live_view::read(trace, &mut state.view)?;
     state.update(snapshot);
     Ok(())
 }
@@ -153,8 +141,8 @@ fn save(trace: &mut LiveTrace, state: &TopState, dir: &Path, extension: &str) ->
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let path: PathBuf = dir.join(format!("tracer-{}-{seconds}.{extension}", state.pid));
-    let report = trace.report(&state.shown, 0);
+    let path: PathBuf = dir.join(format!("tracer-{}-{seconds}.{extension}", state.view.pid));
+    let report = trace.report(&state.view.shown, 0);
     let written = (|| -> Result<()> {
         let bytes = match extension {
             "svg" => output::flamegraph::render(&report, Weight::Bytes)?,
