@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use anyhow::Result;
 
 use crate::{
-    cli::SortKey,
     model::{Counters, Growth, Snapshot},
     report::Dropped,
     symbolize::Frame,
@@ -19,6 +18,19 @@ use crate::{
 pub const GROWTH_WINDOW_NS: u64 = 10_000_000_000;
 /// Points kept for the outstanding-bytes chart.
 const CHART_POINTS: usize = 600;
+
+/// Orders of the rows, largest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    /// Outstanding bytes.
+    Bytes,
+    /// Outstanding allocations.
+    Count,
+    /// Growth of settled bytes per second over the last 10 s.
+    Growth,
+    /// Age of the oldest outstanding allocation.
+    Age,
+}
 
 /// A symbolized stack, kept for the whole run (a stack id's frames never change).
 #[derive(Clone, Debug, Default)]

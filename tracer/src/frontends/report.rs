@@ -1,20 +1,13 @@
 //! One tracing session: attach, then report on a schedule until the
 //! duration ends, a signal arrives or the target exits.
 
-use std::{
-    fs::OpenOptions,
-    io::{self, Write},
-    os::unix::fs::OpenOptionsExt,
-    path::Path,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{io::Write, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use crate::{
-    cli::{Format, ReportOptions},
+    cli::ReportConfig,
     lifecycle::watch::{exit_code, TargetEvent, TargetWatch},
     output,
     trace::LiveTrace,
@@ -25,14 +18,39 @@ use crate::{
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const DEFAULT_TEXT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// What a report is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    /// Collapsed stacks `root;...;leaf weight`.
+    Folded,
+    /// Interactive flamegraph SVG.
+    Svg,
+    /// Gzipped pprof profile.
+    Pprof,
+    /// speedscope's JSON format.
+    Speedscope,
+}
+
+impl Format {
+    /// Formats that describe the whole run once, at the end, with every stack.
+    pub fn is_whole_run(self) -> bool {
+        matches!(
+            self,
+            Format::Folded | Format::Svg | Format::Pprof | Format::Speedscope
+        )
+    }
+}
+
 pub struct Session {
     pub trace: LiveTrace,
-    pub options: ReportOptions,
+    pub options: ReportConfig,
     out: Box<dyn Write>,
 }
 
 impl Session {
-    pub fn new(trace: LiveTrace, options: ReportOptions, out: Box<dyn Write>) -> Self {
+    pub fn new(trace: LiveTrace, options: ReportConfig, out: Box<dyn Write>) -> Self {
         Session {
             trace,
             options,
@@ -172,22 +190,5 @@ impl Session {
         self.out.write_all(&bytes).context("writing the report")?;
         self.out.flush().context("writing the report")?;
         Ok(())
-    }
-}
-
-/// Standard output, or a new file that is never a symlink planted in the path.
-pub fn open_output(path: Option<&Path>) -> Result<Box<dyn Write>> {
-    match path {
-        None => Ok(Box::new(io::stdout())),
-        Some(path) => {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            Ok(Box::new(io::BufWriter::new(file)))
-        }
     }
 }

@@ -8,7 +8,7 @@ use std::{ffi::OsString, path::Path, time::Duration};
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    cli::{Attach, TraceOptions},
+    cli::{RunningProcesses, TraceConfig},
     kernel::probes::{MapSizes, Probes, Variant},
     lifecycle::{
         launch::{self, ChildOutput, Credentials},
@@ -19,7 +19,7 @@ use crate::{
     trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
 };
 
-fn load_probes(options: &TraceOptions) -> Result<Probes> {
+fn load_probes(options: &TraceConfig) -> Result<Probes> {
     let variant = if options.noop_probes {
         Variant::Noop
     } else if options.no_stacks {
@@ -78,7 +78,7 @@ fn describe(probes: &Probes, verbose: bool) {
 
 /// Places each object's entry probes (see `allocator::place_entry_probes`);
 /// `--entry-probes` keeps them all at their functions' entries.
-fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<AllocatorObject> {
+fn placed(mut objects: Vec<AllocatorObject>, options: &TraceConfig) -> Vec<AllocatorObject> {
     if !options.entry_probes {
         for object in &mut objects {
             crate::target::allocator::place_entry_probes(object);
@@ -87,7 +87,7 @@ fn placed(mut objects: Vec<AllocatorObject>, options: &TraceOptions) -> Vec<Allo
     objects
 }
 
-fn probe_options(options: &TraceOptions) -> ProbeOptions {
+fn probe_options(options: &TraceConfig) -> ProbeOptions {
     ProbeOptions {
         symbols_prefix: options.symbols_prefix.clone(),
         entry_probes: options.entry_probes,
@@ -97,7 +97,7 @@ fn probe_options(options: &TraceOptions) -> ProbeOptions {
 }
 
 /// The PIDs `--pid` and `--comm` name, each once, in the order given.
-fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
+fn resolve_targets(targets: &RunningProcesses) -> Result<Vec<u32>> {
     let mut pids = targets.pids.clone();
     for name in &targets.comm {
         let found = crate::target::process::pids_by_comm(name);
@@ -113,8 +113,8 @@ fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
 
 /// Attaches to running processes.
 pub fn attach(
-    targets: &Attach,
-    options: &TraceOptions,
+    targets: &RunningProcesses,
+    options: &TraceConfig,
     min_age: Duration,
 ) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
@@ -205,7 +205,7 @@ fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
 /// Starts a command stopped at its exec, attaches, then lets it run.
 pub fn start(
     argv: Vec<OsString>,
-    options: &TraceOptions,
+    options: &TraceConfig,
     min_age: Duration,
     output: ChildOutput,
 ) -> Result<(LiveTrace, TargetWatch)> {
@@ -265,7 +265,7 @@ pub fn start(
 fn unwinder(
     probes: &mut Probes,
     process: &Process,
-    options: &TraceOptions,
+    options: &TraceConfig,
 ) -> Result<Option<crate::target::unwind::SharedUnwinder>> {
     if options.unwind != crate::target::unwind::UnwindMode::Cfi {
         return Ok(None);

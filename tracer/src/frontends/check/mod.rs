@@ -14,22 +14,31 @@ use std::{io::Write, process::ExitCode};
 use anyhow::{Context as _, Result};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
-use self::{suppress::Rule, verdict::Limits};
+use self::suppress::Rule;
 use crate::{
-    cli::{CheckFormat, CheckOptions},
+    cli::CheckConfig,
     frontends::report::HOUSEKEEPING,
     lifecycle::watch::{TargetEvent, TargetWatch},
     report::Report,
     trace::LiveTrace,
 };
 
+/// What the check report (`--report`) is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    /// JUnit XML: each leaking stack a failed test case.
+    Junit,
+}
+
 /// The rules in force: the defaults unless turned off, then each file's.
 /// Read before the command starts, so a bad file costs nothing.
-pub fn load_rules(options: &CheckOptions) -> Result<Vec<Rule>> {
-    let mut rules = if options.no_default_suppressions {
-        Vec::new()
-    } else {
+pub fn load_rules(options: &CheckConfig) -> Result<Vec<Rule>> {
+    let mut rules = if options.default_suppressions {
         suppress::defaults()
+    } else {
+        Vec::new()
     };
     for path in &options.suppressions {
         let text = std::fs::read_to_string(path)
@@ -44,7 +53,7 @@ pub fn load_rules(options: &CheckOptions) -> Result<Vec<Rule>> {
 pub async fn run(
     mut trace: LiveTrace,
     mut target: TargetWatch,
-    options: CheckOptions,
+    options: CheckConfig,
     rules: Vec<Rule>,
     mut out: Option<Box<dyn Write>>,
 ) -> Result<ExitCode> {
@@ -82,14 +91,13 @@ pub async fn run(
         Some(report) => report,
         None => final_snapshot(&mut trace)?,
     };
-    let limits = Limits::new(options.max_leak_bytes, options.max_leak_allocations);
-    let check = verdict::evaluate(report, &rules, limits, command_exit);
+    let check = verdict::evaluate(report, &rules, options.limits, command_exit);
     match out.as_mut() {
         Some(out) => {
             let text = match options.format {
-                CheckFormat::Text => render::text(&check),
-                CheckFormat::Json => render::json(&check),
-                CheckFormat::Junit => render::junit(&check),
+                Format::Text => render::text(&check),
+                Format::Json => render::json(&check),
+                Format::Junit => render::junit(&check),
             };
             out.write_all(text.as_bytes())
                 .context("writing the check report")?;

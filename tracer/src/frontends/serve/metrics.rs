@@ -229,7 +229,7 @@ pub fn render(view: &LiveView, processes: &[Exported], top: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::SortKey, frontends::live_view::tests::view};
+    use crate::frontends::live_view::{tests::view, SortKey};
 
     #[test]
     fn exposes_totals_top_stacks_and_the_rest() {

@@ -20,8 +20,8 @@ use tokio::{
 
 use self::http::{Request, Response};
 use crate::{
-    cli::{ServeOptions, SortKey},
-    frontends::live_view::{refresh, LiveView},
+    cli::ServeConfig,
+    frontends::live_view::{refresh, LiveView, SortKey},
     frontends::report::HOUSEKEEPING,
     lifecycle::watch::{TargetEvent, TargetWatch},
     output::{self, folded::Weight},
@@ -43,7 +43,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener> {
 pub async fn run(
     mut trace: LiveTrace,
     mut target: TargetWatch,
-    options: ServeOptions,
+    options: ServeConfig,
     listener: TcpListener,
 ) -> Result<ExitCode> {
     let process = trace.primary().process.comm.clone();
@@ -65,10 +65,7 @@ pub async fn run(
         interrupt: mut sigint,
         terminate: mut sigterm,
     } = crate::signals::take()?;
-    let push = match &options.push {
-        Some(url) => Some(push::Endpoint::parse(url)?),
-        None => None,
-    };
+    let push = options.push.clone();
     let push_every = options.push_interval.max(Duration::from_secs(1));
     let mut pushes = interval_at(Instant::now() + push_every, push_every);
     pushes.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -170,7 +167,7 @@ fn answer(
     request: &Request,
     trace: &mut LiveTrace,
     view: &LiveView,
-    options: &ServeOptions,
+    options: &ServeConfig,
 ) -> Response {
     if request.method != "GET" && request.method != "HEAD" {
         return Response::error(405, "only GET and HEAD");

@@ -22,10 +22,11 @@ use self::{
     terminal::{spawn_input_reader, Input, Screen},
 };
 use crate::{
-    cli::TopOptions,
+    cli::TopConfig,
     frontends::{
         live_view::{self, LiveView},
-        report::{open_output, HOUSEKEEPING},
+        open_output,
+        report::HOUSEKEEPING,
     },
     lifecycle::launch::ChildOutput,
     lifecycle::watch::{TargetEvent, TargetWatch},
@@ -50,7 +51,7 @@ pub fn command_output(path: Option<&Path>) -> Result<ChildOutput> {
 pub async fn run(
     mut trace: LiveTrace,
     mut target: TargetWatch,
-    options: TopOptions,
+    options: TopConfig,
 ) -> Result<ExitCode> {
     let mut state = TopState::new(LiveView::of(
         &trace,

@@ -11,7 +11,7 @@ use ratatui::{
 };
 
 use super::state::TopState;
-use crate::{cli::SortKey, frontends::live_view::LiveView};
+use crate::frontends::live_view::{LiveView, SortKey};
 
 pub const KEYS: &[(&str, &str)] = &[
     (

@@ -4,8 +4,7 @@
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::{
-    cli::SortKey,
-    frontends::live_view::{LiveView, Row},
+    frontends::live_view::{LiveView, Row, SortKey},
     model::Snapshot,
 };
 

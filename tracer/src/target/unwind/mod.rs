@@ -25,14 +25,13 @@ use aya::{
     maps::{Array, Map, MapData},
     Ebpf,
 };
-use clap::ValueEnum;
 use object::{Object, ObjectSegment};
 use tracer_common::unwind::{UnwindConfig, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS};
 
 use crate::{target::memory_map::Mapping, target::process::Process};
 
 /// How user stacks are walked.
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnwindMode {
     /// Frame pointers, by the kernel (`bpf_get_stack`): cheap, but code
     /// built without frame pointers hides its caller.
