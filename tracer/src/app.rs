@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Targets, Task, TraceConfig},
-    frontends::{check, diff, open_output, report::Session, serve, top},
+    frontends::{check, diff, open_output, report, serve, top},
     lifecycle::{launch::ChildOutput, watch::TargetWatch},
     trace::{setup, LiveTrace},
 };
@@ -22,7 +22,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let (trace, watch) = trace(targets, &config.trace, config.min_age, || {
                 Ok(ChildOutput::Inherit)
             })?;
-            Session::new(trace, config, out).run(watch).await
+            report::run(trace, watch, config, out).await
         }
         Task::Flamegraph {
             targets,
@@ -33,7 +33,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let (trace, watch) = trace(targets, &config.trace, config.min_age, || {
                 Ok(ChildOutput::Inherit)
             })?;
-            let code = Session::new(trace, config, out).run(watch).await?;
+            let code = report::run(trace, watch, config, out).await?;
             eprintln!("tracer: wrote {}", svg.display());
             Ok(code)
         }
