@@ -7,7 +7,10 @@
 use std::{future::Future, process::ExitCode, time::Duration};
 
 use anyhow::Result;
-use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
+use tokio::{
+    signal::unix::Signal as UnixSignal,
+    time::{interval_at, timeout, Instant, MissedTickBehavior},
+};
 
 use crate::{
     lifecycle::watch::{TargetEvent, TargetWatch},
@@ -141,14 +144,11 @@ pub async fn run<F: FrontEnd>(
                     break End::Stopped;
                 }
             }
-            _ = sigint.recv() => {
-                if let Some(end) = on_signal(F::ON_SIGNAL, Signal::Interrupt, &target, &mut passed_on) {
-                    break end;
-                }
-            }
-            _ = sigterm.recv() => {
-                if let Some(end) = on_signal(F::ON_SIGNAL, Signal::Terminate, &target, &mut passed_on) {
-                    break end;
+            signal = next_signal(&mut sigint, &mut sigterm) => {
+                match reaction(F::ON_SIGNAL, signal, target.started_pid(), &mut passed_on) {
+                    Reaction::Wait => {}
+                    Reaction::Forward(pid) => kill(pid, libc::SIGTERM),
+                    Reaction::End(end) => break end,
                 }
             }
             event = target.next(), if !gone => match event {
@@ -176,30 +176,48 @@ pub async fn run<F: FrontEnd>(
     Ok(code)
 }
 
-/// What `signal` does under `policy`; Some ends the loop.
-fn on_signal(
+/// The next SIGINT or SIGTERM. Cancel-safe.
+async fn next_signal(sigint: &mut UnixSignal, sigterm: &mut UnixSignal) -> Signal {
+    tokio::select! {
+        _ = sigint.recv() => Signal::Interrupt,
+        _ = sigterm.recv() => Signal::Terminate,
+    }
+}
+
+/// What the loop does with a signal.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaction {
+    /// Go on: the started command has it, or nothing can take it.
+    Wait,
+    /// Send SIGTERM to the started command `pid`, and go on.
+    Forward(u32),
+    End(End),
+}
+
+/// What `signal` does under `policy`, with `started` the started
+/// command's pid; `passed_on` is set when the command gets it.
+fn reaction(
     policy: OnSignal,
     signal: Signal,
-    target: &TargetWatch,
+    started: Option<u32>,
     passed_on: &mut bool,
-) -> Option<End> {
+) -> Reaction {
     let pass_on = match policy {
         OnSignal::Stop => false,
         OnSignal::PassOnOnce => !*passed_on,
         OnSignal::PassOn => true,
     };
-    match target.started_pid() {
+    match started {
         Some(pid) if pass_on => {
-            // Ctrl-C has reached the command already: same process group.
-            if signal == Signal::Terminate {
-                kill(pid, libc::SIGTERM);
-            }
             *passed_on = true;
-            None
+            match signal {
+                // Ctrl-C has reached the command already: same process group.
+                Signal::Interrupt => Reaction::Wait,
+                Signal::Terminate => Reaction::Forward(pid),
+            }
         }
-        // Nothing to pass it to; the loop still waits for the exit.
-        None if policy == OnSignal::PassOn => None,
-        _ => Some(End::Signal {
+        None if policy == OnSignal::PassOn => Reaction::Wait,
+        _ => Reaction::End(End::Signal {
             signal,
             after_passing_on: *passed_on,
         }),
@@ -223,4 +241,74 @@ async fn end_started_command(target: &mut TargetWatch) {
 fn kill(pid: u32, signal: libc::c_int) {
     // Safety: kill(2) takes plain integers; the pid is our own child's.
     unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Signal::{Interrupt, Terminate};
+
+    /// The reactions to a run of signals, from a fresh loop.
+    fn reactions(policy: OnSignal, started: Option<u32>, signals: &[Signal]) -> Vec<Reaction> {
+        let mut passed_on = false;
+        signals
+            .iter()
+            .map(|&signal| reaction(policy, signal, started, &mut passed_on))
+            .collect()
+    }
+
+    fn end(signal: Signal, after_passing_on: bool) -> Reaction {
+        Reaction::End(End::Signal {
+            signal,
+            after_passing_on,
+        })
+    }
+
+    #[test]
+    fn stop_ends_at_the_first_signal() {
+        for started in [None, Some(9)] {
+            assert_eq!(
+                reactions(OnSignal::Stop, started, &[Terminate]),
+                [end(Terminate, false)]
+            );
+        }
+    }
+
+    #[test]
+    fn pass_on_once_waits_for_the_command_then_ends() {
+        assert_eq!(
+            reactions(OnSignal::PassOnOnce, Some(9), &[Interrupt, Interrupt]),
+            [Reaction::Wait, end(Interrupt, true)]
+        );
+        assert_eq!(
+            reactions(OnSignal::PassOnOnce, Some(9), &[Terminate, Interrupt]),
+            [Reaction::Forward(9), end(Interrupt, true)]
+        );
+        assert_eq!(
+            reactions(OnSignal::PassOnOnce, None, &[Interrupt]),
+            [end(Interrupt, false)]
+        );
+    }
+
+    #[test]
+    fn pass_on_never_ends() {
+        assert_eq!(
+            reactions(
+                OnSignal::PassOn,
+                Some(9),
+                &[Terminate, Interrupt, Terminate]
+            ),
+            [Reaction::Forward(9), Reaction::Wait, Reaction::Forward(9)]
+        );
+        assert_eq!(
+            reactions(OnSignal::PassOn, None, &[Terminate]),
+            [Reaction::Wait]
+        );
+    }
+
+    #[test]
+    fn a_signal_ends_a_command_with_a_shells_code() {
+        assert_eq!(Interrupt.exit_code(), ExitCode::from(130));
+        assert_eq!(Terminate.exit_code(), ExitCode::from(143));
+    }
 }

@@ -151,6 +151,8 @@ impl Reporter {
 
 impl FrontEnd for Reporter {
     type Event = Tick;
+    // `run` waits for its command after Ctrl-C: the report sees its cleanup
+    // and the tracer exits with its code.
     const ON_SIGNAL: OnSignal = OnSignal::PassOnOnce;
 
     async fn next(&mut self) -> Tick {
