@@ -45,14 +45,14 @@ impl Format {
 pub async fn run(
     trace: LiveTrace,
     target: TargetWatch,
-    options: ReportConfig,
+    config: ReportConfig,
     out: Box<dyn Write>,
 ) -> Result<ExitCode> {
-    driver::run(Reporter::new(options, out), trace, target).await
+    driver::run(Reporter::new(config, out), trace, target).await
 }
 
 struct Reporter {
-    options: ReportConfig,
+    config: ReportConfig,
     out: Box<dyn Write>,
     /// None: no report before the final one.
     interval: Option<Duration>,
@@ -67,8 +67,8 @@ enum Tick {
 }
 
 impl Reporter {
-    fn new(options: ReportConfig, out: Box<dyn Write>) -> Self {
-        let interval = match (options.interval, options.format) {
+    fn new(config: ReportConfig, out: Box<dyn Write>) -> Self {
+        let interval = match (config.interval, config.format) {
             (_, f) if f.is_whole_run() => None,
             (Some(i), _) => Some(i.max(Duration::from_millis(100))),
             (None, Format::Text) => Some(DEFAULT_TEXT_INTERVAL),
@@ -81,12 +81,12 @@ impl Reporter {
         );
         reports.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let deadline = Box::pin(tokio::time::sleep(
-            options
+            config
                 .duration
                 .unwrap_or(Duration::from_secs(u32::MAX as u64)),
         ));
         Reporter {
-            options,
+            config,
             out,
             interval,
             reports,
@@ -96,8 +96,8 @@ impl Reporter {
 
     /// Takes a snapshot and writes one report.
     fn emit(&mut self, trace: &mut LiveTrace, final_report: bool) -> Result<()> {
-        let format = self.options.format;
-        let json_lines = format == Format::Json && self.options.interval.is_some();
+        let format = self.config.format;
+        let json_lines = format == Format::Json && self.config.interval.is_some();
         if !final_report && (format.is_whole_run() || (format == Format::Json && !json_lines)) {
             return Ok(());
         }
@@ -111,7 +111,7 @@ impl Reporter {
         let top = if format.is_whole_run() {
             0
         } else {
-            self.options.top
+            self.config.top
         };
         let report = match format {
             // pprof's alloc_* values include stacks whose blocks were all freed.
@@ -119,7 +119,7 @@ impl Reporter {
             _ => trace.report(&snapshot, top),
         };
         let report_done = std::time::Instant::now();
-        let weight = self.options.weight;
+        let weight = self.config.weight;
         let process = &trace.primary().process;
         let bytes = match format {
             Format::Text => output::text::render(&report, final_report).into_bytes(),
@@ -132,7 +132,7 @@ impl Reporter {
             })?,
             Format::Speedscope => output::speedscope::render(&report, weight).into_bytes(),
         };
-        if self.options.trace.timings {
+        if self.config.trace.timings {
             let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
             eprintln!(
                 "tracer: timing: snapshot {:.1} ms ({} stacks), report {:.1} ms ({} stacks symbolized), render {:.1} ms",

@@ -33,13 +33,13 @@ pub enum Format {
 
 /// The rules in force: the defaults unless turned off, then each file's.
 /// Read before the command starts, so a bad file costs nothing.
-pub fn load_rules(options: &CheckConfig) -> Result<Vec<Rule>> {
-    let mut rules = if options.default_suppressions {
+pub fn load_rules(config: &CheckConfig) -> Result<Vec<Rule>> {
+    let mut rules = if config.default_suppressions {
         suppress::defaults()
     } else {
         Vec::new()
     };
-    for path in &options.suppressions {
+    for path in &config.suppressions {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read suppressions {}", path.display()))?;
         rules.extend(
@@ -52,12 +52,12 @@ pub fn load_rules(options: &CheckConfig) -> Result<Vec<Rule>> {
 pub async fn run(
     trace: LiveTrace,
     target: TargetWatch,
-    options: CheckConfig,
+    config: CheckConfig,
     rules: Vec<Rule>,
     out: Option<Box<dyn Write>>,
 ) -> Result<ExitCode> {
     let check = Check {
-        options,
+        config,
         rules,
         out,
         final_report: None,
@@ -66,7 +66,7 @@ pub async fn run(
 }
 
 struct Check {
-    options: CheckConfig,
+    config: CheckConfig,
     rules: Vec<Rule>,
     out: Option<Box<dyn Write>>,
     /// Taken at the command's last look, while its memory is mapped.
@@ -106,10 +106,10 @@ impl FrontEnd for Check {
             Some(report) => report,
             None => final_snapshot(trace)?,
         };
-        let check = verdict::evaluate(report, &self.rules, self.options.limits, command_exit);
+        let check = verdict::evaluate(report, &self.rules, self.config.limits, command_exit);
         match self.out.as_mut() {
             Some(out) => {
-                let text = match self.options.format {
+                let text = match self.config.format {
                     Format::Text => render::text(&check),
                     Format::Json => render::json(&check),
                     Format::Junit => render::junit(&check),

@@ -43,7 +43,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener> {
 pub async fn run(
     mut trace: LiveTrace,
     target: TargetWatch,
-    options: ServeConfig,
+    config: ServeConfig,
     listener: TcpListener,
 ) -> Result<ExitCode> {
     let process = trace.primary().process.comm.clone();
@@ -56,16 +56,16 @@ pub async fn run(
         trace.run.command
     );
     let (jobs_tx, jobs) = mpsc::channel::<Job>(64);
-    let every = options.interval.max(Duration::from_millis(100));
+    let every = config.interval.max(Duration::from_millis(100));
     let mut refreshes = interval_at(Instant::now() + every, every);
     refreshes.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let push_every = options.push_interval.max(Duration::from_secs(1));
+    let push_every = config.push_interval.max(Duration::from_secs(1));
     let mut pushes = interval_at(Instant::now() + push_every, push_every);
     pushes.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let serve = Serve {
         view,
         process,
-        options,
+        config,
         listener,
         jobs_tx,
         jobs,
@@ -80,7 +80,7 @@ struct Serve {
     view: LiveView,
     /// The first process's name, for the pushed profiles.
     process: String,
-    options: ServeConfig,
+    config: ServeConfig,
     listener: TcpListener,
     /// Connections hand their requests to the loop, which owns the trace.
     jobs_tx: mpsc::Sender<Job>,
@@ -105,7 +105,7 @@ impl FrontEnd for Serve {
     async fn next(&mut self) -> Event {
         tokio::select! {
             _ = self.refreshes.tick() => Event::Refresh,
-            _ = self.pushes.tick(), if self.options.push.is_some() => Event::Push,
+            _ = self.pushes.tick(), if self.config.push.is_some() => Event::Push,
             accepted = self.listener.accept() => Event::Accepted(accepted),
             Some(job) = self.jobs.recv() => Event::Job(job),
         }
@@ -115,7 +115,7 @@ impl FrontEnd for Serve {
         match event {
             Event::Refresh => refresh(trace, &mut self.view)?,
             Event::Push => {
-                if let Some(endpoint) = self.options.push.clone() {
+                if let Some(endpoint) = self.config.push.clone() {
                     self.push(trace, endpoint)?;
                 }
             }
@@ -125,7 +125,7 @@ impl FrontEnd for Serve {
                 }
             }
             Event::Job((request, reply)) => {
-                let _ = reply.send(answer(&request, trace, &self.view, &self.options));
+                let _ = reply.send(answer(&request, trace, &self.view, &self.config));
             }
         }
         Ok(Flow::Continue)
@@ -218,7 +218,7 @@ fn answer(
     request: &Request,
     trace: &mut LiveTrace,
     view: &LiveView,
-    options: &ServeConfig,
+    config: &ServeConfig,
 ) -> Response {
     if request.method != "GET" && request.method != "HEAD" {
         return Response::error(405, "only GET and HEAD");
@@ -226,7 +226,7 @@ fn answer(
     match request.path.as_str() {
         "/metrics" => Response::ok(
             metrics::CONTENT_TYPE,
-            metrics::render(view, &exported(trace, view.ended.is_none()), options.top),
+            metrics::render(view, &exported(trace, view.ended.is_none()), config.top),
         ),
         "/report" => {
             let top = match request.param("top").map(str::parse::<usize>) {

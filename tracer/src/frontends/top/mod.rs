@@ -50,15 +50,11 @@ pub fn command_output(path: Option<&Path>) -> Result<ChildOutput> {
     Ok(ChildOutput::File(file))
 }
 
-pub async fn run(trace: LiveTrace, target: TargetWatch, options: TopConfig) -> Result<ExitCode> {
-    let state = TopState::new(LiveView::of(
-        &trace,
-        options.sort,
-        options.group_by_function,
-    ));
+pub async fn run(trace: LiveTrace, target: TargetWatch, config: TopConfig) -> Result<ExitCode> {
+    let state = TopState::new(LiveView::of(&trace, config.sort, config.group_by_function));
     let screen = Screen::open()?;
     let input = spawn_input_reader();
-    let every = options.interval.max(Duration::from_millis(100));
+    let every = config.interval.max(Duration::from_millis(100));
     let mut refreshes = interval_at(Instant::now(), every);
     refreshes.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let top = Top {
@@ -66,7 +62,7 @@ pub async fn run(trace: LiveTrace, target: TargetWatch, options: TopConfig) -> R
         screen,
         input,
         refreshes,
-        save_dir: options.save_dir,
+        save_dir: config.save_dir,
     };
     driver::run(top, trace, target).await
 }
