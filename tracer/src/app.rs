@@ -1,132 +1,81 @@
-//! Turns a parsed command line into a traced process and the front end that
-//! shows it (a report session or the top view).
+//! Dispatch: the command line's task (`cli`), the trace it needs
+//! (`trace::setup`), the front end that shows it (`frontends`).
 
-use std::{io::Write as _, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
-    cli::{Cli, Command, DiffFormat, Format},
-    frontends::{
-        check,
-        report::{open_output, Session},
-        serve, top,
-    },
-    lifecycle::launch::ChildOutput,
-    output,
-    report::diff,
-    trace::setup,
+    cli::{Cli, Targets, Task, TraceConfig},
+    frontends::{check, diff, open_output, report, serve, top},
+    lifecycle::{launch::ChildOutput, watch::TargetWatch},
+    trace::{setup, LiveTrace},
 };
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let task = cli.task()?;
     // Before anything slow: a Ctrl-C during setup must reach the loop.
     crate::signals::install()?;
-    match cli.command {
-        Command::Report { targets, options } => {
-            let out = open_output(options.output.as_deref())?;
-            let (trace, watch) = setup::attach(&targets, &options.trace, options.min_age)?;
-            Session::new(trace, options, out).run(watch).await
+    match task {
+        Task::Report { targets, config } => {
+            let out = open_output(config.output.as_deref())?;
+            let (trace, watch) = trace(targets, &config.trace, config.min_age, || {
+                Ok(ChildOutput::Inherit)
+            })?;
+            report::run(trace, watch, config, out).await
         }
-        Command::Run { options, command } => {
-            let out = open_output(options.output.as_deref())?;
-            let (trace, watch) = setup::start(
-                command,
-                &options.trace,
-                options.min_age,
-                ChildOutput::Inherit,
-            )?;
-            Session::new(trace, options, out).run(watch).await
-        }
-        Command::Flamegraph {
+        Task::Flamegraph {
             targets,
-            mut options,
+            config,
+            svg,
         } => {
-            options.format = Format::Svg;
-            let path = options
-                .output
-                .get_or_insert_with(|| "flamegraph.svg".into())
-                .clone();
-            let out = open_output(Some(&path))?;
-            let (trace, watch) = match targets.attach() {
-                Some(attached) => setup::attach(&attached, &options.trace, options.min_age)?,
-                None => setup::start(
-                    targets.command,
-                    &options.trace,
-                    options.min_age,
-                    ChildOutput::Inherit,
-                )?,
-            };
-            let code = Session::new(trace, options, out).run(watch).await?;
-            eprintln!("tracer: wrote {}", path.display());
+            let out = open_output(Some(&svg))?;
+            let (trace, watch) = trace(targets, &config.trace, config.min_age, || {
+                Ok(ChildOutput::Inherit)
+            })?;
+            let code = report::run(trace, watch, config, out).await?;
+            eprintln!("tracer: wrote {}", svg.display());
             Ok(code)
         }
-        Command::Check { options, command } => {
+        Task::Check { command, config } => {
             // Bad suppressions or an unwritable report fail before the command runs.
-            let rules = check::load_rules(&options)?;
-            let out = match &options.report {
+            let rules = check::load_rules(&config)?;
+            let out = match &config.report {
                 Some(path) => Some(open_output(Some(path))?),
                 None => None,
             };
-            let (trace, watch) = setup::start(
-                command,
-                &options.trace,
-                options.min_age,
-                ChildOutput::Inherit,
-            )?;
-            check::run(trace, watch, options, rules, out).await
+            let (trace, watch) =
+                setup::start(command, &config.trace, config.min_age, ChildOutput::Inherit)?;
+            check::run(trace, watch, config, rules, out).await
         }
-        Command::Top { targets, options } => {
+        Task::Top { targets, config } => {
             // Refuse before attaching anything: a redirected top is a mistake.
             top::terminal::require_terminal()?;
-            let (trace, watch) = match targets.attach() {
-                Some(attached) => setup::attach(&attached, &options.trace, Duration::ZERO)?,
-                None => {
-                    let output = top::command_output(options.command_output.as_deref())?;
-                    setup::start(targets.command, &options.trace, Duration::ZERO, output)?
-                }
-            };
-            top::run(trace, watch, options).await
+            let (trace, watch) = trace(targets, &config.trace, Duration::ZERO, || {
+                top::command_output(config.command_output.as_deref())
+            })?;
+            top::run(trace, watch, config).await
         }
-        Command::Serve { targets, options } => {
-            // A bad --push URL or a taken port fails before attaching.
-            if let Some(url) = &options.push {
-                serve::push::Endpoint::parse(url)?;
-            }
-            let listener = serve::bind(options.listen).await?;
-            let (trace, watch) = setup::attach(&targets, &options.trace, Duration::ZERO)?;
-            serve::run(trace, watch, options, listener).await
+        Task::Serve { processes, config } => {
+            // A taken port fails before attaching.
+            let listener = serve::bind(config.listen).await?;
+            let (trace, watch) = setup::attach(&processes, &config.trace, Duration::ZERO)?;
+            serve::run(trace, watch, config, listener).await
         }
-        Command::Diff {
-            before,
-            after,
-            format,
-            top,
-            weight,
-            output,
-        } => diff(&before, &after, format, top, weight, output.as_deref()),
+        Task::Diff(config) => diff::run(&config),
     }
 }
 
-fn diff(
-    before: &std::path::Path,
-    after: &std::path::Path,
-    format: DiffFormat,
-    top: usize,
-    weight: crate::cli::Weight,
-    output: Option<&std::path::Path>,
-) -> Result<ExitCode> {
-    let diff = diff::compare(&diff::load(before)?, &diff::load(after)?);
-    for warning in diff::warnings(&diff) {
-        eprintln!("tracer: warning: {warning}");
+/// Attaches to running processes or starts the command; `output` says where
+/// a started command writes.
+fn trace(
+    targets: Targets,
+    config: &TraceConfig,
+    min_age: Duration,
+    output: impl FnOnce() -> Result<ChildOutput>,
+) -> Result<(LiveTrace, TargetWatch)> {
+    match targets {
+        Targets::Running(processes) => setup::attach(&processes, config, min_age),
+        Targets::Command(command) => setup::start(command, config, min_age, output()?),
     }
-    let bytes = match format {
-        DiffFormat::Text => output::diff::render_text(&diff, top).into_bytes(),
-        DiffFormat::Folded => output::diff::render_folded(&diff, weight).into_bytes(),
-        DiffFormat::Svg => output::diff::render_svg(&diff, weight)?,
-    };
-    let mut out = open_output(output)?;
-    out.write_all(&bytes)
-        .and_then(|()| out.flush())
-        .context("writing the diff")?;
-    Ok(ExitCode::SUCCESS)
 }

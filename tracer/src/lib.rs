@@ -8,12 +8,13 @@
 //! `model::Snapshot`) -> `symbolize` -> `report` -> `output` (text, JSON,
 //! folded, SVG, pprof, speedscope) and `frontends` (report, top, check,
 //! serve). `lifecycle` says what happens to the traced processes (started,
-//! forked, exec'ed, exited), `trace` applies it; `app` wires the command
-//! line (`cli`) to all of it.
+//! forked, exec'ed, exited), `trace` applies it; `driver` is the one loop
+//! the front ends run in; `app` wires the command line (`cli`) to all of it.
 
 pub mod app;
 pub mod cli;
 pub mod collect;
+pub mod driver;
 pub mod frontends;
 pub mod kernel;
 pub mod lifecycle;

@@ -305,8 +305,10 @@ mod tests {
             total_bytes: total * 8,
             ..StackStats::default()
         };
-        let mut trace = StackTrace::default();
-        trace.slot = slot as u64;
+        let trace = StackTrace {
+            slot: slot as u64,
+            ..StackTrace::default()
+        };
         fake.stacks.insert(stack, trace);
     }
 
@@ -382,8 +384,10 @@ mod tests {
             slots[2].stack_id = STACK_A;
             slots[2].outstanding_count = 1;
             slots[2].total_count = 1;
-            let mut trace = StackTrace::default();
-            trace.slot = 2;
+            let trace = StackTrace {
+                slot: 2,
+                ..StackTrace::default()
+            };
             stacks.insert(STACK_A, trace);
         }));
         assert_eq!(reclaimer.scan(&mut maps).unwrap(), 0);

@@ -23,7 +23,8 @@ pub enum TargetWatch {
     /// `--follow-forks`, also the kernel's fork and exec events.
     Attached {
         pidfds: Vec<(u32, AsyncFd<OwnedFd>)>,
-        events: Option<ProcEvents>,
+        // Boxed: the ring buffer handle is large, the watch is moved around.
+        events: Option<Box<ProcEvents>>,
     },
     /// A command started by the tracer (and, with `--follow-forks`, what
     /// it forks).
@@ -56,7 +57,7 @@ impl TargetWatch {
     /// execs from the kernel.
     pub fn with_events(mut self, new: ProcEvents) -> Self {
         if let TargetWatch::Attached { events, .. } = &mut self {
-            *events = Some(new);
+            *events = Some(Box::new(new));
         }
         self
     }

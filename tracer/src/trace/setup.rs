@@ -8,7 +8,7 @@ use std::{ffi::OsString, path::Path, time::Duration};
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    cli::{Attach, TraceOptions},
+    cli::{RunningProcesses, TraceConfig},
     collect::mapping_events::MappingTrace,
     kernel::{unwind::SharedUnwinder, Kernel, KernelOps, LoadOptions, MapSizes, Variant},
     lifecycle::{
@@ -21,7 +21,7 @@ use crate::{
     trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
 };
 
-fn load_kernel(options: &TraceOptions) -> Result<Kernel> {
+fn load_kernel(options: &TraceConfig) -> Result<Kernel> {
     let variant = if options.noop_probes {
         Variant::Noop
     } else if options.no_stacks {
@@ -78,7 +78,7 @@ fn describe(kernel: &Kernel, verbose: bool) {
     }
 }
 
-fn probe_options(options: &TraceOptions) -> ProbeOptions {
+fn probe_options(options: &TraceConfig) -> ProbeOptions {
     ProbeOptions {
         symbols_prefix: options.symbols_prefix.clone(),
         entry_probes: options.entry_probes,
@@ -88,7 +88,7 @@ fn probe_options(options: &TraceOptions) -> ProbeOptions {
 }
 
 /// The PIDs `--pid` and `--comm` name, each once, in the order given.
-fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
+fn resolve_targets(targets: &RunningProcesses) -> Result<Vec<u32>> {
     let mut pids = targets.pids.clone();
     for name in &targets.comm {
         let found = crate::target::tasks::pids_by_comm(name);
@@ -104,8 +104,8 @@ fn resolve_targets(targets: &Attach) -> Result<Vec<u32>> {
 
 /// Attaches to running processes.
 pub fn attach(
-    targets: &Attach,
-    options: &TraceOptions,
+    targets: &RunningProcesses,
+    options: &TraceConfig,
     min_age: Duration,
 ) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
@@ -194,7 +194,7 @@ fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
 /// Starts a command stopped at its exec, attaches, then lets it run.
 pub fn start(
     argv: Vec<OsString>,
-    options: &TraceOptions,
+    options: &TraceConfig,
     min_age: Duration,
     output: ChildOutput,
 ) -> Result<(LiveTrace, TargetWatch)> {
@@ -255,7 +255,7 @@ pub fn start(
 fn unwinder(
     kernel: &mut Kernel,
     process: &Process,
-    options: &TraceOptions,
+    options: &TraceConfig,
 ) -> Result<Option<SharedUnwinder>> {
     if options.unwind != crate::target::unwind::UnwindMode::Cfi {
         return Ok(None);

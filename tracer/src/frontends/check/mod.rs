@@ -9,29 +9,37 @@ pub mod render;
 pub mod suppress;
 pub mod verdict;
 
-use std::{io::Write, process::ExitCode};
+use std::{convert::Infallible, io::Write, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
-use self::{suppress::Rule, verdict::Limits};
+use self::suppress::Rule;
 use crate::{
-    cli::{CheckFormat, CheckOptions},
-    frontends::report::HOUSEKEEPING,
-    lifecycle::{event::TargetEvent, watch::TargetWatch},
+    cli::CheckConfig,
+    driver::{self, End, Flow, FrontEnd, LastLook, OnSignal},
+    lifecycle::watch::TargetWatch,
     report::Report,
     trace::LiveTrace,
 };
 
+/// What the check report (`--report`) is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    /// JUnit XML: each leaking stack a failed test case.
+    Junit,
+}
+
 /// The rules in force: the defaults unless turned off, then each file's.
 /// Read before the command starts, so a bad file costs nothing.
-pub fn load_rules(options: &CheckOptions) -> Result<Vec<Rule>> {
-    let mut rules = if options.no_default_suppressions {
-        Vec::new()
-    } else {
+pub fn load_rules(config: &CheckConfig) -> Result<Vec<Rule>> {
+    let mut rules = if config.default_suppressions {
         suppress::defaults()
+    } else {
+        Vec::new()
     };
-    for path in &options.suppressions {
+    for path in &config.suppressions {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read suppressions {}", path.display()))?;
         rules.extend(
@@ -42,64 +50,80 @@ pub fn load_rules(options: &CheckOptions) -> Result<Vec<Rule>> {
 }
 
 pub async fn run(
-    mut trace: LiveTrace,
-    mut target: TargetWatch,
-    options: CheckOptions,
+    trace: LiveTrace,
+    target: TargetWatch,
+    config: CheckConfig,
     rules: Vec<Rule>,
-    mut out: Option<Box<dyn Write>>,
+    out: Option<Box<dyn Write>>,
 ) -> Result<ExitCode> {
-    let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
-    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let crate::signals::Signals {
-        interrupt: mut sigint,
-        terminate: mut sigterm,
-    } = crate::signals::take()?;
-    // Ctrl-C reaches the command too (same process group); the check ends
-    // when the command does, with its code.
-    let mut final_report: Option<Report> = None;
-    let command_exit = loop {
-        tokio::select! {
-            _ = housekeeping.tick() => trace.housekeeping(),
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {
-                if let TargetWatch::Child(child) = &target {
-                    unsafe { libc::kill(child.pid as libc::pid_t, libc::SIGTERM) };
-                }
-            }
-            event = target.next() => match event {
-                TargetEvent::Exiting => {
-                    trace.main_exiting();
-                    let report = final_snapshot(&mut trace);
-                    target.let_exit();
-                    final_report = Some(report?);
-                }
-                TargetEvent::Changed(change) => trace.apply(change, &mut target),
-                TargetEvent::Exited(code) => break code,
-            }
-        }
+    let check = Check {
+        config,
+        rules,
+        out,
+        final_report: None,
     };
-    let report = match final_report {
-        Some(report) => report,
-        None => final_snapshot(&mut trace)?,
-    };
-    let limits = Limits::new(options.max_leak_bytes, options.max_leak_allocations);
-    let check = verdict::evaluate(report, &rules, limits, command_exit);
-    match out.as_mut() {
-        Some(out) => {
-            let text = match options.format {
-                CheckFormat::Text => render::text(&check),
-                CheckFormat::Json => render::json(&check),
-                CheckFormat::Junit => render::junit(&check),
-            };
-            out.write_all(text.as_bytes())
-                .context("writing the check report")?;
-            out.flush().context("writing the check report")?;
-            eprintln!("{}", render::summary(&check));
-        }
-        // Standard output belongs to the command: the verdict goes to stderr.
-        None => eprint!("{}", render::text(&check)),
+    driver::run(check, trace, target).await
+}
+
+struct Check {
+    config: CheckConfig,
+    rules: Vec<Rule>,
+    out: Option<Box<dyn Write>>,
+    /// Taken at the command's last look, while its memory is mapped.
+    final_report: Option<Report>,
+}
+
+impl FrontEnd for Check {
+    type Event = Infallible;
+    // Ctrl-C reaches the command too (same process group), SIGTERM is
+    // passed on; the check ends when the command does, with its code.
+    const ON_SIGNAL: OnSignal = OnSignal::PassOn;
+
+    async fn next(&mut self) -> Infallible {
+        std::future::pending().await
     }
-    Ok(ExitCode::from(check.exit_code.clamp(0, 255) as u8))
+
+    fn event(&mut self, _trace: &mut LiveTrace, event: Infallible) -> Result<Flow> {
+        match event {}
+    }
+
+    fn last_look(&mut self, trace: &mut LiveTrace, _process: LastLook<'_>) -> Result<Flow> {
+        self.final_report = Some(final_snapshot(trace)?);
+        Ok(Flow::Continue)
+    }
+
+    fn exited(&mut self, _trace: &mut LiveTrace, _code: Option<i32>) -> Result<Flow> {
+        Ok(Flow::Stop)
+    }
+
+    fn end(mut self, trace: &mut LiveTrace, end: End) -> Result<ExitCode> {
+        // Only the command's exit ends a check.
+        let command_exit = match end {
+            End::Exited(code) => code,
+            End::Stopped | End::Signal { .. } => None,
+        };
+        let report = match self.final_report.take() {
+            Some(report) => report,
+            None => final_snapshot(trace)?,
+        };
+        let check = verdict::evaluate(report, &self.rules, self.config.limits, command_exit);
+        match self.out.as_mut() {
+            Some(out) => {
+                let text = match self.config.format {
+                    Format::Text => render::text(&check),
+                    Format::Json => render::json(&check),
+                    Format::Junit => render::junit(&check),
+                };
+                out.write_all(text.as_bytes())
+                    .context("writing the check report")?;
+                out.flush().context("writing the check report")?;
+                eprintln!("{}", render::summary(&check));
+            }
+            // Standard output belongs to the command: the verdict goes to stderr.
+            None => eprint!("{}", render::text(&check)),
+        }
+        Ok(ExitCode::from(check.exit_code.clamp(0, 255) as u8))
+    }
 }
 
 fn final_snapshot(trace: &mut LiveTrace) -> Result<Report> {

@@ -3,8 +3,11 @@
 
 use std::fmt::Write as _;
 
-use super::verdict::{CheckReport, Limits};
-use crate::output::{self, text::bytes};
+use super::verdict::{CheckReport, Limits, Suppressed};
+use crate::{
+    output::{self, text::bytes},
+    report::StackReport,
+};
 
 /// "tracer check: FAIL: 1200 bytes in 5 allocations leaked (limit 0 bytes); exit 23"
 pub fn summary(check: &CheckReport) -> String {
@@ -96,6 +99,8 @@ pub fn json(check: &CheckReport) -> String {
     s
 }
 
+/// JUnit XML: one suite, each leaking stack a test case (failed unless the
+/// check passed), each suppression a skipped one.
 pub fn junit(check: &CheckReport) -> String {
     let stacks: Vec<_> = check
         .report
@@ -130,95 +135,114 @@ pub fn junit(check: &CheckReport) -> String {
         }
     }
     for stack in &stacks {
-        let place = stack
-            .frames
-            .first()
-            .map(|f| {
-                let function = f.function.clone().unwrap_or_else(|| f.address.clone());
-                match (&f.file, f.line) {
-                    (Some(file), Some(line)) => format!(
-                        "{function} ({}:{line})",
-                        file.rsplit('/').next().unwrap_or(file)
-                    ),
-                    _ => function,
-                }
-            })
-            .unwrap_or_else(|| "[unknown stack]".to_string());
-        let name = if check.processes.len() > 1 {
-            let command = check
-                .processes
-                .iter()
-                .rev()
-                .find(|p| p.pid == stack.pid)
-                .map(|p| {
-                    p.command
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or(&p.command)
-                        .to_string()
-                })
-                .unwrap_or_default();
-            format!(
-                "{place} [stack {}, PID {} {command}]",
-                stack.stack_id, stack.pid
-            )
-        } else {
-            format!("{place} [stack {}]", stack.stack_id)
-        };
-        let message = format!(
-            "{} in {} allocation{} not freed",
-            bytes(stack.bytes),
-            stack.allocations,
-            if stack.allocations == 1 { "" } else { "s" }
-        );
-        let mut trace = String::new();
-        for f in &stack.frames {
-            let _ = writeln!(
-                trace,
-                "    at {}{}",
-                f.function.as_deref().unwrap_or(&f.address),
-                match (&f.file, f.line) {
-                    (Some(file), Some(line)) => format!(" ({file}:{line})"),
-                    _ => String::new(),
-                }
-            );
-        }
-        let _ = writeln!(
-            x,
-            "    <testcase classname=\"tracer.leaks\" name=\"{}\">",
-            escape(&name)
-        );
-        if check.passed {
-            let _ = writeln!(
-                x,
-                "      <system-out>{}, within the limits\n{}</system-out>",
-                escape(&message),
-                escape(&trace)
-            );
-        } else {
-            let _ = writeln!(
-                x,
-                "      <failure type=\"leak\" message=\"{}\">{}</failure>",
-                escape(&message),
-                escape(&trace)
-            );
-        }
-        let _ = writeln!(x, "    </testcase>");
+        leak_case(&mut x, check, stack);
     }
     for s in &check.suppressed {
-        let _ = writeln!(
-            x,
-            "    <testcase classname=\"tracer.suppressed\" name=\"{}\">\n      <skipped message=\"{}\"/>\n    </testcase>",
-            escape(&format!("{} ({})", s.pattern, s.origin)),
-            escape(&format!(
-                "{} in {} allocations suppressed",
-                bytes(s.bytes),
-                s.allocations
-            ))
-        );
+        suppressed_case(&mut x, s);
     }
     x.push_str("  </testsuite>\n</testsuites>\n");
     x
+}
+
+/// A leaking stack's test case: its frames as the trace.
+fn leak_case(x: &mut String, check: &CheckReport, stack: &StackReport) {
+    let message = format!(
+        "{} in {} allocation{} not freed",
+        bytes(stack.bytes),
+        stack.allocations,
+        if stack.allocations == 1 { "" } else { "s" }
+    );
+    let trace = stack_trace(stack);
+    let _ = writeln!(
+        x,
+        "    <testcase classname=\"tracer.leaks\" name=\"{}\">",
+        escape(&case_name(check, stack))
+    );
+    if check.passed {
+        let _ = writeln!(
+            x,
+            "      <system-out>{}, within the limits\n{}</system-out>",
+            escape(&message),
+            escape(&trace)
+        );
+    } else {
+        let _ = writeln!(
+            x,
+            "      <failure type=\"leak\" message=\"{}\">{}</failure>",
+            escape(&message),
+            escape(&trace)
+        );
+    }
+    let _ = writeln!(x, "    </testcase>");
+}
+
+/// "function (file:line) [stack ID]", and the process when there are several.
+fn case_name(check: &CheckReport, stack: &StackReport) -> String {
+    let place = stack
+        .frames
+        .first()
+        .map(|f| {
+            let function = f.function.clone().unwrap_or_else(|| f.address.clone());
+            match (&f.file, f.line) {
+                (Some(file), Some(line)) => format!(
+                    "{function} ({}:{line})",
+                    file.rsplit('/').next().unwrap_or(file)
+                ),
+                _ => function,
+            }
+        })
+        .unwrap_or_else(|| "[unknown stack]".to_string());
+    if check.processes.len() <= 1 {
+        return format!("{place} [stack {}]", stack.stack_id);
+    }
+    let command = check
+        .processes
+        .iter()
+        .rev()
+        .find(|p| p.pid == stack.pid)
+        .map(|p| {
+            p.command
+                .rsplit('/')
+                .next()
+                .unwrap_or(&p.command)
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!(
+        "{place} [stack {}, PID {} {command}]",
+        stack.stack_id, stack.pid
+    )
+}
+
+/// One "    at function (file:line)" line a frame, innermost first.
+fn stack_trace(stack: &StackReport) -> String {
+    let mut trace = String::new();
+    for f in &stack.frames {
+        let _ = writeln!(
+            trace,
+            "    at {}{}",
+            f.function.as_deref().unwrap_or(&f.address),
+            match (&f.file, f.line) {
+                (Some(file), Some(line)) => format!(" ({file}:{line})"),
+                _ => String::new(),
+            }
+        );
+    }
+    trace
+}
+
+/// A suppression's test case, skipped.
+fn suppressed_case(x: &mut String, s: &Suppressed) {
+    let _ = writeln!(
+        x,
+        "    <testcase classname=\"tracer.suppressed\" name=\"{}\">\n      <skipped message=\"{}\"/>\n    </testcase>",
+        escape(&format!("{} ({})", s.pattern, s.origin)),
+        escape(&format!(
+            "{} in {} allocations suppressed",
+            bytes(s.bytes),
+            s.allocations
+        ))
+    );
 }
 
 /// XML text and attribute escaping; drops characters XML 1.0 forbids.

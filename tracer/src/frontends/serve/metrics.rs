@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::frontends::top::state::{Row, TopState};
+use crate::frontends::live_view::{LiveView, Row};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -50,70 +50,104 @@ pub struct Exported {
 /// `processes`: every process traced, the first one first. Per-process
 /// gauges get a series per process; the event counters cover the whole
 /// session and carry the first process's labels.
-pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
+pub fn render(view: &LiveView, processes: &[Exported], top: usize) -> String {
     let mut w = Writer { out: String::new() };
-    let first_pid = state.pid.to_string();
-    let first_name = processes.first().map(|p| p.name.as_str()).unwrap_or("");
-    let base = [("pid", first_pid.as_str()), ("process", first_name)];
-    let snapshot = &state.shown;
-    let c = &snapshot.counters;
-    let pids: Vec<String> = processes.iter().map(|p| p.pid.to_string()).collect();
-    let labels_of = |i: usize| {
+    let labels = Labels::new(view.pid, processes);
+    process_gauges(&mut w, view, &labels);
+    session_counters(&mut w, view, &labels);
+    resident_bytes(&mut w, &labels);
+    stack_gauges(&mut w, view, &labels, top);
+    w.out
+}
+
+/// The `pid` and `process` labels: the session's (the first process's)
+/// and each process's.
+struct Labels<'a> {
+    processes: &'a [Exported],
+    first_pid: String,
+    pids: Vec<String>,
+}
+
+impl<'a> Labels<'a> {
+    fn new(first_pid: u32, processes: &'a [Exported]) -> Self {
+        Labels {
+            processes,
+            first_pid: first_pid.to_string(),
+            pids: processes.iter().map(|p| p.pid.to_string()).collect(),
+        }
+    }
+
+    fn session(&self) -> [(&str, &str); 2] {
+        let name = self
+            .processes
+            .first()
+            .map(|p| p.name.as_str())
+            .unwrap_or("");
+        [("pid", self.first_pid.as_str()), ("process", name)]
+    }
+
+    fn process(&self, i: usize) -> [(&str, &str); 2] {
         [
-            ("pid", pids[i].as_str()),
-            ("process", processes[i].name.as_str()),
+            ("pid", self.pids[i].as_str()),
+            ("process", self.processes[i].name.as_str()),
         ]
-    };
+    }
+
+    /// A stack's: its process's when there are several, else the session's.
+    fn stack(&self, pid: u32) -> [(&str, &str); 2] {
+        if self.processes.len() < 2 {
+            return self.session();
+        }
+        let i = self.processes.iter().position(|p| p.pid == pid);
+        self.process(i.unwrap_or(0))
+    }
+}
+
+/// Up, outstanding bytes and allocations, and stacks holding memory, per process.
+fn process_gauges(w: &mut Writer, view: &LiveView, labels: &Labels) {
+    let processes = labels.processes;
+    // A process's stacks (all of them when it is the only one).
     let mine = |pid: u32| {
-        snapshot
+        view.shown
             .stacks
             .iter()
             .filter(move |s| s.pid == pid || processes.len() == 1)
     };
-
-    w.family(
-        "tracer_target_up",
-        "gauge",
-        "1 while the traced process runs, 0 once it has exited.",
-    );
-    for (i, p) in processes.iter().enumerate() {
-        w.sample(
+    type Value<'a> = &'a dyn Fn(&Exported) -> f64;
+    let families: [(&str, &str, Value); 4] = [
+        (
             "tracer_target_up",
-            &labels_of(i),
-            if p.up { 1.0 } else { 0.0 },
-        );
-    }
-    w.family(
-        "tracer_outstanding_bytes",
-        "gauge",
-        "Bytes allocated since attach and not freed.",
-    );
-    for (i, p) in processes.iter().enumerate() {
-        let bytes: u64 = mine(p.pid).map(|s| s.bytes).sum();
-        w.sample("tracer_outstanding_bytes", &labels_of(i), bytes as f64);
-    }
-    w.family(
-        "tracer_outstanding_allocations",
-        "gauge",
-        "Allocations made since attach and not freed.",
-    );
-    for (i, p) in processes.iter().enumerate() {
-        let count: u64 = mine(p.pid).map(|s| s.count).sum();
-        w.sample(
+            "1 while the traced process runs, 0 once it has exited.",
+            &|p| if p.up { 1.0 } else { 0.0 },
+        ),
+        (
+            "tracer_outstanding_bytes",
+            "Bytes allocated since attach and not freed.",
+            &|p| mine(p.pid).map(|s| s.bytes).sum::<u64>() as f64,
+        ),
+        (
             "tracer_outstanding_allocations",
-            &labels_of(i),
-            count as f64,
-        );
+            "Allocations made since attach and not freed.",
+            &|p| mine(p.pid).map(|s| s.count).sum::<u64>() as f64,
+        ),
+        (
+            "tracer_stacks",
+            "Distinct call stacks holding memory.",
+            &|p| mine(p.pid).filter(|s| s.count > 0).count() as f64,
+        ),
+    ];
+    for (name, help, value) in families {
+        w.family(name, "gauge", help);
+        for (i, p) in processes.iter().enumerate() {
+            w.sample(name, &labels.process(i), value(p));
+        }
     }
-    w.family(
-        "tracer_stacks",
-        "gauge",
-        "Distinct call stacks holding memory.",
-    );
-    for (i, p) in processes.iter().enumerate() {
-        let holding = mine(p.pid).filter(|s| s.count > 0).count();
-        w.sample("tracer_stacks", &labels_of(i), holding as f64);
-    }
+}
+
+/// Allocations, frees and dropped events of the whole session.
+fn session_counters(w: &mut Writer, view: &LiveView, labels: &Labels) {
+    let base = labels.session();
+    let c = &view.shown.counters;
     w.family(
         "tracer_allocations_total",
         "counter",
@@ -131,7 +165,7 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
         "counter",
         "Events the tracer could not account for, by reason; non-zero means totals are lower bounds.",
     );
-    let d = state.dropped();
+    let d = view.dropped();
     for (reason, n) in [
         ("allocation_map_full", d.untracked_allocations),
         ("stack_lost", d.lost_stacks),
@@ -145,26 +179,41 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
             n as f64,
         );
     }
-    if processes.iter().any(|p| p.resident_bytes.is_some()) {
-        w.family(
-            "tracer_process_resident_bytes",
-            "gauge",
-            "The traced process's resident set size.",
-        );
-        for (i, p) in processes.iter().enumerate() {
-            if let Some(rss) = p.resident_bytes {
-                w.sample("tracer_process_resident_bytes", &labels_of(i), rss as f64);
-            }
+}
+
+/// RSS of the processes that have one (running ones); no family if none has.
+fn resident_bytes(w: &mut Writer, labels: &Labels) {
+    let processes = labels.processes;
+    if processes.iter().all(|p| p.resident_bytes.is_none()) {
+        return;
+    }
+    w.family(
+        "tracer_process_resident_bytes",
+        "gauge",
+        "The traced process's resident set size.",
+    );
+    for (i, p) in processes.iter().enumerate() {
+        if let Some(rss) = p.resident_bytes {
+            w.sample(
+                "tracer_process_resident_bytes",
+                &labels.process(i),
+                rss as f64,
+            );
         }
     }
+}
 
-    // Rows are sorted by bytes (the serve loop keeps the state that way).
-    let rows = state.rows();
+/// The top `top` rows, a series each, and the rest summed into
+/// `stack_id="other"`.
+fn stack_gauges(w: &mut Writer, view: &LiveView, labels: &Labels, top: usize) {
+    // Rows are sorted by bytes (the serve loop keeps its view that way).
+    let rows = view.rows();
     let (shown, rest) = rows.split_at(top.min(rows.len()));
     let series: Vec<(String, &Row)> = shown
         .iter()
         .map(|r| (format!("{:016x}", r.stack_ids[0]), r))
         .collect();
+    let base = labels.session();
     let other = [
         base[0],
         base[1],
@@ -203,14 +252,10 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
     for (name, help, value, rest_value) in families {
         w.family(name, "gauge", help);
         for (id, row) in &series {
-            let i = processes.iter().position(|p| p.pid == row.pid).unwrap_or(0);
-            let (pid, process) = match processes.get(i) {
-                Some(p) if processes.len() > 1 => (pids[i].as_str(), p.name.as_str()),
-                _ => (base[0].1, base[1].1),
-            };
+            let [pid, process] = labels.stack(row.pid);
             let labels = [
-                ("pid", pid),
-                ("process", process),
+                pid,
+                process,
                 ("stack_id", id.as_str()),
                 ("function", row.function.as_str()),
                 ("location", row.location.as_deref().unwrap_or("")),
@@ -223,28 +268,25 @@ pub fn render(state: &TopState, processes: &[Exported], top: usize) -> String {
             w.sample(name, &other, v);
         }
     }
-    w.out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::SortKey, frontends::top::state::tests::state};
+    use crate::frontends::live_view::{tests::view, SortKey};
 
     #[test]
     fn exposes_totals_top_stacks_and_the_rest() {
-        let mut state = state();
-        state.key(ratatui::crossterm::event::KeyEvent::from(
-            ratatui::crossterm::event::KeyCode::Char('b'),
-        ));
-        assert_eq!(state.sort, SortKey::Bytes);
+        let mut view = view();
+        view.sort_by(SortKey::Bytes);
+        assert_eq!(view.sort, SortKey::Bytes);
         let processes = [Exported {
             pid: 42,
             name: "server".into(),
             up: true,
             resident_bytes: None,
         }];
-        let text = render(&state, &processes, 1);
+        let text = render(&view, &processes, 1);
         assert!(
             text.contains("tracer_target_up{pid=\"42\",process=\"server\"} 1\n"),
             "{text}"
@@ -273,12 +315,12 @@ mod tests {
 
     #[test]
     fn several_processes_get_their_own_series() {
-        let mut state = state();
+        let mut view = view();
         // The fixture's stacks belong to pid 1; say one of them is pid 7's.
-        let mut shown = state.shown.clone();
+        let mut shown = view.shown.clone();
         shown.stacks[0].pid = 7;
         let own_bytes = shown.stacks[0].bytes;
-        state.update(shown);
+        view.update(shown);
         let processes = [
             Exported {
                 pid: 1,
@@ -293,7 +335,7 @@ mod tests {
                 resident_bytes: None,
             },
         ];
-        let text = render(&state, &processes, 5);
+        let text = render(&view, &processes, 5);
         assert!(
             text.contains("tracer_target_up{pid=\"1\",process=\"server\"} 1\n"),
             "{text}"

@@ -1,29 +1,29 @@
 //! `tracer serve`: keep tracing and serve what is known over HTTP, for
 //! monitoring. `/metrics` (Prometheus), `/report` (the JSON report),
 //! `/flamegraph.svg`; with `--push`, pprof profiles to Pyroscope. `metrics`
-//! renders, `http` speaks just enough HTTP, `push` sends profiles;
-//! this file is the loop. Snapshots feed the same state as `tracer top`
-//! (growth, symbolized rows), sorted by bytes.
+//! renders, `http` speaks just enough HTTP, `push` sends profiles; this
+//! file is what serve does in the driver's loop. Snapshots feed the same
+//! `LiveView` as `tracer top` (growth, symbolized rows), sorted by bytes.
 
 pub mod http;
 pub mod metrics;
 pub mod push;
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{io, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot},
-    time::{interval_at, Instant, MissedTickBehavior},
+    time::{interval_at, Instant, Interval, MissedTickBehavior},
 };
 
 use self::http::{Request, Response};
 use crate::{
-    cli::{ServeOptions, SortKey},
-    frontends::report::HOUSEKEEPING,
-    frontends::top::{refresh, state::TopState},
-    lifecycle::{event::TargetEvent, watch::TargetWatch},
+    cli::ServeConfig,
+    driver::{self, End, Flow, FrontEnd, LastLook, OnSignal},
+    frontends::live_view::{refresh, LiveView, SortKey},
+    lifecycle::watch::TargetWatch,
     output::{self, folded::Weight},
     trace::LiveTrace,
 };
@@ -42,96 +42,137 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener> {
 
 pub async fn run(
     mut trace: LiveTrace,
-    mut target: TargetWatch,
-    options: ServeOptions,
+    target: TargetWatch,
+    config: ServeConfig,
     listener: TcpListener,
 ) -> Result<ExitCode> {
     let process = trace.primary().process.comm.clone();
-    let mut state = TopState::new(
-        trace.run.pid,
-        trace.run.command.clone(),
-        trace.run.attached_ns,
-        SortKey::Bytes,
-        false,
-    );
-    state.process.rss_at_attach = trace.primary().process.rss_bytes();
-    refresh(&mut trace, &mut state)?;
+    let mut view = LiveView::of(&trace, SortKey::Bytes, false);
+    refresh(&mut trace, &mut view)?;
     eprintln!(
         "tracer: serving http://{}/metrics for PID {} ({})",
         listener.local_addr()?,
         trace.run.pid,
         trace.run.command
     );
-    let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    let every = options.interval.max(Duration::from_millis(100));
+    let (jobs_tx, jobs) = mpsc::channel::<Job>(64);
+    let every = config.interval.max(Duration::from_millis(100));
     let mut refreshes = interval_at(Instant::now() + every, every);
     refreshes.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
-    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let crate::signals::Signals {
-        interrupt: mut sigint,
-        terminate: mut sigterm,
-    } = crate::signals::take()?;
-    let push = match &options.push {
-        Some(url) => Some(push::Endpoint::parse(url)?),
-        None => None,
-    };
-    let push_every = options.push_interval.max(Duration::from_secs(1));
+    let push_every = config.push_interval.max(Duration::from_secs(1));
     let mut pushes = interval_at(Instant::now() + push_every, push_every);
     pushes.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_push = unix_seconds();
-    loop {
+    let serve = Serve {
+        view,
+        process,
+        config,
+        listener,
+        jobs_tx,
+        jobs,
+        refreshes,
+        pushes,
+        last_push: unix_seconds(),
+    };
+    driver::run(serve, trace, target).await
+}
+
+struct Serve {
+    view: LiveView,
+    /// The first process's name, for the pushed profiles.
+    process: String,
+    config: ServeConfig,
+    listener: TcpListener,
+    /// Connections hand their requests to the loop, which owns the trace.
+    jobs_tx: mpsc::Sender<Job>,
+    jobs: mpsc::Receiver<Job>,
+    refreshes: Interval,
+    pushes: Interval,
+    /// Unix seconds: the start of the next pushed profile's span.
+    last_push: u64,
+}
+
+enum Event {
+    Refresh,
+    Push,
+    Accepted(io::Result<(TcpStream, SocketAddr)>),
+    Job(Job),
+}
+
+impl FrontEnd for Serve {
+    type Event = Event;
+    const ON_SIGNAL: OnSignal = OnSignal::Stop;
+
+    async fn next(&mut self) -> Event {
         tokio::select! {
-            _ = refreshes.tick() => refresh(&mut trace, &mut state)?,
-            _ = housekeeping.tick() => trace.housekeeping(),
-            _ = pushes.tick(), if push.is_some() => {
-                let now = unix_seconds();
-                let report = trace.report_every_stack(&state.shown);
-                let host_process = trace.primary().process.clone();
-                let profile = output::pprof::render(&report, &|module| {
-                    crate::target::elf::build_id(&host_process.host_path(module))
-                })?;
-                let name = push::application_name(trace.run.pid, &process);
-                let endpoint = push.clone().expect("checked by the guard");
-                let request = push::request(&endpoint, &name, last_push, now, &profile);
-                last_push = now;
-                // Sent off the loop: a slow backend must not stall scrapes.
-                tokio::spawn(async move {
-                    if let Err(e) = push::send(&endpoint, request).await {
-                        eprintln!("tracer: push to {}:{} failed: {e:#}", endpoint.host, endpoint.port);
-                    }
-                });
-            }
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(connection(stream, jobs_tx.clone()));
-                }
-            }
-            Some((request, reply)) = jobs.recv() => {
-                let _ = reply.send(answer(&request, &mut trace, &state, &options));
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            event = target.next() => match event {
-                TargetEvent::Exiting => {
-                    trace.main_exiting();
-                    let result = refresh(&mut trace, &mut state);
-                    target.let_exit();
-                    result?;
-                }
-                TargetEvent::Changed(change) => trace.apply(change, &mut target),
-                TargetEvent::Exited(_) => {
-                    eprintln!("tracer: PID {} exited; stopping", trace.run.pid);
-                    break;
-                }
-            },
+            _ = self.refreshes.tick() => Event::Refresh,
+            _ = self.pushes.tick(), if self.config.push.is_some() => Event::Push,
+            accepted = self.listener.accept() => Event::Accepted(accepted),
+            Some(job) = self.jobs.recv() => Event::Job(job),
         }
     }
-    Ok(ExitCode::SUCCESS)
+
+    fn event(&mut self, trace: &mut LiveTrace, event: Event) -> Result<Flow> {
+        match event {
+            Event::Refresh => refresh(trace, &mut self.view)?,
+            Event::Push => {
+                if let Some(endpoint) = self.config.push.clone() {
+                    self.push(trace, endpoint)?;
+                }
+            }
+            Event::Accepted(accepted) => {
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(connection(stream, self.jobs_tx.clone()));
+                }
+            }
+            Event::Job((request, reply)) => {
+                let _ = reply.send(answer(&request, trace, &self.view, &self.config));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn last_look(&mut self, trace: &mut LiveTrace, _process: LastLook<'_>) -> Result<Flow> {
+        refresh(trace, &mut self.view)?;
+        Ok(Flow::Continue)
+    }
+
+    fn exited(&mut self, trace: &mut LiveTrace, _code: Option<i32>) -> Result<Flow> {
+        eprintln!("tracer: PID {} exited; stopping", trace.run.pid);
+        Ok(Flow::Stop)
+    }
+
+    fn end(self, _trace: &mut LiveTrace, _end: End) -> Result<ExitCode> {
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl Serve {
+    /// Sends a pprof profile of the view's snapshot since the last push.
+    fn push(&mut self, trace: &mut LiveTrace, endpoint: push::Endpoint) -> Result<()> {
+        let now = unix_seconds();
+        let report = trace.report_every_stack(&self.view.shown);
+        let host_process = trace.primary().process.clone();
+        let profile = output::pprof::render(&report, &|module| {
+            crate::target::elf::build_id(&host_process.host_path(module))
+        })?;
+        let name = push::application_name(trace.run.pid, &self.process);
+        let request = push::request(&endpoint, &name, self.last_push, now, &profile);
+        self.last_push = now;
+        // Sent off the loop: a slow backend must not stall scrapes.
+        tokio::spawn(async move {
+            if let Err(e) = push::send(&endpoint, request).await {
+                eprintln!(
+                    "tracer: push to {}:{} failed: {e:#}",
+                    endpoint.host, endpoint.port
+                );
+            }
+        });
+        Ok(())
+    }
 }
 
 /// One connection: read the request, let the loop answer, write it back.
-async fn connection(mut stream: tokio::net::TcpStream, jobs: mpsc::Sender<Job>) {
+async fn connection(mut stream: TcpStream, jobs: mpsc::Sender<Job>) {
     let request = match http::read_request(&mut stream).await {
         Ok(request) => request,
         Err(e) => {
@@ -176,8 +217,8 @@ fn exported(trace: &LiveTrace, serving: bool) -> Vec<metrics::Exported> {
 fn answer(
     request: &Request,
     trace: &mut LiveTrace,
-    state: &TopState,
-    options: &ServeOptions,
+    view: &LiveView,
+    config: &ServeConfig,
 ) -> Response {
     if request.method != "GET" && request.method != "HEAD" {
         return Response::error(405, "only GET and HEAD");
@@ -185,7 +226,7 @@ fn answer(
     match request.path.as_str() {
         "/metrics" => Response::ok(
             metrics::CONTENT_TYPE,
-            metrics::render(state, &exported(trace, state.ended.is_none()), options.top),
+            metrics::render(view, &exported(trace, view.ended.is_none()), config.top),
         ),
         "/report" => {
             let top = match request.param("top").map(str::parse::<usize>) {
@@ -193,11 +234,11 @@ fn answer(
                 Some(Ok(n)) => n,
                 Some(Err(_)) => return Response::error(400, "top must be a number"),
             };
-            let report = trace.report(&state.shown, top);
+            let report = trace.report(&view.shown, top);
             Response::ok("application/json", output::json::document(&report))
         }
         "/flamegraph.svg" => {
-            let report = trace.report(&state.shown, 0);
+            let report = trace.report(&view.shown, 0);
             match output::flamegraph::render(&report, Weight::Bytes) {
                 Ok(svg) => Response::ok("image/svg+xml", svg),
                 Err(e) => Response::error(500, &format!("{e:#}")),
@@ -210,8 +251,8 @@ fn answer(
                  <li><a href=\"/metrics\">/metrics</a> (Prometheus)</li>\
                  <li><a href=\"/report\">/report</a> (JSON; ?top=N)</li>\
                  <li><a href=\"/flamegraph.svg\">/flamegraph.svg</a></li></ul></body></html>\n",
-                state.pid,
-                html_escape(&state.command)
+                view.pid,
+                html_escape(&view.command)
             ),
         ),
         _ => Response::error(404, "not found: try /metrics, /report or /flamegraph.svg"),

@@ -1,6 +1,6 @@
 //! `tracer top`: the live full-screen view. `state` is what is shown and how
 //! keys change it, `render` draws it, `terminal` owns the screen and the
-//! keyboard; this file is the loop that feeds them snapshots.
+//! keyboard; this file feeds them snapshots and keys in the driver's loop.
 
 pub mod render;
 pub mod state;
@@ -15,17 +15,23 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
+use tokio::{
+    sync::mpsc,
+    time::{interval_at, Instant, Interval, MissedTickBehavior},
+};
 
 use self::{
-    state::{Action, StackInfo, TopState},
+    state::{Action, TopState},
     terminal::{spawn_input_reader, Input, Screen},
 };
 use crate::{
-    cli::TopOptions,
-    frontends::report::{open_output, HOUSEKEEPING},
-    lifecycle::launch::ChildOutput,
-    lifecycle::{event::TargetEvent, watch::TargetWatch},
+    cli::TopConfig,
+    driver::{self, End, Flow, FrontEnd, LastLook, OnSignal},
+    frontends::{
+        live_view::{self, LiveView},
+        open_output,
+    },
+    lifecycle::{launch::ChildOutput, watch::TargetWatch},
     output::{self, folded::Weight},
     trace::LiveTrace,
 };
@@ -44,105 +50,105 @@ pub fn command_output(path: Option<&Path>) -> Result<ChildOutput> {
     Ok(ChildOutput::File(file))
 }
 
-pub async fn run(
-    mut trace: LiveTrace,
-    mut target: TargetWatch,
-    options: TopOptions,
-) -> Result<ExitCode> {
-    let mut state = TopState::new(
-        trace.run.pid,
-        trace.run.command.clone(),
-        trace.run.attached_ns,
-        options.sort,
-        options.group_by_function,
-    );
-    state.process.rss_at_attach = trace.primary().process.rss_bytes();
-    state.sample_rate = trace
-        .run
-        .allocators
-        .first()
-        .and_then(|a| a.sample_rate_bytes);
-    let mut screen = Screen::open()?;
-    let mut input = spawn_input_reader();
-    let crate::signals::Signals {
-        interrupt: mut sigint,
-        terminate: mut sigterm,
-    } = crate::signals::take()?;
-    let every = options.interval.max(Duration::from_millis(100));
-    let started = Instant::now();
-    let mut refreshes = interval_at(started, every);
+pub async fn run(trace: LiveTrace, target: TargetWatch, config: TopConfig) -> Result<ExitCode> {
+    let state = TopState::new(LiveView::of(&trace, config.sort, config.group_by_function));
+    let screen = Screen::open()?;
+    let input = spawn_input_reader();
+    let every = config.interval.max(Duration::from_millis(100));
+    let mut refreshes = interval_at(Instant::now(), every);
     refreshes.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut housekeeping = interval_at(started + HOUSEKEEPING, HOUSEKEEPING);
-    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut target_gone = false;
+    let top = Top {
+        state,
+        screen,
+        input,
+        refreshes,
+        save_dir: config.save_dir,
+    };
+    driver::run(top, trace, target).await
+}
 
-    loop {
+struct Top {
+    state: TopState,
+    screen: Screen,
+    input: mpsc::UnboundedReceiver<Input>,
+    refreshes: Interval,
+    save_dir: PathBuf,
+}
+
+enum Event {
+    Refresh,
+    Input(Input),
+}
+
+impl FrontEnd for Top {
+    type Event = Event;
+    const ON_SIGNAL: OnSignal = OnSignal::Stop;
+    // Quitting `top -- CMD` ends the command, as closing its terminal would.
+    const ENDS_STARTED_COMMAND: bool = true;
+
+    async fn next(&mut self) -> Event {
         tokio::select! {
-            _ = refreshes.tick(), if state.ended.is_none() => {
-                refresh(&mut trace, &mut state)?;
-                screen.draw(&state)?;
+            _ = self.refreshes.tick(), if self.state.view.ended.is_none() => Event::Refresh,
+            Some(input) = self.input.recv() => Event::Input(input),
+            else => std::future::pending().await,
+        }
+    }
+
+    fn event(&mut self, trace: &mut LiveTrace, event: Event) -> Result<Flow> {
+        match event {
+            Event::Refresh => {
+                refresh(trace, &mut self.state)?;
+                self.screen.draw(&self.state)?;
             }
-            _ = housekeeping.tick(), if !target_gone => trace.housekeeping(),
-            Some(event) = input.recv() => match event {
-                Input::Resize => screen.draw(&state)?,
-                Input::Key(key) => match state.key(key) {
-                    Action::Nothing => {}
-                    Action::Redraw => screen.draw(&state)?,
-                    Action::Quit => break,
-                    Action::SaveFlamegraph => {
-                        state.message = Some(save(&mut trace, &state, &options.save_dir, "svg"));
-                        screen.draw(&state)?;
-                    }
-                    Action::SaveSnapshot => {
-                        state.message = Some(save(&mut trace, &state, &options.save_dir, "json"));
-                        screen.draw(&state)?;
-                    }
-                },
-            },
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            event = target.next(), if !target_gone => match event {
-                TargetEvent::Exiting => {
-                    // Last look while its memory is still mapped.
-                    trace.main_exiting();
-                    let result = refresh(&mut trace, &mut state);
-                    target.let_exit();
-                    result?;
-                    screen.draw(&state)?;
+            Event::Input(Input::Resize) => self.screen.draw(&self.state)?,
+            Event::Input(Input::Key(key)) => match self.state.key(key) {
+                Action::Nothing => {}
+                Action::Redraw => self.screen.draw(&self.state)?,
+                Action::Quit => return Ok(Flow::Stop),
+                Action::SaveFlamegraph => {
+                    self.state.message = Some(save(trace, &self.state, &self.save_dir, "svg"));
+                    self.screen.draw(&self.state)?;
                 }
-                TargetEvent::Changed(change) => trace.apply(change, &mut target),
-                TargetEvent::Exited(code) => {
-                    target_gone = true;
-                    if state.ended.is_none() {
-                        // The BPF maps outlive the process: one more read.
-                        let _ = refresh(&mut trace, &mut state);
-                    }
-                    state.end(match code {
-                        Some(code) => format!("process exited (code {code})"),
-                        None => "process exited".to_string(),
-                    });
-                    screen.draw(&state)?;
+                Action::SaveSnapshot => {
+                    self.state.message = Some(save(trace, &self.state, &self.save_dir, "json"));
+                    self.screen.draw(&self.state)?;
                 }
             },
         }
+        Ok(Flow::Continue)
     }
-    drop(screen);
-    if !target_gone {
-        end_started_command(&mut target).await;
+
+    fn last_look(&mut self, trace: &mut LiveTrace, process: LastLook<'_>) -> Result<Flow> {
+        let result = refresh(trace, &mut self.state);
+        drop(process);
+        result?;
+        self.screen.draw(&self.state)?;
+        Ok(Flow::Continue)
     }
-    Ok(ExitCode::SUCCESS)
+
+    // The view freezes on the last snapshot until `q`.
+    fn exited(&mut self, trace: &mut LiveTrace, code: Option<i32>) -> Result<Flow> {
+        if self.state.view.ended.is_none() {
+            // The BPF maps outlive the process: one more read.
+            let _ = refresh(trace, &mut self.state);
+        }
+        self.state.view.end(match code {
+            Some(code) => format!("process exited (code {code})"),
+            None => "process exited".to_string(),
+        });
+        self.screen.draw(&self.state)?;
+        Ok(Flow::Continue)
+    }
+
+    // Dropping the screen gives the terminal back.
+    fn end(self, _trace: &mut LiveTrace, _end: End) -> Result<ExitCode> {
+        Ok(ExitCode::SUCCESS)
+    }
 }
 
-/// Takes a snapshot, symbolizes stacks not seen before, and hands both to the state.
-pub(crate) fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
-    let snapshot = trace.snapshot(true)?;
-    for (pid, stack_id) in state.unknown_stacks(&snapshot) {
-        let (frames, truncated) = trace.stack(pid, stack_id);
-        state.add_stack(stack_id, StackInfo { frames, truncated });
-    }
-    if let Some(rss) = trace.primary().process.rss_bytes() {
-        state.process.rss_now = Some(rss);
-    }
+/// Takes a snapshot into the view (see `live_view::read`).
+fn refresh(trace: &mut LiveTrace, state: &mut TopState) -> Result<()> {
+    let snapshot = live_view::read(trace, &mut state.view)?;
     state.update(snapshot);
     Ok(())
 }
@@ -153,8 +159,8 @@ fn save(trace: &mut LiveTrace, state: &TopState, dir: &Path, extension: &str) ->
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let path: PathBuf = dir.join(format!("tracer-{}-{seconds}.{extension}", state.pid));
-    let report = trace.report(&state.shown, 0);
+    let path: PathBuf = dir.join(format!("tracer-{}-{seconds}.{extension}", state.view.pid));
+    let report = trace.report(&state.view.shown, 0);
     let written = (|| -> Result<()> {
         let bytes = match extension {
             "svg" => output::flamegraph::render(&report, Weight::Bytes)?,
@@ -168,23 +174,5 @@ fn save(trace: &mut LiveTrace, state: &TopState, dir: &Path, extension: &str) ->
     match written {
         Ok(()) => format!("wrote {}", path.display()),
         Err(e) => format!("could not write {}: {e:#}", path.display()),
-    }
-}
-
-/// Quitting `top -- CMD` ends the command it started (SIGTERM, then SIGKILL
-/// after 2 s), as closing its terminal would; a process attached to with
-/// --pid is left alone.
-async fn end_started_command(target: &mut TargetWatch) {
-    let TargetWatch::Child(child) = target else {
-        return;
-    };
-    unsafe { libc::kill(child.pid as libc::pid_t, libc::SIGTERM) };
-    let pid = child.pid;
-    if timeout(Duration::from_secs(2), target.exit_code())
-        .await
-        .is_err()
-    {
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        let _ = timeout(Duration::from_secs(2), target.exit_code()).await;
     }
 }

@@ -11,7 +11,7 @@ use ratatui::{
 };
 
 use super::state::TopState;
-use crate::cli::SortKey;
+use crate::frontends::live_view::{LiveView, SortKey};
 
 pub const KEYS: &[(&str, &str)] = &[
     (
@@ -48,7 +48,7 @@ pub fn draw(frame: &mut Frame, state: &TopState) {
         Constraint::Length(1),
     ])
     .areas(frame.area());
-    draw_header(frame, header, state);
+    draw_header(frame, header, &state.view);
     draw_table(frame, table, state);
     if state.detail_open {
         draw_detail(frame, detail, state);
@@ -59,32 +59,32 @@ pub fn draw(frame: &mut Frame, state: &TopState) {
     }
 }
 
-fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
+fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     let [text, chart] =
         Layout::horizontal([Constraint::Min(40), Constraint::Percentage(25)]).areas(area);
-    let snapshot = &state.shown;
+    let snapshot = &view.shown;
     let mut title = vec![
         Span::styled("tracer top", Style::new().add_modifier(Modifier::BOLD)),
         Span::raw(format!(
             "  PID {} ({})  attached {}",
-            state.pid,
-            state.command,
-            duration(state.seconds_attached())
+            view.pid,
+            view.command,
+            duration(view.seconds_attached())
         )),
     ];
-    if let Some(rate) = state.sample_rate {
+    if let Some(rate) = view.sample_rate {
         title.push(Span::styled(
             format!("  ESTIMATED: sampled about once every {}", bytes(rate)),
             Style::new().fg(Color::Yellow),
         ));
     }
-    if state.paused {
+    if view.paused {
         title.push(Span::styled(
             "  PAUSED",
             Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
         ));
     }
-    let rss = match (state.process.rss_now, state.process.rss_at_attach) {
+    let rss = match (view.process.rss_now, view.process.rss_at_attach) {
         (Some(now), Some(then)) => format!(
             "RSS {} ({} since attach)",
             bytes(now),
@@ -101,12 +101,12 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
         counted(stacks as u64, "stack")
     );
     // Sampling: the counters see sampled blocks only.
-    let sampled = if state.sample_rate.is_some() {
+    let sampled = if view.sample_rate.is_some() {
         "sampled "
     } else {
         ""
     };
-    let rates = match state.event_rates() {
+    let rates = match view.event_rates() {
         Some((allocs, frees)) => format!(
             "{sampled}allocs {}/s  frees {}/s",
             thousands(allocs.round() as u64),
@@ -114,7 +114,7 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
         ),
         None => format!("{sampled}allocs -/s  frees -/s"),
     };
-    let dropped = state.dropped();
+    let dropped = view.dropped();
     let dropped_span = if dropped.any() {
         Span::styled(
             format!(
@@ -130,25 +130,25 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
     } else {
         Span::raw("   dropped: none")
     };
-    let mut view = format!(
+    let mut arrangement = format!(
         "sort: {}   rows: {}",
-        sort_name(state.sort),
-        if state.group_by_function {
+        sort_name(view.sort),
+        if view.group_by_function {
             "functions"
         } else {
             "stacks"
         }
     );
-    if !state.filter.is_empty() {
-        view.push_str(&format!("   filter: {}", state.filter));
+    if !view.filter.is_empty() {
+        arrangement.push_str(&format!("   filter: {}", view.filter));
     }
     let mut lines = vec![
         Line::from(title),
         Line::from(vec![Span::raw(rss), Span::raw(held)]),
         Line::from(vec![Span::raw(rates), dropped_span]),
-        Line::from(view),
+        Line::from(arrangement),
     ];
-    if let Some(ended) = &state.ended {
+    if let Some(ended) = &view.ended {
         lines.push(Line::styled(
             format!("{ended}: showing the last snapshot, q quits"),
             Style::new().fg(Color::Black).bg(Color::Yellow),
@@ -156,7 +156,7 @@ fn draw_header(frame: &mut Frame, area: Rect, state: &TopState) {
     }
     frame.render_widget(Paragraph::new(lines), text);
 
-    let points: Vec<u64> = state.chart.iter().copied().collect();
+    let points: Vec<u64> = view.chart.iter().copied().collect();
     let width = chart.width.saturating_sub(2) as usize;
     let shown = &points[points.len().saturating_sub(width)..];
     let peak = shown.iter().copied().max().unwrap_or(0);
@@ -187,7 +187,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
         .enumerate()
         .map(|(i, name)| {
             let sorted = matches!(
-                (i, state.sort),
+                (i, state.view.sort),
                 (0, SortKey::Bytes)
                     | (1, SortKey::Count)
                     | (2, SortKey::Growth)
@@ -201,7 +201,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
             Cell::from(name).style(style)
         }),
     );
-    let rows = state.rows().iter().map(|row| {
+    let rows = state.view.rows().iter().map(|row| {
         let mut place = row.function.clone();
         if let Some(location) = &row.location {
             place.push_str("  ");
@@ -231,7 +231,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
     ];
     let title = match &state.editing_filter {
         Some(text) => format!(" filter: {text}▏"),
-        None => format!(" {} ", counted(state.rows().len() as u64, "row")),
+        None => format!(" {} ", counted(state.view.rows().len() as u64, "row")),
     };
     let table = Table::new(rows, widths)
         .header(header)
@@ -251,7 +251,7 @@ fn draw_detail(frame: &mut Frame, area: Rect, state: &TopState) {
         title.push_str(&format!("(largest of {}) ", row.stack_ids.len()));
     }
     let mut lines: Vec<Line> = Vec::new();
-    match state.stack(stack_id) {
+    match state.view.stack(stack_id) {
         Some(info) if !info.frames.is_empty() => {
             for (i, f) in info.frames.iter().enumerate() {
                 let function = f
@@ -423,8 +423,8 @@ mod tests {
     #[test]
     fn header_and_rows_show_the_leak_first() {
         let mut state = state();
-        state.process.rss_at_attach = Some(10 << 20);
-        state.process.rss_now = Some(12 << 20);
+        state.view.process.rss_at_attach = Some(10 << 20);
+        state.view.process.rss_now = Some(12 << 20);
         let lines = screen(&state, 140, 20);
         let text = lines.join("\n");
         assert!(lines[0].contains("PID 42 (server --port 8080)"), "{text}");
@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn header_says_sampled_figures_are_estimates() {
         let mut state = state();
-        state.sample_rate = Some(512 << 10);
+        state.view.sample_rate = Some(512 << 10);
         let lines = screen(&state, 160, 20);
         let text = lines.join("\n");
         assert!(
@@ -473,7 +473,7 @@ mod tests {
     fn help_and_end_of_target_are_shown() {
         let mut state = state();
         state.key(KeyEvent::new(KeyCode::Char('?'), KeyModifiers::NONE));
-        state.end("process exited (code 3)".into());
+        state.view.end("process exited (code 3)".into());
         let text = screen(&state, 120, 30).join("\n");
         assert!(text.contains("group rows by allocating function"), "{text}");
         assert!(

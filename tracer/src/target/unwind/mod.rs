@@ -5,13 +5,12 @@
 
 pub mod cfi;
 
-use clap::ValueEnum;
 use object::{Object, ObjectSegment};
 
 use crate::target::memory_map::Mapping;
 
 /// How user stacks are walked.
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnwindMode {
     /// Frame pointers, by the kernel (`bpf_get_stack`): cheap, but code
     /// built without frame pointers hides its caller.

@@ -1,10 +1,9 @@
-//! Command line: clap definitions and the small parsers they need.
+//! The command line as clap parses it, and the small parsers it needs.
+//! `config` turns it into what the rest of the tracer takes.
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-
-pub use crate::output::folded::Weight;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -224,8 +223,8 @@ pub struct TraceOptions {
     /// How allocation stacks are walked: fp (frame pointers) or cfi (the
     /// .eh_frame unwind tables of every mapped object, for code built
     /// without frame pointers; costs kernel memory for the tables).
-    #[arg(long, value_enum, default_value_t = crate::target::unwind::UnwindMode::Fp)]
-    pub unwind: crate::target::unwind::UnwindMode,
+    #[arg(long, value_enum, default_value_t = UnwindMode::Fp)]
+    pub unwind: UnwindMode,
     /// With --unwind cfi: unwind rows the kernel side can hold for all
     /// mapped objects together (8 bytes each, allocated up front).
     #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
@@ -243,8 +242,8 @@ pub struct TraceOptions {
     /// Benchmarking: when the allocation functions are probed with one
     /// uprobe session program (kernel 6.13+) instead of a uprobe and a
     /// uretprobe each: auto (with --sample-rate), always, never.
-    #[arg(long, hide = true, value_enum, default_value_t = crate::kernel::sessions::SessionMode::Auto)]
-    pub uprobe_sessions: crate::kernel::sessions::SessionMode,
+    #[arg(long, hide = true, value_enum, default_value_t = SessionMode::Auto)]
+    pub uprobe_sessions: SessionMode,
     /// Benchmarking: print how long attaching, snapshots, symbolization and
     /// rendering take, to standard error.
     #[arg(long, hide = true)]
@@ -364,14 +363,36 @@ pub enum Format {
     Speedscope,
 }
 
-impl Format {
-    /// Formats that describe the whole run once, at the end, with every stack.
-    pub fn is_whole_run(self) -> bool {
-        matches!(
-            self,
-            Format::Folded | Format::Svg | Format::Pprof | Format::Speedscope
-        )
-    }
+/// What flamegraph widths measure.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weight {
+    /// Outstanding bytes.
+    Bytes,
+    /// Outstanding allocations (blocks).
+    Allocations,
+}
+
+/// How user stacks are walked.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// Frame pointers, by the kernel (`bpf_get_stack`): cheap, but code
+    /// built without frame pointers hides its caller.
+    Fp,
+    /// DWARF call frame information (.eh_frame) of every mapped object,
+    /// walked in the kernel; frame pointers where an object has none.
+    Cfi,
+}
+
+/// When the allocation functions are probed with a session program.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionMode {
+    /// With `--sample-rate`, where they save the return trap of every
+    /// unsampled call; uprobe+uretprobe otherwise.
+    Auto,
+    /// Whenever the kernel has them (exact mode too).
+    Always,
+    /// Never: uprobe+uretprobe.
+    Never,
 }
 
 /// "30s", "500ms", "2m", "1h", "1.5s", or a bare number of seconds.
