@@ -13,7 +13,7 @@ use super::{
 };
 
 /// A traced process as the programs know it.
-struct Target {
+struct TargetEntry {
     pid: u32,
     /// The trampoline address last told to the programs.
     trampoline: u64,
@@ -21,7 +21,7 @@ struct Target {
 }
 
 pub struct Targets {
-    targets: Vec<Target>,
+    targets: Vec<TargetEntry>,
     /// Reserved `STACK_STATS` slots not yet given to a process's unknown stack.
     unknown_slots: Vec<u32>,
 }
@@ -56,7 +56,7 @@ impl Targets {
             ..TargetInfo::default()
         };
         maps::targets_mut(loaded)?.insert(pid, info)?;
-        self.targets.push(Target {
+        self.targets.push(TargetEntry {
             pid,
             trampoline: 0,
             unknown_slot,

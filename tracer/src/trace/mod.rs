@@ -44,7 +44,7 @@ pub struct ProbeOptions {
 }
 
 /// One traced process.
-pub struct Traced {
+pub struct Target {
     pub process: Process,
     pub symbolizer: Symbolizer,
     pub info: ProcessInfo,
@@ -52,12 +52,12 @@ pub struct Traced {
     pub objects: Vec<AllocatorObject>,
 }
 
-impl Traced {
+impl Target {
     pub fn new(process: Process, info: ProcessInfo, objects: Vec<AllocatorObject>) -> Self {
         let mut symbolizer = Symbolizer::new(process.clone());
         // At once, so addresses in objects it unloads later still resolve.
         symbolizer.note_mappings();
-        Traced {
+        Target {
             process,
             symbolizer,
             info,
@@ -77,7 +77,7 @@ pub struct LiveTrace<K = Kernel> {
     pub run: RunInfo,
     /// Every process traced so far, the first one first. A pid that
     /// exec'ed is listed once per program, the replaced ones not running.
-    pub processes: Vec<Traced>,
+    pub processes: Vec<Target>,
     pub probe_options: ProbeOptions,
     /// `--unwind cfi`: the kernel side's unwind tables (first process only).
     pub unwinder: Option<SharedUnwinder>,
@@ -92,7 +92,7 @@ impl<K: KernelOps> LiveTrace<K> {
     /// `mappings` follows the first of them (None: mmap is not traced).
     pub fn new(
         kernel: K,
-        processes: Vec<Traced>,
+        processes: Vec<Target>,
         run: RunInfo,
         probe_options: ProbeOptions,
         mappings: Option<MappingTrace>,
@@ -125,12 +125,12 @@ impl<K: KernelOps> LiveTrace<K> {
     }
 
     /// The first process (the one started, or the first `--pid`).
-    pub fn primary(&self) -> &Traced {
+    pub fn primary(&self) -> &Target {
         &self.processes[0]
     }
 
     /// The current program of process `pid`.
-    fn current_mut(&mut self, pid: u32) -> Option<&mut Traced> {
+    fn current_mut(&mut self, pid: u32) -> Option<&mut Target> {
         self.processes
             .iter_mut()
             .rev()
@@ -139,7 +139,7 @@ impl<K: KernelOps> LiveTrace<K> {
 
     /// Whether any traced process still runs.
     pub fn any_running(&self) -> bool {
-        self.processes.iter().any(Traced::is_running)
+        self.processes.iter().any(Target::is_running)
     }
 
     /// Notes every running process's mappings now (before it exits, or
@@ -271,7 +271,7 @@ impl<K: KernelOps> LiveTrace<K> {
             state: ProcessState::Running,
         };
         let command = info.command.clone();
-        self.processes.push(Traced::new(process, info, objects));
+        self.processes.push(Target::new(process, info, objects));
         self.sync_run();
         Ok(command)
     }
@@ -542,7 +542,7 @@ mod tests {
         kernel.calls.clear();
         LiveTrace::new(
             kernel,
-            vec![Traced::new(process, info, objects)],
+            vec![Target::new(process, info, objects)],
             run,
             ProbeOptions::default(),
             None,
@@ -572,7 +572,7 @@ mod tests {
                 .map(|o| Call::Attach(o.path.clone(), child.pid())),
         );
         assert_eq!(trace.kernel().calls, expected);
-        let paths = |t: &Traced| t.objects.iter().map(|o| o.path.clone()).collect::<Vec<_>>();
+        let paths = |t: &Target| t.objects.iter().map(|o| o.path.clone()).collect::<Vec<_>>();
         assert_eq!(paths(&trace.processes[1]), paths(&trace.processes[0]));
         assert_eq!(trace.processes[1].info.parent, Some(parent.pid()));
         assert_eq!(

@@ -18,7 +18,7 @@ use crate::{
     },
     report::{ProcessInfo, ProcessState, RunInfo},
     target::{allocator::AllocatorObject, detect, process::Process},
-    trace::{allocator_infos, LiveTrace, ProbeOptions, Traced},
+    trace::{allocator_infos, LiveTrace, ProbeOptions, Target},
 };
 
 fn load_kernel(options: &TraceConfig) -> Result<Kernel> {
@@ -136,7 +136,7 @@ pub fn attach(
             allocators: allocator_infos(&objects, options.sample_rate),
             state: ProcessState::Running,
         };
-        processes.push(Traced::new(process, info, probed));
+        processes.push(Target::new(process, info, probed));
     }
     if options.timings {
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
@@ -179,7 +179,7 @@ pub fn attach(
 }
 
 /// What reports say about the run, from the processes traced at its start.
-fn run_info(processes: &[Traced], min_age: Duration) -> RunInfo {
+fn run_info(processes: &[Target], min_age: Duration) -> RunInfo {
     let first = &processes[0].info;
     RunInfo {
         pid: first.pid,
@@ -231,7 +231,7 @@ pub fn start(
         allocators: allocator_infos(&objects, options.sample_rate),
         state: ProcessState::Running,
     };
-    let processes = vec![Traced::new(process.clone(), info, objects)];
+    let processes = vec![Target::new(process.clone(), info, objects)];
     let run = run_info(&processes, min_age);
     let unwinder = unwinder(&mut kernel, &process, options)?;
     let mappings = start_mappings(&mut kernel, &process);
