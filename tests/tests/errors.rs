@@ -37,9 +37,19 @@ fn pid_of_a_kernel_thread() {
 
 #[test]
 fn pid_of_an_exited_process() {
-    // A zombie: exited, not yet reaped.
+    // A zombie: exited, not yet reaped (waitid with WNOWAIT waits for the
+    // exit and leaves the child to be reaped).
     let mut child = Command::new("true").spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let waited = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            child.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
     fails_with(TracerCmd::new("report").pid(child.id()), "has exited");
     child.wait().unwrap();
 }

@@ -126,28 +126,24 @@ fn threads_are_traced_after_the_main_thread_exits() {
 /// finishes with its own exit code and an exact report.
 #[test]
 fn a_stopped_command_stays_stopped_until_continued() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     require_root();
     let report = temp_path("jobcontrol.json");
     let mut tracer = TracerCmd::run_json(&report)
         .command(fixture("growing_c"))
         .arg("2") // runs 2 s
         .spawn();
+    // The command's first line: it runs traced.
+    tracer.wait_for_stdout("growing:");
     // The command is the tracer's only child (forked by one of its threads).
-    let start = Instant::now();
-    let pid: i32 = loop {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", tracer.pid())).unwrap();
-        let child = tasks.filter_map(Result::ok).find_map(|task| {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", tracer.pid())).unwrap();
+    let pid: i32 = tasks
+        .filter_map(Result::ok)
+        .find_map(|task| {
             let text = std::fs::read_to_string(task.path().join("children")).ok()?;
             text.split_whitespace().next()?.parse().ok()
-        });
-        if let Some(pid) = child {
-            break pid;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no child");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(300));
+        })
+        .expect("no child");
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     // Stopped for 3 s: longer than the whole run would take.
     std::thread::sleep(Duration::from_secs(3));
@@ -187,10 +183,10 @@ fn ctrl_c_in_run_waits_for_the_command_and_passes_its_status_on() {
             command.process_group(0);
         })
         .spawn();
-    // The command's first line: it runs traced, and the tracer listens for signals.
+    // The command's first line: it runs traced, and the tracer listens for
+    // signals (from its start).
     let line = tracer.wait_for_stdout("growing:");
     assert!(line.starts_with("growing:"), "{line}");
-    std::thread::sleep(std::time::Duration::from_millis(500));
     // What a terminal does on Ctrl-C: SIGINT to every process of the group.
     unsafe { libc::kill(-(tracer.pid() as i32), libc::SIGINT) };
     let status = tracer.finish().status;
