@@ -628,20 +628,6 @@ pub fn trace_exact(
     (report, sites)
 }
 
-/// Reads lines from `reader` until one contains `needle`; returns all lines.
-pub fn read_until(reader: &mut impl std::io::BufRead, needle: &str) -> String {
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).unwrap();
-        assert!(n > 0, "stream ended before {needle:?}; got: {seen}");
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return seen;
-        }
-    }
-}
-
 /// The `<title>` texts of an SVG (inferno's flamegraph frames), parsed as
 /// XML; panics if it is not well-formed. inferno's SVG carries a DOCTYPE.
 pub fn svg_titles(svg: &str) -> Vec<String> {
