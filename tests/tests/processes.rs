@@ -204,7 +204,8 @@ fn run_reprobes_a_command_that_execs() {
 /// `report --pid --follow-forks` on a running process: children are found
 /// through the sched tracepoints and attached to (the fixture's children
 /// wait until the tracer says it traces them: attaching takes tens of
-/// milliseconds, and longer under load); an exec is re-probed.
+/// milliseconds, and longer under load); an exec is re-probed (the program
+/// exec'ed waits for SIGUSR1 until the tracer says so).
 #[test]
 fn attach_follows_forks_and_execs() {
     require_root();
@@ -216,8 +217,21 @@ fn attach_follows_forks_and_execs() {
     tracer.wait_for("tracing PID");
     tracer.wait_for("tracing PID");
     parent.tell("go\ngo\n");
-    tracer.wait_for("exec'ed");
-    parent.tell("go\n");
+    // "tracer: PID N exec'ed ...": the program exec'ed is traced, let it go.
+    let said = tracer.wait_for("exec'ed");
+    let execed: i32 = said
+        .lines()
+        .last()
+        .and_then(|line| {
+            line.split_once("PID ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no PID in {said:?}"));
+    unsafe { libc::kill(execed, libc::SIGUSR1) };
     parent.read_until("DONE");
     parent.finish();
     let done = tracer.finish();
