@@ -1,11 +1,15 @@
 //! Helpers for the end-to-end tests: where the tracer and the fixtures are,
-//! how to run them, and how to read what the fixtures say about their own
-//! leaks (`EXPECT <function> <bytes> <blocks>` lines on stdout).
+//! how to start them ([`Fixture`], [`TracerCmd`], [`Tracer`]), and how to
+//! read what the fixtures say about their own leaks (`EXPECT <function>
+//! <bytes> <blocks>` lines on stdout).
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    process::{Command, Output},
+    ffi::OsStr,
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::mpsc::{channel, Receiver},
 };
 
 use serde_json::Value;
@@ -44,6 +48,375 @@ pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tracer-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
+}
+
+/// A JSON file (a report written with `--output`).
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
+}
+
+/// A JSON lines file (`--interval` reports), one value per line.
+pub fn read_json_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The lines of a child's output stream, read by a thread of their own as
+/// they come (so the child never blocks on a full pipe) and handed out on
+/// demand.
+struct Lines {
+    lines: Receiver<String>,
+    /// Everything handed out so far.
+    seen: String,
+}
+
+impl Lines {
+    fn read(stream: impl Read + Send + 'static) -> Lines {
+        let (sender, lines) = channel();
+        std::thread::spawn(move || {
+            let mut stream = BufReader::new(stream);
+            loop {
+                let mut line = Vec::new();
+                match stream.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if sender
+                            .send(String::from_utf8_lossy(&line).into_owned())
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Lines {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// The lines up to and including the first that contains `needle`;
+    /// panics if the stream ends before.
+    fn until(&mut self, needle: &str) -> String {
+        let mut read = String::new();
+        loop {
+            let Ok(line) = self.lines.recv() else {
+                panic!("stream ended before {needle:?}; got: {}", self.seen);
+            };
+            self.seen.push_str(&line);
+            read.push_str(&line);
+            if line.contains(needle) {
+                return read;
+            }
+        }
+    }
+
+    /// The whole stream, once it has ended.
+    fn all(mut self) -> String {
+        for line in self.lines.iter() {
+            self.seen.push_str(&line);
+        }
+        self.seen
+    }
+}
+
+/// A fixture program (or any command that ends by exec'ing one) running
+/// beside the test, stdin and stdout piped; killed if dropped while it runs.
+///
+/// The attach protocol of `attach_c` and `forks_c attach`: it prints READY,
+/// waits for a line on stdin, does its work, prints its EXPECT lines and
+/// DONE, and waits for stdin to close.
+pub struct Fixture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Lines,
+    /// What it printed up to its ready line.
+    pub startup: String,
+}
+
+impl Fixture {
+    /// Starts `program args` and waits for its READY line.
+    pub fn start(program: impl AsRef<OsStr>, args: &[&str]) -> Fixture {
+        Fixture::spawn(Command::new(program).args(args), "READY")
+    }
+
+    /// Starts `command` and waits until it prints a line containing `ready`.
+    pub fn spawn(command: &mut Command, ready: &str) -> Fixture {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let stdin = child.stdin.take();
+        let mut out = Lines::read(child.stdout.take().unwrap());
+        let startup = out.until(ready);
+        Fixture {
+            child,
+            stdin,
+            out,
+            startup,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Writes `text` to its stdin.
+    pub fn tell(&mut self, text: &str) {
+        self.stdin
+            .as_mut()
+            .expect("stdin still open")
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+
+    /// What it prints from now up to a line containing `needle`.
+    pub fn read_until(&mut self, needle: &str) -> String {
+        self.out.until(needle)
+    }
+
+    /// Tells it to go on (the tracer is attached); returns what it printed
+    /// up to DONE (its EXPECT lines).
+    pub fn go(&mut self) -> String {
+        self.tell("go\n");
+        self.read_until("DONE")
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Closes its stdin, which lets it exit.
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
+    }
+
+    /// Closes its stdin and waits for it to exit.
+    pub fn finish(mut self) -> ExitStatus {
+        self.close_stdin();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        kill_if_running(&mut self.child);
+    }
+}
+
+/// Kills and reaps a child that has not exited yet (a test that failed
+/// half-way leaves nothing running).
+fn kill_if_running(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A tracer command line, built in the order of the command line:
+/// `tracer SUBCOMMAND [options] [-- command [args]]`. Options go before
+/// [`TracerCmd::command`]; `arg`s after it are the command's.
+pub struct TracerCmd {
+    command: Command,
+}
+
+impl TracerCmd {
+    pub fn new(subcommand: &str) -> TracerCmd {
+        let mut command = Command::new(tracer());
+        command.arg(subcommand);
+        TracerCmd { command }
+    }
+
+    /// `tracer run --format json --output REPORT`: the JSON report (or
+    /// JSON lines with `--interval`) goes to a file, the command's output
+    /// to stdout.
+    pub fn run_json(report: impl AsRef<OsStr>) -> TracerCmd {
+        TracerCmd::new("run")
+            .args(["--format", "json"])
+            .output_file(report)
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> TracerCmd {
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args(mut self, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> TracerCmd {
+        self.command.args(args);
+        self
+    }
+
+    /// `--pid PID`.
+    pub fn pid(self, pid: u32) -> TracerCmd {
+        self.arg("--pid").arg(pid.to_string())
+    }
+
+    /// `--output PATH`.
+    pub fn output_file(self, path: impl AsRef<OsStr>) -> TracerCmd {
+        self.arg("--output").arg(path)
+    }
+
+    /// `-- PROGRAM`: the command to run; later `arg`s are its arguments.
+    pub fn command(self, program: impl AsRef<OsStr>) -> TracerCmd {
+        self.arg("--").arg(program)
+    }
+
+    /// An environment variable of the tracer (and of the command it runs).
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> TracerCmd {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Anything else about the process (user, process group...).
+    pub fn configure(mut self, f: impl FnOnce(&mut Command)) -> TracerCmd {
+        f(&mut self.command);
+        self
+    }
+
+    /// The command line as a shell would read it (for `sh -c`, tmux).
+    pub fn shell_line(&self) -> String {
+        std::iter::once(self.command.get_program())
+            .chain(self.command.get_args())
+            .map(shell_quote)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The `Command` itself, to run some other way.
+    pub fn into_command(self) -> Command {
+        self.command
+    }
+
+    /// Runs it to the end, its output captured, stdin /dev/null.
+    pub fn output(mut self) -> Finished {
+        let output = self
+            .command
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", self.command));
+        Finished {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Starts it, stdout and stderr piped (read as they come).
+    pub fn spawn(mut self) -> Tracer {
+        let mut child = self
+            .command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", self.command));
+        let stdout = Lines::read(child.stdout.take().unwrap());
+        let stderr = Lines::read(child.stderr.take().unwrap());
+        Tracer {
+            child,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        }
+    }
+}
+
+fn shell_quote(word: &OsStr) -> String {
+    let word = word.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.into_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// A running tracer started by [`TracerCmd::spawn`]; killed if dropped
+/// while it runs.
+pub struct Tracer {
+    child: Child,
+    stdout: Option<Lines>,
+    stderr: Option<Lines>,
+}
+
+impl Tracer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stderr from now up to a line containing `needle` (a `-v` line
+    /// such as "attached to PID"); panics if it ends before.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        self.stderr.as_mut().unwrap().until(needle)
+    }
+
+    /// The same on stdout (under `tracer run`, the command's output).
+    pub fn wait_for_stdout(&mut self, needle: &str) -> String {
+        self.stdout.as_mut().unwrap().until(needle)
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for it to exit and for its output to end. Its stderr (but the
+    /// probe lines) goes to the test's output, shown if the test fails.
+    pub fn finish(mut self) -> Finished {
+        let status = self.child.wait().unwrap();
+        let stdout = self.stdout.take().unwrap().all();
+        let stderr = self.stderr.take().unwrap().all();
+        for line in stderr.lines().filter(|l| !l.contains("probe ")) {
+            eprintln!("tracer stderr: {line}");
+        }
+        Finished {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        kill_if_running(&mut self.child);
+    }
+}
+
+/// A tracer that has exited: its status and whole output.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The JSON report it wrote on stdout; it must have succeeded.
+    pub fn json(&self) -> Value {
+        assert!(
+            self.status.success(),
+            "tracer: {}\n{}",
+            self.status,
+            self.stderr
+        );
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", self.stdout))
+    }
 }
 
 /// What a fixture announced: site -> (bytes, blocks).
@@ -100,7 +473,7 @@ pub fn report_by_site(report: &Value, sites: &[&str]) -> BTreeMap<String, (u64, 
 
 /// Runs `tracer run --format json --top 0 --output FILE [extra] -- argv`.
 /// Returns the report, the fixture's stdout and the tracer's output.
-pub fn trace_run(argv: &[&str], extra: &[&str]) -> (Value, String, Output) {
+pub fn trace_run(argv: &[&str], extra: &[&str]) -> (Value, String, Finished) {
     trace_run_with_env(argv, extra, &[])
 }
 
@@ -109,7 +482,7 @@ pub fn trace_run_with_env(
     argv: &[&str],
     extra: &[&str],
     env: &[(&str, &str)],
-) -> (Value, String, Output) {
+) -> (Value, String, Finished) {
     let report_path = temp_path(&format!(
         "run-{}-{}.json",
         argv[0].rsplit('/').next().unwrap(),
@@ -118,26 +491,23 @@ pub fn trace_run_with_env(
             .unwrap()
             .as_nanos()
     ));
-    let output = Command::new(tracer())
-        .args(["run", "--format", "json", "--top", "0", "--output"])
-        .arg(&report_path)
+    let mut command = TracerCmd::run_json(&report_path)
+        .args(["--top", "0"])
         .args(extra)
-        .arg("--")
-        .args(argv)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run tracer");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        .command(argv[0])
+        .args(&argv[1..]);
+    for (key, value) in env {
+        command = command.env(key, value);
+    }
+    let output = command.output();
     assert!(
         output.status.success(),
         "tracer run failed: {}\nstderr: {}",
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        output.stderr
     );
-    let text = std::fs::read_to_string(&report_path).expect("report file");
-    let report: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"));
-    (report, stdout, output)
+    let report = read_json(&report_path);
+    (report, output.stdout.clone(), output)
 }
 
 /// What valgrind's memcheck says is in use at exit: totals and per site.
@@ -256,20 +626,6 @@ pub fn trace_exact(
         assert_eq!(value.as_u64(), Some(0), "dropped.{key}");
     }
     (report, sites)
-}
-
-/// Reads lines from `reader` until one contains `needle`; returns all lines.
-pub fn read_until(reader: &mut impl std::io::BufRead, needle: &str) -> String {
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).unwrap();
-        assert!(n > 0, "stream ended before {needle:?}; got: {seen}");
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return seen;
-        }
-    }
 }
 
 /// The `<title>` texts of an SVG (inferno's flamegraph frames), parsed as

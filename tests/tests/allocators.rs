@@ -147,19 +147,18 @@ fn prefixed_allocators() {
 #[test]
 fn unknown_prefix_is_an_error_before_running() {
     require_root();
-    let output = std::process::Command::new(tracer())
-        .args(["run", "--symbols-prefix", "nosuch_", "--"])
-        .arg(fixture("prefixed_c"))
-        .output()
-        .unwrap();
+    let output = TracerCmd::new("run")
+        .args(["--symbols-prefix", "nosuch_"])
+        .command(fixture("prefixed_c"))
+        .output();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = &output.stderr;
     assert!(
         stderr.contains("nosuch_malloc") && stderr.contains("--symbols-prefix"),
         "{stderr}"
     );
     assert!(
-        !String::from_utf8_lossy(&output.stdout).contains("EXPECT"),
+        !output.stdout.contains("EXPECT"),
         "the command must not run"
     );
 }

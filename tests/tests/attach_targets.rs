@@ -4,10 +4,7 @@
 //! in its own mount namespace and root directory, whose files exist only
 //! there.
 
-use std::{
-    io::{BufReader, Read, Write},
-    process::{Child, Command, Stdio},
-};
+use std::process::Command;
 
 use serde_json::Value;
 use tracer_tests::*;
@@ -17,49 +14,16 @@ use tracer_tests::*;
 /// report taken while it still runs and what it announced.
 fn attach_to(command: &mut Command) -> (Value, String) {
     require_root();
-    let mut target = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(target.stdout.take().unwrap());
-    read_until(&mut out, "READY");
-    let mut tracer = Command::new(tracer())
-        .args(["report", "--pid", &target.id().to_string()])
+    let mut target = Fixture::spawn(command, "READY");
+    let mut tracer = TracerCmd::new("report")
+        .pid(target.pid())
         .args(["--format", "json", "--top", "0", "--duration", "2s", "-v"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let said = read_until(&mut tracer_err, "attached to PID");
-    let drain = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = tracer_err.read_to_string(&mut rest);
-        rest
-    });
-    target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    let announced = read_until(&mut out, "DONE");
-    let output = tracer.wait_with_output().unwrap();
-    let stderr = format!("{said}{}", drain.join().unwrap());
-    assert!(
-        output.status.success(),
-        "tracer: {}\n{stderr}",
-        output.status
-    );
-    drop(target.stdin.take());
-    finish(target);
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
+        .spawn();
+    tracer.wait_for("attached to PID");
+    let announced = target.go();
+    let report = tracer.finish().json();
+    assert!(target.finish().success());
     (report, announced)
-}
-
-fn finish(mut target: Child) {
-    assert!(target.wait().unwrap().success());
 }
 
 /// The leak after attach is exact and nothing from before attach shows.

@@ -1,24 +1,16 @@
 //! `tracer check`, the CI leak gate: exit codes, limits, suppressions, and
 //! the JUnit report read by an XML parser.
 
-use std::process::{Command, Output};
-
-use serde_json::Value;
 use tracer_tests::*;
 
-fn check(args: &[&str], argv: &[&str]) -> Output {
+/// `tracer check [args] -- argv`, run to the end.
+fn check(args: &[&str], argv: &[&str]) -> Finished {
     require_root();
-    Command::new(tracer())
-        .arg("check")
+    TracerCmd::new("check")
         .args(args)
-        .arg("--")
-        .args(argv)
+        .command(argv[0])
+        .args(&argv[1..])
         .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn leaky() -> String {
@@ -32,17 +24,17 @@ fn a_leaking_command_fails_with_23_and_the_exact_bytes() {
         &["--report", path.to_str().unwrap(), "--format", "json"],
         &[&leaky()],
     );
-    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
-    let expected = expectations(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(23), "{}", out.stderr);
+    let expected = expectations(&out.stdout);
     let bytes: u64 = expected.values().map(|(b, _)| b).sum();
     let blocks: u64 = expected.values().map(|(_, n)| n).sum();
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let report = read_json(&path);
     assert_eq!(report["passed"], false);
     assert_eq!(report["exit_code"], 23);
     assert_eq!(report["command_exit_code"], 0);
     assert_eq!(report["leaked"]["bytes"], bytes);
     assert_eq!(report["leaked"]["allocations"], blocks);
-    let summary = stderr(&out);
+    let summary = out.stderr;
     assert_eq!(summary.lines().count(), 1, "{summary}");
     assert!(summary.starts_with("tracer check: FAIL: "), "{summary}");
 }
@@ -51,7 +43,7 @@ fn a_leaking_command_fails_with_23_and_the_exact_bytes() {
 fn a_clean_command_passes_and_runtime_buffers_are_suppressed() {
     let clean = fixture("clean_c").display().to_string();
     let out = check(&[], &[&clean]);
-    let text = stderr(&out);
+    let text = out.stderr;
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
         text.contains("tracer check: PASS: 0 bytes in 0 allocations leaked"),
@@ -63,10 +55,10 @@ fn a_clean_command_passes_and_runtime_buffers_are_suppressed() {
     );
     // The stdio buffer is a leak only when the defaults are off.
     let out = check(&["--no-default-suppressions"], &[&clean]);
-    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(23), "{}", out.stderr);
     // The command's own failure wins.
     let out = check(&[], &[&clean, "fail"]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
 }
 
 #[test]
@@ -85,10 +77,10 @@ fn suppression_files_and_limits() {
         ],
         &[&leaky()],
     );
-    let expected = expectations(&String::from_utf8_lossy(&out.stdout));
+    let expected = expectations(&out.stdout);
     let all: u64 = expected.values().map(|(b, _)| b).sum();
     let hidden = expected["leak_malloc"].0 + expected["leak_calloc"].0;
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let report = read_json(&path);
     assert_eq!(report["leaked"]["bytes"], all - hidden, "{report:#}");
     let by_rule: Vec<(String, u64)> = report["suppressed"]
         .as_array()
@@ -190,7 +182,7 @@ fn a_bad_suppressions_file_stops_before_the_command_runs() {
     std::fs::write(&rules, "leak:ok\nrace:nope\n").unwrap();
     let out = check(&["--suppressions", rules.to_str().unwrap()], &[&leaky()]);
     assert_eq!(out.status.code(), Some(1));
-    let text = stderr(&out);
+    let text = out.stderr;
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(
         text.contains("bad.supp:2: 'race:' is not a leak suppression"),
@@ -216,8 +208,8 @@ fn follow_forks_gives_a_verdict_per_process() {
         ],
         &[&forks],
     );
-    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(out.status.code(), Some(23), "{}", out.stderr);
+    let report = read_json(&path);
     let verdicts: Vec<(String, u64, u64, bool)> = report["processes"]
         .as_array()
         .unwrap()
@@ -246,10 +238,10 @@ fn follow_forks_gives_a_verdict_per_process() {
 
     // 2000 bytes per process is enough for each, though not for all together.
     let out = check(&["--follow-forks", "--max-leak-bytes", "2000"], &[&forks]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     let out = check(&["--follow-forks", "--max-leak-bytes", "1999"], &[&forks]);
-    assert_eq!(out.status.code(), Some(23), "{}", stderr(&out));
-    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(23), "{}", out.stderr);
+    let text = out.stderr;
     assert!(
         text.contains(" LEAKS: 2000 bytes in 2 allocations"),
         "{text}"

@@ -2,8 +2,6 @@
 //! second, then two seconds of requests): stack ids and addresses differ
 //! between runs, so matching must go by frames; the growth is exact.
 
-use std::process::{Command, Output};
-
 use serde_json::Value;
 use tracer_tests::*;
 
@@ -19,21 +17,17 @@ fn demo_report(seconds: &str) -> std::path::PathBuf {
     path
 }
 
-fn diff(args: &[&str]) -> Output {
-    Command::new(tracer())
-        .arg("diff")
-        .args(args)
-        .output()
-        .unwrap()
+fn diff(args: &[&str]) -> Finished {
+    TracerCmd::new("diff").args(args).output()
 }
 
-fn stdout_of(output: Output) -> String {
+fn stdout_of(output: Finished) -> String {
     assert!(
         output.status.success(),
         "tracer diff failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        output.stderr
     );
-    String::from_utf8(output.stdout).unwrap()
+    output.stdout
 }
 
 #[test]
@@ -104,7 +98,7 @@ fn diff_of_two_runs_shows_exact_growth_in_text_folded_and_svg() {
 #[test]
 fn json_lines_count_as_their_last_report() {
     let after = demo_report("1");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&after).unwrap()).unwrap();
+    let report = read_json(&after);
     let mut earlier = report.clone();
     earlier["stacks"] = Value::Array(Vec::new());
     let lines = temp_path("lines.jsonl");
@@ -137,7 +131,7 @@ fn malformed_input_is_one_line_naming_the_file() {
     for (before, after, named) in [(&good, &bad, &bad), (&missing, &good, &missing)] {
         let output = diff(&[before.to_str().unwrap(), after.to_str().unwrap()]);
         assert_eq!(output.status.code(), Some(1));
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = output.stderr;
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with("tracer: error: "), "{stderr}");
         assert!(stderr.contains(named.to_str().unwrap()), "{stderr}");

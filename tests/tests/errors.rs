@@ -4,10 +4,8 @@ use std::{os::unix::process::CommandExt, process::Command};
 
 use tracer_tests::*;
 
-fn fails_with(args: &[&str], message: &str) {
-    let mut command = Command::new(tracer());
-    command.args(args);
-    command_fails_with(command, message);
+fn fails_with(tracer: TracerCmd, message: &str) {
+    command_fails_with(tracer.into_command(), message);
 }
 
 /// `command` (which runs the tracer somehow) exits 1 with one line on
@@ -27,22 +25,32 @@ fn command_fails_with(mut command: Command, message: &str) {
 #[test]
 fn pid_that_does_not_exist() {
     fails_with(
-        &["report", "--pid", "999999999"],
+        TracerCmd::new("report").pid(999999999),
         "no process with PID 999999999",
     );
 }
 
 #[test]
 fn pid_of_a_kernel_thread() {
-    fails_with(&["report", "--pid", "2"], "kernel thread");
+    fails_with(TracerCmd::new("report").pid(2), "kernel thread");
 }
 
 #[test]
 fn pid_of_an_exited_process() {
-    // A zombie: exited, not yet reaped.
+    // A zombie: exited, not yet reaped (waitid with WNOWAIT waits for the
+    // exit and leaves the child to be reaped).
     let mut child = Command::new("true").spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    fails_with(&["report", "--pid", &child.id().to_string()], "has exited");
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let waited = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            child.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
+    fails_with(TracerCmd::new("report").pid(child.id()), "has exited");
     child.wait().unwrap();
 }
 
@@ -76,16 +84,16 @@ impl Drop for OtherUsersProcess {
 /// `sh -c SCRIPT` in a private mount namespace, where SCRIPT ends by
 /// running the tracer as root without CAP_SYS_PTRACE (and, with
 /// `other_group`, not in group 0, which `hidepid` exempts by default).
-fn without_ptrace(setup: &str, other_group: bool, args: &str) -> Command {
+fn without_ptrace(setup: &str, other_group: bool, tracer: TracerCmd) -> Command {
     let mut command = Command::new("unshare");
     command.args(["-m", "sh", "-c"]).arg(format!(
-        "{setup} exec setpriv {} --bounding-set=-sys_ptrace {} {args}",
+        "{setup} exec setpriv {} --bounding-set=-sys_ptrace {}",
         if other_group {
             "--regid 4242 --clear-groups"
         } else {
             ""
         },
-        tracer().display()
+        tracer.shell_line()
     ));
     command
 }
@@ -98,7 +106,7 @@ fn another_users_process_without_cap_sys_ptrace() {
     let target = OtherUsersProcess::start();
     let pid = target.pid();
     command_fails_with(
-        without_ptrace("", false, &format!("report --pid {pid}")),
+        without_ptrace("", false, TracerCmd::new("report").pid(pid)),
         &format!(
             "cannot read /proc/{pid}/root: permission denied (another user's process needs CAP_SYS_PTRACE"
         ),
@@ -108,7 +116,9 @@ fn another_users_process_without_cap_sys_ptrace() {
         without_ptrace(
             "",
             false,
-            &format!("serve --pid {pid} --listen 127.0.0.1:0"),
+            TracerCmd::new("serve")
+                .pid(pid)
+                .args(["--listen", "127.0.0.1:0"]),
         ),
         &format!("cannot read /proc/{pid}/root: permission denied"),
     );
@@ -124,7 +134,7 @@ fn proc_mounted_hidepid_noaccess() {
         without_ptrace(
             "mount -t proc -o hidepid=noaccess proc /proc &&",
             true,
-            &format!("report --pid {pid}"),
+            TracerCmd::new("report").pid(pid),
         ),
         &format!("cannot read /proc/{pid}/comm: permission denied (another user's process needs CAP_SYS_PTRACE"),
     );
@@ -140,7 +150,7 @@ fn proc_mounted_hidepid_invisible() {
         without_ptrace(
             "mount -t proc -o hidepid=invisible proc /proc &&",
             true,
-            &format!("report --pid {pid}"),
+            TracerCmd::new("report").pid(pid),
         ),
         &format!(
             "no process with PID {pid} (or it is hidden: /proc is mounted with hidepid=invisible, and another user's process needs CAP_SYS_PTRACE"
@@ -150,7 +160,10 @@ fn proc_mounted_hidepid_invisible() {
 
 #[test]
 fn command_that_does_not_exist() {
-    fails_with(&["run", "--", "no-such-command-xyz"], "command not found");
+    fails_with(
+        TracerCmd::new("run").command("no-such-command-xyz"),
+        "command not found",
+    );
 }
 
 #[test]
@@ -171,14 +184,16 @@ fn static_binary_without_symbols() {
         eprintln!("no static libc to build with; skipping");
         return;
     }
-    fails_with(&["run", "--", exe.to_str().unwrap()], "no allocator found");
+    fails_with(TracerCmd::new("run").command(&exe), "no allocator found");
 }
 
 #[test]
 fn output_path_that_cannot_be_written() {
     require_root();
     fails_with(
-        &["run", "--output", "/nonexistent-dir/x.json", "--", "true"],
+        TracerCmd::new("run")
+            .output_file("/nonexistent-dir/x.json")
+            .command("true"),
         "cannot write /nonexistent-dir/x.json",
     );
 }
@@ -186,13 +201,13 @@ fn output_path_that_cannot_be_written() {
 #[test]
 fn not_root() {
     require_root();
-    let output = Command::new(tracer())
-        .args(["report", "--pid", "1"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let output = TracerCmd::new("report")
+        .pid(1)
+        .configure(|command| {
+            command.uid(65534).gid(65534);
+        })
+        .output();
+    let stderr = output.stderr;
     assert!(!output.status.success());
     assert!(stderr.contains("needs root"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
@@ -200,12 +215,12 @@ fn not_root() {
 
 #[test]
 fn bad_duration_is_a_usage_error() {
-    let output = Command::new(tracer())
-        .args(["report", "--pid", "1", "--duration", "soon"])
-        .output()
-        .unwrap();
+    let output = TracerCmd::new("report")
+        .pid(1)
+        .args(["--duration", "soon"])
+        .output();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not a duration"));
+    assert!(output.stderr.contains("not a duration"));
 }
 
 /// The programs need no kernel BTF (no CO-RE relocations): with
@@ -231,9 +246,11 @@ fn run_in_mount_namespace(setup: &str, fixture_name: &str) -> std::process::Outp
     Command::new("unshare")
         .args(["-m", "sh", "-c"])
         .arg(format!(
-            "{setup}; exec {} run --format json --top 0 -- {}",
-            tracer().display(),
-            fixture(fixture_name).display()
+            "{setup}; exec {}",
+            TracerCmd::new("run")
+                .args(["--format", "json", "--top", "0"])
+                .command(fixture(fixture_name))
+                .shell_line()
         ))
         .output()
         .unwrap()

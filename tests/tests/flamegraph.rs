@@ -1,28 +1,24 @@
 //! Flamegraph formats checked with readers the project did not write:
 //! inferno parses the folded output, roxmltree parses the SVG.
 
-use std::process::{Command, Stdio};
-
 use tracer_tests::*;
 
-fn trace(format_args: &[&str], out: &std::path::Path) {
+/// `tracer SUBCOMMAND [options] --output OUT -- leaky_c`.
+fn trace(subcommand: &str, options: &[&str], out: &std::path::Path) {
     require_root();
-    let status = Command::new(tracer())
-        .args(format_args)
-        .arg("--output")
-        .arg(out)
-        .arg("--")
-        .arg(fixture("leaky_c"))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let status = TracerCmd::new(subcommand)
+        .args(options)
+        .output_file(out)
+        .command(fixture("leaky_c"))
+        .output()
+        .status;
     assert!(status.success());
 }
 
 #[test]
 fn folded_output_is_exact_and_inferno_reads_it() {
     let path = temp_path("leaky.folded");
-    trace(&["run", "--format", "folded"], &path);
+    trace("run", &["--format", "folded"], &path);
     let text = std::fs::read_to_string(&path).unwrap();
     let line = text
         .lines()
@@ -41,7 +37,8 @@ fn folded_output_is_exact_and_inferno_reads_it() {
 
     let by_blocks = temp_path("leaky-blocks.folded");
     trace(
-        &["run", "--format", "folded", "--weight", "allocations"],
+        "run",
+        &["--format", "folded", "--weight", "allocations"],
         &by_blocks,
     );
     let text = std::fs::read_to_string(&by_blocks).unwrap();
@@ -54,7 +51,7 @@ fn folded_output_is_exact_and_inferno_reads_it() {
 #[test]
 fn flamegraph_svg_is_xml_naming_the_leak() {
     let path = temp_path("leaky.svg");
-    trace(&["flamegraph"], &path);
+    trace("flamegraph", &[], &path);
     let svg = std::fs::read_to_string(&path).unwrap();
     let titles = svg_titles(&svg);
     assert!(

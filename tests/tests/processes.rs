@@ -3,11 +3,7 @@
 //! the sched tracepoints) and exec. Each process's leaks are exact and
 //! reported under its own pid.
 
-use std::{
-    collections::BTreeMap,
-    io::{BufReader, Read, Write},
-    process::{Child, ChildStdout, Command, Stdio},
-};
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tracer_tests::*;
@@ -43,96 +39,33 @@ fn processes_with_pid(report: &Value, pid: u64) -> Vec<Value> {
         .collect()
 }
 
-struct Running {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Running {
-    fn start(program: &std::path::Path, args: &[&str]) -> Self {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        read_until(&mut out, "READY");
-        Running { child, out }
-    }
-
-    fn pid(&self) -> u64 {
-        self.child.id() as u64
-    }
-
-    /// Lets it go on; returns what it printed up to DONE.
-    fn go(&mut self) -> String {
-        self.child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"go\n")
-            .unwrap();
-        read_until(&mut self.out, "DONE")
-    }
-
-    /// Lets it exit.
-    fn finish(mut self) {
-        drop(self.child.stdin.take());
-        self.child.wait().unwrap();
-    }
-}
-
 /// Starts `tracer report ... --format json --top 0 -v` and waits until it
 /// says it attached to `count` processes.
-fn report_on(args: &[&str], count: usize) -> Child {
-    let mut tracer = Command::new(tracer())
-        .args(["report", "--format", "json", "--top", "0", "-v"])
+fn report_on(args: &[&str], count: usize) -> Tracer {
+    let mut tracer = TracerCmd::new("report")
+        .args(["--format", "json", "--top", "0", "-v"])
         .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(tracer.stderr.take().unwrap());
+        .spawn();
     for _ in 0..count {
-        read_until(&mut err, "attached to PID");
+        tracer.wait_for("attached to PID");
     }
-    // Drained so the tracer never blocks on it; shown if the test fails.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        for line in rest.lines().filter(|l| !l.contains("probe ")) {
-            eprintln!("tracer stderr: {line}");
-        }
-    });
     tracer
-}
-
-fn json_of(tracer: Child) -> Value {
-    let output = tracer.wait_with_output().unwrap();
-    assert!(output.status.success(), "tracer: {}", output.status);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
 }
 
 /// Two running processes traced at once, then both exit: one report, each
 /// process's leak exact under its own pid.
-fn two_at_once(program: &std::path::Path, selector: impl Fn(&Running, &Running) -> Vec<String>) {
+fn two_at_once(program: &std::path::Path, selector: impl Fn(&Fixture, &Fixture) -> Vec<String>) {
     require_root();
-    let mut a = Running::start(program, &[]);
-    let mut b = Running::start(program, &[]);
+    let mut a = Fixture::start(program, &[]);
+    let mut b = Fixture::start(program, &[]);
     let args = selector(&a, &b);
     let tracer = report_on(&args.iter().map(String::as_str).collect::<Vec<_>>(), 2);
     a.go();
     b.go();
-    let (pid_a, pid_b) = (a.pid(), b.pid());
+    let (pid_a, pid_b) = (a.pid() as u64, b.pid() as u64);
     a.finish();
     b.finish();
-    let report = json_of(tracer);
+    let report = tracer.finish().json();
     for pid in [pid_a, pid_b] {
         let sites = sites_of(&report, pid, &["leak_after_attach", "leak_before_attach"]);
         assert_eq!(
@@ -175,12 +108,11 @@ fn comm_traces_every_process_of_that_name() {
 #[test]
 fn comm_without_such_process_is_one_line() {
     require_root();
-    let output = Command::new(tracer())
-        .args(["report", "--comm", "no-such-comm-xy"])
-        .output()
-        .unwrap();
+    let output = TracerCmd::new("report")
+        .args(["--comm", "no-such-comm-xy"])
+        .output();
     assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = output.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no running process is named"), "{stderr}");
 }
@@ -272,52 +204,38 @@ fn run_reprobes_a_command_that_execs() {
 /// `report --pid --follow-forks` on a running process: children are found
 /// through the sched tracepoints and attached to (the fixture's children
 /// wait until the tracer says it traces them: attaching takes tens of
-/// milliseconds, and longer under load); an exec is re-probed.
+/// milliseconds, and longer under load); an exec is re-probed (the program
+/// exec'ed waits for SIGUSR1 until the tracer says so).
 #[test]
 fn attach_follows_forks_and_execs() {
     require_root();
-    let mut parent = Running::start(&fixture("forks_c"), &["attach"]);
-    let pid = parent.pid();
-    let mut tracer = Command::new(tracer())
-        .args([
-            "report",
-            "--format",
-            "json",
-            "--top",
-            "0",
-            "-v",
-            "--follow-forks",
-        ])
-        .args(["--pid", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut said = read_until(&mut err, "attached to PID");
-    let mut tell = |line: &[u8]| {
-        parent
-            .child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(line)
-            .unwrap()
-    };
-    tell(b"go\n");
+    let mut parent = Fixture::start(fixture("forks_c"), &["attach"]);
+    let pid = parent.pid() as u64;
+    let mut tracer = report_on(&["--follow-forks", "--pid", &pid.to_string()], 1);
+    parent.tell("go\n");
     // Both children traced: let them allocate (one of them then execs).
-    said += &read_until(&mut err, "tracing PID");
-    said += &read_until(&mut err, "tracing PID");
-    tell(b"go\ngo\n");
-    said += &read_until(&mut err, "exec'ed");
-    tell(b"go\n");
-    read_until(&mut parent.out, "DONE");
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-    });
+    tracer.wait_for("tracing PID");
+    tracer.wait_for("tracing PID");
+    parent.tell("go\ngo\n");
+    // "tracer: PID N exec'ed ...": the program exec'ed is traced, let it go.
+    let said = tracer.wait_for("exec'ed");
+    let execed: i32 = said
+        .lines()
+        .last()
+        .and_then(|line| {
+            line.split_once("PID ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no PID in {said:?}"));
+    unsafe { libc::kill(execed, libc::SIGUSR1) };
+    parent.read_until("DONE");
     parent.finish();
-    let report = json_of(tracer);
+    let done = tracer.finish();
+    let (report, said) = (done.json(), done.stderr);
     let parent_sites = sites_of(&report, pid, FORK_SITES);
     assert_eq!(
         parent_sites.get("leak_in_parent"),

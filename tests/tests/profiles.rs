@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use serde_json::Value;
@@ -13,14 +13,12 @@ use tracer_tests::*;
 
 fn trace_leaky_c(format: &str, out: &Path) {
     require_root();
-    let status = Command::new(tracer())
-        .args(["run", "--format", format, "--output"])
-        .arg(out)
-        .arg("--")
-        .arg(fixture("leaky_c"))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let status = TracerCmd::new("run")
+        .args(["--format", format])
+        .output_file(out)
+        .command(fixture("leaky_c"))
+        .output()
+        .status;
     assert!(status.success());
 }
 
@@ -215,7 +213,7 @@ fn speedscope_matches_its_published_schema() {
     let path = temp_path("leaky.speedscope.json");
     trace_leaky_c("speedscope", &path);
     validate_speedscope(&path).unwrap_or_else(|e| panic!("schema says: {e}"));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let doc = read_json(&path);
     let frames = doc["shared"]["frames"].as_array().unwrap();
     let profile = &doc["profiles"][0];
     assert_eq!(profile["type"], "sampled");

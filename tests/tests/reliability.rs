@@ -77,42 +77,34 @@ fn the_command_behaves_the_same_under_the_tracer() {
     let (_, traced_stdout, traced) = trace_run(&[program.to_str().unwrap()], &[]);
     assert_eq!(traced_stdout, String::from_utf8_lossy(&alone.stdout));
     assert_eq!(traced.status.code(), alone.status.code());
-    let status = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(temp_path("exit7.json"))
-        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 7"])
-        .output()
-        .unwrap();
+    let status = TracerCmd::run_json(temp_path("exit7.json"))
+        .command("sh")
+        .args(["-c", "echo out; echo err >&2; exit 7"])
+        .output();
     assert_eq!(status.status.code(), Some(7));
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "out\n");
-    assert_eq!(String::from_utf8_lossy(&status.stderr), "err\n");
+    assert_eq!(status.stdout, "out\n");
+    assert_eq!(status.stderr, "err\n");
 }
 
 /// A tracer killed with SIGKILL mid-run takes its probes with it (they are
 /// file descriptors) and the command runs on to the end, unchanged.
 #[test]
 fn the_command_survives_a_killed_tracer() {
-    use std::io::Read;
     require_root();
     let program = fixture("aging_c"); // leaks, pauses 1.5 s, leaks, exits
     let alone = std::process::Command::new(&program).output().unwrap();
-    let mut tracer = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(temp_path("killed.json"))
-        .arg("--")
-        .arg(&program)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tracer = TracerCmd::run_json(temp_path("killed.json"))
+        .command(&program)
+        .spawn();
     // Its first line: the command runs traced and is entering its pause (a
     // fixed sleep here was too short when the machine was busy).
-    let mut stdout = std::io::BufReader::new(tracer.stdout.take().unwrap());
-    let mut out = read_until(&mut stdout, "EXPECT leak_old");
-    tracer.kill().unwrap();
-    assert!(!tracer.wait().unwrap().success());
-    // The command holds the pipe's write end until it exits.
-    stdout.read_to_string(&mut out).unwrap();
-    assert_eq!(out, String::from_utf8_lossy(&alone.stdout));
+    tracer.wait_for_stdout("EXPECT leak_old");
+    tracer.kill();
+    // The command holds the pipe's write end until it exits: the whole of
+    // its output is there.
+    let killed = tracer.finish();
+    assert!(!killed.status.success());
+    assert_eq!(killed.stdout, String::from_utf8_lossy(&alone.stdout));
 }
 
 /// After the main thread calls pthread_exit, the other threads' calls are
@@ -134,33 +126,24 @@ fn threads_are_traced_after_the_main_thread_exits() {
 /// finishes with its own exit code and an exact report.
 #[test]
 fn a_stopped_command_stays_stopped_until_continued() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     require_root();
     let report = temp_path("jobcontrol.json");
-    let mut tracer = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(&report)
-        .arg("--")
-        .arg(fixture("growing_c"))
+    let mut tracer = TracerCmd::run_json(&report)
+        .command(fixture("growing_c"))
         .arg("2") // runs 2 s
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
+    // The command's first line: it runs traced.
+    tracer.wait_for_stdout("growing:");
     // The command is the tracer's only child (forked by one of its threads).
-    let start = Instant::now();
-    let pid: i32 = loop {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", tracer.id())).unwrap();
-        let child = tasks.filter_map(Result::ok).find_map(|task| {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", tracer.pid())).unwrap();
+    let pid: i32 = tasks
+        .filter_map(Result::ok)
+        .find_map(|task| {
             let text = std::fs::read_to_string(task.path().join("children")).ok()?;
             text.split_whitespace().next()?.parse().ok()
-        });
-        if let Some(pid) = child {
-            break pid;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no child");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(300));
+        })
+        .expect("no child");
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     // Stopped for 3 s: longer than the whole run would take.
     std::thread::sleep(Duration::from_secs(3));
@@ -176,12 +159,11 @@ fn a_stopped_command_stays_stopped_until_continued() {
         matches!(state, "T" | "t"),
         "state {state}: the command was resumed"
     );
-    assert!(tracer.try_wait().unwrap().is_none(), "tracer ended early");
+    assert!(tracer.is_running(), "tracer ended early");
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let status = tracer.wait().unwrap();
+    let status = tracer.finish().status;
     assert!(status.success(), "{status}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     let leak = report_by_site(&report, &["leak_steadily"]);
     assert_eq!(leak["leak_steadily"], (20 * 512, 20), "{report:#}");
 }
@@ -194,31 +176,22 @@ fn ctrl_c_in_run_waits_for_the_command_and_passes_its_status_on() {
     use std::os::unix::process::CommandExt;
     require_root();
     let report = temp_path("ctrl-c.json");
-    let mut tracer = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(&report)
-        .arg("--")
-        .arg(fixture("growing_c"))
+    let mut tracer = TracerCmd::run_json(&report)
+        .command(fixture("growing_c"))
         .arg("30")
-        .stdout(std::process::Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    // The command's first line: it runs traced, and the tracer listens for signals.
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(tracer.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+        .configure(|command| {
+            command.process_group(0);
+        })
+        .spawn();
+    // The command's first line: it runs traced, and the tracer listens for
+    // signals (from its start).
+    let line = tracer.wait_for_stdout("growing:");
     assert!(line.starts_with("growing:"), "{line}");
-    std::thread::sleep(std::time::Duration::from_millis(500));
     // What a terminal does on Ctrl-C: SIGINT to every process of the group.
-    unsafe { libc::kill(-(tracer.id() as i32), libc::SIGINT) };
-    let status = tracer.wait().unwrap();
+    unsafe { libc::kill(-(tracer.pid() as i32), libc::SIGINT) };
+    let status = tracer.finish().status;
     assert_eq!(status.code(), Some(130), "{status}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     assert!(
         report["totals"]["bytes"].as_u64().unwrap() > 0,
         "{report:#}"
@@ -262,41 +235,26 @@ fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64)
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lines = temp_path(&format!("storm-{max_stacks}.jsonl"));
-    let output = std::process::Command::new(tracer())
-        .args([
-            "run",
-            "--format",
-            "json",
-            "--interval",
-            "500ms",
-            "--top",
-            "0",
-        ])
-        .args(["--max-stacks", &max_stacks.to_string(), "--output"])
-        .arg(&lines)
-        .arg("--")
-        .arg(fixture("reclaim_storm_c"))
+    let output = TracerCmd::run_json(&lines)
+        .args(["--interval", "500ms", "--top", "0"])
+        .args(["--max-stacks", &max_stacks.to_string()])
+        .command(fixture("reclaim_storm_c"))
         .arg(seconds.to_string())
         // Each scan that found candidates waits 100 ms after reading the
         // slots and 100 ms after unpublishing them (slots.rs, testing only):
         // bursts that start then take the rare paths.
         .env("TRACER_TEST_RECLAIM_WINDOW_MS", "100")
         .env("RUST_LOG", "tracer::kernel::reclaim=debug")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+        .output();
+    let stdout = &output.stdout;
     assert!(
         output.status.success(),
         "{}: {}",
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        output.stderr
     );
     assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
-    let reports: Vec<Value> = std::fs::read_to_string(&lines)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let reports = read_json_lines(&lines);
     assert!(reports.len() as u32 >= seconds, "{} reports", reports.len());
 
     let number = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a u64: {v}"));
@@ -329,7 +287,7 @@ fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64)
     }
 
     let last = reports.last().unwrap();
-    let expected = expectations(&stdout);
+    let expected = expectations(stdout);
     let leaked = expected["leaf"];
     let sites = ["leaf", "grow", "handoff"];
     let (mut in_workers, mut unknown) = ((0, 0), (0, 0));
@@ -393,7 +351,7 @@ fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64)
     // "reclaim: N candidates, N recycled, N used meanwhile and put back, N
     // used meanwhile and kept as a second slot"
     let (mut put_back, mut second) = (0, 0);
-    for line in String::from_utf8_lossy(&output.stderr).lines() {
+    for line in output.stderr.lines() {
         let Some(counts) = line.split_once("reclaim: ").map(|(_, c)| c) else {
             continue;
         };

@@ -83,12 +83,11 @@ fn min_age_leaves_out_young_blocks() {
 #[test]
 fn exit_code_of_the_command_is_passed_through() {
     require_root();
-    let status = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(temp_path("exit3.json"))
-        .args(["--", "sh", "-c", "exit 3"])
-        .status()
-        .unwrap();
+    let status = TracerCmd::run_json(temp_path("exit3.json"))
+        .command("sh")
+        .args(["-c", "exit 3"])
+        .output()
+        .status;
     assert_eq!(status.code(), Some(3));
 }
 
@@ -97,20 +96,13 @@ fn json_lines_with_an_explicit_interval() {
     require_root();
     let path = temp_path("lines.jsonl");
     let program = fixture("aging_c");
-    let status = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--interval", "300ms", "--output"])
-        .arg(&path)
-        .arg("--")
-        .arg(&program)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let status = TracerCmd::run_json(&path)
+        .args(["--interval", "300ms"])
+        .command(&program)
+        .output()
+        .status;
     assert!(status.success());
-    let text = std::fs::read_to_string(&path).unwrap();
-    let reports: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let reports = read_json_lines(&path);
     assert!(
         reports.len() >= 3,
         "one line per interval plus the final one: {}",
@@ -124,21 +116,17 @@ fn json_lines_with_an_explicit_interval() {
 #[test]
 fn command_runs_as_the_sudo_user() {
     require_root();
-    let output = std::process::Command::new(tracer())
-        .args(["run", "--format", "json", "--output"])
-        .arg(temp_path("sudo.json"))
-        .args(["--", "id", "-u"])
+    let output = TracerCmd::run_json(temp_path("sudo.json"))
+        .command("id")
+        .arg("-u")
         .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
-        .env_remove("SUDO_USER")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "65534");
+        .configure(|command| {
+            command.env_remove("SUDO_USER");
+        })
+        .output();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert_eq!(output.stdout.trim(), "65534");
 }
 
 #[test]

@@ -97,15 +97,13 @@ fn sampling_uses_uprobe_sessions_where_the_kernel_has_them() {
     require_root();
     let program = fixture("sampled_c");
     let verbose = |extra: &[&str]| {
-        let output = std::process::Command::new(tracer())
-            .args(["run", "-v", "-o", "/dev/null"])
+        let output = TracerCmd::new("run")
+            .args(["-v", "-o", "/dev/null"])
             .args(extra)
-            .arg("--")
-            .arg(&program)
-            .output()
-            .unwrap();
+            .command(&program)
+            .output();
         assert!(output.status.success());
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        output.stderr
     };
     let sampled = verbose(&["--sample-rate", "64k"]);
     if kernel_version() >= (6, 13) {
@@ -141,12 +139,11 @@ fn sampling_uses_uprobe_sessions_where_the_kernel_has_them() {
 fn text_reports_say_they_are_estimates() {
     require_root();
     let program = fixture("sampled_c");
-    let output = std::process::Command::new(tracer())
-        .args(["run", "--sample-rate", "64k", "--"])
-        .arg(&program)
-        .output()
-        .unwrap();
+    let output = TracerCmd::new("run")
+        .args(["--sample-rate", "64k"])
+        .command(&program)
+        .output();
     assert!(output.status.success());
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = output.stdout;
     assert!(text.contains("estimated"), "{text}");
 }

@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use tracer_tests::*;
 
-/// Kills and reaps a child when dropped.
+/// Kills and reaps a child (Prometheus) when dropped.
 struct Running(Child);
 
 impl Drop for Running {
@@ -26,19 +26,11 @@ impl Drop for Running {
 
 /// The growing fixture, once it is past its start (libc loaded, first
 /// allocations made): attaching earlier would find no allocator yet.
-fn start_growing(seconds: &str) -> Running {
-    use std::io::BufRead;
-    let mut child = Command::new(fixture("growing_c"))
-        .arg(seconds)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+fn start_growing(seconds: &str) -> Fixture {
+    let growing = Fixture::spawn(Command::new(fixture("growing_c")).arg(seconds), "growing:");
+    let line = &growing.startup;
     assert!(line.starts_with("growing:"), "{line}");
-    Running(child)
+    growing
 }
 
 fn free_port() -> u16 {
@@ -86,15 +78,12 @@ fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<
     }
 }
 
-fn start_serve(fixture_pid: u32, port: u16) -> Running {
-    Running(
-        Command::new(tracer())
-            .args(["serve", "--pid", &fixture_pid.to_string(), "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+fn start_serve(fixture_pid: u32, port: u16) -> Tracer {
+    TracerCmd::new("serve")
+        .pid(fixture_pid)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn()
 }
 
 fn start_prometheus(dir: &Path, target_port: u16, port: u16) -> Running {
@@ -150,7 +139,7 @@ fn prometheus_scrapes_growth_and_the_leak_alert_fires() {
     require_root();
     let fixture = start_growing("90");
     let serve_port = free_port();
-    let _serve = start_serve(fixture.0.id(), serve_port);
+    let _serve = start_serve(fixture.pid(), serve_port);
     let metrics = wait_for("/metrics", Duration::from_secs(15), || {
         get(serve_port, "/metrics").filter(|(s, b)| *s == 200 && b.contains("leak_steadily"))
     })
@@ -166,7 +155,7 @@ fn prometheus_scrapes_growth_and_the_leak_alert_fires() {
     assert!(
         metrics.contains(&format!(
             "tracer_target_up{{pid=\"{}\",process=\"growing_c\"}} 1",
-            fixture.0.id()
+            fixture.pid()
         )),
         "{metrics}"
     );
@@ -219,18 +208,13 @@ fn serve_refuses_a_port_in_use_before_attaching() {
     require_root();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let out = Command::new(tracer())
-        .args([
-            "serve",
-            "--pid",
-            &std::process::id().to_string(),
-            "--listen",
-        ])
+    let out = TracerCmd::new("serve")
+        .pid(std::process::id())
+        .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+        .output();
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr;
     assert!(
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
@@ -295,17 +279,14 @@ fn pushed_profiles_decode_as_pprof() {
     let fixture = start_growing("60");
     let receiver = TcpListener::bind("127.0.0.1:0").unwrap();
     let push_port = receiver.local_addr().unwrap().port();
-    let _serve = Running(
-        Command::new(tracer())
-            .args(["serve", "--pid", &fixture.0.id().to_string(), "--listen"])
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .arg("--push")
-            .arg(format!("http://127.0.0.1:{push_port}"))
-            .args(["--push-interval", "3s"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _serve = TracerCmd::new("serve")
+        .pid(fixture.pid())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--push")
+        .arg(format!("http://127.0.0.1:{push_port}"))
+        .args(["--push-interval", "3s"])
+        .spawn();
     let (request_line, profile) = receive_one_push(receiver);
     assert!(
         request_line.starts_with("POST /ingest?name=tracer.memory%7Bpid%3D"),
@@ -339,18 +320,12 @@ fn pushed_profiles_decode_as_pprof() {
 #[test]
 fn a_bad_push_url_is_one_clear_line() {
     require_root();
-    let out = Command::new(tracer())
-        .args([
-            "serve",
-            "--pid",
-            &std::process::id().to_string(),
-            "--push",
-            "https://x",
-        ])
-        .output()
-        .unwrap();
+    let out = TracerCmd::new("serve")
+        .pid(std::process::id())
+        .args(["--push", "https://x"])
+        .output();
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("https is not supported"), "{stderr}");
 }

@@ -3,12 +3,10 @@
 //! for 20 s; `SOAK_SECONDS=3600 cargo xtask test soak` is the hour-long run.
 
 use std::{
-    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use tracer_tests::*;
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -31,35 +29,27 @@ fn tracer_memory_stays_flat_and_numbers_exact() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let lines_path = temp_path("soak.jsonl");
-    let mut tracer = Command::new(tracer())
-        .args(["run", "--format", "json", "--interval", "1s", "--output"])
-        .arg(&lines_path)
-        .arg("--")
-        .arg(fixture("soak_c"))
+    let mut tracer = TracerCmd::run_json(&lines_path)
+        .args(["--interval", "1s"])
+        .command(fixture("soak_c"))
         .arg(seconds.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn();
     // RSS samples once a second while it runs.
     let start = Instant::now();
     let mut samples: Vec<(f64, u64)> = Vec::new();
-    while tracer.try_wait().unwrap().is_none() {
-        if let Some(kib) = rss_kib(tracer.id()) {
+    while tracer.is_running() {
+        if let Some(kib) = rss_kib(tracer.pid()) {
             samples.push((start.elapsed().as_secs_f64(), kib));
         }
         sleep(Duration::from_secs(1));
     }
-    let output = tracer.wait_with_output().unwrap();
+    let output = tracer.finish();
     assert!(output.status.success(), "{}", output.status);
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = output.stdout;
     assert!(stdout.contains("DONE"), "{stdout}");
 
     // Exact at the end, nothing dropped.
-    let text = std::fs::read_to_string(&lines_path).unwrap();
-    let reports: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let reports = read_json_lines(&lines_path);
     assert!(
         reports.len() as u64 >= seconds / 2,
         "{} reports",

@@ -82,12 +82,12 @@ fn table_rows(screen: &str) -> Vec<&str> {
 }
 
 fn shell_line(save_dir: &Path, seconds: u32) -> String {
-    format!(
-        "{} top --save-dir {} -- {} {seconds}; echo TOP_EXIT=$?; sleep 60",
-        tracer().display(),
-        save_dir.display(),
-        fixture("growing_c").display()
-    )
+    let top = TracerCmd::new("top")
+        .arg("--save-dir")
+        .arg(save_dir)
+        .command(fixture("growing_c"))
+        .arg(seconds.to_string());
+    format!("{}; echo TOP_EXIT=$?; sleep 60", top.shell_line())
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
@@ -194,13 +194,10 @@ fn the_view_freezes_when_the_target_exits() {
 
 #[test]
 fn top_refuses_when_stdout_is_not_a_terminal() {
-    let out = Command::new(tracer())
-        .args(["top", "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // Output captured, stdin /dev/null.
+    let out = TracerCmd::new("top").command("true").output();
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("needs a terminal"), "{stderr}");
     assert!(stderr.contains("tracer report"), "{stderr}");
