@@ -34,12 +34,19 @@ fn tracer_memory_stays_flat_and_numbers_exact() {
         .command(fixture("soak_c"))
         .arg(seconds.to_string())
         .spawn();
-    // RSS samples once a second while it runs.
+    // RSS samples once a second while it runs, timed from its first report
+    // (on a busy machine, attaching can take seconds: its warm-up must not
+    // fall into the window measured below).
     let start = Instant::now();
+    let mut first_report: Option<f64> = None;
     let mut samples: Vec<(f64, u64)> = Vec::new();
     while tracer.is_running() {
-        if let Some(kib) = rss_kib(tracer.pid()) {
-            samples.push((start.elapsed().as_secs_f64(), kib));
+        let now = start.elapsed().as_secs_f64();
+        if first_report.is_none() && std::fs::metadata(&lines_path).is_ok_and(|m| m.len() > 0) {
+            first_report = Some(now);
+        }
+        if let (Some(kib), Some(first)) = (rss_kib(tracer.pid()), first_report) {
+            samples.push((now - first, kib));
         }
         sleep(Duration::from_secs(1));
     }
@@ -81,7 +88,8 @@ fn tracer_memory_stays_flat_and_numbers_exact() {
     }
 
     // The tracer's RSS is flat once warmed up (symbol caches filled): over
-    // the second half of the run it grows by less than 2 MiB.
+    // the second half of the run since its first report it grows by less
+    // than 2 MiB.
     let half: Vec<u64> = samples
         .iter()
         .filter(|(t, _)| *t >= seconds as f64 / 2.0)
