@@ -148,11 +148,8 @@ impl Fixture {
 
     /// Starts `command` and waits until it prints a line containing `ready`.
     pub fn spawn(command: &mut Command, ready: &str) -> Fixture {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = spawn_written(command);
         let stdin = child.stdin.take();
         let mut out = Lines::read(child.stdout.take().unwrap());
         let startup = out.until(ready);
@@ -674,5 +671,24 @@ mod tests {
             Some("leak_box")
         );
         assert_eq!(site_of(&f(&["leak_ab"]), &sites), None);
+    }
+}
+
+/// Spawns `command`, whose program a test may have just written (a fixture
+/// copied under another name). While a file is open for writing, exec
+/// fails with ETXTBSY, and a child that another test thread forks at that
+/// moment holds a copy of the descriptor until its own exec: retry then,
+/// as Go's os/exec does.
+pub fn spawn_written(command: &mut Command) -> std::process::Child {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot start {command:?}: {e}"),
+        }
     }
 }
