@@ -205,12 +205,13 @@ impl Kernel {
         Ok(kernel)
     }
 
-    /// The loaded object, for `maps`' handles.
+    /// The loaded object, to read through `maps`' handles (`collect`).
     pub fn loaded(&self) -> &Loaded {
         &self.loaded
     }
 
-    pub fn loaded_mut(&mut self) -> &mut Loaded {
+    /// Writing is the kernel side's own business.
+    pub(super) fn loaded_mut(&mut self) -> &mut Loaded {
         &mut self.loaded
     }
 
