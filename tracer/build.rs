@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`tracer-ebpf`, nightly, bpfel target) and puts
-//! the object in OUT_DIR, where `probes.rs` embeds it with `include_bytes_aligned!`.
+//! the object in OUT_DIR, where `kernel/programs.rs` embeds it with `include_bytes_aligned!`.
 //!
 //! This runs the same nested cargo build as aya-build 0.2.0's `build_ebpf`,
 //! but handles its output differently: aya-build forwards every line the

@@ -1,7 +1,7 @@
 //! The mmap family, through syscall tracepoints: anonymous mappings the
 //! traced process makes itself, with the stack of the call, and every
 //! change that gives memory back (munmap, mremap, a MAP_FIXED mapping over
-//! an old one). The ranges are kept in userspace (`tracer/src/mappings.rs`):
+//! an old one). The ranges are kept in userspace (`tracer/src/collect/mappings.rs`):
 //! a munmap that punches a hole in the middle of a mapping cannot be found
 //! by key here. The program break is kept here, per process.
 //!

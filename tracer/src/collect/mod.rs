@@ -67,7 +67,7 @@ pub fn snapshot(
 ) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
     // Every slot, added up per stack: a stack can briefly have two slots
-    // (see `slots`), and free slots are all zero.
+    // (see `kernel::reclaim`), and free slots are all zero.
     let table = StatsTable::open(loaded)?;
     let mut by_stack: HashMap<u64, StackSample> = HashMap::new();
     for slot in 0..table.slots() {
