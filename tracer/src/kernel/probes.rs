@@ -200,12 +200,7 @@ impl Kernel {
         if let Some(sessions) = &mut self.sessions {
             sessions.detach_process(pid);
         }
-        if !scope.links.is_empty() {
-            let links = scope.links;
-            let _ = std::thread::Builder::new()
-                .name("tracer-detach".into())
-                .spawn(move || drop(links));
-        }
+        close_later(scope.links);
     }
 
     /// The probes are scoped to one task: the kernel filters hits by that
@@ -323,6 +318,17 @@ impl Kernel {
             session: false,
         });
         Ok(link)
+    }
+}
+
+/// Closes links on a thread of their own: closing a uprobe link waits for
+/// RCU grace periods, not on the caller's time. (If no thread can be made,
+/// they close here.)
+pub(super) fn close_later<T: Send + 'static>(links: Vec<T>) {
+    if !links.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("tracer-detach".into())
+            .spawn(move || drop(links));
     }
 }
 

@@ -13,7 +13,7 @@ use std::{collections::HashSet, os::fd::OwnedFd};
 
 use anyhow::{Context as _, Result};
 
-use super::{programs::Loaded, sys, Variant};
+use super::{probes::close_later, programs::Loaded, sys, Variant};
 use crate::target::{
     allocator::{AllocatorObject, ProbePoint},
     tasks::{children, same_program},
@@ -199,12 +199,5 @@ impl Sessions {
         // probed by both is recognised as one, see alloc.rs `is_inner_call`).
         close_later(std::mem::replace(&mut self.links, links));
         Ok(true)
-    }
-}
-
-/// Closing a uprobe link waits for RCU grace periods; not on the caller's time.
-fn close_later(links: Vec<Link>) {
-    if !links.is_empty() {
-        std::thread::spawn(move || drop(links));
     }
 }
