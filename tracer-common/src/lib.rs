@@ -184,6 +184,10 @@ pub struct StackTrace {
     /// Non-zero when the walk stopped at `MAX_FRAMES` rather than at the
     /// stack's outermost frame.
     pub truncated: u64,
+    /// Non-zero when the walk reached the stack's outermost frame (a CFI
+    /// row marking it, or the end of the frame-pointer chain): the stack is
+    /// whole. Zero: cut short somewhere (no rule, unreadable memory).
+    pub outermost: u64,
     pub ips: [u64; MAX_FRAMES],
 }
 
@@ -193,6 +197,7 @@ impl Default for StackTrace {
             slot: 0,
             len: 0,
             truncated: 0,
+            outermost: 0,
             ips: [0; MAX_FRAMES],
         }
     }

@@ -2,11 +2,12 @@
 //! each object's `.eh_frame`) and the eBPF side (which walks user stacks
 //! with them). x86_64 only.
 //!
-//! `UNWIND_ROWS` is one array of rows for all objects, each object's rows
-//! sorted by `pc`; `UNWIND_MAPPINGS` lists the process's executable mappings
-//! sorted by start address, each pointing at its object's row range. The
-//! mapping table has two halves: userspace fills the one not in use and then
-//! flips `UnwindConfig::half`, so a walk never sees a half-written table.
+//! `UNWIND_ROWS` is one array of rows for all objects of all traced
+//! processes, each object's rows sorted by `pc` and compiled once however
+//! many processes map it; `UNWIND_PROCS` holds, per traced process, its
+//! executable mappings sorted by start address, each pointing at its
+//! object's row range. Userspace replaces a process's table as a whole (one
+//! map update), so a walk never sees a half-written table.
 
 /// Row kinds.
 /// No FDE covers this address: try the frame-pointer rule.
@@ -21,6 +22,19 @@ pub const ROW_UNSUPPORTED: u8 = 3;
 /// The return address is undefined: the outermost frame (`_start`, a
 /// thread's start). The walk ends here, complete.
 pub const ROW_OUTERMOST: u8 = 4;
+/// A signal trampoline (`__restore_rt`): the interrupted frame's registers
+/// are in the `ucontext` on the stack (`SIGNAL_*` offsets from rsp).
+pub const ROW_SIGNAL: u8 = 5;
+/// A PLT stub: CFA = rsp + 8, or rsp + 16 once the stub has pushed its
+/// relocation index (at offset 11 and later in the 16-byte entry).
+pub const ROW_PLT: u8 = 6;
+
+/// Where x86_64 Linux's `rt_sigframe` keeps the interrupted registers,
+/// from rsp at `__restore_rt` (`uc_mcontext` is 40 bytes into the ucontext;
+/// `struct sigcontext`: r8..r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip).
+pub const SIGNAL_RBP: u64 = 40 + 8 * 10;
+pub const SIGNAL_RSP: u64 = 40 + 8 * 15;
+pub const SIGNAL_RIP: u64 = 40 + 8 * 16;
 
 /// One unwind row: from `pc` (an object virtual address) up to the next
 /// row's `pc`, how to find the caller's frame. The return address is always
@@ -35,7 +49,7 @@ pub struct UnwindRow {
     pub kind: u8,
 }
 
-/// One executable mapping of the traced process.
+/// One executable mapping of a traced process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindMapping {
@@ -49,23 +63,31 @@ pub struct UnwindMapping {
     pub row_count: u32,
 }
 
-/// Slot 0 of `UNWIND_CONFIG`.
+/// The value of `UNWIND_PROCS` for one process (tgid): its executable
+/// mappings. Processes without one are walked with frame pointers.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UnwindConfig {
-    /// The process the mapping table describes (tgid); other processes are
-    /// walked with frame pointers.
-    pub pid: u32,
-    /// Which half of `UNWIND_MAPPINGS` is current (0 or 1).
-    pub half: u32,
-    /// Entries in the current half.
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindProc {
+    /// Entries of `mappings` in use, sorted by `start`.
     pub count: u32,
     pub _pad: u32,
+    pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS as usize],
 }
 
-/// Mappings per half of `UNWIND_MAPPINGS` (the array has twice as many).
+impl Default for UnwindProc {
+    fn default() -> Self {
+        UnwindProc {
+            count: 0,
+            _pad: 0,
+            mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS as usize],
+        }
+    }
+}
+
+/// Executable mappings per process a walk can use (a process mapping 100
+/// shared objects has about 100: one code segment each).
 pub const MAX_UNWIND_MAPPINGS: u32 = 512;
-/// Binary search steps over one half: log2(MAX_UNWIND_MAPPINGS) + 1.
+/// Binary search steps over one process's mappings: log2(MAX_UNWIND_MAPPINGS) + 1.
 pub const MAPPING_SEARCH_STEPS: u32 = 10;
 /// Default capacity of `UNWIND_ROWS` (8 bytes each).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
@@ -77,5 +99,5 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindMapping {}
-    unsafe impl aya::Pod for UnwindConfig {}
+    unsafe impl aya::Pod for UnwindProc {}
 }

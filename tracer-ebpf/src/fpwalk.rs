@@ -1,4 +1,5 @@
-//! User stack walk by frame pointers (`--unwind fp`, the default), done
+//! User stack walk by frame pointers (`--unwind fp`, and for processes or
+//! code without CFI tables), done
 //! here instead of by the kernel's `bpf_get_stack(BPF_F_USER_STACK)`.
 //!
 //! Both follow the same chain (`[rbp]` = caller's rbp, `[rbp+8]` = return
@@ -40,6 +41,7 @@ pub fn walk<C: EbpfContext>(ctx: &C, trace: &mut StackTrace) {
     let regs = ctx.as_ptr() as *const pt_regs;
     let (ip, mut fp) = unsafe { ((*regs).rip, (*regs).rbp) };
     trace.len = 0;
+    trace.outermost = 0;
     if ip == 0 {
         return;
     }
@@ -55,11 +57,15 @@ pub fn walk<C: EbpfContext>(ctx: &C, trace: &mut StackTrace) {
         };
         let (next, ret) = (frame[0], frame[1]);
         if ret == 0 {
+            trace.outermost = 1;
             break;
         }
         trace.ips[i] = ret;
         trace.len = i as u64 + 1;
         if next <= fp || next - fp > MAX_FRAME_GAP {
+            // A chain ending in a zero frame pointer (`_start` clears rbp)
+            // is whole; anything else is garbage where the chain broke.
+            trace.outermost = (next == 0) as u64;
             break;
         }
         fp = next;

@@ -1,6 +1,5 @@
-//! User stack capture: a frame-pointer walk (`fpwalk`) or a CFI walk
-//! (`unwind`, `--unwind cfi`),
-//! hashed here into a 64-bit id so that equal stacks share one `STACKS` entry
+//! User stack capture: a CFI walk (`unwind`, the default) or a
+//! frame-pointer walk (`fpwalk`, `--unwind fp`), hashed here into a 64-bit id so that equal stacks share one `STACKS` entry
 //! and one `STACK_STATS` slot. A 64-bit hash makes collisions negligible
 //! (unlike `BPF_MAP_TYPE_STACK_TRACE`, whose bucket index collides often).
 
@@ -78,13 +77,13 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
     let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
-    // `--unwind cfi`: the CFI walker, when it has tables for this process;
+    // The CFI walker (the default), when it has tables for this process;
     // otherwise our own frame-pointer walk, not bpf_get_stack (fpwalk.rs
     // says why). The length goes through the buffer, read back once.
-    let cut = match crate::unwind::walk(ctx.as_ptr() as *const _, buf) {
-        Some((frames, cut)) => {
+    let cfi = match crate::unwind::walk(ctx.as_ptr() as *const _, buf) {
+        Some(frames) => {
             buf.len = frames as u64;
-            cut
+            true
         }
         None => {
             crate::fpwalk::walk(ctx, buf);
@@ -97,7 +96,10 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
         return unknown(tgid);
     }
     buf.len = len as u64;
-    buf.truncated = (len == MAX_FRAMES || cut) as u64;
+    let outermost = unsafe { core::ptr::read_volatile(&buf.outermost) } != 0;
+    // A CFI walk that stopped before the outermost frame was cut (no rule,
+    // unreadable memory); a frame-pointer walk cannot tell a cut from an end.
+    buf.truncated = (len == MAX_FRAMES || (cfi && !outermost)) as u64;
 
     let hash = hash_frames(buf, len, tgid);
     // Preempted by another program that used the buffer: the frames and the

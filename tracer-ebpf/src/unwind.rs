@@ -1,44 +1,48 @@
-//! CFI stack walking (`--unwind cfi`): unwinds the user stack from the
-//! registers at the allocator's return, frame by frame, with the compact
-//! rows userspace compiled from each object's `.eh_frame`
-//! (`tracer_common::unwind`). Where no row is known (no mapping table for
-//! the address, or a gap between FDEs) the frame-pointer rule is used.
+//! CFI stack walking (the default, `--unwind cfi`): unwinds the user stack
+//! from the registers at the probe, frame by frame, with the compact rows
+//! userspace compiled from each object's `.eh_frame`
+//! (`tracer_common::unwind`). Where no row is known (no table for the
+//! process or the address, a gap between FDEs) the frame-pointer rule is
+//! used.
 //!
-//! The frame loop runs under `bpf_loop`, so the verifier checks one step
-//! (two bounded binary searches and three user reads), not 127 of them.
-
-use core::ffi::c_void;
+//! One frame is one call of `tracer_unwind_step`, a *global* BPF function:
+//! the verifier checks its body once, on its own (kernels 5.6+), instead of
+//! once per frame, and the loop calling it is a plain bounded loop. No
+//! `bpf_loop` (5.17+) and no callback (whose `ld_imm64` kernels before 5.13
+//! refuse in every program of the object), so the same programs load on
+//! 5.10 and on the newest kernels.
 
 use aya_ebpf::{
-    bindings::{pt_regs, BPF_F_MMAPABLE},
-    helpers::{bpf_get_current_pid_tgid, bpf_loop, bpf_probe_read_user},
+    bindings::{pt_regs, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use tracer_common::{
     unwind::{
-        UnwindConfig, UnwindMapping, UnwindRow, DEFAULT_UNWIND_ROWS, MAPPING_SEARCH_STEPS,
-        MAX_UNWIND_MAPPINGS, ROW_CFA_RBP, ROW_CFA_RSP, ROW_GAP, ROW_OUTERMOST, ROW_SEARCH_STEPS,
+        UnwindMapping, UnwindProc, UnwindRow, DEFAULT_UNWIND_ROWS, MAPPING_SEARCH_STEPS,
+        MAX_UNWIND_MAPPINGS, ROW_CFA_RBP, ROW_CFA_RSP, ROW_GAP, ROW_OUTERMOST, ROW_PLT,
+        ROW_SEARCH_STEPS, ROW_SIGNAL, SIGNAL_RBP, SIGNAL_RIP, SIGNAL_RSP,
     },
     StackTrace, MAX_FRAMES,
 };
 
-/// 0: frame pointers (`bpf_get_stack`); 1: CFI. Set by userspace at load
-/// time (read-only data, so the verifier drops the unused path).
+/// 0: frame pointers; 1: CFI. Set by userspace at load time (read-only
+/// data, so the verifier drops the unused path).
 #[unsafe(no_mangle)]
 static UNWIND_MODE: u32 = 0;
 
-/// Userspace writes the rows through a shared mapping of the array.
+/// Rows of every object, shared by all processes. Userspace writes them
+/// through a shared mapping of the array.
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> =
     Array::with_max_entries(DEFAULT_UNWIND_ROWS, BPF_F_MMAPABLE);
 
+/// Per traced process (tgid): its executable mappings. Not preallocated:
+/// each value is 16 KiB and only traced processes have one.
 #[map]
-pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
-    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
-
-#[map]
-pub static UNWIND_CONFIG: Array<UnwindConfig> = Array::with_max_entries(1, 0);
+pub static UNWIND_PROCS: HashMap<u32, UnwindProc> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 const RUNNING: u32 = 0;
 /// Reached the outermost frame (or a zero return address).
@@ -55,8 +59,10 @@ pub struct Walk {
     bp: u64,
     len: u64,
     status: u32,
-    half: u32,
-    count: u32,
+    tgid: u32,
+    /// `ip` is where the frame was interrupted (a signal), not a return
+    /// address: look it up as is, not at the call before it.
+    exact: u32,
     _pad: u32,
     ips: [u64; MAX_FRAMES],
 }
@@ -70,18 +76,16 @@ fn enabled() -> bool {
 }
 
 /// Walks the user stack of the current task from `regs` into `out.ips`.
-/// Returns (frames, cut short) or None when CFI unwinding is off or has no
-/// table for this process (the caller then uses `bpf_get_stack`).
+/// Returns the number of frames (`out.outermost` says whether the walk
+/// reached the outermost frame), or None when CFI unwinding is off or has
+/// no table for this process (the caller then walks frame pointers).
 #[inline(always)]
-pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<(usize, bool)> {
+pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<usize> {
     if !enabled() {
         return None;
     }
-    let config = UNWIND_CONFIG.get(0)?;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if config.pid != tgid || config.count == 0 {
-        return None;
-    }
+    UNWIND_PROCS.get_ptr(tgid)?;
     let w = unsafe { &mut *UNWIND_SCRATCH.get_ptr_mut(0)? };
     unsafe {
         w.ip = (*regs).rip;
@@ -90,16 +94,15 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<(usize, bool)>
     }
     w.len = 0;
     w.status = RUNNING;
-    w.half = config.half & 1;
-    w.count = config.count.min(MAX_UNWIND_MAPPINGS);
-    unsafe {
-        bpf_loop(
-            MAX_FRAMES as u32,
-            step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    w.tgid = tgid;
+    // At a return probe, rip is a return address; at a syscall, the
+    // instruction after it: both look up the instruction before.
+    w.exact = 0;
+    for _ in 0..MAX_FRAMES {
+        if tracer_unwind_step() != 0 {
+            break;
+        }
+    }
     let len = (w.len as usize).min(MAX_FRAMES);
     for i in 0..MAX_FRAMES {
         if i >= len {
@@ -107,20 +110,21 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<(usize, bool)>
         }
         out.ips[i] = w.ips[i];
     }
-    Some((len, w.status != COMPLETE))
+    out.outermost = (w.status == COMPLETE) as u64;
+    Some(len)
 }
 
-/// The mapping holding `addr`, if the table has one.
+/// The mapping holding `addr` in `table`, if it has one.
 #[inline(always)]
-fn find_mapping(half: u32, count: u32, addr: u64) -> Option<&'static UnwindMapping> {
-    let base = half * MAX_UNWIND_MAPPINGS;
+fn find_mapping(table: &UnwindProc, addr: u64) -> Option<&UnwindMapping> {
+    let count = table.count.min(MAX_UNWIND_MAPPINGS);
     let (mut lo, mut hi) = (0u32, count);
     for _ in 0..MAPPING_SEARCH_STEPS {
         if lo >= hi {
             break;
         }
         let mid = (lo + hi) / 2;
-        let m = UNWIND_MAPPINGS.get(base + mid)?;
+        let m = table.mappings.get(mid as usize)?;
         if m.start <= addr {
             lo = mid + 1;
         } else {
@@ -130,7 +134,7 @@ fn find_mapping(half: u32, count: u32, addr: u64) -> Option<&'static UnwindMappi
     if lo == 0 {
         return None;
     }
-    let m = UNWIND_MAPPINGS.get(base + lo - 1)?;
+    let m = table.mappings.get(lo as usize - 1)?;
     (addr < m.end).then_some(m)
 }
 
@@ -161,36 +165,61 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
+/// The row for the walk's current frame (None: no CFI known there).
+#[inline(always)]
+fn row_for(w: &Walk) -> Option<UnwindRow> {
+    let table = unsafe { &*UNWIND_PROCS.get_ptr(w.tgid)? };
+    // A return address: the call it returns from is just before it.
+    let lookup = if w.exact != 0 {
+        w.ip
+    } else {
+        w.ip.wrapping_sub(1)
+    };
+    let m = find_mapping(table, lookup)?;
+    if m.row_count == 0 {
+        return None;
+    }
+    let pc = lookup.wrapping_sub(m.bias);
+    if pc > u32::MAX as u64 {
+        return None;
+    }
+    find_row(m.row_start, m.row_count, pc as u32)
+}
+
 /// One frame: record the current ip, then find the caller's registers.
-/// Returns 1 to stop the loop.
+/// Returns non-zero to stop the walk. A global function (not `static`) on
+/// purpose: see the module's comment.
+#[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
+pub extern "C" fn tracer_unwind_step() -> i64 {
     let Some(w) = UNWIND_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     let w = unsafe { &mut *w };
+    match step(w) {
+        Some(true) => 0,
+        Some(false) => 1,
+        None => {
+            w.status = CUT;
+            1
+        }
+    }
+}
+
+/// Some(true): moved to the caller; Some(false): the walk is over; None:
+/// cut short.
+#[inline(always)]
+fn step(w: &mut Walk) -> Option<bool> {
     let n = w.len as usize;
     if n >= MAX_FRAMES {
-        w.status = CUT;
-        return 1;
+        return None;
     }
-    w.ips[n] = w.ip;
+    *w.ips.get_mut(n)? = w.ip;
     w.len = n as u64 + 1;
 
-    // The ip is a return address: the call it returns from is just before it.
-    let lookup = w.ip.wrapping_sub(1);
-    let row = match find_mapping(w.half, w.count, lookup) {
-        Some(m) if m.row_count > 0 => {
-            let pc = lookup.wrapping_sub(m.bias);
-            if pc > u32::MAX as u64 {
-                None
-            } else {
-                find_row(m.row_start, m.row_count, pc as u32)
-            }
-        }
-        _ => None,
-    };
+    let row = row_for(w);
     let kind = row.map_or(ROW_GAP, |r| r.kind);
+    w.exact = 0;
     let (cfa, bp) = if kind == ROW_CFA_RSP || kind == ROW_CFA_RBP {
         let row = row.unwrap_or_default();
         let base = if kind == ROW_CFA_RSP { w.sp } else { w.bp };
@@ -198,48 +227,48 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         let bp = if row.rbp_off == 0 {
             w.bp
         } else {
-            match read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64)) {
-                Some(bp) => bp,
-                None => {
-                    w.status = CUT;
-                    return 1;
-                }
-            }
+            read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64))?
         };
         (cfa, bp)
     } else if kind == ROW_GAP {
         // No CFI here: frame-pointer rule.
         if w.bp == 0 {
-            w.status = CUT;
-            return 1;
+            return None;
         }
-        let Some(bp) = read_user(w.bp) else {
-            w.status = CUT;
-            return 1;
-        };
-        (w.bp.wrapping_add(16), bp)
+        (w.bp.wrapping_add(16), read_user(w.bp)?)
+    } else if kind == ROW_PLT {
+        let pushed = if w.ip & 15 >= 11 { 8 } else { 0 };
+        (w.sp.wrapping_add(8 + pushed), w.bp)
+    } else if kind == ROW_SIGNAL {
+        // The interrupted frame, whole, from the signal frame.
+        let ip = read_user(w.sp.wrapping_add(SIGNAL_RIP))?;
+        let sp = read_user(w.sp.wrapping_add(SIGNAL_RSP))?;
+        let bp = read_user(w.sp.wrapping_add(SIGNAL_RBP))?;
+        if ip == 0 {
+            return None;
+        }
+        w.ip = ip;
+        w.sp = sp;
+        w.bp = bp;
+        w.exact = 1;
+        return Some(true);
     } else if kind == ROW_OUTERMOST {
         w.status = COMPLETE;
-        return 1;
+        return Some(false);
     } else {
-        w.status = CUT;
-        return 1;
+        return None;
     };
-    let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
-        w.status = CUT;
-        return 1;
-    };
+    let ra = read_user(cfa.wrapping_sub(8))?;
     if ra == 0 {
         w.status = COMPLETE;
-        return 1;
+        return Some(false);
     }
     // Callers' frames are above: a CFA at or below sp is garbage.
     if cfa <= w.sp {
-        w.status = CUT;
-        return 1;
+        return None;
     }
     w.ip = ra;
     w.sp = cfa;
     w.bp = bp;
-    0
+    Some(true)
 }

@@ -220,13 +220,16 @@ pub struct TraceOptions {
     /// Print what is probed, and where, to standard error.
     #[arg(long, short)]
     pub verbose: bool,
-    /// How allocation stacks are walked: fp (frame pointers) or cfi (the
-    /// .eh_frame unwind tables of every mapped object, for code built
-    /// without frame pointers; costs kernel memory for the tables).
-    #[arg(long, value_enum, default_value_t = UnwindMode::Fp)]
+    /// How allocation stacks are walked: cfi (the default: the .eh_frame
+    /// unwind tables of every mapped object, right for code built without
+    /// frame pointers; costs kernel memory for the tables, which -v shows)
+    /// or fp (frame pointers only: cheaper, but code built without them
+    /// hides its caller).
+    #[arg(long, value_enum, default_value_t = UnwindMode::Cfi)]
     pub unwind: UnwindMode,
     /// With --unwind cfi: unwind rows the kernel side can hold for all
-    /// mapped objects together (8 bytes each, allocated up front).
+    /// mapped objects together (8 bytes each, allocated up front; objects
+    /// that do not fit are walked with frame pointers).
     #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
     pub unwind_rows: u32,
     /// Benchmarking: attach programs that do nothing, at the same addresses.
@@ -375,8 +378,8 @@ pub enum Weight {
 /// How user stacks are walked.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnwindMode {
-    /// Frame pointers, by the kernel (`bpf_get_stack`): cheap, but code
-    /// built without frame pointers hides its caller.
+    /// Frame pointers: cheap, but code built without frame pointers hides
+    /// its caller.
     Fp,
     /// DWARF call frame information (.eh_frame) of every mapped object,
     /// walked in the kernel; frame pointers where an object has none.

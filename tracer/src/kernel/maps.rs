@@ -17,7 +17,7 @@ use aya::{
     Pod,
 };
 use tracer_common::{
-    unwind::{UnwindConfig, UnwindMapping, UnwindRow},
+    unwind::{UnwindProc, UnwindRow},
     AllocKey, AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, SLOT_UNKNOWN,
 };
 
@@ -38,8 +38,7 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const SAMPLE_DRAWS: &str = "SAMPLE_DRAWS";
 pub const SAMPLE_WEIGHTS: &str = "SAMPLE_WEIGHTS";
 pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
-pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
-pub const UNWIND_CONFIG: &str = "UNWIND_CONFIG";
+pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
 pub const MMAP_EVENTS: &str = "MMAP_EVENTS";
 pub const MMAP_STACKS: &str = "MMAP_STACKS";
 pub const MMAP_COUNTERS: &str = "MMAP_COUNTERS";
@@ -382,14 +381,12 @@ impl StatsTable {
 }
 
 /// The CFI unwinder's maps, taken out of the object: `UNWIND_ROWS` mapped
-/// into our memory (rows are appended with one memcpy), the mapping table
-/// in two halves (`UNWIND_MAPPINGS`) and the switch between them
-/// (`UNWIND_CONFIG`).
+/// into our memory (rows are appended with one memcpy) and the per-process
+/// mapping tables (`UNWIND_PROCS`).
 pub struct UnwindTables {
     rows: Mmapped<UnwindRow>,
     _rows_map: MapData,
-    mappings: Array<MapData, UnwindMapping>,
-    config: Array<MapData, UnwindConfig>,
+    procs: aya::maps::HashMap<MapData, u32, UnwindProc>,
 }
 
 impl UnwindTables {
@@ -402,15 +399,12 @@ impl UnwindTables {
         };
         let capacity = max_entries(&rows_map, UNWIND_ROWS)?;
         let rows = Mmapped::new(rows_map.fd().as_fd().as_raw_fd(), capacity, UNWIND_ROWS)?;
-        let mappings = Array::try_from(loaded.take_map(UNWIND_MAPPINGS)?)
-            .map_err(|e| KernelError::map(UNWIND_MAPPINGS, e))?;
-        let config = Array::try_from(loaded.take_map(UNWIND_CONFIG)?)
-            .map_err(|e| KernelError::map(UNWIND_CONFIG, e))?;
+        let procs = aya::maps::HashMap::try_from(loaded.take_map(UNWIND_PROCS)?)
+            .map_err(|e| KernelError::map(UNWIND_PROCS, e))?;
         Ok(UnwindTables {
             rows,
             _rows_map: rows_map,
-            mappings,
-            config,
+            procs,
         })
     }
 
@@ -431,16 +425,16 @@ impl UnwindTables {
         };
     }
 
-    pub fn set_mapping(&mut self, index: u32, mapping: &UnwindMapping) -> Result<()> {
-        self.mappings
-            .set(index, mapping, 0)
-            .map_err(|e| KernelError::map(UNWIND_MAPPINGS, e))
+    /// Replaces process `pid`'s mapping table (one update: a walk sees the
+    /// old table or the new one).
+    pub fn set_process(&mut self, pid: u32, table: &UnwindProc) -> Result<()> {
+        self.procs
+            .insert(pid, table, 0)
+            .map_err(|e| KernelError::map(UNWIND_PROCS, e))
     }
 
-    pub fn set_config(&mut self, config: UnwindConfig) -> Result<()> {
-        self.config
-            .set(0, config, 0)
-            .map_err(|e| KernelError::map(UNWIND_CONFIG, e))
+    pub fn remove_process(&mut self, pid: u32) {
+        let _ = self.procs.remove(&pid);
     }
 }
 

@@ -52,7 +52,7 @@ impl Default for MapSizes {
         MapSizes {
             allocations: 1 << 20,
             stacks: 65536,
-            unwind: UnwindMode::Fp,
+            unwind: UnwindMode::Cfi,
             unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         }
     }
@@ -156,6 +156,8 @@ impl Kernel {
             (maps::STACK_STATS, sizes.stacks + 1 + UNKNOWN_SLOTS),
             (maps::FREE_SLOTS, sizes.stacks),
             (maps::TARGETS, UNKNOWN_SLOTS),
+            // One mapping table per target (not preallocated).
+            (maps::UNWIND_PROCS, UNKNOWN_SLOTS),
             // Frame-pointer mode leaves the CFI tables (allocated up front) empty.
             (
                 maps::UNWIND_ROWS,

@@ -1,17 +1,19 @@
-//! `--unwind cfi`: the unwind tables of what the traced process maps,
-//! published to the eBPF stack walker.
+//! CFI unwinding (the default): the unwind tables of what every traced
+//! process maps, published to the eBPF stack walker.
 //!
 //! Rows of each object (compiled by `target::unwind::cfi`) are appended to
 //! `UNWIND_ROWS` (written through a shared mapping of the array: one
-//! memcpy, no syscall per row) and kept for the whole run, so an object
-//! mapped again reuses them. The process's executable mappings, each with
-//! its load bias and row range, go to `UNWIND_MAPPINGS`: a sorted table in
-//! two halves, the unused one rewritten and then made current in
-//! `UNWIND_CONFIG`.
+//! memcpy, no syscall per row) once per object, by (path, inode), and kept
+//! for the whole run: every process mapping the object points at the same
+//! rows, as the OpenTelemetry eBPF profiler shares its per-executable stack
+//! deltas. Each process's executable mappings, each with its load bias and
+//! row range, go to `UNWIND_PROCS` under its PID, replaced as a whole when
+//! they change.
 //!
-//! `refresh` runs when the probes are attached, when a started command
-//! reaches its entry point (every library it links is mapped then) and on
-//! every housekeeping tick (libraries loaded with dlopen).
+//! A process's table is made when it becomes a target (attach, start, fork,
+//! exec), again when a started command reaches its entry point (every
+//! library it links is mapped then), when a traced process maps code
+//! (`refresh_process`, from the mmap events) and on every housekeeping tick.
 
 use std::{
     collections::HashMap,
@@ -19,7 +21,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tracer_common::unwind::{UnwindConfig, UnwindMapping, MAX_UNWIND_MAPPINGS};
+use tracer_common::unwind::{UnwindMapping, UnwindProc, UnwindRow, MAX_UNWIND_MAPPINGS};
 
 use super::{maps::UnwindTables, Kernel};
 use crate::target::{
@@ -37,26 +39,48 @@ struct ObjectTable {
     segments: Segments,
 }
 
-/// Sizes, for `-v` and the measurements.
-#[derive(Clone, Copy, Debug, Default)]
+/// Sizes, for `-v`, the report and the measurements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindStats {
+    /// Objects with rows, shared by every process that maps them.
     pub objects: usize,
     pub rows: u32,
     pub row_capacity: u32,
+    /// Processes with a mapping table, and their mappings in all.
+    pub processes: usize,
     pub mappings: usize,
-    /// Objects whose rows did not fit or could not be compiled.
+    /// Objects whose rows did not fit or could not be compiled (walked with
+    /// frame pointers).
     pub failed: usize,
 }
 
-pub struct Unwinder {
+impl UnwindStats {
+    /// Bytes of kernel memory the tables take: the rows array (allocated
+    /// whole at load) and one mapping table per process.
+    pub fn bytes(&self) -> u64 {
+        self.row_capacity as u64 * size_of::<UnwindRow>() as u64
+            + self.processes as u64 * size_of::<UnwindProc>() as u64
+    }
+
+    /// Bytes of rows in use.
+    pub fn rows_bytes(&self) -> u64 {
+        self.rows as u64 * size_of::<UnwindRow>() as u64
+    }
+}
+
+/// A traced process and the mapping table last published for it.
+struct Traced {
     process: Process,
+    current: Vec<UnwindMapping>,
+}
+
+pub struct Unwinder {
     tables: UnwindTables,
     next_row: u32,
     /// By (path, inode): None when the object has no usable CFI.
     objects: HashMap<(String, u64), Option<ObjectTable>>,
-    current: Vec<UnwindMapping>,
-    half: u32,
-    pub stats: UnwindStats,
+    processes: HashMap<u32, Traced>,
+    failed: usize,
     verbose: bool,
 }
 
@@ -64,21 +88,15 @@ pub type SharedUnwinder = Arc<Mutex<Unwinder>>;
 
 impl Unwinder {
     /// Takes the unwind maps out of `kernel`'s object (the programs keep
-    /// using them) for `process`.
-    pub fn new(kernel: &mut Kernel, process: Process, verbose: bool) -> Result<Self> {
+    /// using them).
+    pub fn new(kernel: &mut Kernel, verbose: bool) -> Result<Self> {
         let tables = UnwindTables::take(kernel.loaded_mut())?;
-        let capacity = tables.row_capacity();
         Ok(Unwinder {
-            process,
             tables,
             next_row: 0,
             objects: HashMap::new(),
-            current: Vec::new(),
-            half: 1,
-            stats: UnwindStats {
-                row_capacity: capacity,
-                ..Default::default()
-            },
+            processes: HashMap::new(),
+            failed: 0,
             verbose,
         })
     }
@@ -87,14 +105,95 @@ impl Unwinder {
         Arc::new(Mutex::new(self))
     }
 
-    /// Re-reads the process's mappings; compiles tables for new objects and
-    /// publishes a new mapping table if anything changed.
-    pub fn refresh(&mut self) -> Result<()> {
-        let maps = self.process.maps()?;
-        self.refresh_with(&maps)
+    pub fn stats(&self) -> UnwindStats {
+        UnwindStats {
+            objects: self.objects.values().filter(|o| o.is_some()).count(),
+            rows: self.next_row,
+            row_capacity: self.tables.row_capacity(),
+            processes: self.processes.len(),
+            mappings: self.processes.values().map(|t| t.current.len()).sum(),
+            failed: self.failed,
+        }
     }
 
-    pub fn refresh_with(&mut self, maps: &[Mapping]) -> Result<()> {
+    /// Starts walking `process` with CFI: publishes the table of what it
+    /// maps now. A forked child (`parent` traced, same program) gets its
+    /// parent's table at once, before its maps are read.
+    pub fn add(&mut self, process: &Process, parent: Option<u32>) -> Result<()> {
+        let pid = process.pid;
+        let inherited = parent
+            .and_then(|p| self.processes.get(&p))
+            .map(|t| t.current.clone());
+        if let Some(table) = inherited.filter(|t| !t.is_empty()) {
+            self.publish(pid, &table)?;
+            self.processes.insert(
+                pid,
+                Traced {
+                    process: process.clone(),
+                    current: table,
+                },
+            );
+        } else {
+            self.processes.insert(
+                pid,
+                Traced {
+                    process: process.clone(),
+                    current: Vec::new(),
+                },
+            );
+        }
+        self.refresh_process(pid)
+    }
+
+    /// Forgets process `pid` (ended or replaced by an exec, which `add`
+    /// follows).
+    pub fn remove(&mut self, pid: u32) {
+        if self.processes.remove(&pid).is_some() {
+            self.tables.remove_process(pid);
+        }
+    }
+
+    /// Re-reads every process's mappings.
+    pub fn refresh(&mut self) -> Result<()> {
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        let mut first_error = None;
+        for pid in pids {
+            if let Err(e) = self.refresh_process(pid) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Re-reads process `pid`'s mappings; compiles tables for new objects
+    /// and publishes a new mapping table if anything changed.
+    pub fn refresh_process(&mut self, pid: u32) -> Result<()> {
+        let Some(traced) = self.processes.get(&pid) else {
+            return Ok(());
+        };
+        let process = traced.process.clone();
+        let maps = process.maps()?;
+        let table = self.table_for(&process, &maps);
+        if self.processes.get(&pid).map(|t| &t.current) == Some(&table) {
+            return Ok(());
+        }
+        self.publish(pid, &table)?;
+        if let Some(traced) = self.processes.get_mut(&pid) {
+            traced.current = table;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, pid: u32, table: &[UnwindMapping]) -> Result<()> {
+        let mut value = Box::<UnwindProc>::default();
+        value.count = table.len() as u32;
+        value.mappings[..table.len()].copy_from_slice(table);
+        self.tables.set_process(pid, &value)?;
+        Ok(())
+    }
+
+    /// The sorted mapping table of `maps`, compiling objects not seen yet.
+    fn table_for(&mut self, process: &Process, maps: &[Mapping]) -> Vec<UnwindMapping> {
         let mut table = Vec::new();
         for m in maps {
             if !m.executable || !m.is_file() {
@@ -103,7 +202,7 @@ impl Unwinder {
             let Some(path) = m.file_path() else { continue };
             let key = (path.to_string(), m.inode);
             if !self.objects.contains_key(&key) {
-                let object = self.load_object(m, path);
+                let object = self.load_object(process, m, path);
                 self.objects.insert(key.clone(), object);
             }
             let Some(object) = self.objects[&key].as_ref() else {
@@ -122,36 +221,18 @@ impl Unwinder {
         }
         table.sort_by_key(|m| m.start);
         table.truncate(MAX_UNWIND_MAPPINGS as usize);
-        if table == self.current {
-            return Ok(());
-        }
-        let half = self.half ^ 1;
-        for (i, m) in table.iter().enumerate() {
-            self.tables
-                .set_mapping(half * MAX_UNWIND_MAPPINGS + i as u32, m)?;
-        }
-        let config = UnwindConfig {
-            pid: self.process.pid,
-            half,
-            count: table.len() as u32,
-            _pad: 0,
-        };
-        self.tables.set_config(config)?;
-        self.half = half;
-        self.stats.mappings = table.len();
-        self.current = table;
-        Ok(())
+        table
     }
 
     /// Compiles an object's rows into `UNWIND_ROWS`; None if it has no
     /// usable CFI or the rows do not fit (its frames then use frame pointers).
-    fn load_object(&mut self, m: &Mapping, path: &str) -> Option<ObjectTable> {
-        let data = crate::target::tasks::mapped_file(&self.process, m, path)?;
+    fn load_object(&mut self, process: &Process, m: &Mapping, path: &str) -> Option<ObjectTable> {
+        let data = crate::target::tasks::mapped_file(process, m, path)?;
         let segments = segments(&data)?;
         let (rows, stats) = match cfi::compile(&data) {
             Ok(r) => r,
             Err(e) => {
-                self.stats.failed += 1;
+                self.failed += 1;
                 if self.verbose {
                     eprintln!("tracer: no unwind table for {path}: {e}");
                 }
@@ -161,7 +242,7 @@ impl Unwinder {
         let count = rows.len() as u32;
         let capacity = self.tables.row_capacity();
         if count > capacity - self.next_row {
-            self.stats.failed += 1;
+            self.failed += 1;
             eprintln!(
                 "tracer: unwind rows full ({} of {}); {path} is walked with frame pointers \
                  (raise --unwind-rows)",
@@ -172,8 +253,6 @@ impl Unwinder {
         let start = self.next_row;
         self.tables.write_rows(start, &rows);
         self.next_row += count;
-        self.stats.objects += 1;
-        self.stats.rows = self.next_row;
         if self.verbose {
             eprintln!(
                 "tracer: unwind table for {path}: {} FDEs, {count} rows ({} unsupported)",

@@ -79,7 +79,8 @@ pub struct LiveTrace<K = Kernel> {
     /// exec'ed is listed once per program, the replaced ones not running.
     pub processes: Vec<Target>,
     pub probe_options: ProbeOptions,
-    /// `--unwind cfi`: the kernel side's unwind tables (first process only).
+    /// CFI unwinding (the default): the unwind tables of every traced
+    /// process, shared by object.
     pub unwinder: Option<SharedUnwinder>,
     /// The mmap family, when its tracepoints could be attached.
     pub mappings: Option<Mutex<MappingTrace>>,
@@ -190,11 +191,13 @@ impl<K: KernelOps> LiveTrace<K> {
             // Still the same program: not exec'ed since the fork.
             .filter(|t| same_program(t.info.pid, pid))
             .map(|t| t.objects.clone());
+        let same_as_parent = inherited.is_some();
         let objects = match inherited {
             Some(objects) => objects,
             None => self.locate_new_program(&process)?,
         };
-        match self.trace_program(process, parent, objects) {
+        let unwind_parent = parent.filter(|_| same_as_parent);
+        match self.trace_program(process, parent, unwind_parent, objects) {
             Ok(command) => {
                 if self.probe_options.verbose {
                     eprintln!("tracer: tracing PID {pid} ({command})");
@@ -226,7 +229,7 @@ impl<K: KernelOps> LiveTrace<K> {
         let dropped = self.kernel.drop_blocks(pid, at_ns, rate)?;
         let process = wait_out_of_execve(pid)?;
         let objects = self.locate_new_program(&process)?;
-        let command = self.trace_program(process, parent, objects)?;
+        let command = self.trace_program(process, parent, None, objects)?;
         // Listed as replaced once the new program is listed: an exec that
         // cannot be followed leaves the process as it was, to be ended.
         if let Some(i) = old {
@@ -244,14 +247,24 @@ impl<K: KernelOps> LiveTrace<K> {
     /// Traces a program (a process's, from its start or its exec): makes
     /// the process a target, attaches what `objects` it does not have yet,
     /// follows its mappings and lists it. Returns its command line.
+    /// `unwind_parent`: a forked parent running the same program, whose
+    /// unwind table the child starts with.
     fn trace_program(
         &mut self,
         process: Process,
         parent: Option<u32>,
+        unwind_parent: Option<u32>,
         objects: Vec<AllocatorObject>,
     ) -> Result<String> {
         let pid = process.pid;
         self.kernel.add_target(pid)?;
+        if let Some(unwinder) = &self.unwinder {
+            // Before the probes: its first allocations are walked with it.
+            let mut unwinder = unwinder.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = unwinder.add(&process, unwind_parent) {
+                log::debug!("unwind table of PID {pid}: {e:#}");
+            }
+        }
         for object in &objects {
             if !self.kernel.is_attached(object, pid) {
                 self.attach_soon(object, &process)?;
@@ -286,6 +299,9 @@ impl<K: KernelOps> LiveTrace<K> {
         }
         self.kernel.remove_target(pid);
         self.kernel.detach_process(pid);
+        if let Some(unwinder) = &self.unwinder {
+            unwinder.lock().unwrap_or_else(|e| e.into_inner()).remove(pid);
+        }
         self.sync_run();
     }
 
@@ -375,7 +391,7 @@ impl<K: KernelOps> LiveTrace<K> {
             }
         }
         if let Some(unwinder) = &self.unwinder {
-            if let Err(e) = unwinder.lock().unwrap().refresh() {
+            if let Err(e) = unwinder.lock().unwrap_or_else(|e| e.into_inner()).refresh() {
                 log::debug!("refreshing unwind tables: {e:#}");
             }
         }

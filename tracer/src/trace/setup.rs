@@ -111,9 +111,6 @@ pub fn attach(
     let started = std::time::Instant::now();
     crate::kernel::privileges::check()?;
     let pids = resolve_targets(targets)?;
-    if options.unwind == crate::target::unwind::UnwindMode::Cfi && pids.len() > 1 {
-        bail!("--unwind cfi traces one process; give one --pid");
-    }
     // Every process is checked before anything is attached.
     let mut found = Vec::new();
     for &pid in &pids {
@@ -162,7 +159,8 @@ pub fn attach(
         }
         Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
-    let unwinder = unwinder(&mut kernel, &processes[0].process, options)?;
+    let all: Vec<&Process> = processes.iter().map(|t| &t.process).collect();
+    let unwinder = unwinder(&mut kernel, &all, options)?;
     // The mmap tracepoints too, before saying so: "attached" means all of it.
     let mappings = start_mappings(&mut kernel, &processes[0].process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
@@ -233,7 +231,7 @@ pub fn start(
     };
     let processes = vec![Target::new(process.clone(), info, objects)];
     let run = run_info(&processes, min_age);
-    let unwinder = unwinder(&mut kernel, &process, options)?;
+    let unwinder = unwinder(&mut kernel, &[&process], options)?;
     let mappings = start_mappings(&mut kernel, &process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
         .with_unwinder(unwinder.clone());
@@ -242,7 +240,11 @@ pub fn start(
         // libraries' tables are added when the program reaches its entry
         // point, before any of its own code runs.
         Some(unwinder) => child.release_with_entry_hook(Box::new(move || {
-            if let Err(e) = unwinder.lock().unwrap().refresh() {
+            if let Err(e) = unwinder
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh_process(pid)
+            {
                 log::warn!("unwind tables at entry: {e:#}");
             }
         })),
@@ -251,19 +253,37 @@ pub fn start(
     Ok((trace, TargetWatch::Child(child)))
 }
 
-/// With `--unwind cfi`: the unwind tables of what the process has mapped.
+/// CFI unwinding (the default): the unwind tables of what the processes
+/// have mapped, from before their probes fire.
 fn unwinder(
     kernel: &mut Kernel,
-    process: &Process,
+    processes: &[&Process],
     options: &TraceConfig,
 ) -> Result<Option<SharedUnwinder>> {
-    if options.unwind != crate::target::unwind::UnwindMode::Cfi {
+    if options.unwind != crate::target::unwind::UnwindMode::Cfi || options.no_stacks {
         return Ok(None);
     }
-    let mut unwinder =
-        crate::kernel::unwind::Unwinder::new(kernel, process.clone(), options.verbose)?;
-    unwinder.refresh().context("unwind tables")?;
+    let mut unwinder = crate::kernel::unwind::Unwinder::new(kernel, options.verbose)?;
+    for process in processes {
+        unwinder.add(process, None).context("unwind tables")?;
+    }
+    if options.verbose {
+        describe_unwinding(&unwinder.stats());
+    }
     Ok(Some(unwinder.shared()))
+}
+
+/// `-v`: which walk is used and what its tables take.
+fn describe_unwinding(stats: &crate::kernel::unwind::UnwindStats) {
+    eprintln!(
+        "tracer: stack walk: CFI (.eh_frame rows, frame pointers where an object has none); \
+         tables: {} objects, {} rows ({:.1} MiB used of {:.1} MiB), {} processes",
+        stats.objects,
+        stats.rows,
+        stats.rows_bytes() as f64 / (1 << 20) as f64,
+        stats.bytes() as f64 / (1 << 20) as f64,
+        stats.processes
+    );
 }
 
 /// Follows the mmap family of `first` (and the other processes, which

@@ -1,4 +1,4 @@
-//! Unwind tables for `--unwind cfi`: for every executable object, `cfi`
+//! Unwind tables for CFI unwinding (the default): for every executable object, `cfi`
 //! compiles its `.eh_frame` into compact rows, and `bias` places an object's
 //! addresses in a process. `kernel::unwind` hands them to the eBPF stack
 //! walker.
@@ -12,12 +12,12 @@ use crate::target::memory_map::Mapping;
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnwindMode {
-    /// Frame pointers, by the kernel (`bpf_get_stack`): cheap, but code
-    /// built without frame pointers hides its caller.
-    #[default]
+    /// Frame pointers: cheap, but code built without frame pointers hides
+    /// its caller.
     Fp,
     /// DWARF call frame information (.eh_frame) of every mapped object,
     /// walked in the kernel; frame pointers where an object has none.
+    #[default]
     Cfi,
 }
 
