@@ -232,6 +232,10 @@ pub enum Counter {
     InFlightFull = 7,
     /// Allocations that failed (returned NULL); not recorded.
     FailedAllocs = 8,
+    /// Allocations whose stack was walked to its outermost frame (`_start`,
+    /// a thread's start): whole stacks. Against `Allocs`, the share of
+    /// stacks that were not cut short.
+    WholeStacks = 9,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;

@@ -100,6 +100,9 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     // A CFI walk that stopped before the outermost frame was cut (no rule,
     // unreadable memory); a frame-pointer walk cannot tell a cut from an end.
     buf.truncated = (len == MAX_FRAMES || (cfi && !outermost)) as u64;
+    if outermost {
+        count(Counter::WholeStacks);
+    }
 
     let hash = hash_frames(buf, len, tgid);
     // Preempted by another program that used the buffer: the frames and the

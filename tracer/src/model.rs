@@ -16,6 +16,16 @@ pub struct Counters {
     pub missed_frees: u64,
     pub in_flight_full: u64,
     pub failed_allocs: u64,
+    /// Allocations whose stack reached its outermost frame.
+    pub whole_stacks: u64,
+}
+
+impl Counters {
+    /// The share of allocations whose stacks reached an outermost frame
+    /// (None before the first allocation): how far stacks can be trusted.
+    pub fn whole_stack_share(&self) -> Option<f64> {
+        (self.allocs > 0).then(|| (self.whole_stacks as f64 / self.allocs as f64).min(1.0))
+    }
 }
 
 /// Outstanding memory of one call stack.

@@ -34,10 +34,11 @@ pub fn counters(loaded: &Loaded) -> Result<Counters> {
         MissedFrees,
         InFlightFull,
         FailedAllocs,
+        WholeStacks,
     ];
     let indices = order.map(|c| c as u32);
     let sums = maps::counter_sums(loaded, maps::COUNTERS, &indices)?;
-    let [allocs, frees, unknown_frees, alloc_map_full, stack_lost, stack_stats_full, missed_frees, in_flight_full, failed_allocs] =
+    let [allocs, frees, unknown_frees, alloc_map_full, stack_lost, stack_stats_full, missed_frees, in_flight_full, failed_allocs, whole_stacks] =
         sums[..]
     else {
         unreachable!("one sum per index");
@@ -52,6 +53,7 @@ pub fn counters(loaded: &Loaded) -> Result<Counters> {
         missed_frees,
         in_flight_full,
         failed_allocs,
+        whole_stacks,
     })
 }
 

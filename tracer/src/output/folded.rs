@@ -121,6 +121,7 @@ pub(crate) mod tests {
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
             mappings: Default::default(),
+            unwinding: Default::default(),
             totals: Totals {
                 bytes: 1300,
                 allocations: 6,

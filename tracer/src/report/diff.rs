@@ -212,6 +212,7 @@ pub(crate) mod tests {
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
             mappings: Default::default(),
+            unwinding: Default::default(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

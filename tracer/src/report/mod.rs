@@ -43,6 +43,27 @@ pub struct Report {
     /// `--follow-forks`), the first one `pid`; each stack names its own.
     #[serde(default)]
     pub processes: Vec<ProcessReport>,
+    /// How stacks were walked, how many were whole, what the unwind tables
+    /// take.
+    #[serde(default)]
+    pub unwinding: UnwindingReport,
+}
+
+/// Stack quality and the cost of CFI unwinding.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct UnwindingReport {
+    /// "cfi" (the default) or "fp".
+    pub mode: String,
+    /// Share of allocations whose stacks reached an outermost frame
+    /// (`_start`, a thread's start), 0 to 1; null before any allocation.
+    /// Lower means stacks were cut (code without CFI or frame pointers).
+    pub whole_stacks: Option<f64>,
+    /// Kernel memory the unwind tables take (rows allocated at load, plus
+    /// one mapping table per process), and the rows in use.
+    pub tables_bytes: u64,
+    pub rows_bytes_used: u64,
+    /// Objects with unwind rows (each compiled once, shared by processes).
+    pub objects: usize,
 }
 
 /// One traced process: its share of the totals, and what became of it.
@@ -314,6 +335,10 @@ fn build_from(
         events: events(run, c),
         mappings: MappingsReport::default(),
         processes: process_reports(run, snapshot),
+        unwinding: UnwindingReport {
+            whole_stacks: c.whole_stack_share().map(|s| (s * 1e4).round() / 1e4),
+            ..Default::default()
+        },
     }
 }
 

@@ -68,7 +68,23 @@ impl LiveTrace<Kernel> {
         let run = self.run.clone();
         let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
         report.mappings = self.mappings_report(snapshot.taken_ns, top);
+        self.describe_unwinding(&mut report.unwinding);
         report
+    }
+
+    /// The walk used and what its tables take (stack quality comes from the
+    /// counters, in `report::build`).
+    fn describe_unwinding(&self, unwinding: &mut report::UnwindingReport) {
+        match &self.unwinder {
+            Some(unwinder) => {
+                let stats = unwinder.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                unwinding.mode = "cfi".into();
+                unwinding.tables_bytes = stats.bytes();
+                unwinding.rows_bytes_used = stats.rows_bytes();
+                unwinding.objects = stats.objects;
+            }
+            None => unwinding.mode = "fp".into(),
+        }
     }
 
     /// The mappings section: outstanding anonymous mappings per stack.
@@ -104,6 +120,8 @@ impl LiveTrace<Kernel> {
     pub fn report_every_stack(&mut self, snapshot: &Snapshot) -> Report {
         self.refresh_states();
         let run = self.run.clone();
-        report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
+        let mut report = report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id));
+        self.describe_unwinding(&mut report.unwinding);
+        report
     }
 }

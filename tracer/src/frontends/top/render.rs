@@ -142,9 +142,23 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     if !view.filter.is_empty() {
         arrangement.push_str(&format!("   filter: {}", view.filter));
     }
+    // Stack quality: how many allocations' stacks reached their outermost
+    // frame; a low share means cut stacks (code without CFI or frame
+    // pointers), so labels may name too little.
+    let whole = match snapshot.counters.whole_stack_share() {
+        Some(share) => {
+            let style = if share < 0.9 {
+                Style::new().fg(Color::Yellow)
+            } else {
+                Style::new()
+            };
+            Span::styled(format!("   stacks whole {:.0}%", share * 100.0), style)
+        }
+        None => Span::raw("   stacks whole -"),
+    };
     let mut lines = vec![
         Line::from(title),
-        Line::from(vec![Span::raw(rss), Span::raw(held)]),
+        Line::from(vec![Span::raw(rss), Span::raw(held), whole]),
         Line::from(vec![Span::raw(rates), dropped_span]),
         Line::from(arrangement),
     ];

@@ -3,10 +3,13 @@
 //!
 //! For x86_64 the walker needs three rules per address: the CFA (rsp or
 //! rbp plus an offset), the return address (always CFA - 8 in practice) and
-//! the caller's rbp (unchanged, or saved at CFA + offset). Anything else —
-//! DWARF expressions (PLT entries, signal trampolines), a CFA on another
-//! register, offsets that do not fit — becomes `ROW_UNSUPPORTED`, where the
-//! walk stops and the stack is marked truncated.
+//! the caller's rbp (unchanged, or saved at CFA + offset). Two DWARF
+//! expressions are common enough to have rows of their own: PLT stubs
+//! (`ROW_PLT`) and signal trampolines such as `__restore_rt` (`ROW_SIGNAL`,
+//! FDEs with the 'S' augmentation). Anything else — other expressions, a
+//! CFA on another register, offsets that do not fit — becomes
+//! `ROW_UNSUPPORTED`, where the walk stops and the stack is marked
+//! truncated.
 
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext,
@@ -14,7 +17,8 @@ use gimli::{
 };
 use object::{Object, ObjectSection};
 use tracer_common::unwind::{
-    UnwindRow, ROW_CFA_RBP, ROW_CFA_RSP, ROW_GAP, ROW_OUTERMOST, ROW_UNSUPPORTED,
+    UnwindRow, ROW_CFA_RBP, ROW_CFA_RSP, ROW_GAP, ROW_OUTERMOST, ROW_PLT, ROW_SIGNAL,
+    ROW_UNSUPPORTED,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,12 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
     if let Some(got) = file.section_by_name(".got") {
         bases = bases.set_got(got.address());
     }
+    // PLT stubs: their CFA is an expression of rip (16-byte entries).
+    let plt: Vec<(u64, u64)> = file
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
     let mut eh_frame = EhFrame::new(section_data, LittleEndian);
     eh_frame.set_address_size(8);
 
@@ -79,12 +89,22 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
             return Err(CfiError::TooHigh);
         }
         stats.fdes += 1;
+        let signal = fde.is_signal_trampoline();
+        let in_plt = plt
+            .iter()
+            .any(|&(start, end)| start <= fde.initial_address() && fde.initial_address() < end);
         let mut table = fde.rows(&eh_frame, &bases, &mut ctx)?;
         while let Some(row) = table.next_row()? {
             if row.start_address() >= row.end_address() {
                 continue;
             }
-            let compact = convert(row);
+            let compact = if signal {
+                special(ROW_SIGNAL)
+            } else if in_plt && matches!(row.cfa(), CfaRule::Expression(_)) {
+                special(ROW_PLT)
+            } else {
+                convert(row)
+            };
             if compact.kind == ROW_UNSUPPORTED {
                 stats.unsupported += 1;
             }
@@ -131,6 +151,14 @@ pub fn normalize(mut rows: Vec<UnwindRow>) -> Vec<UnwindRow> {
         .unwrap_or(out.len());
     out.drain(..first);
     out
+}
+
+/// A row whose rule the walker knows by its kind alone.
+fn special(kind: u8) -> UnwindRow {
+    UnwindRow {
+        kind,
+        ..Default::default()
+    }
 }
 
 fn convert<T: gimli::ReaderOffset>(row: &gimli::UnwindTableRow<T>) -> UnwindRow {
@@ -255,6 +283,21 @@ mod tests {
             start_rows >= 1,
             "clone/clone3 mark the return address undefined"
         );
+        // Signal handlers return through __restore_rt (a local symbol,
+        // stripped), whose FDE has the 'S' augmentation.
+        let signal: Vec<_> = rows.iter().filter(|r| r.kind == ROW_SIGNAL).collect();
+        assert_eq!(signal.len(), 1, "one signal trampoline");
+    }
+
+    #[test]
+    fn plt_stubs_have_their_own_rows() {
+        let data = std::fs::read("/usr/lib/x86_64-linux-gnu/libstdc++.so.6").expect("libstdc++");
+        let (rows, _) = compile(&data).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let plt = file.section_by_name(".plt").expect("a .plt");
+        // Past PLT0 (which has its own rule), an entry.
+        let entry = lookup(&rows, plt.address() as u32 + 0x20).unwrap();
+        assert_eq!(entry.kind, ROW_PLT);
     }
 
     #[test]
