@@ -90,6 +90,15 @@ fn main() {
         .arg(dir.join("nofp.cpp"))
         .arg("-o")
         .arg(out.join("nofp_cpp")));
+    // The attach and fork fixtures too: CFI in attach mode and across forks.
+    for name in ["attach", "forks"] {
+        run(Command::new("gcc")
+            .args(nofp)
+            .arg(dir.join(format!("{name}.c")))
+            .arg("-o")
+            .arg(out.join(format!("{name}_c_nofp")))
+            .arg("-lpthread"));
+    }
     // A plugin loaded with dlopen after attach, and its host.
     run(Command::new("gcc")
         .args(nofp)

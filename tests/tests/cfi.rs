@@ -1,18 +1,19 @@
-//! `--unwind cfi`: fixtures built without frame pointers (-O2
-//! -fomit-frame-pointer, Debian's libc and libstdc++, a Rust binary without
-//! forced frame pointers) must have each leak reported under the right
-//! function with the exact bytes, and their stacks must be whole.
+//! CFI unwinding, the default mode: fixtures built without frame pointers
+//! (-O2 -fomit-frame-pointer, Debian's libc and libstdc++, a Rust binary
+//! without forced frame pointers) must have each leak reported under the
+//! right function with the exact bytes, and their stacks must be whole, in
+//! run mode, attach mode and across forks and execs.
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tracer_tests::*;
 
-fn check(name: &str, churn: &[&str]) -> Value {
-    let (report, sites) = trace_exact(name, &["--unwind", "cfi"], &[], churn);
-    let sites: Vec<&str> = sites.iter().map(String::as_str).collect();
-    // Every leak's stack was unwound to the outermost frame.
+/// Every stack holding one of `sites` was unwound to the outermost frame.
+fn assert_whole(report: &Value, sites: &[&str]) {
     for stack in report["stacks"].as_array().unwrap() {
         let functions = frame_functions(stack);
-        if site_of(&functions, &sites).is_some() {
+        if site_of(&functions, sites).is_some() {
             assert_eq!(stack["truncated"], false, "{stack:#}");
             assert!(
                 functions.iter().any(|f| f == "main"),
@@ -20,6 +21,21 @@ fn check(name: &str, churn: &[&str]) -> Value {
             );
         }
     }
+}
+
+/// In the default mode (no --unwind option).
+fn check(name: &str, churn: &[&str]) -> Value {
+    let (report, sites) = trace_exact(name, &[], &[], churn);
+    let sites: Vec<&str> = sites.iter().map(String::as_str).collect();
+    assert_whole(&report, &sites);
+    // The report says how stacks were walked, how many were whole and
+    // what the tables take.
+    let unwinding = &report["unwinding"];
+    assert_eq!(unwinding["mode"], "cfi", "{unwinding:#}");
+    let whole = unwinding["whole_stacks"].as_f64().unwrap();
+    assert!(whole > 0.95, "{unwinding:#}");
+    assert!(unwinding["tables_bytes"].as_u64().unwrap() > 0);
+    assert!(unwinding["objects"].as_u64().unwrap() >= 2, "{unwinding:#}");
     report
 }
 
@@ -39,6 +55,97 @@ fn c_without_frame_pointers() {
     let functions = frame_functions(stack);
     let at = functions.iter().position(|f| f.contains("strdup")).unwrap();
     assert_eq!(functions[at + 1], "leak_strdup", "{functions:?}");
+    // Through the signal frame (__restore_rt) into the interrupted code.
+    let stack = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| site_of(&frame_functions(s), &["leak_in_signal"]).is_some())
+        .expect("the signal handler's stack");
+    let functions = frame_functions(stack);
+    assert!(
+        functions.iter().any(|f| f == "interrupted"),
+        "the interrupted function: {functions:?}"
+    );
+}
+
+/// Attach mode: a running program built without frame pointers.
+#[test]
+fn attach_without_frame_pointers() {
+    require_root();
+    let mut fixture = Fixture::start(fixture("attach_c_nofp"), &[]);
+    let mut tracer = TracerCmd::new("report")
+        .pid(fixture.pid())
+        .args(["--format", "json", "--top", "0", "-v"])
+        .spawn();
+    let said = tracer.wait_for("attached to PID");
+    assert!(said.contains("stack walk: CFI"), "{said}");
+    let said = fixture.go();
+    fixture.close_stdin();
+    let report = tracer.finish().json();
+    fixture.finish();
+    let expected = expectations(&said);
+    let found = report_by_site(&report, &["leak_after_attach", "churn_after_attach"]);
+    assert_eq!(
+        found.get("leak_after_attach"),
+        expected.get("leak_after_attach"),
+        "{report:#}"
+    );
+    assert_eq!(found.get("churn_after_attach"), None);
+    assert_whole(&report, &["leak_after_attach"]);
+}
+
+const FORK_SITES: &[&str] = &[
+    "leak_in_parent",
+    "leak_in_child",
+    "leak_before_exec",
+    "leak_after_exec",
+    "churn",
+];
+
+/// Site -> (bytes, blocks) of the stacks of process `pid` only.
+fn sites_of(report: &Value, pid: u64) -> BTreeMap<String, (u64, u64)> {
+    let stacks: Vec<Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["pid"].as_u64() == Some(pid))
+        .cloned()
+        .collect();
+    report_by_site(&serde_json::json!({ "stacks": stacks }), FORK_SITES)
+}
+
+/// `--follow-forks`: each process (a forked child, one that exec'ed) has
+/// its own table from its first allocation on, sharing the objects' rows.
+#[test]
+fn forks_and_execs_without_frame_pointers() {
+    require_root();
+    let (report, stdout, _) = trace_run(
+        &[fixture("forks_c_nofp").to_str().unwrap()],
+        &["--follow-forks"],
+    );
+    assert!(stdout.contains("DONE"));
+    let parent = report["pid"].as_u64().unwrap();
+    let children: std::collections::BTreeSet<u64> = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["parent"].as_u64() == Some(parent))
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    let children: Vec<u64> = children.into_iter().collect();
+    assert_eq!(children.len(), 2, "{report:#}");
+    let expect = [
+        (parent, "leak_in_parent", (400, 4)),
+        (children[0], "leak_in_child", (2000, 2)),
+        (children[1], "leak_after_exec", (1500, 3)),
+    ];
+    for (pid, site, want) in expect {
+        let sites = sites_of(&report, pid);
+        assert_eq!(sites.get(site), Some(&want), "{site}: {report:#}");
+        assert_eq!(sites.len(), 1, "{sites:?}");
+    }
+    assert_whole(&report, FORK_SITES);
 }
 
 #[test]
@@ -88,10 +195,7 @@ fn a_library_loaded_later_with_dlopen() {
     require_root();
     let host = fixture("dlopen_c");
     let plugin = fixture("libplugin.so");
-    let (report, stdout, _) = trace_run(
-        &[host.to_str().unwrap(), plugin.to_str().unwrap()],
-        &["--unwind", "cfi"],
-    );
+    let (report, stdout, _) = trace_run(&[host.to_str().unwrap(), plugin.to_str().unwrap()], &[]);
     assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
     let expected = expectations(&stdout);
     let found = report_by_site(&report, &["plugin_alloc"]);

@@ -342,7 +342,9 @@ pub struct MmapEvent {
 pub struct MmapCall {
     /// `MmapKind` of the syscall (Map for every mmap).
     pub kind: u32,
-    pub _pad: u32,
+    /// mmap's protection (PROT_EXEC of a file: code, which the CFI unwinder
+    /// needs a table for).
+    pub prot: u32,
     pub addr: u64,
     pub len: u64,
     /// mremap's new length.

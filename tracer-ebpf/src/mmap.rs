@@ -34,6 +34,7 @@ const MAP_SHARED: u64 = 0x01;
 const MAP_PRIVATE: u64 = 0x02;
 const MAP_FIXED: u64 = 0x10;
 const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_EXEC: u64 = 0x4;
 
 /// Offsets in the syscall tracepoints' records (see their `format` files):
 /// the arguments start at 16, one 8-byte slot each; `ret` is at 16.
@@ -86,7 +87,7 @@ fn begin(kind: MmapKind, addr: u64, len: u64, new_len: u64, flags: u64) {
     };
     let call = MmapCall {
         kind: kind as u32,
-        _pad: 0,
+        prot: 0,
         addr,
         len,
         new_len,
@@ -115,12 +116,23 @@ fn emit(event: &MmapEvent) {
 #[tracepoint]
 pub fn mmap_enter(ctx: TracePointContext) -> u32 {
     let flags = arg(&ctx, 3);
+    let prot = arg(&ctx, 2);
+    // Code mapped from a file (a library being loaded): the CFI unwinder
+    // is told at the exit.
+    let code = prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0;
     // A mapping that is neither anonymous nor fixed changes nothing tracked:
     // it cannot overlap an existing one.
-    if flags & (MAP_ANONYMOUS | MAP_FIXED) == 0 || flags & (MAP_SHARED | MAP_PRIVATE) == 0 {
+    if !code
+        && (flags & (MAP_ANONYMOUS | MAP_FIXED) == 0 || flags & (MAP_SHARED | MAP_PRIVATE) == 0)
+    {
         return 0;
     }
     begin(MmapKind::Map, arg(&ctx, 0), arg(&ctx, 1), 0, flags);
+    if code {
+        if let Some(call) = MMAP_IN_FLIGHT.get_ptr_mut(bpf_get_current_pid_tgid()) {
+            unsafe { (*call).prot = prot as u32 };
+        }
+    }
     0
 }
 
@@ -152,6 +164,9 @@ pub fn mmap_exit(ctx: TracePointContext) -> u32 {
         event.stack_id = capture(&ctx);
     }
     emit(&event);
+    if call.prot as u64 & PROT_EXEC != 0 {
+        crate::unwind::code_mapped(event.tgid);
+    }
     0
 }
 

@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{pt_regs, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     unwind::{
@@ -43,6 +43,21 @@ pub static UNWIND_ROWS: Array<UnwindRow> =
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProc> =
     HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// PIDs (as u64) of traced processes that just mapped code from a file:
+/// userspace adds the object to their table at once, rather than at its
+/// next look.
+#[map]
+pub static UNWIND_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
+
+/// A traced process mapped code (mmap's exit, tracer-ebpf/src/mmap.rs).
+#[inline(always)]
+pub fn code_mapped(tgid: u32) {
+    if enabled() {
+        // Lost when full: the housekeeping tick catches up.
+        let _ = UNWIND_EVENTS.output::<u64>(&(tgid as u64), 0);
+    }
+}
 
 const RUNNING: u32 = 0;
 /// Reached the outermost frame (or a zero return address).

@@ -39,6 +39,7 @@ pub const SAMPLE_DRAWS: &str = "SAMPLE_DRAWS";
 pub const SAMPLE_WEIGHTS: &str = "SAMPLE_WEIGHTS";
 pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
 pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+pub const UNWIND_EVENTS: &str = "UNWIND_EVENTS";
 pub const MMAP_EVENTS: &str = "MMAP_EVENTS";
 pub const MMAP_STACKS: &str = "MMAP_STACKS";
 pub const MMAP_COUNTERS: &str = "MMAP_COUNTERS";
@@ -387,6 +388,8 @@ pub struct UnwindTables {
     rows: Mmapped<UnwindRow>,
     _rows_map: MapData,
     procs: aya::maps::HashMap<MapData, u32, UnwindProc>,
+    /// PIDs that mapped code; taken by whoever reacts to them.
+    pub events: Option<EventRing<u64>>,
 }
 
 impl UnwindTables {
@@ -401,10 +404,12 @@ impl UnwindTables {
         let rows = Mmapped::new(rows_map.fd().as_fd().as_raw_fd(), capacity, UNWIND_ROWS)?;
         let procs = aya::maps::HashMap::try_from(loaded.take_map(UNWIND_PROCS)?)
             .map_err(|e| KernelError::map(UNWIND_PROCS, e))?;
+        let events = EventRing::take(loaded, UNWIND_EVENTS)?;
         Ok(UnwindTables {
             rows,
             _rows_map: rows_map,
             procs,
+            events: Some(events),
         })
     }
 

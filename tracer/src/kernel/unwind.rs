@@ -10,20 +10,26 @@
 //! row range, go to `UNWIND_PROCS` under its PID, replaced as a whole when
 //! they change.
 //!
-//! A process's table is made when it becomes a target (attach, start, fork,
-//! exec), again when a started command reaches its entry point (every
-//! library it links is mapped then), when a traced process maps code
-//! (`refresh_process`, from the mmap events) and on every housekeeping tick.
+//! A process's table is made when it becomes a target (attach, start, fork:
+//! the parent's table at once; exec), again when a started command reaches
+//! its entry point (every library it links is mapped then), as soon as a
+//! traced process maps code from a file (a thread woken by the mmap
+//! tracepoint's `UNWIND_EVENTS`: dlopen), and on every housekeeping tick.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{BTreeSet, HashMap},
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
 };
 
 use anyhow::Result;
 use tracer_common::unwind::{UnwindMapping, UnwindProc, UnwindRow, MAX_UNWIND_MAPPINGS};
 
-use super::{maps::UnwindTables, Kernel};
+use super::{
+    maps::{EventRing, UnwindTables},
+    Kernel,
+};
 use crate::target::{
     memory_map::Mapping,
     process::Process,
@@ -101,8 +107,22 @@ impl Unwinder {
         })
     }
 
-    pub fn shared(self) -> SharedUnwinder {
-        Arc::new(Mutex::new(self))
+    /// Shares the unwinder, and starts the thread that refreshes a
+    /// process's table as soon as it maps code (it ends with the last
+    /// `SharedUnwinder`).
+    pub fn shared(mut self) -> SharedUnwinder {
+        let events = self.tables.events.take();
+        let shared = Arc::new(Mutex::new(self));
+        if let Some(events) = events {
+            let weak = Arc::downgrade(&shared);
+            let spawned = std::thread::Builder::new()
+                .name("unwind-tables".into())
+                .spawn(move || watch_code_mappings(events, weak));
+            if let Err(e) = spawned {
+                log::debug!("no unwind table thread (tables follow the tick): {e}");
+            }
+        }
+        shared
     }
 
     pub fn stats(&self) -> UnwindStats {
@@ -264,5 +284,35 @@ impl Unwinder {
             row_count: count,
             segments,
         })
+    }
+}
+
+/// Refreshes the table of each process that mapped code, as its events
+/// come; returns when the unwinder is dropped.
+fn watch_code_mappings(mut events: EventRing<u64>, unwinder: Weak<Mutex<Unwinder>>) {
+    const POLL: Duration = Duration::from_millis(100);
+    loop {
+        let mut fd = libc::pollfd {
+            fd: events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as i32) };
+        let Some(unwinder) = unwinder.upgrade() else {
+            return;
+        };
+        let mut pids = BTreeSet::new();
+        while let Some(pid) = events.next_record() {
+            pids.insert(pid as u32);
+        }
+        if pids.is_empty() {
+            continue;
+        }
+        let mut unwinder = unwinder.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in pids {
+            if let Err(e) = unwinder.refresh_process(pid) {
+                log::debug!("unwind table of PID {pid} after it mapped code: {e:#}");
+            }
+        }
     }
 }
