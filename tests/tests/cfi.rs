@@ -222,3 +222,83 @@ fn a_library_loaded_later_with_dlopen() {
     );
     assert_eq!(stack["truncated"], false, "{stack:#}");
 }
+
+/// A real server from Debian's packages, built without frame pointers
+/// (redis-server, with jemalloc and its `zmalloc` wrappers): in the default
+/// mode its allocation stacks are named through its command path.
+#[test]
+fn a_debian_server_without_frame_pointers() {
+    require_root();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let server = Fixture::spawn(
+        std::process::Command::new("redis-server").args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]),
+        "Ready to accept connections",
+    );
+    let mut tracer = TracerCmd::new("report")
+        .pid(server.pid())
+        .args(["--format", "json", "--top", "10", "-v"])
+        .spawn();
+    tracer.wait_for("attached to PID");
+    // Its main allocation paths: strings, lists, hashes, sets.
+    let mut commands = String::new();
+    for i in 0..300 {
+        commands.push_str(&format!(
+            "SET key:{i} value-{i}-of-some-length\nLPUSH list:{} item-{i}\nHSET hash:{} field-{i} {i}\nSADD set:{} member-{i}\n",
+            i % 7,
+            i % 5,
+            i % 3
+        ));
+    }
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", &port])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli");
+    use std::io::Write as _;
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all(commands.as_bytes())
+        .unwrap();
+    assert!(cli.wait().unwrap().success());
+    tracer.signal(libc::SIGINT);
+    let report = tracer.finish().json();
+    drop(server);
+
+    let stacks = report["stacks"].as_array().unwrap();
+    assert!(stacks.len() >= 5, "{report:#}");
+    for stack in stacks.iter().filter(|s| s["stack_id"] != "unknown") {
+        let named = stack["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["function"].is_string())
+            .count();
+        assert!(named >= 5, "five named frames: {stack:#}");
+        assert_eq!(stack["truncated"], false, "{stack:#}");
+    }
+    // Through the command path, not just the wrapper.
+    assert!(
+        stacks
+            .iter()
+            .any(|s| frame_functions(s).iter().any(|f| f == "processCommand")),
+        "{report:#}"
+    );
+    let whole = report["unwinding"]["whole_stacks"].as_f64().unwrap();
+    assert!(whole > 0.95, "{:#}", report["unwinding"]);
+}

@@ -28,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
     "musl-tools",
+    // A real server built without frame pointers, for the CFI unwinding test.
+    "redis-server",
+    "redis-tools",
 ];
 
 /// bpf-linker must be linked against the same LLVM major as rustc nightly.
