@@ -228,10 +228,12 @@ pub struct TraceOptions {
     #[arg(long, value_enum, default_value_t = UnwindMode::Cfi)]
     pub unwind: UnwindMode,
     /// With --unwind cfi: unwind rows the kernel side can hold for all
-    /// mapped objects together (8 bytes each, allocated up front; objects
-    /// that do not fit are walked with frame pointers).
-    #[arg(long, default_value_t = tracer_common::unwind::DEFAULT_UNWIND_ROWS)]
-    pub unwind_rows: u32,
+    /// mapped objects together (8 bytes each, allocated at start; objects
+    /// that do not fit are walked with frame pointers). Default: what the
+    /// traced processes map at start, and half as much again (at least
+    /// 128 Ki rows) for what they load later.
+    #[arg(long)]
+    pub unwind_rows: Option<u32>,
     /// Benchmarking: attach programs that do nothing, at the same addresses.
     #[arg(long, hide = true, conflicts_with = "no_stacks")]
     pub noop_probes: bool,

@@ -69,7 +69,8 @@ pub struct TraceConfig {
     pub follow_forks: bool,
     pub verbose: bool,
     pub unwind: UnwindMode,
-    pub unwind_rows: u32,
+    /// None: sized from what the processes map at start.
+    pub unwind_rows: Option<u32>,
     pub noop_probes: bool,
     pub entry_probes: bool,
     pub no_stacks: bool,

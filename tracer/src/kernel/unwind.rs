@@ -36,15 +36,6 @@ use crate::target::{
     unwind::{bias, cfi, segments, Segments},
 };
 
-/// Rows of one object in `UNWIND_ROWS`, and how its file maps to addresses.
-#[derive(Clone, Debug, Default)]
-struct ObjectTable {
-    row_start: u32,
-    row_count: u32,
-    /// PT_LOAD segments: (virtual address, file offset, size in file).
-    segments: Segments,
-}
-
 /// Sizes, for `-v`, the report and the measurements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindStats {
@@ -74,6 +65,135 @@ impl UnwindStats {
     }
 }
 
+/// One object's unwind rows and how its file maps to addresses.
+#[derive(Debug, Default)]
+struct Object {
+    /// The rows until they are written to `UNWIND_ROWS` (then emptied).
+    rows: Vec<UnwindRow>,
+    row_count: u32,
+    /// Where its rows start in `UNWIND_ROWS`; None until written (or if they
+    /// did not fit: its frames then use frame pointers).
+    row_start: Option<u32>,
+    /// PT_LOAD segments: (virtual address, file offset, size in file).
+    segments: Segments,
+    name: String,
+}
+
+/// Objects compiled once each, found by the (path, inode) of a mapping or,
+/// for the same file under another path (/lib and /usr/lib), by inode and
+/// size. Made before the programs are loaded, so `UNWIND_ROWS` is sized for
+/// what the processes map (`rows_to_reserve`).
+#[derive(Default)]
+pub struct ObjectTables {
+    by_mapping: HashMap<(String, u64), Option<usize>>,
+    by_identity: HashMap<(u64, usize), usize>,
+    objects: Vec<Object>,
+    failed: usize,
+    verbose: bool,
+}
+
+impl ObjectTables {
+    pub fn new(verbose: bool) -> Self {
+        ObjectTables {
+            verbose,
+            ..Default::default()
+        }
+    }
+
+    /// Compiles what `process` maps now.
+    pub fn prepare_process(&mut self, process: &Process) {
+        if let Ok(maps) = process.maps() {
+            for m in maps.iter().filter(|m| m.executable) {
+                if let Some(path) = m.file_path() {
+                    self.find(path, m.inode, || {
+                        crate::target::tasks::mapped_file(process, m, path)
+                    });
+                }
+            }
+        }
+    }
+
+    /// Compiles files a command will map (its program and libraries).
+    pub fn prepare_files(&mut self, paths: &[std::path::PathBuf]) {
+        use std::os::unix::fs::MetadataExt as _;
+        for path in paths {
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let name = path.display().to_string();
+            self.find(&name, meta.ino(), || std::fs::read(path).ok());
+        }
+    }
+
+    /// Rows compiled so far.
+    pub fn rows(&self) -> u64 {
+        self.objects.iter().map(|o| o.row_count as u64).sum()
+    }
+
+    /// `UNWIND_ROWS` for what is compiled now and what comes later
+    /// (dlopen, programs exec'ed, children): half as much again, at least
+    /// 128 Ki rows (1 MiB).
+    pub fn rows_to_reserve(&self) -> u32 {
+        let rows = self.rows();
+        (rows + (rows / 2).max(128 << 10)).min(u32::MAX as u64 / 2) as u32
+    }
+
+    /// The object of a mapping of `path` (inode `inode`), compiled from
+    /// `read()`'s bytes the first time; None if it has no usable CFI.
+    fn find(
+        &mut self,
+        path: &str,
+        inode: u64,
+        read: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Option<usize> {
+        let key = (path.to_string(), inode);
+        if let Some(found) = self.by_mapping.get(&key) {
+            return *found;
+        }
+        let found = read().and_then(|data| {
+            let identity = (inode, data.len());
+            if let Some(&index) = self.by_identity.get(&identity) {
+                return Some(index);
+            }
+            let index = self.compile(path, &data)?;
+            self.by_identity.insert(identity, index);
+            Some(index)
+        });
+        self.by_mapping.insert(key, found);
+        found
+    }
+
+    fn compile(&mut self, path: &str, data: &[u8]) -> Option<usize> {
+        let segments = segments(data)?;
+        let (rows, stats) = match cfi::compile(data) {
+            Ok(r) => r,
+            Err(e) => {
+                self.failed += 1;
+                if self.verbose {
+                    eprintln!("tracer: no unwind table for {path}: {e}");
+                }
+                return None;
+            }
+        };
+        if self.verbose {
+            eprintln!(
+                "tracer: unwind table for {path}: {} FDEs, {} rows ({} unsupported)",
+                stats.fdes,
+                rows.len(),
+                stats.unsupported
+            );
+        }
+        self.objects.push(Object {
+            row_count: rows.len() as u32,
+            rows,
+            row_start: None,
+            segments,
+            name: path.to_string(),
+        });
+        Some(self.objects.len() - 1)
+    }
+}
+
 /// A traced process and the mapping table last published for it.
 struct Traced {
     process: Process,
@@ -83,28 +203,27 @@ struct Traced {
 pub struct Unwinder {
     tables: UnwindTables,
     next_row: u32,
-    /// By (path, inode): None when the object has no usable CFI.
-    objects: HashMap<(String, u64), Option<ObjectTable>>,
+    objects: ObjectTables,
     processes: HashMap<u32, Traced>,
-    failed: usize,
-    verbose: bool,
 }
 
 pub type SharedUnwinder = Arc<Mutex<Unwinder>>;
 
 impl Unwinder {
     /// Takes the unwind maps out of `kernel`'s object (the programs keep
-    /// using them).
-    pub fn new(kernel: &mut Kernel, verbose: bool) -> Result<Self> {
+    /// using them) and writes the rows of the objects compiled so far.
+    pub fn new(kernel: &mut Kernel, objects: ObjectTables) -> Result<Self> {
         let tables = UnwindTables::take(kernel.loaded_mut())?;
-        Ok(Unwinder {
+        let mut unwinder = Unwinder {
             tables,
             next_row: 0,
-            objects: HashMap::new(),
+            objects,
             processes: HashMap::new(),
-            failed: 0,
-            verbose,
-        })
+        };
+        for index in 0..unwinder.objects.objects.len() {
+            unwinder.write_rows(index);
+        }
+        Ok(unwinder)
     }
 
     /// Shares the unwinder, and starts the thread that refreshes a
@@ -126,13 +245,14 @@ impl Unwinder {
     }
 
     pub fn stats(&self) -> UnwindStats {
+        let objects = &self.objects.objects;
         UnwindStats {
-            objects: self.objects.values().filter(|o| o.is_some()).count(),
+            objects: objects.iter().filter(|o| o.row_start.is_some()).count(),
             rows: self.next_row,
             row_capacity: self.tables.row_capacity(),
             processes: self.processes.len(),
             mappings: self.processes.values().map(|t| t.current.len()).sum(),
-            failed: self.failed,
+            failed: self.objects.failed + objects.iter().filter(|o| o.row_start.is_none()).count(),
         }
     }
 
@@ -143,25 +263,18 @@ impl Unwinder {
         let pid = process.pid;
         let inherited = parent
             .and_then(|p| self.processes.get(&p))
-            .map(|t| t.current.clone());
-        if let Some(table) = inherited.filter(|t| !t.is_empty()) {
-            self.publish(pid, &table)?;
-            self.processes.insert(
-                pid,
-                Traced {
-                    process: process.clone(),
-                    current: table,
-                },
-            );
-        } else {
-            self.processes.insert(
-                pid,
-                Traced {
-                    process: process.clone(),
-                    current: Vec::new(),
-                },
-            );
+            .map(|t| t.current.clone())
+            .unwrap_or_default();
+        if !inherited.is_empty() {
+            self.publish(pid, &inherited)?;
         }
+        self.processes.insert(
+            pid,
+            Traced {
+                process: process.clone(),
+                current: inherited,
+            },
+        );
         self.refresh_process(pid)
     }
 
@@ -216,16 +329,21 @@ impl Unwinder {
     fn table_for(&mut self, process: &Process, maps: &[Mapping]) -> Vec<UnwindMapping> {
         let mut table = Vec::new();
         for m in maps {
-            if !m.executable || !m.is_file() {
+            if !m.executable {
                 continue;
             }
             let Some(path) = m.file_path() else { continue };
-            let key = (path.to_string(), m.inode);
-            if !self.objects.contains_key(&key) {
-                let object = self.load_object(process, m, path);
-                self.objects.insert(key.clone(), object);
+            let known = self.objects.objects.len();
+            let Some(index) = self.objects.find(path, m.inode, || {
+                crate::target::tasks::mapped_file(process, m, path)
+            }) else {
+                continue;
+            };
+            if index >= known {
+                self.write_rows(index);
             }
-            let Some(object) = self.objects[&key].as_ref() else {
+            let object = &self.objects.objects[index];
+            let Some(row_start) = object.row_start else {
                 continue;
             };
             let Some(bias) = bias(&object.segments, m) else {
@@ -235,7 +353,7 @@ impl Unwinder {
                 start: m.start,
                 end: m.end,
                 bias,
-                row_start: object.row_start,
+                row_start,
                 row_count: object.row_count,
             });
         }
@@ -244,46 +362,27 @@ impl Unwinder {
         table
     }
 
-    /// Compiles an object's rows into `UNWIND_ROWS`; None if it has no
-    /// usable CFI or the rows do not fit (its frames then use frame pointers).
-    fn load_object(&mut self, process: &Process, m: &Mapping, path: &str) -> Option<ObjectTable> {
-        let data = crate::target::tasks::mapped_file(process, m, path)?;
-        let segments = segments(&data)?;
-        let (rows, stats) = match cfi::compile(&data) {
-            Ok(r) => r,
-            Err(e) => {
-                self.failed += 1;
-                if self.verbose {
-                    eprintln!("tracer: no unwind table for {path}: {e}");
-                }
-                return None;
-            }
-        };
-        let count = rows.len() as u32;
+    /// Appends an object's rows to `UNWIND_ROWS`, if they fit (otherwise
+    /// its frames use frame pointers).
+    fn write_rows(&mut self, index: usize) {
         let capacity = self.tables.row_capacity();
+        let object = &mut self.objects.objects[index];
+        if object.row_start.is_some() {
+            return;
+        }
+        let rows = std::mem::take(&mut object.rows);
+        let count = rows.len() as u32;
         if count > capacity - self.next_row {
-            self.failed += 1;
             eprintln!(
-                "tracer: unwind rows full ({} of {}); {path} is walked with frame pointers \
+                "tracer: unwind rows full ({} of {capacity}); {} is walked with frame pointers \
                  (raise --unwind-rows)",
-                self.next_row, capacity
+                self.next_row, object.name
             );
-            return None;
+            return;
         }
-        let start = self.next_row;
-        self.tables.write_rows(start, &rows);
+        self.tables.write_rows(self.next_row, &rows);
+        object.row_start = Some(self.next_row);
         self.next_row += count;
-        if self.verbose {
-            eprintln!(
-                "tracer: unwind table for {path}: {} FDEs, {count} rows ({} unsupported)",
-                stats.fdes, stats.unsupported
-            );
-        }
-        Some(ObjectTable {
-            row_start: start,
-            row_count: count,
-            segments,
-        })
     }
 }
 

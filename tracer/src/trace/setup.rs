@@ -10,7 +10,10 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     cli::{RunningProcesses, TraceConfig},
     collect::mapping_events::MappingTrace,
-    kernel::{unwind::SharedUnwinder, Kernel, KernelOps, LoadOptions, MapSizes, Variant},
+    kernel::{
+        unwind::{ObjectTables, SharedUnwinder},
+        Kernel, KernelOps, LoadOptions, MapSizes, Variant,
+    },
     lifecycle::{
         launch::{self, ChildOutput, Credentials},
         sched_events::ProcEvents,
@@ -21,7 +24,8 @@ use crate::{
     trace::{allocator_infos, LiveTrace, ProbeOptions, Target},
 };
 
-fn load_kernel(options: &TraceConfig) -> Result<Kernel> {
+/// `unwind_rows`: room for CFI rows (see `unwind_objects`).
+fn load_kernel(options: &TraceConfig, unwind_rows: u32) -> Result<Kernel> {
     let variant = if options.noop_probes {
         Variant::Noop
     } else if options.no_stacks {
@@ -34,7 +38,7 @@ fn load_kernel(options: &TraceConfig) -> Result<Kernel> {
             allocations: options.max_allocations,
             stacks: options.max_stacks,
             unwind: options.unwind,
-            unwind_rows: options.unwind_rows,
+            unwind_rows,
         },
         variant,
         sample_rate: options.sample_rate,
@@ -118,8 +122,14 @@ pub fn attach(
         let objects = detect::for_running(&process, &options.symbols_prefix, options.entry_probes)?;
         found.push((process, objects));
     }
+    let mut objects = ObjectTables::new(options.verbose);
+    if cfi(options) {
+        for (process, _) in &found {
+            objects.prepare_process(process);
+        }
+    }
     let located = std::time::Instant::now();
-    let mut kernel = load_kernel(options)?;
+    let mut kernel = load_kernel(options, unwind_rows(options, &objects))?;
     let loaded = std::time::Instant::now();
     let mut processes = Vec::new();
     for (process, objects) in found {
@@ -160,7 +170,7 @@ pub fn attach(
         Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
     let all: Vec<&Process> = processes.iter().map(|t| &t.process).collect();
-    let unwinder = unwinder(&mut kernel, &all, options)?;
+    let unwinder = unwinder(&mut kernel, objects, &all, options)?;
     // The mmap tracepoints too, before saying so: "attached" means all of it.
     let mappings = start_mappings(&mut kernel, &processes[0].process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
@@ -203,7 +213,12 @@ pub fn start(
         detect::for_command(&exe, &env, &options.symbols_prefix)?,
         options.entry_probes,
     );
-    let mut kernel = load_kernel(options)?;
+    // The program and its libraries' unwind tables, compiled before it runs.
+    let mut unwind_objects = ObjectTables::new(options.verbose);
+    if cfi(options) {
+        unwind_objects.prepare_files(&crate::target::unwind::command_objects(&exe, &env));
+    }
+    let mut kernel = load_kernel(options, unwind_rows(options, &unwind_objects))?;
     let mut argv = argv;
     argv[0] = exe.clone().into_os_string();
     let child = launch::launch(
@@ -231,7 +246,7 @@ pub fn start(
     };
     let processes = vec![Target::new(process.clone(), info, objects)];
     let run = run_info(&processes, min_age);
-    let unwinder = unwinder(&mut kernel, &[&process], options)?;
+    let unwinder = unwinder(&mut kernel, unwind_objects, &[&process], options)?;
     let mappings = start_mappings(&mut kernel, &process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
         .with_unwinder(unwinder.clone());
@@ -253,17 +268,32 @@ pub fn start(
     Ok((trace, TargetWatch::Child(child)))
 }
 
+/// Whether stacks are walked with CFI (the default).
+fn cfi(options: &TraceConfig) -> bool {
+    options.unwind == crate::target::unwind::UnwindMode::Cfi && !options.no_stacks
+}
+
+/// Room for CFI rows: `--unwind-rows`, or what the objects compiled before
+/// load need and half as much again (see `ObjectTables::rows_to_reserve`).
+fn unwind_rows(options: &TraceConfig, objects: &ObjectTables) -> u32 {
+    options
+        .unwind_rows
+        .unwrap_or_else(|| objects.rows_to_reserve())
+}
+
 /// CFI unwinding (the default): the unwind tables of what the processes
-/// have mapped, from before their probes fire.
+/// have mapped, from before their probes fire; `objects` were compiled
+/// before the programs were loaded.
 fn unwinder(
     kernel: &mut Kernel,
+    objects: ObjectTables,
     processes: &[&Process],
     options: &TraceConfig,
 ) -> Result<Option<SharedUnwinder>> {
-    if options.unwind != crate::target::unwind::UnwindMode::Cfi || options.no_stacks {
+    if !cfi(options) {
         return Ok(None);
     }
-    let mut unwinder = crate::kernel::unwind::Unwinder::new(kernel, options.verbose)?;
+    let mut unwinder = crate::kernel::unwind::Unwinder::new(kernel, objects)?;
     for process in processes {
         unwinder.add(process, None).context("unwind tables")?;
     }

@@ -31,6 +31,35 @@ impl UnwindMode {
     }
 }
 
+/// The files a command will map before it runs: the program, the
+/// libraries the dynamic loader lists for it (`ld.so --list`, as
+/// `detect::for_command` does) and the loader. Empty if they cannot be
+/// listed (the tables are then sized by default and filled at exec).
+pub fn command_objects(exe: &std::path::Path, env: &[(String, String)]) -> Vec<std::path::PathBuf> {
+    let mut paths = vec![exe.to_path_buf()];
+    let Ok(info) = crate::target::elf::ElfInfo::read(exe) else {
+        return paths;
+    };
+    if let Some(interp) = &info.interpreter {
+        let listed = std::process::Command::new(interp)
+            .arg("--list")
+            .arg(exe)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output();
+        if let Some(output) = listed.ok().filter(|o| o.status.success()) {
+            let text = String::from_utf8_lossy(&output.stdout);
+            paths.extend(
+                crate::target::allocator::parse_ld_list(&text, interp)
+                    .into_iter()
+                    .map(Into::into),
+            );
+        }
+        paths.push(interp.into());
+    }
+    paths
+}
+
 /// PT_LOAD segments of an object: (virtual address, file offset, size in file).
 pub type Segments = Vec<(u64, u64, u64)>;
 
