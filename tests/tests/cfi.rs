@@ -167,6 +167,15 @@ fn cpp_without_frame_pointers_through_libstdcxx_new() {
         "the stock operator new: {stack:#}"
     );
     assert!(functions[1].starts_with("make_widget"), "{functions:?}");
+    // What libstdc++'s constructor allocates before the entry point (its
+    // exception pool) was walked with its table, through the loader.
+    let constructor = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| frame_functions(s).iter().any(|f| f == "_dl_init"))
+        .unwrap_or_else(|| panic!("a constructor's stack: {report:#}"));
+    assert_eq!(constructor["truncated"], false, "{constructor:#}");
 }
 
 #[test]

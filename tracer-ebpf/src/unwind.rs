@@ -246,9 +246,11 @@ fn step(w: &mut Walk) -> Option<bool> {
         };
         (cfa, bp)
     } else if kind == ROW_GAP {
-        // No CFI here: frame-pointer rule.
+        // No CFI here: frame-pointer rule. A zero frame pointer ends the
+        // chain (`_start` and the loader's `_dl_start_user` clear rbp).
         if w.bp == 0 {
-            return None;
+            w.status = COMPLETE;
+            return Some(false);
         }
         (w.bp.wrapping_add(16), read_user(w.bp)?)
     } else if kind == ROW_PLT {

@@ -415,3 +415,54 @@ fn watch_code_mappings(mut events: EventRing<u64>, unwinder: Weak<Mutex<Unwinder
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, SectionKind};
+
+    use super::*;
+
+    /// Kernels before 5.13 refuse every program of an object holding a
+    /// callback reference (`ld_imm64` of a BPF function), and bpf_loop is
+    /// 5.17+: the walk must use neither, so that it loads on 5.10.
+    #[test]
+    fn the_programs_use_no_callback_and_no_bpf_loop() {
+        const BPF_LOOP: i32 = 181;
+        const BPF_PSEUDO_FUNC: u8 = 4;
+        let file = object::File::parse(crate::kernel::programs::EBPF_OBJECT).unwrap();
+        let mut checked = 0;
+        for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+            let code = section.data().unwrap();
+            for insn in code.chunks_exact(8) {
+                let (opcode, src) = (insn[0], insn[1] >> 4);
+                let imm = i32::from_le_bytes(insn[4..8].try_into().unwrap());
+                let name = section.name().unwrap_or("?");
+                assert!(
+                    !(opcode == 0x18 && src == BPF_PSEUDO_FUNC),
+                    "callback reference in {name}"
+                );
+                assert!(
+                    !(opcode == 0x85 && src == 0 && imm == BPF_LOOP),
+                    "bpf_loop in {name}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "the programs were read: {checked}");
+    }
+
+    #[test]
+    fn objects_are_compiled_once_whatever_path_reaches_them() {
+        let mut objects = ObjectTables::new(false);
+        // Debian's /lib is a link to /usr/lib: the same file twice.
+        objects.prepare_files(&[
+            "/lib/x86_64-linux-gnu/libc.so.6".into(),
+            "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+        ]);
+        assert_eq!(objects.objects.len(), 1);
+        let rows = objects.rows();
+        assert!(rows > 10_000, "{rows}");
+        // Room for what comes later: half again, at least 128 Ki rows.
+        assert_eq!(objects.rows_to_reserve() as u64, rows + (rows / 2).max(128 << 10));
+    }
+}

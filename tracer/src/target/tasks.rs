@@ -53,7 +53,11 @@ pub fn is_process(tid: u32) -> bool {
 
 /// The program's entry address (AT_ENTRY in /proc/PID/auxv).
 pub fn entry_address(pid: u32) -> io::Result<u64> {
-    const AT_ENTRY: u64 = 9;
+    auxv_value(pid, 9)
+}
+
+/// A value of process `pid`'s auxiliary vector (AT_ENTRY, AT_BASE...).
+pub fn auxv_value(pid: u32, key: u64) -> io::Result<u64> {
     let auxv = fs::read(format!("/proc/{pid}/auxv"))?;
     auxv.chunks_exact(16)
         .map(|pair| {
@@ -62,9 +66,9 @@ pub fn entry_address(pid: u32) -> io::Result<u64> {
                 u64::from_ne_bytes(pair[8..].try_into().unwrap()),
             )
         })
-        .find(|&(key, _)| key == AT_ENTRY)
+        .find(|&(k, _)| k == key)
         .map(|(_, value)| value)
-        .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
+        .ok_or_else(|| io::Error::other(format!("no auxv entry {key}")))
 }
 
 /// PIDs of the user processes named `comm` (as /proc/PID/comm says), in

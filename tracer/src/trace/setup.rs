@@ -252,15 +252,16 @@ pub fn start(
         .with_unwinder(unwinder.clone());
     match unwinder {
         // At exec only the program and the dynamic loader are mapped: the
-        // libraries' tables are added when the program reaches its entry
-        // point, before any of its own code runs.
+        // libraries' tables are added when the loader has mapped them,
+        // before it runs their constructors (its debugger rendezvous), and
+        // again at the program's entry point.
         Some(unwinder) => child.release_with_entry_hook(Box::new(move || {
             if let Err(e) = unwinder
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .refresh_process(pid)
             {
-                log::warn!("unwind tables at entry: {e:#}");
+                log::warn!("unwind tables before the entry point: {e:#}");
             }
         })),
         None => child.release(),
