@@ -230,8 +230,8 @@ pub struct TraceOptions {
     /// With --unwind cfi: unwind rows the kernel side can hold for all
     /// mapped objects together (8 bytes each, allocated at start; objects
     /// that do not fit are walked with frame pointers). Default: what the
-    /// traced processes map at start, and half as much again (at least
-    /// 128 Ki rows) for what they load later.
+    /// traced processes map at start, and a quarter more (at least 128 Ki
+    /// rows) for what they load later.
     #[arg(long)]
     pub unwind_rows: Option<u32>,
     /// Benchmarking: attach programs that do nothing, at the same addresses.

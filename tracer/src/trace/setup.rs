@@ -275,7 +275,7 @@ fn cfi(options: &TraceConfig) -> bool {
 }
 
 /// Room for CFI rows: `--unwind-rows`, or what the objects compiled before
-/// load need and half as much again (see `ObjectTables::rows_to_reserve`).
+/// load need and a quarter more (see `ObjectTables::rows_to_reserve`).
 fn unwind_rows(options: &TraceConfig, objects: &ObjectTables) -> u32 {
     options
         .unwind_rows
@@ -292,6 +292,9 @@ fn unwinder(
     options: &TraceConfig,
 ) -> Result<Option<SharedUnwinder>> {
     if !cfi(options) {
+        if options.verbose && !options.no_stacks {
+            eprintln!("tracer: stack walk: frame pointers (--unwind fp)");
+        }
         return Ok(None);
     }
     let mut unwinder = crate::kernel::unwind::Unwinder::new(kernel, objects)?;

@@ -26,6 +26,8 @@ pub enum LoopMode {
     Untraced,
     /// The tracer with these extra options.
     Tracer(&'static str, &'static [&'static str]),
+    /// The same, the loop running 24 calls deeper (stacks of 30 frames).
+    Deep(&'static str, &'static [&'static str]),
     Bpftrace,
 }
 
@@ -33,7 +35,7 @@ impl LoopMode {
     pub fn name(&self) -> &'static str {
         match self {
             LoopMode::Untraced => "untraced",
-            LoopMode::Tracer(name, _) => name,
+            LoopMode::Tracer(name, _) | LoopMode::Deep(name, _) => name,
             LoopMode::Bpftrace => "bpftrace peer",
         }
     }
@@ -45,7 +47,9 @@ fn loop_modes() -> Vec<LoopMode> {
         LoopMode::Tracer("no-op programs (floor)", &["--noop-probes"]),
         LoopMode::Tracer("tracer", &[]),
         LoopMode::Tracer("tracer without stacks", &["--no-stacks"]),
-        LoopMode::Tracer("tracer, --unwind cfi", &["--unwind", "cfi"]),
+        LoopMode::Tracer("tracer, --unwind fp", &["--unwind", "fp"]),
+        LoopMode::Deep("tracer, 30 frames", &[]),
+        LoopMode::Deep("tracer, --unwind fp, 30 frames", &["--unwind", "fp"]),
         LoopMode::Tracer(
             "no-op programs, free probed at its entry",
             &["--noop-probes", "--entry-probes"],
@@ -128,7 +132,8 @@ fn run_loop(
 ) -> Result<(Vec<f64>, String)> {
     match mode {
         LoopMode::Untraced => run_untraced(fixtures, loop_args),
-        LoopMode::Tracer(_, extra) => run_traced(tracer, fixtures, extra, loop_args),
+        LoopMode::Tracer(_, extra) => run_traced(tracer, fixtures, extra, loop_args, None),
+        LoopMode::Deep(_, extra) => run_traced(tracer, fixtures, extra, loop_args, Some(DEEP)),
         LoopMode::Bpftrace => run_under_bpftrace(fixtures, loop_args, dir),
     }
 }
@@ -144,19 +149,27 @@ fn run_untraced(fixtures: &Fixtures, loop_args: &[String]) -> Result<(Vec<f64>, 
     ))
 }
 
-/// `tracer run` of the loop with the `extra` options.
+/// Extra calls of the deep loop variants: stacks of about 30 frames.
+const DEEP: &str = "24";
+
+/// `tracer run` of the loop with the `extra` options (`depth`: LOOP_DEPTH).
 fn run_traced(
     tracer: &Path,
     fixtures: &Fixtures,
     extra: &[&str],
     loop_args: &[String],
+    depth: Option<&str>,
 ) -> Result<(Vec<f64>, String)> {
     let mut args: Vec<String> = vec!["run".into(), "-o".into(), "/dev/null".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("--".into());
     args.push(fixtures.malloc_loop.display().to_string());
     args.extend(loop_args.iter().cloned());
-    let out = cmd(tracer)
+    let mut command = cmd(tracer);
+    if let Some(depth) = depth {
+        command.env("LOOP_DEPTH", depth);
+    }
+    let out = command
         .args(&args)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -168,10 +181,12 @@ fn run_traced(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok((
-        ns_per_iter(&String::from_utf8_lossy(&out.stdout)),
-        shown(tracer, &args),
-    ))
+    let shown = shown(tracer, &args);
+    let shown = match depth {
+        Some(depth) => format!("LOOP_DEPTH={depth} {shown}"),
+        None => shown,
+    };
+    Ok((ns_per_iter(&String::from_utf8_lossy(&out.stdout)), shown))
 }
 
 /// The loop started waiting, bpftrace attached to it, then the loop let go.
