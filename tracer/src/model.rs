@@ -243,6 +243,63 @@ impl Growth {
     }
 }
 
+/// Points kept per stack by `History`: older ones are thinned out, so the
+/// whole time since attach stays covered at a coarser step.
+pub const HISTORY_POINTS: usize = 64;
+
+/// Every stack's settled bytes at each snapshot since attach (since it
+/// first held memory): what trends are judged on (`report::trend`). A
+/// stack first seen after the first snapshot starts from zero at the
+/// snapshot before, like `Growth`; one gone from the map is forgotten.
+#[derive(Debug, Default)]
+pub struct History {
+    series: HashMap<u64, Vec<(u64, u64)>>,
+    last_taken_ns: Option<u64>,
+}
+
+impl History {
+    pub fn record(&mut self, snapshot: &Snapshot) {
+        let now = snapshot.taken_ns;
+        if self.last_taken_ns.is_some_and(|t| now <= t) {
+            return;
+        }
+        let mut seen = HashSet::with_capacity(snapshot.stacks.len());
+        for stack in &snapshot.stacks {
+            let value = stack.settled_bytes.unwrap_or(stack.bytes);
+            if stack.count == 0 && value == 0 && !self.series.contains_key(&stack.stack_id) {
+                continue;
+            }
+            seen.insert(stack.stack_id);
+            let series = self.series.entry(stack.stack_id).or_insert_with(|| {
+                self.last_taken_ns
+                    .map(|t| vec![(t, 0)])
+                    .unwrap_or_default()
+            });
+            series.push((now, value));
+            if series.len() > HISTORY_POINTS {
+                thin(series);
+            }
+        }
+        self.series.retain(|id, _| seen.contains(id));
+        self.last_taken_ns = Some(now);
+    }
+
+    /// (monotonic ns, settled bytes) of a stack, oldest first.
+    pub fn series(&self, stack_id: u64) -> &[(u64, u64)] {
+        self.series.get(&stack_id).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Drops every other point of the older half, keeping the first.
+fn thin(series: &mut Vec<(u64, u64)>) {
+    let half = series.len() / 2;
+    let mut index = 0;
+    series.retain(|_| {
+        index += 1;
+        index > half || index == 1 || index % 2 == 1
+    });
+}
+
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps
 /// blocks and events.
 pub fn monotonic_ns() -> u64 {
@@ -383,5 +440,26 @@ mod tests {
         }
         assert_eq!(growth.rate(1), Some(0.0));
         assert_eq!(growth.rate(2), Some(500.0));
+    }
+
+    #[test]
+    fn history_covers_the_whole_run_in_bounded_points() {
+        let mut history = History::default();
+        history.record(&at(0, &[]));
+        for t in 1..=1000 {
+            let mut stacks = vec![(1, t * 10)];
+            if t < 500 {
+                stacks.push((2, 5));
+            }
+            history.record(&at(t, &stacks));
+        }
+        let series = history.series(1);
+        assert!(series.len() <= HISTORY_POINTS, "{}", series.len());
+        assert_eq!(series[0], (0, 0), "starts from zero at the snapshot before");
+        assert_eq!(*series.last().unwrap(), (1000_000_000_000, 10_000));
+        assert!(series.windows(2).all(|w| w[0].0 < w[1].0));
+        // The recent end stays dense.
+        assert_eq!(series[series.len() - 2].0, 999_000_000_000);
+        assert!(history.series(2).is_empty(), "gone stacks are forgotten");
     }
 }

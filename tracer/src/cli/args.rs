@@ -346,6 +346,8 @@ pub enum SortKey {
     Growth,
     /// Age of the oldest outstanding allocation.
     Age,
+    /// Trend: growing stacks first, the most confident and fastest first.
+    Trend,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

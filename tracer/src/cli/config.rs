@@ -329,6 +329,7 @@ impl From<args::SortKey> for SortKey {
             args::SortKey::Count => SortKey::Count,
             args::SortKey::Growth => SortKey::Growth,
             args::SortKey::Age => SortKey::Age,
+            args::SortKey::Trend => SortKey::Trend,
         }
     }
 }

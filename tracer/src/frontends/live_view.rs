@@ -8,8 +8,11 @@ use std::collections::{HashMap, VecDeque};
 use anyhow::Result;
 
 use crate::{
-    model::{Counters, Growth, Snapshot},
-    report::Dropped,
+    model::{Counters, Growth, History, Snapshot},
+    report::{
+        trend::{self, Trend},
+        Dropped,
+    },
     symbolize::Frame,
     trace::LiveTrace,
 };
@@ -30,6 +33,9 @@ pub enum SortKey {
     Growth,
     /// Age of the oldest outstanding allocation.
     Age,
+    /// Trend: growing first (most confident fastest first), then plateau,
+    /// new, steady, shrinking.
+    Trend,
 }
 
 /// A symbolized stack, kept for the whole run (a stack id's frames never change).
@@ -53,6 +59,8 @@ pub struct Row {
     pub growth: Option<f64>,
     pub oldest_age_s: Option<f64>,
     pub total_count: u64,
+    /// Is it leaking (see `report::trend`).
+    pub trend: Option<Trend>,
     /// The allocating function.
     pub function: String,
     /// Its file:line, if known.
@@ -79,6 +87,9 @@ pub struct LiveView {
     /// Growth rates as of `shown`.
     shown_growth: HashMap<u64, f64>,
     growth: Growth,
+    /// Trends as of `shown`.
+    shown_trends: HashMap<u64, Trend>,
+    history: History,
     /// (taken ns, counters) of the last two snapshots, for rates.
     counter_history: VecDeque<(u64, Counters)>,
     /// Outstanding bytes at each update, oldest first.
@@ -108,6 +119,8 @@ impl LiveView {
             },
             shown_growth: HashMap::new(),
             growth: Growth::new(GROWTH_WINDOW_NS),
+            shown_trends: HashMap::new(),
+            history: History::default(),
             counter_history: VecDeque::new(),
             chart: VecDeque::new(),
             stacks: HashMap::new(),
@@ -163,6 +176,7 @@ impl LiveView {
             return;
         }
         self.growth.record(&snapshot);
+        self.history.record(&snapshot);
         self.counter_history
             .push_back((snapshot.taken_ns, snapshot.counters));
         while self.counter_history.len() > 2 {
@@ -177,6 +191,15 @@ impl LiveView {
                 .stacks
                 .iter()
                 .filter_map(|s| Some((s.stack_id, self.growth.rate(s.stack_id)?)))
+                .collect();
+            self.shown_trends = snapshot
+                .stacks
+                .iter()
+                .filter(|s| s.count > 0)
+                .map(|s| {
+                    let series = self.history.series(s.stack_id);
+                    (s.stack_id, trend::classify(series, snapshot.oldest_age_s(s)))
+                })
                 .collect();
             self.shown = snapshot;
             self.rebuild_rows();
@@ -240,6 +263,7 @@ impl LiveView {
                 growth: self.shown_growth.get(&sample.stack_id).copied(),
                 oldest_age_s: self.shown.oldest_age_s(sample),
                 total_count: sample.total_count,
+                trend: self.shown_trends.get(&sample.stack_id).copied(),
                 function,
                 location,
             };
@@ -324,6 +348,11 @@ fn merge(into: &mut Row, row: Row) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    // A group is as worrying as its most worrying stack.
+    into.trend = match (into.trend, row.trend) {
+        (Some(a), Some(b)) => Some(if b.sort_value() > a.sort_value() { b } else { a }),
+        (a, b) => a.or(b),
+    };
     if into.location.is_none() {
         into.location = row.location;
     }
@@ -337,6 +366,7 @@ fn sort_rows(rows: &mut [Row], key: SortKey) {
             SortKey::Count => row.count as f64,
             SortKey::Growth => row.growth.unwrap_or(f64::NEG_INFINITY),
             SortKey::Age => row.oldest_age_s.unwrap_or(f64::NEG_INFINITY),
+            SortKey::Trend => row.trend.map_or(f64::NEG_INFINITY, |t| t.sort_value()),
         }
     };
     rows.sort_by(|a, b| {

@@ -115,6 +115,7 @@ pub fn folded_lines(diff: &Diff, weight: Weight) -> Vec<String> {
             total_bytes: 0,
             oldest_age_s: None,
             truncated: false,
+            trend: None,
             frames: s.frames.clone(),
         });
         let entry = merged.entry(path).or_default();

@@ -110,6 +110,7 @@ pub(crate) mod tests {
             total_bytes: bytes,
             oldest_age_s: None,
             truncated: false,
+            trend: None,
             frames,
         };
         Report {

@@ -44,6 +44,7 @@ mod tests {
                 total_bytes: 30,
                 oldest_age_s: Some(0.5),
                 truncated: false,
+                trend: None,
                 frames: vec![ReportFrame {
                     function: Some("leak".into()),
                     file: Some("a.c".into()),

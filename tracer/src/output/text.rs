@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Report, ReportFrame};
+use crate::report::{
+    trend::{Trend, TrendKind},
+    Report, ReportFrame,
+};
 
 pub fn render(report: &Report, final_report: bool) -> String {
     let mut out = String::new();
@@ -69,12 +72,13 @@ pub fn render(report: &Report, final_report: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "\n  {process}{} in {} allocation{} (allocated since attach: {}{})",
+            "\n  {process}{} in {} allocation{} (allocated since attach: {}{}){}",
             bytes(stack.bytes),
             stack.allocations,
             plural(stack.allocations),
             stack.total_allocations,
-            age
+            age,
+            stack.trend.map(trend).unwrap_or_default(),
         );
         if stack.frames.is_empty() {
             let _ = writeln!(out, "      [unknown stack]");
@@ -97,6 +101,21 @@ pub fn render(report: &Report, final_report: bool) -> String {
     }
     out.push('\n');
     out
+}
+
+/// ": growing +5.0 KiB/s (confidence 93%)"; nothing for a new stack.
+fn trend(trend: Trend) -> String {
+    if trend.kind == TrendKind::New {
+        return String::new();
+    }
+    let rate = trend.bytes_per_second.round() as i64;
+    let sign = if rate < 0 { "-" } else { "+" };
+    format!(
+        ": {} {sign}{}/s (confidence {:.0}%)",
+        trend.kind.name(),
+        bytes(rate.unsigned_abs()),
+        trend.confidence * 100.0
+    )
 }
 
 /// The mmap section: only when something is mapped or the break moved.

@@ -3,6 +3,7 @@
 //! of each stack, passed in as a function so this module stays pure.
 
 pub mod diff;
+pub mod trend;
 
 use serde::{Deserialize, Serialize};
 use tracer_common::is_unknown_stack;
@@ -129,6 +130,11 @@ pub struct StackReport {
     pub truncated: bool,
     /// Innermost first; the first frame is the allocator's caller.
     pub frames: Vec<ReportFrame>,
+    /// Is it leaking: judged on the history of its settled bytes since
+    /// attach (see `trend.rs`). Absent without history (a single report)
+    /// and for mappings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trend: Option<trend::Trend>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -282,6 +288,7 @@ fn stack_report(
         total_bytes: s.total_bytes,
         oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
         truncated,
+        trend: None,
         frames: stack_frames.iter().map(ReportFrame::from).collect(),
     }
 }
@@ -409,6 +416,15 @@ pub fn build_mappings(
         brk_growth_bytes: sample.brk_growth,
         lost_events: sample.lost_events,
         lost_stacks: sample.lost_stacks,
+    }
+}
+
+/// Sets each listed heap stack's trend from `trend(pid, stack id)`.
+pub fn set_trends(report: &mut Report, trend: impl Fn(u32, u64) -> Option<trend::Trend>) {
+    for stack in &mut report.stacks {
+        if let Ok(id) = u64::from_str_radix(&stack.stack_id, 16) {
+            stack.trend = trend(stack.pid, id);
+        }
     }
 }
 

@@ -85,6 +85,8 @@ pub struct LiveTrace<K = Kernel> {
     pub mappings: Option<Mutex<MappingTrace>>,
     /// Ages of live blocks, read a bounded slice per snapshot.
     sweep: collect::AgeSweep,
+    /// Settled bytes per stack at every snapshot, for trends in reports.
+    history: crate::model::History,
 }
 
 impl<K: KernelOps> LiveTrace<K> {
@@ -111,6 +113,7 @@ impl<K: KernelOps> LiveTrace<K> {
             unwinder: None,
             mappings,
             sweep: collect::AgeSweep::default(),
+            history: Default::default(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The read side of a trace: snapshots of the per-stack totals, their
 //! stacks symbolized with their own process's symbolizer, and reports.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 
 use super::LiveTrace;
@@ -8,7 +10,11 @@ use crate::{
     collect::{self, mapping_events},
     kernel::Kernel,
     model::Snapshot,
-    report::{self, Report},
+    report::{
+        self,
+        trend::{self, Trend},
+        Report,
+    },
     symbolize::{Frame, Symbolizer},
 };
 
@@ -23,18 +29,35 @@ impl LiveTrace<Kernel> {
         } else {
             collect::Ages::Skip
         };
-        collect::snapshot(self.kernel.loaded(), self.run.min_age_ns, ages, rate)
+        let snapshot = collect::snapshot(self.kernel.loaded(), self.run.min_age_ns, ages, rate)?;
+        self.history.record(&snapshot);
+        Ok(snapshot)
     }
 
     /// The per-stack totals now, with every live block read for exact ages
     /// (final reports).
-    pub fn snapshot_exact(&self) -> Result<Snapshot> {
-        collect::snapshot(
+    pub fn snapshot_exact(&mut self) -> Result<Snapshot> {
+        let snapshot = collect::snapshot(
             self.kernel.loaded(),
             self.run.min_age_ns,
             collect::Ages::Exact,
             self.sample_rate(),
-        )
+        )?;
+        self.history.record(&snapshot);
+        Ok(snapshot)
+    }
+
+    /// The trend of each stack of `snapshot` (recorded by `snapshot`), by id.
+    pub fn trends(&self, snapshot: &Snapshot) -> HashMap<u64, Trend> {
+        snapshot
+            .stacks
+            .iter()
+            .filter(|s| s.count > 0)
+            .map(|s| {
+                let series = self.history.series(s.stack_id);
+                (s.stack_id, trend::classify(series, snapshot.oldest_age_s(s)))
+            })
+            .collect()
     }
 
     /// The symbolizer for the stacks of process `pid`: its current program
@@ -67,6 +90,8 @@ impl LiveTrace<Kernel> {
         self.refresh_states();
         let run = self.run.clone();
         let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
+        let trends = self.trends(snapshot);
+        report::set_trends(&mut report, |_, id| trends.get(&id).copied());
         report.mappings = self.mappings_report(snapshot.taken_ns, top);
         report
     }

@@ -11,12 +11,15 @@ use ratatui::{
 };
 
 use super::state::TopState;
-use crate::frontends::live_view::{LiveView, SortKey};
+use crate::{
+    frontends::live_view::{LiveView, SortKey},
+    report::trend::{Trend, TrendKind},
+};
 
 pub const KEYS: &[(&str, &str)] = &[
     (
-        "b c r a",
-        "sort by bytes, count, growth rate, age of oldest block",
+        "b c r t a",
+        "sort by bytes, count, growth rate, trend (growing first), age of oldest block",
     ),
     ("g", "group rows by allocating function / show each stack"),
     (
@@ -179,6 +182,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
             "BYTES",
             "ALLOCS",
             "GROWTH/s",
+            "TREND",
             "OLDEST",
             "TOTAL ALLOCS",
             "ALLOCATED IN",
@@ -191,7 +195,8 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
                 (0, SortKey::Bytes)
                     | (1, SortKey::Count)
                     | (2, SortKey::Growth)
-                    | (3, SortKey::Age)
+                    | (3, SortKey::Trend)
+                    | (4, SortKey::Age)
             );
             let style = if sorted {
                 Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
@@ -216,6 +221,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
             Cell::from(row.growth.map_or("-".to_string(), |g| {
                 format!("{}/s", signed_bytes(g.round() as i64))
             })),
+            Cell::from(row.trend.map_or("-".to_string(), trend)),
             Cell::from(row.oldest_age_s.map_or("-".to_string(), duration)),
             Cell::from(thousands(row.total_count)),
             Cell::from(place),
@@ -225,6 +231,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
         Constraint::Length(11),
         Constraint::Length(10),
         Constraint::Length(12),
+        Constraint::Length(13),
         Constraint::Length(8),
         Constraint::Length(13),
         Constraint::Min(20),
@@ -340,6 +347,15 @@ fn sort_name(key: SortKey) -> &'static str {
         SortKey::Count => "allocations",
         SortKey::Growth => "growth (bytes/s held past 1 s, over 10 s)",
         SortKey::Age => "age of oldest",
+        SortKey::Trend => "trend (growing first)",
+    }
+}
+
+/// "growing 93%", "new": the kind and, once there is history, its confidence.
+fn trend(trend: Trend) -> String {
+    match trend.kind {
+        TrendKind::New => "new".to_string(),
+        kind => format!("{} {:.0}%", kind.name(), trend.confidence * 100.0),
     }
 }
 
