@@ -300,6 +300,19 @@ fn thin(series: &mut Vec<(u64, u64)>) {
     });
 }
 
+/// A process's resident memory, as /proc/PID/status splits it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResidentMemory {
+    /// VmRSS: the sum of the three below.
+    pub rss: u64,
+    /// RssAnon: private anonymous pages (heap, anonymous mappings, stacks).
+    pub anon: u64,
+    /// RssFile: file-backed pages (code, mapped files).
+    pub file: u64,
+    /// RssShmem: shared memory (memfd, shm, MAP_SHARED|MAP_ANONYMOUS).
+    pub shmem: u64,
+}
+
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps
 /// blocks and events.
 pub fn monotonic_ns() -> u64 {

@@ -10,6 +10,7 @@ use anyhow::Result;
 use crate::{
     model::{Counters, Growth, History, Snapshot},
     report::{
+        memory::MemoryReport,
         trend::{self, Trend},
         Dropped,
     },
@@ -79,6 +80,8 @@ pub struct LiveView {
     pub command: String,
     pub attached_ns: u64,
     pub process: ProcessStats,
+    /// Where memory went since attach, as of the last `read`.
+    pub memory: Option<MemoryReport>,
     /// `--sample-rate`: the figures are estimates, and the event rates count
     /// sampled blocks only.
     pub sample_rate: Option<u64>,
@@ -112,6 +115,7 @@ impl LiveView {
             command,
             attached_ns,
             process: ProcessStats::default(),
+            memory: None,
             sample_rate: None,
             shown: Snapshot {
                 taken_ns: attached_ns,
@@ -295,6 +299,7 @@ pub fn read(trace: &mut LiveTrace, view: &mut LiveView) -> Result<Snapshot> {
     if let Some(rss) = trace.primary().process.rss_bytes() {
         view.process.rss_now = Some(rss);
     }
+    view.memory = Some(trace.memory(&snapshot));
     Ok(snapshot)
 }
 

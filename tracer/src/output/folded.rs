@@ -122,6 +122,7 @@ pub(crate) mod tests {
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
             mappings: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: 1300,
                 allocations: 6,

@@ -31,6 +31,7 @@ mod tests {
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
             mappings: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: 10,
                 allocations: 1,

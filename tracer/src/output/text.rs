@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::report::{
+    memory,
     trend::{Trend, TrendKind},
     Report, ReportFrame,
 };
@@ -34,6 +35,9 @@ pub fn render(report: &Report, final_report: bool) -> String {
             "estimated: allocations sampled about once every {rate} bytes; bytes and counts are estimates"
         );
     }
+    if report.memory.verdict.is_some() {
+        let _ = writeln!(out, "memory: {}", memory::sentence(&report.memory));
+    }
     let several = report.processes.len() > 1;
     for p in report.processes.iter().filter(|_| several) {
         let state = match (p.state.as_str(), p.exit_code) {
@@ -42,7 +46,7 @@ pub fn render(report: &Report, final_report: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "  pid {} ({state}{}): {} in {} allocation{}: {}",
+            "  pid {} ({state}{}): {} in {} allocation{}{}: {}",
             p.pid,
             p.parent
                 .map(|pp| format!(", child of {pp}"))
@@ -50,6 +54,10 @@ pub fn render(report: &Report, final_report: bool) -> String {
             bytes(p.totals.bytes),
             p.totals.allocations,
             plural(p.totals.allocations),
+            p.memory
+                .verdict
+                .map(|v| format!(", memory growth: {}", v.name()))
+                .unwrap_or_default(),
             p.command
         );
     }

@@ -213,6 +213,7 @@ pub(crate) mod tests {
             allocator: AllocatorInfo::default(),
             allocators: Vec::new(),
             mappings: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

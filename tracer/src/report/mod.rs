@@ -3,6 +3,7 @@
 //! of each stack, passed in as a function so this module stays pure.
 
 pub mod diff;
+pub mod memory;
 pub mod trend;
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,9 @@ pub struct Report {
     /// `--follow-forks`), the first one `pid`; each stack names its own.
     #[serde(default)]
     pub processes: Vec<ProcessReport>,
+    /// Where memory went since attach, over every process (see `memory.rs`).
+    #[serde(default)]
+    pub memory: memory::MemoryReport,
 }
 
 /// One traced process: its share of the totals, and what became of it.
@@ -65,6 +69,9 @@ pub struct ProcessReport {
     /// Outstanding heap memory of this process's stacks.
     pub totals: Totals,
     pub stack_count: usize,
+    /// Where this process's memory went since attach.
+    #[serde(default)]
+    pub memory: memory::MemoryReport,
 }
 
 /// Anonymous mappings (mmap, mremap) the process made outside its
@@ -321,6 +328,7 @@ fn build_from(
         events: events(run, c),
         mappings: MappingsReport::default(),
         processes: process_reports(run, snapshot),
+        memory: memory::MemoryReport::default(),
     }
 }
 
@@ -384,6 +392,7 @@ fn process_reports(run: &RunInfo, snapshot: &Snapshot) -> Vec<ProcessReport> {
                     allocations: mine().map(|s| s.count).sum(),
                 },
                 stack_count: mine().count(),
+                memory: memory::MemoryReport::default(),
             }
         })
         .collect()

@@ -23,6 +23,7 @@ use crate::{
         watch::TargetWatch,
     },
     report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
+    model::ResidentMemory,
     symbolize::Symbolizer,
     target::{
         allocator::AllocatorObject,
@@ -50,6 +51,10 @@ pub struct Target {
     pub info: ProcessInfo,
     /// What is probed in it (a forked child gets its parent's).
     pub objects: Vec<AllocatorObject>,
+    /// Its resident memory when it was attached to, and the last read
+    /// (kept for after it is gone).
+    pub memory_at_attach: Option<ResidentMemory>,
+    pub memory_last: Option<ResidentMemory>,
 }
 
 impl Target {
@@ -57,11 +62,14 @@ impl Target {
         let mut symbolizer = Symbolizer::new(process.clone());
         // At once, so addresses in objects it unloads later still resolve.
         symbolizer.note_mappings();
+        let memory = crate::target::memory::resident(process.pid);
         Target {
             process,
             symbolizer,
             info,
             objects,
+            memory_at_attach: memory,
+            memory_last: memory,
         }
     }
 
@@ -150,6 +158,9 @@ impl<K: KernelOps> LiveTrace<K> {
     pub fn note_mappings(&mut self) {
         for traced in self.processes.iter_mut().filter(|t| t.is_running()) {
             traced.symbolizer.note_mappings();
+            if let Some(memory) = crate::target::memory::resident(traced.info.pid) {
+                traced.memory_last = Some(memory);
+            }
         }
     }
 

@@ -7,13 +7,17 @@ use anyhow::Result;
 
 use super::LiveTrace;
 use crate::{
-    collect::{self, mapping_events},
+    collect::{
+        self,
+        mapping_events::{self, MappingSample},
+    },
     kernel::Kernel,
     model::Snapshot,
     report::{
         self,
+        memory::{self, MemoryReport, Traced},
         trend::{self, Trend},
-        Report,
+        ProcessState, Report,
     },
     symbolize::{Frame, Symbolizer},
 };
@@ -85,31 +89,91 @@ impl LiveTrace<Kernel> {
     }
 
     /// A report of the `top` stacks (0: all) of a snapshot, with the
-    /// mappings made up to now.
+    /// mappings made up to now and where memory went since attach.
     pub fn report(&mut self, snapshot: &Snapshot, top: usize) -> Report {
         self.refresh_states();
         let run = self.run.clone();
         let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
         let trends = self.trends(snapshot);
         report::set_trends(&mut report, |_, id| trends.get(&id).copied());
-        report.mappings = self.mappings_report(snapshot.taken_ns, top);
+        let sample = self.mapping_sample(snapshot.taken_ns);
+        if let Some(sample) = &sample {
+            report.mappings = self.build_mappings(sample, snapshot.taken_ns, top);
+        }
+        let memory = self.memory_of(snapshot, sample.as_ref());
+        // `run.processes`, hence `report.processes`, is `processes` in order.
+        for (process, memory) in report.processes.iter_mut().zip(&memory) {
+            process.memory = memory.clone();
+        }
+        report.memory = memory::sum(&memory);
         report
     }
 
-    /// The mappings section: outstanding anonymous mappings per stack.
-    pub fn mappings_report(&mut self, taken_ns: u64, top: usize) -> report::MappingsReport {
-        let Some(mappings) = &self.mappings else {
-            return report::MappingsReport::default();
-        };
+    /// Where memory went since attach, over every traced process (`top`'s
+    /// header, `serve`'s gauges).
+    pub fn memory(&mut self, snapshot: &Snapshot) -> MemoryReport {
+        let sample = self.mapping_sample(snapshot.taken_ns);
+        memory::sum(&self.memory_of(snapshot, sample.as_ref()))
+    }
+
+    /// Each process's memory since attach, in the order of `processes`; a
+    /// replaced program's is empty (its memory went with it).
+    fn memory_of(&mut self, snapshot: &Snapshot, sample: Option<&MappingSample>) -> Vec<MemoryReport> {
+        self.processes
+            .iter_mut()
+            .map(|target| {
+                if target.info.state == ProcessState::Replaced {
+                    return MemoryReport::default();
+                }
+                let pid = target.info.pid;
+                if target.is_running() {
+                    if let Some(now) = crate::target::memory::resident(pid) {
+                        target.memory_last = Some(now);
+                    }
+                }
+                let traced = Traced {
+                    heap_bytes: snapshot
+                        .stacks
+                        .iter()
+                        .filter(|s| s.pid == pid)
+                        .map(|s| s.bytes)
+                        .sum(),
+                    mapped_bytes: sample.map_or(0, |m| {
+                        m.stacks.iter().filter(|s| s.pid == pid).map(|s| s.bytes).sum()
+                    }),
+                    brk_growth: sample
+                        .and_then(|m| m.brk_growth_by_pid.get(&pid).copied())
+                        .unwrap_or(0),
+                };
+                memory::judge(target.memory_at_attach, target.memory_last, traced)
+            })
+            .collect()
+    }
+
+    /// The mappings now (None: mmap is not traced), made at or before the
+    /// minimum age's cutoff.
+    fn mapping_sample(&mut self, taken_ns: u64) -> Option<MappingSample> {
+        let mappings = self.mappings.as_ref()?;
         let cutoff =
             (self.run.min_age_ns > 0).then(|| taken_ns.saturating_sub(self.run.min_age_ns));
-        let sample = mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sample(self.kernel.loaded(), cutoff);
+        Some(
+            mappings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sample(self.kernel.loaded(), cutoff),
+        )
+    }
+
+    /// The mappings section: outstanding anonymous mappings per stack.
+    fn build_mappings(
+        &mut self,
+        sample: &MappingSample,
+        taken_ns: u64,
+        top: usize,
+    ) -> report::MappingsReport {
         let loaded = self.kernel.loaded();
         let processes = &mut self.processes;
-        report::build_mappings(&sample, taken_ns, top, |pid, id| {
+        report::build_mappings(sample, taken_ns, top, |pid, id| {
             let symbolizer = processes
                 .iter_mut()
                 .rev()

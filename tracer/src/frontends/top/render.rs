@@ -13,7 +13,10 @@ use ratatui::{
 use super::state::TopState;
 use crate::{
     frontends::live_view::{LiveView, SortKey},
-    report::trend::{Trend, TrendKind},
+    report::{
+        memory::{self, Verdict},
+        trend::{Trend, TrendKind},
+    },
 };
 
 pub const KEYS: &[(&str, &str)] = &[
@@ -45,7 +48,7 @@ pub fn draw(frame: &mut Frame, state: &TopState) {
         Constraint::Length(0)
     };
     let [header, table, detail, footer] = Layout::vertical([
-        Constraint::Length(5),
+        Constraint::Length(6),
         Constraint::Min(3),
         detail_height,
         Constraint::Length(1),
@@ -148,6 +151,7 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     let mut lines = vec![
         Line::from(title),
         Line::from(vec![Span::raw(rss), Span::raw(held)]),
+        memory_line(view),
         Line::from(vec![Span::raw(rates), dropped_span]),
         Line::from(arrangement),
     ];
@@ -174,6 +178,20 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
             .style(Style::new().fg(Color::Cyan)),
         chart,
     );
+}
+
+/// Where the growth went, in a sentence; red when it is outside the
+/// tracer's view.
+fn memory_line(view: &LiveView) -> Line<'static> {
+    let Some(report) = &view.memory else {
+        return Line::raw("memory: -");
+    };
+    let style = match report.verdict {
+        Some(Verdict::Outside) => Style::new().fg(Color::Red),
+        Some(Verdict::Heap | Verdict::Mappings) => Style::new().fg(Color::Yellow),
+        _ => Style::new(),
+    };
+    Line::styled(format!("memory: {}", memory::sentence(report)), style)
 }
 
 fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
