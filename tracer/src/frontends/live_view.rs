@@ -124,7 +124,7 @@ impl LiveView {
             shown_growth: HashMap::new(),
             growth: Growth::new(GROWTH_WINDOW_NS),
             shown_trends: HashMap::new(),
-            history: History::default(),
+            history: History::since(attached_ns),
             counter_history: VecDeque::new(),
             chart: VecDeque::new(),
             stacks: HashMap::new(),

@@ -2,7 +2,7 @@
 //! (blocks at least 1 s old, so churn does not count; see `model::History`)
 //! and the age of its oldest block. Pure: a series in, a `Trend` out.
 //!
-//! The recent part of the history (its last third, 8 s to 120 s) is tested
+//! The recent part of the history (its last third, 8 s to 10 min) is tested
 //! for a monotonic trend with Mann-Kendall's statistic (the share of pairs
 //! of points that rise, against what noise would give) and its slope is
 //! Theil-Sen's (the median of the pairwise slopes): both ignore one-off
@@ -93,11 +93,11 @@ impl Trend {
 /// `Trend::is_leak_suspect`'s threshold.
 pub const SUSPECT_CONFIDENCE: f64 = 0.5;
 /// Below this much history, or this many points, a stack is `new`.
-pub const MIN_SPAN_S: f64 = 4.0;
+pub const MIN_SPAN_S: f64 = 6.0;
 pub const MIN_POINTS: usize = 4;
 /// The recent window: the last third of the history, within these bounds.
 const RECENT_MIN_S: f64 = 8.0;
-const RECENT_MAX_S: f64 = 120.0;
+const RECENT_MAX_S: f64 = 600.0;
 /// A change smaller than this over the recent window is no trend.
 const MIN_CHANGE_BYTES: f64 = 1024.0;
 /// Mann-Kendall z from which a rise or fall is a trend (p < 0.01 one-sided:
@@ -142,7 +142,7 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
     let latest_slope = theil_sen(&latest).unwrap_or(0.0);
     let still = latest.len() >= 3 && latest_slope / slope >= 0.5;
     let evidence = (span / FULL_EVIDENCE_S).min(1.0);
-    let strength = |z: f64| ((z.abs() - 1.5) / 2.5).clamp(0.0, 1.0);
+    let strength = |z: f64| ((z.abs() - 1.5) / 2.0).clamp(0.0, 1.0);
     let round = |c: f64| (c * 100.0).round() / 100.0;
 
     if significant && still && slope > 0.0 && z >= Z_TREND {
@@ -164,10 +164,10 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
         };
     }
     // No trend now: did it rise before? Compare the recent level with the
-    // start of the history.
-    let level = |points: &[(f64, f64)]| median(points.iter().map(|p| p.1).collect());
-    let start = level(&series[..3.min(series.len())]);
-    let now = level(&recent);
+    // start of the history (zero at attach, for a stack that allocated
+    // since: see `model::History`).
+    let start = first.1;
+    let now = median(recent.iter().map(|p| p.1).collect());
     let flatness = (1.0 - z.abs() / Z_TREND).clamp(0.0, 1.0);
     let settled_for = (recent_span / RECENT_MIN_S).min(1.0);
     let kind = if now - start >= MIN_CHANGE_BYTES.max(4.0 * noise) {
@@ -315,6 +315,27 @@ mod tests {
         let late = classify(&series(600, slow), Some(600.0));
         assert_eq!(late.kind, TrendKind::Growing, "{late:?}");
         assert!((late.bytes_per_second - 200.0).abs() < 60.0, "{late:?}");
+    }
+
+    #[test]
+    fn a_slow_leak_is_found_through_the_thinned_history() {
+        use crate::model::{History, Snapshot, StackSample};
+        let mut history = History::since(0);
+        for t in 1..=900u64 {
+            let bytes = 50_000.0 + 200.0 * t as f64 + 20_000.0 * noise(t);
+            history.record(&Snapshot {
+                taken_ns: t * 1_000_000_000,
+                stacks: vec![StackSample {
+                    stack_id: 1,
+                    count: 1,
+                    settled_bytes: Some(bytes as u64),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        let trend = classify(history.series(1), Some(900.0));
+        assert_eq!(trend.kind, TrendKind::Growing, "{trend:?}");
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl<K: KernelOps> LiveTrace<K> {
             }
             Mutex::new(trace)
         });
+        let history = crate::model::History::since(run.attached_ns);
         LiveTrace {
             kernel,
             run,
@@ -121,7 +122,7 @@ impl<K: KernelOps> LiveTrace<K> {
             unwinder: None,
             mappings,
             sweep: collect::AgeSweep::default(),
-            history: Default::default(),
+            history,
         }
     }
 
