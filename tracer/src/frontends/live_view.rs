@@ -10,6 +10,7 @@ use anyhow::Result;
 use crate::{
     model::{Counters, Growth, History, Snapshot},
     report::{
+        label::Labeler,
         memory::MemoryReport,
         trend::{self, Trend},
         Dropped,
@@ -99,6 +100,8 @@ pub struct LiveView {
     pub chart: VecDeque<u64>,
     stacks: HashMap<u64, StackInfo>,
     rows: Vec<Row>,
+    /// Picks the frame rows are labelled with (past allocation wrappers).
+    pub labels: Labeler,
 
     pub sort: SortKey,
     pub group_by_function: bool,
@@ -129,6 +132,7 @@ impl LiveView {
             chart: VecDeque::new(),
             stacks: HashMap::new(),
             rows: Vec::new(),
+            labels: Labeler::default(),
             sort,
             group_by_function: group,
             filter: String::new(),
@@ -147,6 +151,7 @@ impl LiveView {
             group,
         );
         view.process.rss_at_attach = trace.primary().process.rss_bytes();
+        view.labels = trace.run.labels.clone();
         view.sample_rate = trace
             .run
             .allocators
@@ -166,6 +171,8 @@ impl LiveView {
     }
 
     pub fn add_stack(&mut self, stack_id: u64, info: StackInfo) {
+        self.labels
+            .observe(info.frames.iter().map(|f| f.function.as_deref()));
         self.stacks.insert(stack_id, info);
     }
 
@@ -180,7 +187,13 @@ impl LiveView {
             return;
         }
         self.growth.record(&snapshot);
-        self.history.record(&snapshot);
+        let stacks = &self.stacks;
+        self.history.record_by_site(&snapshot, |s| {
+            match stacks.get(&s.stack_id).and_then(|i| i.frames.first()) {
+                Some(frame) => crate::trace::site_key(s.pid, frame.address),
+                None => s.stack_id,
+            }
+        });
         self.counter_history
             .push_back((snapshot.taken_ns, snapshot.counters));
         while self.counter_history.len() > 2 {
@@ -201,8 +214,8 @@ impl LiveView {
                 .iter()
                 .filter(|s| s.count > 0)
                 .map(|s| {
-                    let series = self.history.series(s.stack_id);
-                    (s.stack_id, trend::classify(series, snapshot.oldest_age_s(s)))
+                    let age = snapshot.oldest_age_s(s);
+                    (s.stack_id, trend::of_stack(&self.history, s.stack_id, age))
                 })
                 .collect();
             self.shown = snapshot;
@@ -251,6 +264,8 @@ impl LiveView {
     pub fn rebuild_rows(&mut self) {
         let filter = self.filter.to_lowercase();
         let mut rows: Vec<Row> = Vec::new();
+        // The function that called each row's labelled frame.
+        let mut callers: Vec<Option<String>> = Vec::new();
         let mut by_function: HashMap<String, usize> = HashMap::new();
         for sample in self.shown.top(0) {
             let info = self.stacks.get(&sample.stack_id);
@@ -258,7 +273,11 @@ impl LiveView {
             if !filter.is_empty() && !matches_filter(frames, &filter) {
                 continue;
             }
-            let (function, location) = allocating_function(frames);
+            let at = self
+                .labels
+                .pick(frames.iter().map(|f| f.function.as_deref()));
+            let (function, location) = allocating_function(&frames[at.min(frames.len())..]);
+            let caller = frames.get(at + 1).and_then(|f| f.function.clone());
             let row = Row {
                 stack_ids: vec![sample.stack_id],
                 pid: sample.pid,
@@ -273,6 +292,7 @@ impl LiveView {
             };
             if !self.group_by_function {
                 rows.push(row);
+                callers.push(caller);
                 continue;
             }
             match by_function.get(&row.function) {
@@ -282,6 +302,9 @@ impl LiveView {
                 }
                 Some(&i) => merge(&mut rows[i], row),
             }
+        }
+        if !self.group_by_function {
+            tell_apart(&mut rows, &callers);
         }
         sort_rows(&mut rows, self.sort);
         self.rows = rows;
@@ -310,7 +333,28 @@ pub fn refresh(trace: &mut LiveTrace, view: &mut LiveView) -> Result<()> {
     Ok(())
 }
 
-/// The allocating function's name and file:line: the innermost frame.
+/// Rows whose labels are the same but whose labelled functions were called
+/// from different functions get their caller added: "parse ← load_config".
+fn tell_apart(rows: &mut [Row], callers: &[Option<String>]) {
+    let mut by_label: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        by_label.entry(row.function.clone()).or_default().push(i);
+    }
+    for same in by_label.values().filter(|same| same.len() > 1) {
+        let first = &callers[same[0]];
+        if same.iter().all(|&i| &callers[i] == first) {
+            continue;
+        }
+        for &i in same {
+            if let Some(caller) = &callers[i] {
+                rows[i].function = format!("{} ← {caller}", rows[i].function);
+            }
+        }
+    }
+}
+
+/// A stack's label: the name and file:line of its first frame (the first
+/// past allocation wrappers, as `rebuild_rows` passes them).
 fn allocating_function(frames: &[Frame]) -> (String, Option<String>) {
     let Some(frame) = frames.first() else {
         return ("[unknown stack]".to_string(), None);
@@ -477,6 +521,41 @@ pub(crate) mod tests {
         assert_eq!(functions(&view), ["leak_steadily", "churn", "load_config"]);
         assert_eq!(view.rows()[0].growth, Some(2000.0));
         assert_eq!(view.event_rates(), Some((1000.0, 900.0)));
+    }
+
+    #[test]
+    fn rows_are_labelled_past_wrappers_and_told_apart_by_caller() {
+        let mut view = LiveView::new(1, "server".into(), 0, SortKey::Bytes, false);
+        let stacks = [
+            (1, ["zmalloc", "createObject", "setCommand"]),
+            (2, ["zmalloc", "createObject", "getCommand"]),
+            (3, ["zmalloc", "sdsnew", "main"]),
+            (4, ["zmalloc", "dictExpand", "main"]),
+        ];
+        for (id, names) in stacks {
+            let frames = names.iter().map(|n| frame(n, "server.c", 1)).collect();
+            view.add_stack(id, StackInfo { frames, truncated: false });
+        }
+        view.update(Snapshot {
+            taken_ns: 1_000_000_000,
+            stacks: (1..=4).map(|id| sample(id, 1000 * id, 1, 0)).collect(),
+            ..Default::default()
+        });
+        let mut labels: Vec<&str> = view.rows().iter().map(|r| r.function.as_str()).collect();
+        labels.sort();
+        assert_eq!(
+            labels,
+            [
+                "createObject ← getCommand",
+                "createObject ← setCommand",
+                "dictExpand",
+                "sdsnew"
+            ]
+        );
+        // Grouped by function, the two createObject stacks are one row.
+        view.group_by_function = true;
+        view.rebuild_rows();
+        assert_eq!(view.rows().len(), 3);
     }
 
     #[test]

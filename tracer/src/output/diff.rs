@@ -116,6 +116,7 @@ pub fn folded_lines(diff: &Diff, weight: Weight) -> Vec<String> {
             oldest_age_s: None,
             truncated: false,
             trend: None,
+            label_frame: 0,
             frames: s.frames.clone(),
         });
         let entry = merged.entry(path).or_default();

@@ -46,6 +46,7 @@ mod tests {
                 oldest_age_s: Some(0.5),
                 truncated: false,
                 trend: None,
+                label_frame: 0,
                 frames: vec![ReportFrame {
                     function: Some("leak".into()),
                     file: Some("a.c".into()),

@@ -80,7 +80,8 @@ pub fn render(report: &Report, final_report: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "\n  {process}{} in {} allocation{} (allocated since attach: {}{}){}",
+            "\n  {process}{}{} in {} allocation{} (allocated since attach: {}{}){}",
+            stack.label().map(label).unwrap_or_default(),
             bytes(stack.bytes),
             stack.allocations,
             plural(stack.allocations),
@@ -109,6 +110,17 @@ pub fn render(report: &Report, final_report: bool) -> String {
     }
     out.push('\n');
     out
+}
+
+/// "parse_line (parse.c:12): ": the frame the stack is labelled with.
+fn label(frame: &ReportFrame) -> String {
+    let function = frame.function.as_deref().unwrap_or(&frame.address);
+    match (&frame.file, frame.line) {
+        (Some(file), Some(line)) => {
+            format!("{function} ({}:{line}): ", file.rsplit('/').next().unwrap_or(file))
+        }
+        _ => format!("{function}: "),
+    }
 }
 
 /// ": growing +5.0 KiB/s (confidence 93%)"; nothing for a new stack.

@@ -199,6 +199,7 @@ pub(crate) mod tests {
             oldest_age_s: None,
             truncated: false,
             trend: None,
+            label_frame: 0,
             frames,
         }
     }

@@ -3,6 +3,7 @@
 //! of each stack, passed in as a function so this module stays pure.
 
 pub mod diff;
+pub mod label;
 pub mod memory;
 pub mod trend;
 
@@ -142,6 +143,21 @@ pub struct StackReport {
     /// and for mappings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trend: Option<trend::Trend>,
+    /// Index in `frames` of the frame one-line labels name: the first past
+    /// allocation wrappers (`xmalloc`, `operator new`...; see `label.rs`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_frame: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl StackReport {
+    /// The frame labels name (None: no frames).
+    pub fn label(&self) -> Option<&ReportFrame> {
+        self.frames.get(self.label_frame).or(self.frames.first())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -229,6 +245,8 @@ pub struct RunInfo {
     pub allocators: Vec<AllocatorInfo>,
     /// Every process traced, `pid` first (empty: just `pid`).
     pub processes: Vec<ProcessInfo>,
+    /// Allocation wrappers, to label stacks past them.
+    pub labels: label::Labeler,
 }
 
 /// A traced process, as reports describe it.
@@ -296,6 +314,7 @@ fn stack_report(
         oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
         truncated,
         trend: None,
+        label_frame: 0,
         frames: stack_frames.iter().map(ReportFrame::from).collect(),
     }
 }
@@ -425,6 +444,16 @@ pub fn build_mappings(
         brk_growth_bytes: sample.brk_growth,
         lost_events: sample.lost_events,
         lost_stacks: sample.lost_stacks,
+    }
+}
+
+/// Learns wrappers from the listed stacks, then sets each one's label frame.
+pub fn set_labels(report: &mut Report, labeler: &mut label::Labeler) {
+    for stack in &report.stacks {
+        labeler.observe(stack.frames.iter().map(|f| f.function.as_deref()));
+    }
+    for stack in &mut report.stacks {
+        stack.label_frame = labeler.pick(stack.frames.iter().map(|f| f.function.as_deref()));
     }
 }
 

@@ -182,6 +182,27 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
     }
 }
 
+/// The trend of a stack of `history`. A stack that grows or shrinks while
+/// its allocation site as a whole does not (a cache refilled from another
+/// call path than the one that filled it) takes its site's trend.
+pub fn of_stack(history: &crate::model::History, stack_id: u64, oldest_age_s: Option<f64>) -> Trend {
+    let own = classify(history.series(stack_id), oldest_age_s);
+    if !matches!(own.kind, TrendKind::Growing | TrendKind::Shrinking) {
+        return own;
+    }
+    match history.site_series(stack_id) {
+        Some(site) => {
+            let site = classify(site, oldest_age_s);
+            if site.kind == own.kind {
+                own
+            } else {
+                site
+            }
+        }
+        None => own,
+    }
+}
+
 /// Median of the pairwise slopes (per second); None under two distinct times.
 fn theil_sen(points: &[(f64, f64)]) -> Option<f64> {
     let mut slopes = Vec::with_capacity(points.len() * points.len() / 2);
@@ -374,6 +395,52 @@ mod tests {
         let stopped = series(90, |t| 10_000.0 * t.min(30) as f64);
         assert_eq!(kind(&stopped[..=25], Some(25.0)), TrendKind::Growing);
         assert_eq!(kind(&stopped, Some(90.0)), TrendKind::Plateau);
+    }
+
+    #[test]
+    fn a_cache_refilled_from_another_path_is_a_plateau_in_both() {
+        use crate::model::{History, Snapshot, StackSample};
+        let mut history = History::since(0);
+        // Stack 1 fills 1 MiB in 2 s; from then on stack 2 replaces its
+        // entries, 20 KiB a second; both allocate at site 7.
+        for t in 1..=30u64 {
+            let filled = if t <= 2 { t * 512 << 10 } else { 1 << 20 };
+            let replaced = (t.saturating_sub(2) * 20 << 10).min(filled);
+            let stack = |id, bytes| StackSample {
+                stack_id: id,
+                count: 1,
+                settled_bytes: Some(bytes),
+                ..Default::default()
+            };
+            history.record_by_site(
+                &Snapshot {
+                    taken_ns: t * 1_000_000_000,
+                    stacks: vec![stack(1, filled - replaced), stack(2, replaced)],
+                    ..Default::default()
+                },
+                |_| 7,
+            );
+        }
+        assert_eq!(classify(history.series(2), Some(28.0)).kind, TrendKind::Growing);
+        for id in [1, 2] {
+            let trend = of_stack(&history, id, Some(28.0));
+            assert_eq!(trend.kind, TrendKind::Plateau, "{id}: {trend:?}");
+        }
+        // Alone at its site, a growing stack stays growing.
+        let mut alone = History::since(0);
+        for t in 1..=30u64 {
+            alone.record(&Snapshot {
+                taken_ns: t * 1_000_000_000,
+                stacks: vec![StackSample {
+                    stack_id: 2,
+                    count: 1,
+                    settled_bytes: Some(t * 20 << 10),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        assert_eq!(of_stack(&alone, 2, Some(30.0)).kind, TrendKind::Growing);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! that process's mappings.
 
 mod reading;
+pub use reading::site_key;
 pub mod setup;
 
 use std::sync::Mutex;
@@ -95,6 +96,8 @@ pub struct LiveTrace<K = Kernel> {
     sweep: collect::AgeSweep,
     /// Settled bytes per stack at every snapshot, for trends in reports.
     history: crate::model::History,
+    /// Each live stack's allocation site (`reading::site_key`).
+    sites: std::collections::HashMap<u64, u64>,
 }
 
 impl<K: KernelOps> LiveTrace<K> {
@@ -123,6 +126,7 @@ impl<K: KernelOps> LiveTrace<K> {
             mappings,
             sweep: collect::AgeSweep::default(),
             history,
+            sites: Default::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
+use tracer_common::is_unknown_stack;
 
 use super::LiveTrace;
 use crate::{
@@ -34,7 +35,7 @@ impl LiveTrace<Kernel> {
             collect::Ages::Skip
         };
         let snapshot = collect::snapshot(self.kernel.loaded(), self.run.min_age_ns, ages, rate)?;
-        self.history.record(&snapshot);
+        self.record(&snapshot);
         Ok(snapshot)
     }
 
@@ -47,8 +48,29 @@ impl LiveTrace<Kernel> {
             collect::Ages::Exact,
             self.sample_rate(),
         )?;
-        self.history.record(&snapshot);
+        self.record(&snapshot);
         Ok(snapshot)
+    }
+
+    /// Adds a snapshot to the history trends are judged on, each stack
+    /// under its allocation site (its innermost frame, read once per stack).
+    fn record(&mut self, snapshot: &Snapshot) {
+        let loaded = self.kernel.loaded();
+        let sites = &mut self.sites;
+        let live: std::collections::HashSet<u64> = snapshot.stacks.iter().map(|s| s.stack_id).collect();
+        sites.retain(|id, _| live.contains(id));
+        for s in snapshot.stacks.iter().filter(|s| s.count > 0) {
+            sites.entry(s.stack_id).or_insert_with(|| {
+                let ip = match collect::stack_frames(loaded, s.stack_id) {
+                    Ok(Some((ips, _))) if !is_unknown_stack(s.stack_id) => ips.first().copied(),
+                    _ => None,
+                };
+                ip.map_or(s.stack_id, |ip| site_key(s.pid, ip))
+            });
+        }
+        let sites = &self.sites;
+        self.history
+            .record_by_site(snapshot, |s| sites.get(&s.stack_id).copied().unwrap_or(s.stack_id));
     }
 
     /// The trend of each stack of `snapshot` (recorded by `snapshot`), by id.
@@ -58,8 +80,8 @@ impl LiveTrace<Kernel> {
             .iter()
             .filter(|s| s.count > 0)
             .map(|s| {
-                let series = self.history.series(s.stack_id);
-                (s.stack_id, trend::classify(series, snapshot.oldest_age_s(s)))
+                let trend = trend::of_stack(&self.history, s.stack_id, snapshot.oldest_age_s(s));
+                (s.stack_id, trend)
             })
             .collect()
     }
@@ -96,6 +118,7 @@ impl LiveTrace<Kernel> {
         let mut report = report::build(&run, snapshot, top, |pid, id| self.stack(pid, id));
         let trends = self.trends(snapshot);
         report::set_trends(&mut report, |_, id| trends.get(&id).copied());
+        report::set_labels(&mut report, &mut self.run.labels);
         let sample = self.mapping_sample(snapshot.taken_ns);
         if let Some(sample) = &sample {
             report.mappings = self.build_mappings(sample, snapshot.taken_ns, top);
@@ -195,4 +218,12 @@ impl LiveTrace<Kernel> {
         let run = self.run.clone();
         report::build_every_stack(&run, snapshot, |pid, id| self.stack(pid, id))
     }
+}
+
+/// An allocation site: a process's innermost frame address.
+pub fn site_key(pid: u32, ip: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (pid, ip).hash(&mut hasher);
+    hasher.finish()
 }
