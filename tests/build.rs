@@ -32,6 +32,7 @@ fn main() {
         "sampled",
         "forks",
         "reclaim_storm",
+        "behaviours",
     ] {
         run(Command::new("gcc")
             .args(c_flags)

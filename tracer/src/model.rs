@@ -253,6 +253,130 @@ impl Growth {
     }
 }
 
+/// Points kept per stack by `History`: when full, every other one goes, so
+/// the whole time since attach stays covered at a coarser step.
+pub const HISTORY_POINTS: usize = 64;
+
+/// Every stack's settled bytes at each snapshot since attach: what trends
+/// are judged on (`report::trend`). Every block the tracer knows was
+/// allocated since attach, so a stack starts from zero at the snapshot
+/// before it was first seen (at attach for the first); one gone from the
+/// map is forgotten.
+///
+/// The same per allocation site (stacks that share their innermost frame,
+/// summed): a cache filled from one call path and refilled from another
+/// shrinks in the first stack and grows in the second, flat as a whole.
+#[derive(Debug, Default)]
+pub struct History {
+    series: HashMap<u64, Vec<(u64, u64)>>,
+    sites: HashMap<u64, Vec<(u64, u64)>>,
+    /// Each stack's site, and how many stacks each site had last time.
+    site_of: HashMap<u64, u64>,
+    site_stacks: HashMap<u64, usize>,
+    last_taken_ns: Option<u64>,
+}
+
+impl History {
+    /// History from attach (CLOCK_MONOTONIC ns).
+    pub fn since(attached_ns: u64) -> Self {
+        History {
+            last_taken_ns: Some(attached_ns),
+            ..Default::default()
+        }
+    }
+
+    /// Records a snapshot, each stack its own site.
+    pub fn record(&mut self, snapshot: &Snapshot) {
+        self.record_by_site(snapshot, |s| s.stack_id)
+    }
+
+    /// Records a snapshot; `site` names each stack's allocation site.
+    pub fn record_by_site(&mut self, snapshot: &Snapshot, site: impl Fn(&StackSample) -> u64) {
+        let now = snapshot.taken_ns;
+        if self.last_taken_ns.is_some_and(|t| now <= t) {
+            return;
+        }
+        let mut seen = HashSet::with_capacity(snapshot.stacks.len());
+        let mut by_site: HashMap<u64, u64> = HashMap::new();
+        self.site_stacks.clear();
+        for stack in &snapshot.stacks {
+            let value = stack.settled_bytes.unwrap_or(stack.bytes);
+            if stack.count == 0 && value == 0 && !self.series.contains_key(&stack.stack_id) {
+                continue;
+            }
+            seen.insert(stack.stack_id);
+            push(&mut self.series, stack.stack_id, self.last_taken_ns, now, value);
+            let site = site(stack);
+            self.site_of.insert(stack.stack_id, site);
+            *by_site.entry(site).or_default() += value;
+            *self.site_stacks.entry(site).or_default() += 1;
+        }
+        for (&site, &value) in &by_site {
+            push(&mut self.sites, site, self.last_taken_ns, now, value);
+        }
+        self.series.retain(|id, _| seen.contains(id));
+        self.site_of.retain(|id, _| seen.contains(id));
+        self.sites.retain(|site, _| by_site.contains_key(site));
+        self.last_taken_ns = Some(now);
+    }
+
+    /// (monotonic ns, settled bytes) of a stack, oldest first.
+    pub fn series(&self, stack_id: u64) -> &[(u64, u64)] {
+        self.series.get(&stack_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The same summed over the stack's site, when the site has other
+    /// stacks too.
+    pub fn site_series(&self, stack_id: u64) -> Option<&[(u64, u64)]> {
+        let site = self.site_of.get(&stack_id)?;
+        if self.site_stacks.get(site).copied().unwrap_or(0) < 2 {
+            return None;
+        }
+        self.sites.get(site).map(Vec::as_slice)
+    }
+}
+
+/// Appends a point to a series, which starts from zero at `before`.
+fn push(
+    all: &mut HashMap<u64, Vec<(u64, u64)>>,
+    key: u64,
+    before: Option<u64>,
+    now: u64,
+    value: u64,
+) {
+    let series = all
+        .entry(key)
+        .or_insert_with(|| before.map(|t| vec![(t, 0)]).unwrap_or_default());
+    series.push((now, value));
+    if series.len() > HISTORY_POINTS {
+        thin(series);
+    }
+}
+
+/// Drops every other point but the first and the last: the whole history
+/// stays covered evenly, at twice the step.
+fn thin(series: &mut Vec<(u64, u64)>) {
+    let last = series.len() - 1;
+    let mut index = 0;
+    series.retain(|_| {
+        index += 1;
+        index % 2 == 1 || index - 1 == last
+    });
+}
+
+/// A process's resident memory, as /proc/PID/status splits it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResidentMemory {
+    /// VmRSS: the sum of the three below.
+    pub rss: u64,
+    /// RssAnon: private anonymous pages (heap, anonymous mappings, stacks).
+    pub anon: u64,
+    /// RssFile: file-backed pages (code, mapped files).
+    pub file: u64,
+    /// RssShmem: shared memory (memfd, shm, MAP_SHARED|MAP_ANONYMOUS).
+    pub shmem: u64,
+}
+
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps
 /// blocks and events.
 pub fn monotonic_ns() -> u64 {
@@ -393,5 +517,24 @@ mod tests {
         }
         assert_eq!(growth.rate(1), Some(0.0));
         assert_eq!(growth.rate(2), Some(500.0));
+    }
+
+    #[test]
+    fn history_covers_the_whole_run_in_bounded_points() {
+        let mut history = History::since(0);
+        for t in 1..=1000 {
+            let mut stacks = vec![(1, t * 10)];
+            if t < 500 {
+                stacks.push((2, 5));
+            }
+            history.record(&at(t, &stacks));
+        }
+        let series = history.series(1);
+        assert!(series.len() <= HISTORY_POINTS, "{}", series.len());
+        assert_eq!(series[0], (0, 0), "starts from zero at the snapshot before");
+        assert_eq!(*series.last().unwrap(), (1000_000_000_000, 10_000));
+        assert!(series.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(series.len() >= HISTORY_POINTS / 2);
+        assert!(history.series(2).is_empty(), "gone stacks are forgotten");
     }
 }

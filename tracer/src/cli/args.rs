@@ -211,6 +211,17 @@ pub struct TraceOptions {
     /// them; repeatable. je_, _rjem_, mi_ and tc_ are looked for anyway.
     #[arg(long = "symbols-prefix", value_name = "PREFIX")]
     pub symbols_prefix: Vec<String>,
+    /// Treat functions matching this regex as allocation wrappers, like
+    /// xmalloc: one-line labels (top's ALLOCATED IN, report headings,
+    /// metrics and JUnit names) name the first frame past them; repeatable.
+    /// Adds to a built-in list (xmalloc, g_malloc, zmalloc, palloc,
+    /// operator new, Rust's alloc::, strdup...) and to functions seen called
+    /// from many places. Full stacks are unchanged.
+    #[arg(long = "wrapper", value_name = "REGEX", value_parser = crate::report::label::parse_pattern)]
+    pub wrapper: Vec<regex::Regex>,
+    /// Never treat functions matching this regex as wrappers; repeatable.
+    #[arg(long = "no-wrapper", value_name = "REGEX", value_parser = crate::report::label::parse_pattern)]
+    pub no_wrapper: Vec<regex::Regex>,
     /// Also trace the processes the traced ones fork, and what they exec,
     /// each reported on its own (a started command's children are stopped
     /// until their probes are in place; a running process's children are
@@ -351,6 +362,8 @@ pub enum SortKey {
     Growth,
     /// Age of the oldest outstanding allocation.
     Age,
+    /// Trend: growing stacks first, the most confident and fastest first.
+    Trend,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -66,6 +66,9 @@ pub struct TraceConfig {
     pub max_stacks: u32,
     pub sample_rate: Option<u64>,
     pub symbols_prefix: Vec<String>,
+    /// `--wrapper`, `--no-wrapper`.
+    pub wrappers: Vec<regex::Regex>,
+    pub no_wrappers: Vec<regex::Regex>,
     pub follow_forks: bool,
     pub verbose: bool,
     pub unwind: UnwindMode,
@@ -220,6 +223,8 @@ impl From<args::TraceOptions> for TraceConfig {
             max_stacks: o.max_stacks,
             sample_rate: o.sample_rate,
             symbols_prefix: o.symbols_prefix,
+            wrappers: o.wrapper,
+            no_wrappers: o.no_wrapper,
             follow_forks: o.follow_forks,
             verbose: o.verbose,
             unwind: o.unwind.into(),
@@ -330,6 +335,7 @@ impl From<args::SortKey> for SortKey {
             args::SortKey::Count => SortKey::Count,
             args::SortKey::Growth => SortKey::Growth,
             args::SortKey::Age => SortKey::Age,
+            args::SortKey::Trend => SortKey::Trend,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! Tracepoints need tracefs; without it (and when it cannot be mounted)
 //! heap tracing goes on alone.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use tracer_common::{MmapEvent, MMAP_EVENTS_LOST, MMAP_STACKS_LOST};
 
@@ -57,6 +59,8 @@ pub struct MappingSample {
     pub stacks: Vec<StackSample>,
     /// Over all processes.
     pub brk_growth: i64,
+    /// Per process.
+    pub brk_growth_by_pid: HashMap<u32, i64>,
     pub lost_events: u64,
     pub lost_stacks: u64,
 }
@@ -99,6 +103,7 @@ impl MappingTrace {
         let (lost_events, lost_stacks) = counters(loaded).unwrap_or((0, 0));
         let mut all = Vec::new();
         let mut brk_growth = 0;
+        let mut brk_growth_by_pid = HashMap::new();
         for (pid, process) in &mut self.processes {
             if let Some(value) = brk.as_ref().and_then(|b| b.get(pid).ok().flatten()) {
                 process.brk_last = Some(value);
@@ -106,6 +111,7 @@ impl MappingTrace {
             }
             if let (Some(start), Some(now)) = (process.brk_at_attach, process.brk_last) {
                 brk_growth += now as i64 - start as i64;
+                brk_growth_by_pid.insert(*pid, now as i64 - start as i64);
             }
             let mut stacks = process.table.samples(cutoff_ns);
             let loader = &process.loader_code;
@@ -124,6 +130,7 @@ impl MappingTrace {
         MappingSample {
             stacks: all,
             brk_growth,
+            brk_growth_by_pid,
             lost_events,
             lost_stacks,
         }

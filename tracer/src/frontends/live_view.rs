@@ -8,8 +8,13 @@ use std::collections::{HashMap, VecDeque};
 use anyhow::Result;
 
 use crate::{
-    model::{Counters, Growth, Snapshot},
-    report::Dropped,
+    model::{Counters, Growth, History, Snapshot},
+    report::{
+        label::Labeler,
+        memory::MemoryReport,
+        trend::{self, Trend},
+        Dropped,
+    },
     symbolize::Frame,
     trace::LiveTrace,
 };
@@ -30,6 +35,9 @@ pub enum SortKey {
     Growth,
     /// Age of the oldest outstanding allocation.
     Age,
+    /// Trend: growing first (most confident fastest first), then plateau,
+    /// new, steady, shrinking.
+    Trend,
 }
 
 /// A symbolized stack, kept for the whole run (a stack id's frames never change).
@@ -53,6 +61,8 @@ pub struct Row {
     pub growth: Option<f64>,
     pub oldest_age_s: Option<f64>,
     pub total_count: u64,
+    /// Is it leaking (see `report::trend`).
+    pub trend: Option<Trend>,
     /// The allocating function.
     pub function: String,
     /// Its file:line, if known.
@@ -71,6 +81,8 @@ pub struct LiveView {
     pub command: String,
     pub attached_ns: u64,
     pub process: ProcessStats,
+    /// Where memory went since attach, as of the last `read`.
+    pub memory: Option<MemoryReport>,
     /// `--sample-rate`: the figures are estimates, and the event rates count
     /// sampled blocks only.
     pub sample_rate: Option<u64>,
@@ -79,12 +91,17 @@ pub struct LiveView {
     /// Growth rates as of `shown`.
     shown_growth: HashMap<u64, f64>,
     growth: Growth,
+    /// Trends as of `shown`.
+    shown_trends: HashMap<u64, Trend>,
+    history: History,
     /// (taken ns, counters) of the last two snapshots, for rates.
     counter_history: VecDeque<(u64, Counters)>,
     /// Outstanding bytes at each update, oldest first.
     pub chart: VecDeque<u64>,
     stacks: HashMap<u64, StackInfo>,
     rows: Vec<Row>,
+    /// Picks the frame rows are labelled with (past allocation wrappers).
+    pub labels: Labeler,
 
     pub sort: SortKey,
     pub group_by_function: bool,
@@ -101,6 +118,7 @@ impl LiveView {
             command,
             attached_ns,
             process: ProcessStats::default(),
+            memory: None,
             sample_rate: None,
             shown: Snapshot {
                 taken_ns: attached_ns,
@@ -108,10 +126,13 @@ impl LiveView {
             },
             shown_growth: HashMap::new(),
             growth: Growth::new(GROWTH_WINDOW_NS),
+            shown_trends: HashMap::new(),
+            history: History::since(attached_ns),
             counter_history: VecDeque::new(),
             chart: VecDeque::new(),
             stacks: HashMap::new(),
             rows: Vec::new(),
+            labels: Labeler::default(),
             sort,
             group_by_function: group,
             filter: String::new(),
@@ -130,6 +151,7 @@ impl LiveView {
             group,
         );
         view.process.rss_at_attach = trace.primary().process.rss_bytes();
+        view.labels = trace.run.labels.clone();
         view.sample_rate = trace
             .run
             .allocators
@@ -149,6 +171,8 @@ impl LiveView {
     }
 
     pub fn add_stack(&mut self, stack_id: u64, info: StackInfo) {
+        self.labels
+            .observe(info.frames.iter().map(|f| f.function.as_deref()));
         self.stacks.insert(stack_id, info);
     }
 
@@ -163,6 +187,13 @@ impl LiveView {
             return;
         }
         self.growth.record(&snapshot);
+        let stacks = &self.stacks;
+        self.history.record_by_site(&snapshot, |s| {
+            match stacks.get(&s.stack_id).and_then(|i| i.frames.first()) {
+                Some(frame) => crate::trace::site_key(s.pid, frame.address),
+                None => s.stack_id,
+            }
+        });
         self.counter_history
             .push_back((snapshot.taken_ns, snapshot.counters));
         while self.counter_history.len() > 2 {
@@ -177,6 +208,15 @@ impl LiveView {
                 .stacks
                 .iter()
                 .filter_map(|s| Some((s.stack_id, self.growth.rate(s.stack_id)?)))
+                .collect();
+            self.shown_trends = snapshot
+                .stacks
+                .iter()
+                .filter(|s| s.count > 0)
+                .map(|s| {
+                    let age = snapshot.oldest_age_s(s);
+                    (s.stack_id, trend::of_stack(&self.history, s.stack_id, age))
+                })
                 .collect();
             self.shown = snapshot;
             self.rebuild_rows();
@@ -224,6 +264,8 @@ impl LiveView {
     pub fn rebuild_rows(&mut self) {
         let filter = self.filter.to_lowercase();
         let mut rows: Vec<Row> = Vec::new();
+        // The function that called each row's labelled frame.
+        let mut callers: Vec<Option<String>> = Vec::new();
         let mut by_function: HashMap<String, usize> = HashMap::new();
         for sample in self.shown.top(0) {
             let info = self.stacks.get(&sample.stack_id);
@@ -231,7 +273,11 @@ impl LiveView {
             if !filter.is_empty() && !matches_filter(frames, &filter) {
                 continue;
             }
-            let (function, location) = allocating_function(frames);
+            let at = self
+                .labels
+                .pick(frames.iter().map(|f| f.function.as_deref()));
+            let (function, location) = allocating_function(&frames[at.min(frames.len())..]);
+            let caller = frames.get(at + 1).and_then(|f| f.function.clone());
             let row = Row {
                 stack_ids: vec![sample.stack_id],
                 pid: sample.pid,
@@ -240,11 +286,13 @@ impl LiveView {
                 growth: self.shown_growth.get(&sample.stack_id).copied(),
                 oldest_age_s: self.shown.oldest_age_s(sample),
                 total_count: sample.total_count,
+                trend: self.shown_trends.get(&sample.stack_id).copied(),
                 function,
                 location,
             };
             if !self.group_by_function {
                 rows.push(row);
+                callers.push(caller);
                 continue;
             }
             match by_function.get(&row.function) {
@@ -254,6 +302,9 @@ impl LiveView {
                 }
                 Some(&i) => merge(&mut rows[i], row),
             }
+        }
+        if !self.group_by_function {
+            tell_apart(&mut rows, &callers);
         }
         sort_rows(&mut rows, self.sort);
         self.rows = rows;
@@ -271,6 +322,7 @@ pub fn read(trace: &mut LiveTrace, view: &mut LiveView) -> Result<Snapshot> {
     if let Some(rss) = trace.primary().process.rss_bytes() {
         view.process.rss_now = Some(rss);
     }
+    view.memory = Some(trace.memory(&snapshot));
     Ok(snapshot)
 }
 
@@ -281,7 +333,28 @@ pub fn refresh(trace: &mut LiveTrace, view: &mut LiveView) -> Result<()> {
     Ok(())
 }
 
-/// The allocating function's name and file:line: the innermost frame.
+/// Rows whose labels are the same but whose labelled functions were called
+/// from different functions get their caller added: "parse ← load_config".
+fn tell_apart(rows: &mut [Row], callers: &[Option<String>]) {
+    let mut by_label: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        by_label.entry(row.function.clone()).or_default().push(i);
+    }
+    for same in by_label.values().filter(|same| same.len() > 1) {
+        let first = &callers[same[0]];
+        if same.iter().all(|&i| &callers[i] == first) {
+            continue;
+        }
+        for &i in same {
+            if let Some(caller) = &callers[i] {
+                rows[i].function = format!("{} ← {caller}", rows[i].function);
+            }
+        }
+    }
+}
+
+/// A stack's label: the name and file:line of its first frame (the first
+/// past allocation wrappers, as `rebuild_rows` passes them).
 fn allocating_function(frames: &[Frame]) -> (String, Option<String>) {
     let Some(frame) = frames.first() else {
         return ("[unknown stack]".to_string(), None);
@@ -324,6 +397,11 @@ fn merge(into: &mut Row, row: Row) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    // A group is as worrying as its most worrying stack.
+    into.trend = match (into.trend, row.trend) {
+        (Some(a), Some(b)) => Some(if b.sort_value() > a.sort_value() { b } else { a }),
+        (a, b) => a.or(b),
+    };
     if into.location.is_none() {
         into.location = row.location;
     }
@@ -337,6 +415,7 @@ fn sort_rows(rows: &mut [Row], key: SortKey) {
             SortKey::Count => row.count as f64,
             SortKey::Growth => row.growth.unwrap_or(f64::NEG_INFINITY),
             SortKey::Age => row.oldest_age_s.unwrap_or(f64::NEG_INFINITY),
+            SortKey::Trend => row.trend.map_or(f64::NEG_INFINITY, |t| t.sort_value()),
         }
     };
     rows.sort_by(|a, b| {
@@ -442,6 +521,41 @@ pub(crate) mod tests {
         assert_eq!(functions(&view), ["leak_steadily", "churn", "load_config"]);
         assert_eq!(view.rows()[0].growth, Some(2000.0));
         assert_eq!(view.event_rates(), Some((1000.0, 900.0)));
+    }
+
+    #[test]
+    fn rows_are_labelled_past_wrappers_and_told_apart_by_caller() {
+        let mut view = LiveView::new(1, "server".into(), 0, SortKey::Bytes, false);
+        let stacks = [
+            (1, ["zmalloc", "createObject", "setCommand"]),
+            (2, ["zmalloc", "createObject", "getCommand"]),
+            (3, ["zmalloc", "sdsnew", "main"]),
+            (4, ["zmalloc", "dictExpand", "main"]),
+        ];
+        for (id, names) in stacks {
+            let frames = names.iter().map(|n| frame(n, "server.c", 1)).collect();
+            view.add_stack(id, StackInfo { frames, truncated: false });
+        }
+        view.update(Snapshot {
+            taken_ns: 1_000_000_000,
+            stacks: (1..=4).map(|id| sample(id, 1000 * id, 1, 0)).collect(),
+            ..Default::default()
+        });
+        let mut labels: Vec<&str> = view.rows().iter().map(|r| r.function.as_str()).collect();
+        labels.sort();
+        assert_eq!(
+            labels,
+            [
+                "createObject ← getCommand",
+                "createObject ← setCommand",
+                "dictExpand",
+                "sdsnew"
+            ]
+        );
+        // Grouped by function, the two createObject stacks are one row.
+        view.group_by_function = true;
+        view.rebuild_rows();
+        assert_eq!(view.rows().len(), 3);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub fn folded_lines(diff: &Diff, weight: Weight) -> Vec<String> {
             total_bytes: 0,
             oldest_age_s: None,
             truncated: false,
+            trend: None,
+            label_frame: 0,
             frames: s.frames.clone(),
         });
         let entry = merged.entry(path).or_default();

@@ -110,6 +110,8 @@ pub(crate) mod tests {
             total_bytes: bytes,
             oldest_age_s: None,
             truncated: false,
+            trend: None,
+            label_frame: 0,
             frames,
         };
         Report {
@@ -122,6 +124,7 @@ pub(crate) mod tests {
             allocators: Vec::new(),
             mappings: Default::default(),
             unwinding: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: 1300,
                 allocations: 6,

@@ -32,6 +32,7 @@ mod tests {
             allocators: Vec::new(),
             mappings: Default::default(),
             unwinding: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: 10,
                 allocations: 1,
@@ -45,6 +46,8 @@ mod tests {
                 total_bytes: 30,
                 oldest_age_s: Some(0.5),
                 truncated: false,
+                trend: None,
+                label_frame: 0,
                 frames: vec![ReportFrame {
                     function: Some("leak".into()),
                     file: Some("a.c".into()),

@@ -2,7 +2,11 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Report, ReportFrame};
+use crate::report::{
+    memory,
+    trend::{Trend, TrendKind},
+    Report, ReportFrame,
+};
 
 pub fn render(report: &Report, final_report: bool) -> String {
     let mut out = String::new();
@@ -31,6 +35,9 @@ pub fn render(report: &Report, final_report: bool) -> String {
             "estimated: allocations sampled about once every {rate} bytes; bytes and counts are estimates"
         );
     }
+    if report.memory.verdict.is_some() {
+        let _ = writeln!(out, "memory: {}", memory::sentence(&report.memory));
+    }
     let several = report.processes.len() > 1;
     for p in report.processes.iter().filter(|_| several) {
         let state = match (p.state.as_str(), p.exit_code) {
@@ -39,7 +46,7 @@ pub fn render(report: &Report, final_report: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "  pid {} ({state}{}): {} in {} allocation{}: {}",
+            "  pid {} ({state}{}): {} in {} allocation{}{}: {}",
             p.pid,
             p.parent
                 .map(|pp| format!(", child of {pp}"))
@@ -47,6 +54,10 @@ pub fn render(report: &Report, final_report: bool) -> String {
             bytes(p.totals.bytes),
             p.totals.allocations,
             plural(p.totals.allocations),
+            p.memory
+                .verdict
+                .map(|v| format!(", memory growth: {}", v.name()))
+                .unwrap_or_default(),
             p.command
         );
     }
@@ -69,12 +80,14 @@ pub fn render(report: &Report, final_report: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "\n  {process}{} in {} allocation{} (allocated since attach: {}{})",
+            "\n  {process}{}{} in {} allocation{} (allocated since attach: {}{}){}",
+            stack.label().map(label).unwrap_or_default(),
             bytes(stack.bytes),
             stack.allocations,
             plural(stack.allocations),
             stack.total_allocations,
-            age
+            age,
+            stack.trend.map(trend).unwrap_or_default(),
         );
         if stack.frames.is_empty() {
             let _ = writeln!(out, "      [unknown stack]");
@@ -97,6 +110,32 @@ pub fn render(report: &Report, final_report: bool) -> String {
     }
     out.push('\n');
     out
+}
+
+/// "parse_line (parse.c:12): ": the frame the stack is labelled with.
+fn label(frame: &ReportFrame) -> String {
+    let function = frame.function.as_deref().unwrap_or(&frame.address);
+    match (&frame.file, frame.line) {
+        (Some(file), Some(line)) => {
+            format!("{function} ({}:{line}): ", file.rsplit('/').next().unwrap_or(file))
+        }
+        _ => format!("{function}: "),
+    }
+}
+
+/// ": growing +5.0 KiB/s (confidence 93%)"; nothing for a new stack.
+fn trend(trend: Trend) -> String {
+    if trend.kind == TrendKind::New {
+        return String::new();
+    }
+    let rate = trend.bytes_per_second.round() as i64;
+    let sign = if rate < 0 { "-" } else { "+" };
+    format!(
+        ": {} {sign}{}/s (confidence {:.0}%)",
+        trend.kind.name(),
+        bytes(rate.unsigned_abs()),
+        trend.confidence * 100.0
+    )
 }
 
 /// The mmap section: only when something is mapped or the break moved.

@@ -198,6 +198,8 @@ pub(crate) mod tests {
             total_bytes: bytes,
             oldest_age_s: None,
             truncated: false,
+            trend: None,
+            label_frame: 0,
             frames,
         }
     }
@@ -213,6 +215,7 @@ pub(crate) mod tests {
             allocators: Vec::new(),
             mappings: Default::default(),
             unwinding: Default::default(),
+            memory: Default::default(),
             totals: Totals {
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),

@@ -3,6 +3,9 @@
 //! of each stack, passed in as a function so this module stays pure.
 
 pub mod diff;
+pub mod label;
+pub mod memory;
+pub mod trend;
 
 use serde::{Deserialize, Serialize};
 use tracer_common::is_unknown_stack;
@@ -43,6 +46,9 @@ pub struct Report {
     /// `--follow-forks`), the first one `pid`; each stack names its own.
     #[serde(default)]
     pub processes: Vec<ProcessReport>,
+    /// Where memory went since attach, over every process (see `memory.rs`).
+    #[serde(default)]
+    pub memory: memory::MemoryReport,
     /// How stacks were walked, how many were whole, what the unwind tables
     /// take.
     #[serde(default)]
@@ -85,6 +91,9 @@ pub struct ProcessReport {
     /// Outstanding heap memory of this process's stacks.
     pub totals: Totals,
     pub stack_count: usize,
+    /// Where this process's memory went since attach.
+    #[serde(default)]
+    pub memory: memory::MemoryReport,
 }
 
 /// Anonymous mappings (mmap, mremap) the process made outside its
@@ -150,6 +159,26 @@ pub struct StackReport {
     pub truncated: bool,
     /// Innermost first; the first frame is the allocator's caller.
     pub frames: Vec<ReportFrame>,
+    /// Is it leaking: judged on the history of its settled bytes since
+    /// attach (see `trend.rs`). Absent without history (a single report)
+    /// and for mappings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trend: Option<trend::Trend>,
+    /// Index in `frames` of the frame one-line labels name: the first past
+    /// allocation wrappers (`xmalloc`, `operator new`...; see `label.rs`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_frame: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl StackReport {
+    /// The frame labels name (None: no frames).
+    pub fn label(&self) -> Option<&ReportFrame> {
+        self.frames.get(self.label_frame).or(self.frames.first())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -237,6 +266,8 @@ pub struct RunInfo {
     pub allocators: Vec<AllocatorInfo>,
     /// Every process traced, `pid` first (empty: just `pid`).
     pub processes: Vec<ProcessInfo>,
+    /// Allocation wrappers, to label stacks past them.
+    pub labels: label::Labeler,
 }
 
 /// A traced process, as reports describe it.
@@ -303,6 +334,8 @@ fn stack_report(
         total_bytes: s.total_bytes,
         oldest_age_s: snapshot.oldest_age_s(s).map(round_ms),
         truncated,
+        trend: None,
+        label_frame: 0,
         frames: stack_frames.iter().map(ReportFrame::from).collect(),
     }
 }
@@ -339,6 +372,7 @@ fn build_from(
             whole_stacks: c.whole_stack_share().map(|s| (s * 1e4).round() / 1e4),
             ..Default::default()
         },
+        memory: memory::MemoryReport::default(),
     }
 }
 
@@ -402,6 +436,7 @@ fn process_reports(run: &RunInfo, snapshot: &Snapshot) -> Vec<ProcessReport> {
                     allocations: mine().map(|s| s.count).sum(),
                 },
                 stack_count: mine().count(),
+                memory: memory::MemoryReport::default(),
             }
         })
         .collect()
@@ -434,6 +469,25 @@ pub fn build_mappings(
         brk_growth_bytes: sample.brk_growth,
         lost_events: sample.lost_events,
         lost_stacks: sample.lost_stacks,
+    }
+}
+
+/// Learns wrappers from the listed stacks, then sets each one's label frame.
+pub fn set_labels(report: &mut Report, labeler: &mut label::Labeler) {
+    for stack in &report.stacks {
+        labeler.observe(stack.frames.iter().map(|f| f.function.as_deref()));
+    }
+    for stack in &mut report.stacks {
+        stack.label_frame = labeler.pick(stack.frames.iter().map(|f| f.function.as_deref()));
+    }
+}
+
+/// Sets each listed heap stack's trend from `trend(pid, stack id)`.
+pub fn set_trends(report: &mut Report, trend: impl Fn(u32, u64) -> Option<trend::Trend>) {
+    for stack in &mut report.stacks {
+        if let Ok(id) = u64::from_str_radix(&stack.stack_id, 16) {
+            stack.trend = trend(stack.pid, id);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod detect;
 pub mod elf;
+pub mod memory;
 pub mod memory_map;
 pub mod placement;
 pub mod process;

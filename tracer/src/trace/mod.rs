@@ -9,6 +9,7 @@
 //! that process's mappings.
 
 mod reading;
+pub use reading::site_key;
 pub mod setup;
 
 use std::sync::Mutex;
@@ -23,6 +24,7 @@ use crate::{
         watch::TargetWatch,
     },
     report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
+    model::ResidentMemory,
     symbolize::Symbolizer,
     target::{
         allocator::AllocatorObject,
@@ -50,6 +52,10 @@ pub struct Target {
     pub info: ProcessInfo,
     /// What is probed in it (a forked child gets its parent's).
     pub objects: Vec<AllocatorObject>,
+    /// Its resident memory when it was attached to, and the last read
+    /// (kept for after it is gone).
+    pub memory_at_attach: Option<ResidentMemory>,
+    pub memory_last: Option<ResidentMemory>,
 }
 
 impl Target {
@@ -57,11 +63,14 @@ impl Target {
         let mut symbolizer = Symbolizer::new(process.clone());
         // At once, so addresses in objects it unloads later still resolve.
         symbolizer.note_mappings();
+        let memory = crate::target::memory::resident(process.pid);
         Target {
             process,
             symbolizer,
             info,
             objects,
+            memory_at_attach: memory,
+            memory_last: memory,
         }
     }
 
@@ -86,6 +95,10 @@ pub struct LiveTrace<K = Kernel> {
     pub mappings: Option<Mutex<MappingTrace>>,
     /// Ages of live blocks, read a bounded slice per snapshot.
     sweep: collect::AgeSweep,
+    /// Settled bytes per stack at every snapshot, for trends in reports.
+    history: crate::model::History,
+    /// Each live stack's allocation site (`reading::site_key`).
+    sites: std::collections::HashMap<u64, u64>,
 }
 
 impl<K: KernelOps> LiveTrace<K> {
@@ -104,6 +117,7 @@ impl<K: KernelOps> LiveTrace<K> {
             }
             Mutex::new(trace)
         });
+        let history = crate::model::History::since(run.attached_ns);
         LiveTrace {
             kernel,
             run,
@@ -112,6 +126,8 @@ impl<K: KernelOps> LiveTrace<K> {
             unwinder: None,
             mappings,
             sweep: collect::AgeSweep::default(),
+            history,
+            sites: Default::default(),
         }
     }
 
@@ -148,6 +164,9 @@ impl<K: KernelOps> LiveTrace<K> {
     pub fn note_mappings(&mut self) {
         for traced in self.processes.iter_mut().filter(|t| t.is_running()) {
             traced.symbolizer.note_mappings();
+            if let Some(memory) = crate::target::memory::resident(traced.info.pid) {
+                traced.memory_last = Some(memory);
+            }
         }
     }
 

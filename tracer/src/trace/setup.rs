@@ -157,7 +157,7 @@ pub fn attach(
         );
     }
     describe(&kernel, options.verbose);
-    let run = run_info(&processes, min_age);
+    let run = run_info(&processes, min_age, options);
     let mut watch = TargetWatch::attached(&pids)?;
     let events = kernel
         .start_sched_events()
@@ -187,7 +187,7 @@ pub fn attach(
 }
 
 /// What reports say about the run, from the processes traced at its start.
-fn run_info(processes: &[Target], min_age: Duration) -> RunInfo {
+fn run_info(processes: &[Target], min_age: Duration, options: &TraceConfig) -> RunInfo {
     let first = &processes[0].info;
     RunInfo {
         pid: first.pid,
@@ -196,6 +196,10 @@ fn run_info(processes: &[Target], min_age: Duration) -> RunInfo {
         min_age_ns: min_age.as_nanos() as u64,
         allocators: first.allocators.clone(),
         processes: processes.iter().map(|t| t.info.clone()).collect(),
+        labels: crate::report::label::Labeler::new(
+            options.wrappers.clone(),
+            options.no_wrappers.clone(),
+        ),
     }
 }
 
@@ -245,7 +249,7 @@ pub fn start(
         state: ProcessState::Running,
     };
     let processes = vec![Target::new(process.clone(), info, objects)];
-    let run = run_info(&processes, min_age);
+    let run = run_info(&processes, min_age, options);
     let unwinder = unwinder(&mut kernel, unwind_objects, &[&process], options)?;
     let mappings = start_mappings(&mut kernel, &process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)

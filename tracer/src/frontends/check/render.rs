@@ -178,9 +178,9 @@ fn leak_case(x: &mut String, check: &CheckReport, stack: &StackReport) {
 
 /// "function (file:line) [stack ID]", and the process when there are several.
 fn case_name(check: &CheckReport, stack: &StackReport) -> String {
+    // The first frame past allocation wrappers.
     let place = stack
-        .frames
-        .first()
+        .label()
         .map(|f| {
             let function = f.function.clone().unwrap_or_else(|| f.address.clone());
             match (&f.file, f.line) {

@@ -7,7 +7,10 @@
 
 use std::fmt::Write as _;
 
-use crate::frontends::live_view::{LiveView, Row};
+use crate::{
+    frontends::live_view::{LiveView, Row},
+    report::{memory::Verdict, trend::TrendKind},
+};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -57,6 +60,8 @@ pub fn render(view: &LiveView, processes: &[Exported], top: usize) -> String {
     session_counters(&mut w, view, &labels);
     resident_bytes(&mut w, &labels);
     stack_gauges(&mut w, view, &labels, top);
+    trend_gauges(&mut w, view, &labels);
+    memory_gauges(&mut w, view, &labels);
     w.out
 }
 
@@ -223,7 +228,7 @@ fn stack_gauges(w: &mut Writer, view: &LiveView, labels: &Labels, top: usize) {
     ];
     // One family at a time: name, help, a row's value, the rest's value.
     type Value<'a> = &'a dyn Fn(&Row) -> Option<f64>;
-    let families: [(&str, &str, Value, Option<f64>); 4] = [
+    let families: [(&str, &str, Value, Option<f64>); 5] = [
         (
             "tracer_stack_outstanding_bytes",
             "Outstanding bytes of the top stacks by bytes; stack_id=\"other\" sums the rest.",
@@ -248,6 +253,12 @@ fn stack_gauges(w: &mut Writer, view: &LiveView, labels: &Labels, top: usize) {
             &|r| r.oldest_age_s,
             None,
         ),
+        (
+            "tracer_stack_leak_suspected",
+            "1 when the stack's trend is growing with confidence 0.5 or more (as in tracer top's TREND column), else 0.",
+            &|r| r.trend.map(|t| t.is_leak_suspect() as u8 as f64),
+            None,
+        ),
     ];
     for (name, help, value, rest_value) in families {
         w.family(name, "gauge", help);
@@ -267,6 +278,65 @@ fn stack_gauges(w: &mut Writer, view: &LiveView, labels: &Labels, top: usize) {
         if let Some(v) = rest_value {
             w.sample(name, &other, v);
         }
+    }
+}
+
+/// How many stacks have each trend: five series whatever the program does.
+fn trend_gauges(w: &mut Writer, view: &LiveView, labels: &Labels) {
+    let name = "tracer_stacks_by_trend";
+    w.family(
+        name,
+        "gauge",
+        "Stacks holding memory, by trend (growing, plateau, steady, shrinking, new).",
+    );
+    let base = labels.session();
+    for kind in TrendKind::ALL {
+        let n = view
+            .rows()
+            .iter()
+            .filter(|r| r.trend.is_some_and(|t| t.kind == kind))
+            .count();
+        w.sample(name, &[base[0], base[1], ("kind", kind.name())], n as f64);
+    }
+}
+
+/// Where memory went since attach, over every traced process: the parts of
+/// the change, and the verdict as one 1 among four series.
+fn memory_gauges(w: &mut Writer, view: &LiveView, labels: &Labels) {
+    let Some(memory) = view.memory.as_ref().filter(|m| m.verdict.is_some()) else {
+        return;
+    };
+    let base = labels.session();
+    let name = "tracer_memory_change_bytes";
+    w.family(
+        name,
+        "gauge",
+        "Change since attach: resident memory (rss, and its anon/shared/file parts), traced heap, traced mappings and break, and what none of them explains (unexplained).",
+    );
+    for (part, value) in [
+        ("rss", memory.rss_change_bytes),
+        ("rss_anon", memory.rss_anon_change_bytes),
+        ("rss_shared", memory.rss_shared_change_bytes),
+        ("rss_file", memory.rss_file_change_bytes),
+        ("heap", memory.heap_change_bytes),
+        ("mappings", memory.mappings_change_bytes),
+        ("unexplained", memory.unexplained_change_bytes),
+    ] {
+        w.sample(name, &[base[0], base[1], ("part", part)], value as f64);
+    }
+    let name = "tracer_memory_verdict";
+    w.family(
+        name,
+        "gauge",
+        "1 for where the growth since attach went (heap, mappings, outside: not in memory the tracer sees, none: no growth), 0 for the others.",
+    );
+    for verdict in Verdict::ALL {
+        let on = memory.verdict == Some(verdict);
+        w.sample(
+            name,
+            &[base[0], base[1], ("verdict", verdict.name())],
+            on as u8 as f64,
+        );
     }
 }
 
@@ -310,7 +380,23 @@ mod tests {
         ));
         // Every family is declared once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(types, 11, "{text}");
+        assert_eq!(types, 13, "{text}");
+        assert!(text.contains(
+            "tracer_stacks_by_trend{pid=\"42\",process=\"server\",kind=\"new\"} 3\n"
+        ), "{text}");
+        // Memory: once a verdict is known.
+        view.memory = Some(crate::report::memory::judge(
+            Some(Default::default()),
+            Some(crate::model::ResidentMemory { rss: 8 << 20, anon: 8 << 20, ..Default::default() }),
+            crate::report::memory::Traced { heap_bytes: 7 << 20, ..Default::default() },
+        ));
+        let text = render(&view, &processes, 1);
+        assert!(text.contains(
+            "tracer_memory_verdict{pid=\"42\",process=\"server\",verdict=\"heap\"} 1\n"
+        ), "{text}");
+        assert!(text.contains(
+            "tracer_memory_change_bytes{pid=\"42\",process=\"server\",part=\"unexplained\"} 1048576\n"
+        ), "{text}");
     }
 
     #[test]

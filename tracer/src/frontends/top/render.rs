@@ -11,12 +11,18 @@ use ratatui::{
 };
 
 use super::state::TopState;
-use crate::frontends::live_view::{LiveView, SortKey};
+use crate::{
+    frontends::live_view::{LiveView, SortKey},
+    report::{
+        memory::{self, Verdict},
+        trend::{Trend, TrendKind},
+    },
+};
 
 pub const KEYS: &[(&str, &str)] = &[
     (
-        "b c r a",
-        "sort by bytes, count, growth rate, age of oldest block",
+        "b c r t a",
+        "sort by bytes, count, growth rate, trend (growing first), age of oldest block",
     ),
     ("g", "group rows by allocating function / show each stack"),
     (
@@ -42,7 +48,7 @@ pub fn draw(frame: &mut Frame, state: &TopState) {
         Constraint::Length(0)
     };
     let [header, table, detail, footer] = Layout::vertical([
-        Constraint::Length(5),
+        Constraint::Length(6),
         Constraint::Min(3),
         detail_height,
         Constraint::Length(1),
@@ -159,6 +165,7 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     let mut lines = vec![
         Line::from(title),
         Line::from(vec![Span::raw(rss), Span::raw(held), whole]),
+        memory_line(view),
         Line::from(vec![Span::raw(rates), dropped_span]),
         Line::from(arrangement),
     ];
@@ -187,12 +194,27 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     );
 }
 
+/// Where the growth went, in a sentence; red when it is outside the
+/// tracer's view.
+fn memory_line(view: &LiveView) -> Line<'static> {
+    let Some(report) = &view.memory else {
+        return Line::raw("memory: -");
+    };
+    let style = match report.verdict {
+        Some(Verdict::Outside) => Style::new().fg(Color::Red),
+        Some(Verdict::Heap | Verdict::Mappings) => Style::new().fg(Color::Yellow),
+        _ => Style::new(),
+    };
+    Line::styled(format!("memory: {}", memory::sentence(report)), style)
+}
+
 fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
     let header = Row::new(
         [
             "BYTES",
             "ALLOCS",
             "GROWTH/s",
+            "TREND",
             "OLDEST",
             "TOTAL ALLOCS",
             "ALLOCATED IN",
@@ -205,7 +227,8 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
                 (0, SortKey::Bytes)
                     | (1, SortKey::Count)
                     | (2, SortKey::Growth)
-                    | (3, SortKey::Age)
+                    | (3, SortKey::Trend)
+                    | (4, SortKey::Age)
             );
             let style = if sorted {
                 Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
@@ -230,6 +253,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
             Cell::from(row.growth.map_or("-".to_string(), |g| {
                 format!("{}/s", signed_bytes(g.round() as i64))
             })),
+            Cell::from(row.trend.map_or("-".to_string(), trend)),
             Cell::from(row.oldest_age_s.map_or("-".to_string(), duration)),
             Cell::from(thousands(row.total_count)),
             Cell::from(place),
@@ -239,6 +263,7 @@ fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
         Constraint::Length(11),
         Constraint::Length(10),
         Constraint::Length(12),
+        Constraint::Length(13),
         Constraint::Length(8),
         Constraint::Length(13),
         Constraint::Min(20),
@@ -354,6 +379,15 @@ fn sort_name(key: SortKey) -> &'static str {
         SortKey::Count => "allocations",
         SortKey::Growth => "growth (bytes/s held past 1 s, over 10 s)",
         SortKey::Age => "age of oldest",
+        SortKey::Trend => "trend (growing first)",
+    }
+}
+
+/// "growing 93%", "new": the kind and, once there is history, its confidence.
+fn trend(trend: Trend) -> String {
+    match trend.kind {
+        TrendKind::New => "new".to_string(),
+        kind => format!("{} {:.0}%", kind.name(), trend.confidence * 100.0),
     }
 }
 

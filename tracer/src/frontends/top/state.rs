@@ -98,6 +98,7 @@ impl TopState {
             KeyCode::Char('c') => sort(self, SortKey::Count),
             KeyCode::Char('r') => sort(self, SortKey::Growth),
             KeyCode::Char('a') => sort(self, SortKey::Age),
+            KeyCode::Char('t') => sort(self, SortKey::Trend),
             KeyCode::Char('g') => {
                 self.view.group_by_function = !self.view.group_by_function;
                 self.selected = 0;
