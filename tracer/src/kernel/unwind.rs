@@ -166,7 +166,7 @@ impl ObjectTables {
 
     fn compile(&mut self, path: &str, data: &[u8]) -> Option<usize> {
         let segments = segments(data)?;
-        let (rows, stats) = match cfi::compile(data) {
+        let (mut rows, stats) = match cfi::compile(data) {
             Ok(r) => r,
             Err(e) => {
                 self.failed += 1;
@@ -176,12 +176,22 @@ impl ObjectTables {
                 return None;
             }
         };
+        // Built with frame pointers: walked by them, with no rows (cheaper).
+        let frame_pointers = stats.keeps_frame_pointers();
+        if frame_pointers {
+            rows.clear();
+        }
         if self.verbose {
             eprintln!(
-                "tracer: unwind table for {path}: {} FDEs, {} rows ({} unsupported)",
+                "tracer: unwind table for {path}: {} FDEs, {} rows ({} unsupported){}",
                 stats.fdes,
                 rows.len(),
-                stats.unsupported
+                stats.unsupported,
+                if frame_pointers {
+                    "; keeps frame pointers: walked by them"
+                } else {
+                    ""
+                }
             );
         }
         self.objects.push(Object {

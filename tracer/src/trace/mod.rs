@@ -227,6 +227,9 @@ impl<K: KernelOps> LiveTrace<K> {
                 // Nothing half-attached stays behind for a process not traced.
                 self.kernel.detach_process(pid);
                 self.kernel.remove_target(pid);
+                if let Some(unwinder) = &self.unwinder {
+                    unwinder.lock().unwrap_or_else(|e| e.into_inner()).remove(pid);
+                }
                 Err(e)
             }
         }

@@ -39,6 +39,22 @@ pub struct CfiStats {
     pub fdes: usize,
     pub rows: usize,
     pub unsupported: usize,
+    /// FDEs of ordinary functions (not PLT stubs, signal trampolines or
+    /// outermost frames such as `_start`), and those of them that set up a
+    /// frame pointer (CFA = rbp + 16, the caller's rbp at CFA - 16): see
+    /// `keeps_frame_pointers`.
+    pub function_fdes: usize,
+    pub frame_pointer_fdes: usize,
+}
+
+impl CfiStats {
+    /// Whether the object was built with frame pointers (nearly every
+    /// function sets one up): its frames can be walked by the cheaper
+    /// frame-pointer rule. Return addresses lie in function bodies, past
+    /// the prologue, where the rule holds.
+    pub fn keeps_frame_pointers(&self) -> bool {
+        self.function_fdes >= 1 && self.frame_pointer_fdes * 10 >= self.function_fdes * 9
+    }
 }
 
 /// The rows of an ELF file's `.eh_frame`, sorted by `pc`, one row per change
@@ -94,6 +110,8 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
             .iter()
             .any(|&(start, end)| start <= fde.initial_address() && fde.initial_address() < end);
         let mut table = fde.rows(&eh_frame, &bases, &mut ctx)?;
+        let mut frame_pointer = false;
+        let mut ordinary = !signal && !in_plt;
         while let Some(row) = table.next_row()? {
             if row.start_address() >= row.end_address() {
                 continue;
@@ -108,11 +126,15 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
             if compact.kind == ROW_UNSUPPORTED {
                 stats.unsupported += 1;
             }
+            frame_pointer |= (compact.kind, compact.cfa_off, compact.rbp_off) == (ROW_CFA_RBP, 16, -2);
+            ordinary &= compact.kind != ROW_OUTERMOST;
             rows.push(UnwindRow {
                 pc: row.start_address() as u32,
                 ..compact
             });
         }
+        stats.function_fdes += ordinary as usize;
+        stats.frame_pointer_fdes += (ordinary && frame_pointer) as usize;
         rows.push(UnwindRow {
             pc: fde.end_address() as u32,
             kind: ROW_GAP,
@@ -298,6 +320,21 @@ mod tests {
         // Past PLT0 (which has its own rule), an entry.
         let entry = lookup(&rows, plt.address() as u32 + 0x20).unwrap();
         assert_eq!(entry.kind, ROW_PLT);
+    }
+
+    #[test]
+    fn tells_objects_built_with_frame_pointers() {
+        // Debian's libc is built without them; the tracer's test fixtures
+        // are built with -fno-omit-frame-pointer (tests/build.rs).
+        let (_, libc) = compile(&libc()).unwrap();
+        assert!(!libc.keeps_frame_pointers(), "{libc:?}");
+        let fp = CfiStats {
+            fdes: 103,
+            function_fdes: 100,
+            frame_pointer_fdes: 97,
+            ..Default::default()
+        };
+        assert!(fp.keeps_frame_pointers());
     }
 
     #[test]
