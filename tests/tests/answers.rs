@@ -9,7 +9,12 @@ use tracer_tests::*;
 /// Runs `behaviours_c MODE` under the tracer, one JSON report a second,
 /// and hands each report to `done` until it says so. Panics with the
 /// reports seen if the run goes past `limit_s` seconds of tracing first.
-fn follow(mode: &str, limit_s: f64, extra: &[&str], mut done: impl FnMut(&Value) -> bool) -> Vec<Value> {
+fn follow(
+    mode: &str,
+    limit_s: f64,
+    extra: &[&str],
+    mut done: impl FnMut(&Value) -> bool,
+) -> Vec<Value> {
     require_root();
     let mut tracer = TracerCmd::new("run")
         .args(["--format", "json", "--interval", "1s", "--top", "0"])
@@ -58,7 +63,12 @@ fn summary(reports: &[Value]) -> String {
                 .iter()
                 .map(|s| format!("{}={}", frame_functions(s)[0], s["trend"]))
                 .collect();
-            format!("[{}s] memory {} | {}", r["duration_s"], r["memory"], trends.join(" "))
+            format!(
+                "[{}s] memory {} | {}",
+                r["duration_s"],
+                r["memory"],
+                trends.join(" ")
+            )
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -148,13 +158,19 @@ fn growth_through_shared_memory_is_outside() {
     });
     let last = reports.last().unwrap();
     let memory = &last["memory"];
-    assert!(memory["heap_change_bytes"].as_i64().unwrap() < 1 << 20, "{memory}");
+    assert!(
+        memory["heap_change_bytes"].as_i64().unwrap() < 1 << 20,
+        "{memory}"
+    );
     assert!(
         memory["rss_shared_change_bytes"].as_i64().unwrap() >= 48 << 20,
         "{memory}"
     );
     // The same, per process.
-    assert_eq!(last["processes"][0]["memory"]["verdict"], "outside", "{last}");
+    assert_eq!(
+        last["processes"][0]["memory"]["verdict"], "outside",
+        "{last}"
+    );
 }
 
 #[test]
@@ -168,5 +184,76 @@ fn growth_through_the_heap_is_heap_and_the_heap_explains_it() {
         (heap - rss).abs() as f64 <= 0.3 * rss as f64,
         "heap change {heap} against RSS change {rss}: {}",
         reports.last().unwrap()["memory"]
+    );
+}
+
+#[test]
+fn growth_through_anonymous_mappings_is_mappings() {
+    let reports = follow("mapped", 30.0, &[], |report| {
+        let (verdict, rss, _) = memory_of(report);
+        verdict == "mappings" && rss >= 60 << 20
+    });
+    let memory = &reports.last().unwrap()["memory"];
+    assert!(
+        memory["mappings_change_bytes"].as_i64().unwrap() >= 64 << 20,
+        "{memory}"
+    );
+}
+
+#[test]
+fn growth_no_probe_sees_is_a_coverage_gap_naming_the_object() {
+    let reports = follow("arena", 30.0, &[], |report| {
+        report["memory"]["coverage"].is_object() && memory_of(report).1 >= 48 << 20
+    });
+    let memory = &reports.last().unwrap()["memory"];
+    assert_eq!(memory["verdict"], "outside", "{memory}");
+    let objects = memory["coverage"]["unprobed_objects"].to_string();
+    assert!(
+        objects.contains("behaviours_c (") && objects.contains("arena_malloc"),
+        "{memory}"
+    );
+    assert!(!objects.contains("libc.so"), "libc is probed: {memory}");
+}
+
+#[test]
+fn labels_name_the_callers_of_wrappers_and_stacks_stay_whole() {
+    require_root();
+    let program = fixture("behaviours_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap(), "wrapped"], &[]);
+    assert!(stdout.contains("DONE"), "{stdout}");
+    let mut labels = Vec::new();
+    for stack in report["stacks"].as_array().unwrap() {
+        let functions = frame_functions(stack);
+        let wrapper = functions[0].as_str();
+        if wrapper != "xmalloc" && wrapper != "pool_get" {
+            continue;
+        }
+        let at = stack["label_frame"].as_u64().unwrap_or(0) as usize;
+        labels.push(functions[at].clone());
+        // The full stack is unchanged: the wrapper, then its caller.
+        assert_eq!(at, 1, "{functions:?}");
+    }
+    labels.sort();
+    assert_eq!(
+        labels,
+        [
+            "make_reply",
+            "new_buffer",
+            "new_request",
+            "new_session",
+            "new_timer",
+            "parse_body",
+            "parse_header"
+        ]
+    );
+    // The text report heads each stack with its label.
+    let text = TracerCmd::new("run")
+        .command(&program)
+        .arg("wrapped")
+        .output();
+    assert!(
+        text.stdout.contains("  parse_body (behaviours.c:"),
+        "{}",
+        text.stdout
     );
 }

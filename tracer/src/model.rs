@@ -305,7 +305,13 @@ impl History {
                 continue;
             }
             seen.insert(stack.stack_id);
-            push(&mut self.series, stack.stack_id, self.last_taken_ns, now, value);
+            push(
+                &mut self.series,
+                stack.stack_id,
+                self.last_taken_ns,
+                now,
+                value,
+            );
             let site = site(stack);
             self.site_of.insert(stack.stack_id, site);
             *by_site.entry(site).or_default() += value;
@@ -532,7 +538,7 @@ mod tests {
         let series = history.series(1);
         assert!(series.len() <= HISTORY_POINTS, "{}", series.len());
         assert_eq!(series[0], (0, 0), "starts from zero at the snapshot before");
-        assert_eq!(*series.last().unwrap(), (1000_000_000_000, 10_000));
+        assert_eq!(*series.last().unwrap(), (1_000_000_000_000, 10_000));
         assert!(series.windows(2).all(|w| w[0].0 < w[1].0));
         assert!(series.len() >= HISTORY_POINTS / 2);
         assert!(history.series(2).is_empty(), "gone stacks are forgotten");

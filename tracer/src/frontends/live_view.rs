@@ -399,7 +399,11 @@ fn merge(into: &mut Row, row: Row) {
     };
     // A group is as worrying as its most worrying stack.
     into.trend = match (into.trend, row.trend) {
-        (Some(a), Some(b)) => Some(if b.sort_value() > a.sort_value() { b } else { a }),
+        (Some(a), Some(b)) => Some(if b.sort_value() > a.sort_value() {
+            b
+        } else {
+            a
+        }),
         (a, b) => a.or(b),
     };
     if into.location.is_none() {
@@ -534,7 +538,13 @@ pub(crate) mod tests {
         ];
         for (id, names) in stacks {
             let frames = names.iter().map(|n| frame(n, "server.c", 1)).collect();
-            view.add_stack(id, StackInfo { frames, truncated: false });
+            view.add_stack(
+                id,
+                StackInfo {
+                    frames,
+                    truncated: false,
+                },
+            );
         }
         view.update(Snapshot {
             taken_ns: 1_000_000_000,

@@ -38,6 +38,9 @@ pub fn render(report: &Report, final_report: bool) -> String {
     if report.memory.verdict.is_some() {
         let _ = writeln!(out, "memory: {}", memory::sentence(&report.memory));
     }
+    if let Some(coverage) = &report.memory.coverage {
+        let _ = writeln!(out, "coverage: {}", memory::coverage_sentence(coverage));
+    }
     let several = report.processes.len() > 1;
     for p in report.processes.iter().filter(|_| several) {
         let state = match (p.state.as_str(), p.exit_code) {
@@ -117,7 +120,10 @@ fn label(frame: &ReportFrame) -> String {
     let function = frame.function.as_deref().unwrap_or(&frame.address);
     match (&frame.file, frame.line) {
         (Some(file), Some(line)) => {
-            format!("{function} ({}:{line}): ", file.rsplit('/').next().unwrap_or(file))
+            format!(
+                "{function} ({}:{line}): ",
+                file.rsplit('/').next().unwrap_or(file)
+            )
         }
         _ => format!("{function}: "),
     }

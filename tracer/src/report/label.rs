@@ -125,10 +125,16 @@ mod tests {
     fn well_known_wrappers_are_skipped() {
         let l = Labeler::default();
         for (stack, want) in [
-            (&["zmalloc_usable", "zmalloc", "createStringObject", "main"][..], 2),
+            (
+                &["zmalloc_usable", "zmalloc", "createStringObject", "main"][..],
+                2,
+            ),
             (&["xmalloc", "read_config", "main"], 1),
             (&["g_malloc0", "g_type_create_instance", "main"], 1),
-            (&["operator new(unsigned long)", "Cache::insert(int)", "main"], 1),
+            (
+                &["operator new(unsigned long)", "Cache::insert(int)", "main"],
+                1,
+            ),
             (&["palloc", "ExecInitNode", "main"], 1),
             (&["strdup", "parse_name", "main"], 1),
             (
@@ -141,7 +147,13 @@ mod tests {
                 ],
                 3,
             ),
-            (&["std::__new_allocator<int>::allocate(unsigned long, void const*)", "fill"], 1),
+            (
+                &[
+                    "std::__new_allocator<int>::allocate(unsigned long, void const*)",
+                    "fill",
+                ],
+                1,
+            ),
             (&["leak_steadily", "main"], 0),
             (&["xmalloc", "xstrdup"], 0),
         ] {
@@ -162,7 +174,11 @@ mod tests {
             vec![parse_pattern("^xmalloc$").unwrap()],
         );
         assert_eq!(pick(&l, &["my_alloc", "handler"]), 1);
-        assert_eq!(pick(&l, &["xmalloc", "handler"]), 0, "removed by --no-wrapper");
+        assert_eq!(
+            pick(&l, &["xmalloc", "handler"]),
+            0,
+            "removed by --no-wrapper"
+        );
         assert!(parse_pattern("(").is_err());
     }
 
@@ -172,7 +188,11 @@ mod tests {
         for caller in ["parse", "load", "serve"] {
             l.observe([Some("obj_alloc"), Some(caller), Some("main")]);
         }
-        assert_eq!(pick(&l, &["obj_alloc", "parse"]), 0, "three callers: not yet");
+        assert_eq!(
+            pick(&l, &["obj_alloc", "parse"]),
+            0,
+            "three callers: not yet"
+        );
         l.observe([Some("obj_alloc"), Some("reply"), Some("main")]);
         assert_eq!(pick(&l, &["obj_alloc", "parse"]), 1);
         // Many stacks, one caller: the function is the code itself.

@@ -63,6 +63,51 @@ pub struct MemoryReport {
     /// see. Negative when allocated memory is not resident yet.
     pub unexplained_change_bytes: i64,
     pub verdict: Option<Verdict>,
+    /// Set when some allocation path is probably not probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
+}
+
+/// Signs that allocations escape the probes: an allocator inlined into
+/// the program, a static or custom one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// What points to it, in a sentence.
+    pub reason: String,
+    /// Mapped objects that define allocator-looking functions and are not
+    /// probed: "OBJECT (f1, f2)".
+    #[serde(default)]
+    pub unprobed_objects: Vec<String>,
+}
+
+/// Frees of unseen blocks are counted from this long after attach: before,
+/// blocks allocated before attach are expected to be freed.
+pub const LATE_S: f64 = 30.0;
+
+/// Why some allocation path is probably not probed, if anything says so.
+/// `late_frees`: (frees, frees of blocks never seen) since `LATE_S` after
+/// attach, exact mode only (when sampling, most frees are of unsampled
+/// blocks).
+pub fn coverage_gap(memory: &MemoryReport, late_frees: Option<(u64, u64)>) -> Option<String> {
+    if let Some((frees, unseen)) = late_frees {
+        if unseen >= 1000 && unseen * 20 >= frees + unseen {
+            return Some(format!(
+                "{unseen} frees of blocks the tracer never saw allocated came more than {LATE_S:.0} s after attach ({:.0}% of frees)",
+                100.0 * unseen as f64 / (frees + unseen) as f64
+            ));
+        }
+    }
+    let growth = memory.rss_change_bytes;
+    if memory.verdict == Some(Verdict::Outside)
+        && 2 * memory.rss_anon_change_bytes >= growth
+        && 10 * memory.heap_change_bytes.max(0) < growth
+    {
+        return Some(format!(
+            "RSS grew by {} of anonymous memory with little traced allocation",
+            size(growth)
+        ));
+    }
+    None
 }
 
 /// What the tracer saw of one process since attach.
@@ -122,7 +167,7 @@ fn verdict(r: &MemoryReport) -> Verdict {
 }
 
 /// Several processes as one (the report's top-level `memory`).
-pub fn sum<'a>(reports: impl IntoIterator<Item = &'a MemoryReport>) -> MemoryReport {
+pub fn sum(reports: &[MemoryReport]) -> MemoryReport {
     let mut total = MemoryReport::default();
     let mut judged = false;
     for r in reports {
@@ -139,6 +184,7 @@ pub fn sum<'a>(reports: impl IntoIterator<Item = &'a MemoryReport>) -> MemoryRep
     if judged {
         total.verdict = Some(verdict(&total));
     }
+    total.coverage = reports.iter().find_map(|r| r.coverage.clone());
     total
 }
 
@@ -172,6 +218,21 @@ pub fn sentence(r: &MemoryReport) -> String {
             )
         }
     }
+}
+
+/// The coverage warning, in a sentence.
+pub fn coverage_sentence(c: &Coverage) -> String {
+    let mut line = format!(
+        "{}: some allocation path is probably not probed (an allocator inlined into the program, a static or custom allocator)",
+        c.reason
+    );
+    if c.unprobed_objects.is_empty() {
+        line.push_str("; no mapped object defines allocator-looking functions that are not probed");
+    } else {
+        line.push_str("; not probed but defining allocator-looking functions: ");
+        line.push_str(&c.unprobed_objects.join("; "));
+    }
+    line
 }
 
 fn signed(n: i64) -> String {
@@ -221,7 +282,10 @@ mod tests {
         );
         assert_eq!(r.verdict, Some(Verdict::Heap));
         assert_eq!(r.rss_change_bytes, 120 * MIB as i64);
-        assert_eq!(r.mappings_change_bytes, MIB as i64, "the break beyond the heap");
+        assert_eq!(
+            r.mappings_change_bytes, MIB as i64,
+            "the break beyond the heap"
+        );
         assert_eq!(r.unexplained_change_bytes, MIB as i64);
         assert_eq!(
             sentence(&r),
@@ -238,9 +302,17 @@ mod tests {
             traced(MIB, 48 * MIB, 0),
         );
         assert_eq!(r.verdict, Some(Verdict::Mappings));
-        assert!(sentence(&r).contains("see the mappings below"), "{}", sentence(&r));
+        assert!(
+            sentence(&r).contains("see the mappings below"),
+            "{}",
+            sentence(&r)
+        );
         // A program that moves the break itself (sbrk) grows mappings too.
-        let sbrk = judge(rss(0, 0, 0), rss(40 * MIB, 40 * MIB, 0), traced(0, 0, 40 << 20));
+        let sbrk = judge(
+            rss(0, 0, 0),
+            rss(40 * MIB, 40 * MIB, 0),
+            traced(0, 0, 40 << 20),
+        );
         assert_eq!(sbrk.verdict, Some(Verdict::Mappings));
     }
 
@@ -253,7 +325,11 @@ mod tests {
         );
         assert_eq!(r.verdict, Some(Verdict::Outside));
         assert_eq!(r.unexplained_change_bytes, 64 * MIB as i64 - (100 << 10));
-        assert!(sentence(&r).contains("shared memory (RssShmem +64 MiB)"), "{}", sentence(&r));
+        assert!(
+            sentence(&r).contains("shared memory (RssShmem +64 MiB)"),
+            "{}",
+            sentence(&r)
+        );
         // Anonymous growth nothing traced explains: retention, or an
         // allocator not probed.
         let anon = judge(rss(0, 0, 0), rss(64 * MIB, 64 * MIB, 0), traced(MIB, 0, 0));
@@ -263,9 +339,17 @@ mod tests {
 
     #[test]
     fn no_growth_is_none_and_unreadable_is_no_verdict() {
-        let flat = judge(rss(50 * MIB, 40 * MIB, 0), rss(50 * MIB + 4096, 40 * MIB, 0), traced(0, 0, 0));
+        let flat = judge(
+            rss(50 * MIB, 40 * MIB, 0),
+            rss(50 * MIB + 4096, 40 * MIB, 0),
+            traced(0, 0, 0),
+        );
         assert_eq!(flat.verdict, Some(Verdict::None));
-        let shrunk = judge(rss(50 * MIB, 40 * MIB, 0), rss(20 * MIB, 10 * MIB, 0), traced(0, 0, 0));
+        let shrunk = judge(
+            rss(50 * MIB, 40 * MIB, 0),
+            rss(20 * MIB, 10 * MIB, 0),
+            traced(0, 0, 0),
+        );
         assert_eq!(shrunk.verdict, Some(Verdict::None));
         let gone = judge(None, None, traced(5, 0, 0));
         assert_eq!(gone.verdict, None);
@@ -273,14 +357,37 @@ mod tests {
     }
 
     #[test]
+    fn coverage_gaps() {
+        // A static arena: anonymous RSS growth, nothing traced.
+        let arena = judge(rss(0, 0, 0), rss(64 * MIB, 64 * MIB, 0), traced(0, 0, 0));
+        let reason = coverage_gap(&arena, None).unwrap();
+        assert!(
+            reason.contains("RSS grew by 64 MiB of anonymous memory"),
+            "{reason}"
+        );
+        // Shared memory is not an allocator's.
+        let shared = judge(rss(0, 0, 0), rss(64 * MIB, 0, 64 * MIB), traced(0, 0, 0));
+        assert_eq!(coverage_gap(&shared, None), None);
+        // Late frees of unseen blocks: many, and a good share of all frees.
+        let flat = judge(rss(MIB, MIB, 0), rss(MIB, MIB, 0), traced(0, 0, 0));
+        assert!(coverage_gap(&flat, Some((10_000, 5_000))).is_some());
+        assert_eq!(coverage_gap(&flat, Some((1_000_000, 5_000))), None);
+        assert_eq!(coverage_gap(&flat, Some((100, 50))), None);
+    }
+
+    #[test]
     fn sums_processes_and_judges_the_sum() {
-        let a = judge(rss(0, 0, 0), rss(30 * MIB, 30 * MIB, 0), traced(30 * MIB, 0, 0));
+        let a = judge(
+            rss(0, 0, 0),
+            rss(30 * MIB, 30 * MIB, 0),
+            traced(30 * MIB, 0, 0),
+        );
         let b = judge(rss(0, 0, 0), rss(MIB / 2, MIB / 2, 0), traced(0, 0, 0));
-        let total = sum([&a, &b]);
+        let total = sum(&[a, b]);
         assert_eq!(total.rss_change_bytes, (30 * MIB + MIB / 2) as i64);
         assert_eq!(total.verdict, Some(Verdict::Heap));
         let json = serde_json::to_value(&total).unwrap();
         assert_eq!(json["verdict"], "heap");
-        assert_eq!(sum([]).verdict, None);
+        assert_eq!(sum(&[]).verdict, None);
     }
 }

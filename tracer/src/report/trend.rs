@@ -185,7 +185,11 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
 /// The trend of a stack of `history`. A stack that grows or shrinks while
 /// its allocation site as a whole does not (a cache refilled from another
 /// call path than the one that filled it) takes its site's trend.
-pub fn of_stack(history: &crate::model::History, stack_id: u64, oldest_age_s: Option<f64>) -> Trend {
+pub fn of_stack(
+    history: &crate::model::History,
+    stack_id: u64,
+    oldest_age_s: Option<f64>,
+) -> Trend {
     let own = classify(history.series(stack_id), oldest_age_s);
     if !matches!(own.kind, TrendKind::Growing | TrendKind::Shrinking) {
         return own;
@@ -251,7 +255,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
@@ -317,13 +321,19 @@ mod tests {
         // burst now and then, from the first second on.
         for seconds in 0..=60 {
             let churn = series(seconds, |t| if noise(t) > 0.6 { 4e6 } else { 0.0 });
-            assert_ne!(kind(&churn, Some(1.5)), TrendKind::Growing, "at {seconds} s");
+            assert_ne!(
+                kind(&churn, Some(1.5)),
+                TrendKind::Growing,
+                "at {seconds} s"
+            );
             // Blocks living a few seconds: a level that fills within the
             // first seconds, then stays, noisy.
-            let lived = series(seconds, |t| {
-                (t.min(3) as f64 / 3.0) * 3e6 + 5e5 * noise(t)
-            });
-            assert_ne!(kind(&lived, Some(3.0)), TrendKind::Growing, "at {seconds} s");
+            let lived = series(seconds, |t| (t.min(3) as f64 / 3.0) * 3e6 + 5e5 * noise(t));
+            assert_ne!(
+                kind(&lived, Some(3.0)),
+                TrendKind::Growing,
+                "at {seconds} s"
+            );
         }
     }
 
@@ -404,8 +414,8 @@ mod tests {
         // Stack 1 fills 1 MiB in 2 s; from then on stack 2 replaces its
         // entries, 20 KiB a second; both allocate at site 7.
         for t in 1..=30u64 {
-            let filled = if t <= 2 { t * 512 << 10 } else { 1 << 20 };
-            let replaced = (t.saturating_sub(2) * 20 << 10).min(filled);
+            let filled = if t <= 2 { (t * 512) << 10 } else { 1 << 20 };
+            let replaced = ((t.saturating_sub(2) * 20) << 10).min(filled);
             let stack = |id, bytes| StackSample {
                 stack_id: id,
                 count: 1,
@@ -421,7 +431,10 @@ mod tests {
                 |_| 7,
             );
         }
-        assert_eq!(classify(history.series(2), Some(28.0)).kind, TrendKind::Growing);
+        assert_eq!(
+            classify(history.series(2), Some(28.0)).kind,
+            TrendKind::Growing
+        );
         for id in [1, 2] {
             let trend = of_stack(&history, id, Some(28.0));
             assert_eq!(trend.kind, TrendKind::Plateau, "{id}: {trend:?}");
@@ -434,7 +447,7 @@ mod tests {
                 stacks: vec![StackSample {
                     stack_id: 2,
                     count: 1,
-                    settled_bytes: Some(t * 20 << 10),
+                    settled_bytes: Some((t * 20) << 10),
                     ..Default::default()
                 }],
                 ..Default::default()

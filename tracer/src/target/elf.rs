@@ -65,6 +65,11 @@ impl ElfInfo {
         })
     }
 
+    /// Names of the defined functions.
+    pub fn function_names(&self) -> impl Iterator<Item = &str> {
+        self.functions.keys().map(String::as_str)
+    }
+
     pub fn function_address(&self, name: &str) -> Option<u64> {
         self.functions.get(name).map(|(address, _)| *address)
     }

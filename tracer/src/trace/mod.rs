@@ -23,8 +23,8 @@ use crate::{
         event::{ChangeKind, ProcessChange},
         watch::TargetWatch,
     },
-    report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
     model::ResidentMemory,
+    report::{AllocatorInfo, ProcessInfo, ProcessState, RunInfo},
     symbolize::Symbolizer,
     target::{
         allocator::AllocatorObject,
@@ -56,6 +56,9 @@ pub struct Target {
     /// (kept for after it is gone).
     pub memory_at_attach: Option<ResidentMemory>,
     pub memory_last: Option<ResidentMemory>,
+    /// Objects it maps that look like allocators and are not probed, found
+    /// once a coverage gap shows.
+    pub unprobed: Option<Vec<String>>,
 }
 
 impl Target {
@@ -71,6 +74,7 @@ impl Target {
             objects,
             memory_at_attach: memory,
             memory_last: memory,
+            unprobed: None,
         }
     }
 
@@ -99,6 +103,9 @@ pub struct LiveTrace<K = Kernel> {
     history: crate::model::History,
     /// Each live stack's allocation site (`reading::site_key`).
     sites: std::collections::HashMap<u64, u64>,
+    /// (frees, frees of unseen blocks) at the first snapshot `LATE_S`
+    /// after attach: the coverage check counts from there.
+    late_mark: Option<(u64, u64)>,
 }
 
 impl<K: KernelOps> LiveTrace<K> {
@@ -128,6 +135,7 @@ impl<K: KernelOps> LiveTrace<K> {
             sweep: collect::AgeSweep::default(),
             history,
             sites: Default::default(),
+            late_mark: None,
         }
     }
 

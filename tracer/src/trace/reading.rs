@@ -57,7 +57,8 @@ impl LiveTrace<Kernel> {
     fn record(&mut self, snapshot: &Snapshot) {
         let loaded = self.kernel.loaded();
         let sites = &mut self.sites;
-        let live: std::collections::HashSet<u64> = snapshot.stacks.iter().map(|s| s.stack_id).collect();
+        let live: std::collections::HashSet<u64> =
+            snapshot.stacks.iter().map(|s| s.stack_id).collect();
         sites.retain(|id, _| live.contains(id));
         for s in snapshot.stacks.iter().filter(|s| s.count > 0) {
             sites.entry(s.stack_id).or_insert_with(|| {
@@ -68,9 +69,16 @@ impl LiveTrace<Kernel> {
                 ip.map_or(s.stack_id, |ip| site_key(s.pid, ip))
             });
         }
+        if self.late_mark.is_none()
+            && snapshot.taken_ns >= self.run.attached_ns + (memory::LATE_S * 1e9) as u64
+        {
+            let c = &snapshot.counters;
+            self.late_mark = Some((c.frees, c.unknown_frees));
+        }
         let sites = &self.sites;
-        self.history
-            .record_by_site(snapshot, |s| sites.get(&s.stack_id).copied().unwrap_or(s.stack_id));
+        self.history.record_by_site(snapshot, |s| {
+            sites.get(&s.stack_id).copied().unwrap_or(s.stack_id)
+        });
     }
 
     /// The trend of each stack of `snapshot` (recorded by `snapshot`), by id.
@@ -157,10 +165,25 @@ impl LiveTrace<Kernel> {
 
     /// Each process's memory since attach, in the order of `processes`; a
     /// replaced program's is empty (its memory went with it).
-    fn memory_of(&mut self, snapshot: &Snapshot, sample: Option<&MappingSample>) -> Vec<MemoryReport> {
+    fn memory_of(
+        &mut self,
+        snapshot: &Snapshot,
+        sample: Option<&MappingSample>,
+    ) -> Vec<MemoryReport> {
+        // Frees of unseen blocks since LATE_S after attach (the counters
+        // are the whole session's: they speak for the first process).
+        let late_frees = match (self.late_mark, self.sample_rate()) {
+            (Some((frees, unseen)), None) => Some((
+                snapshot.counters.frees.saturating_sub(frees),
+                snapshot.counters.unknown_frees.saturating_sub(unseen),
+            )),
+            _ => None,
+        };
+        let labels = &self.run.labels;
         self.processes
             .iter_mut()
-            .map(|target| {
+            .enumerate()
+            .map(|(index, target)| {
                 if target.info.state == ProcessState::Replaced {
                     return MemoryReport::default();
                 }
@@ -178,13 +201,35 @@ impl LiveTrace<Kernel> {
                         .map(|s| s.bytes)
                         .sum(),
                     mapped_bytes: sample.map_or(0, |m| {
-                        m.stacks.iter().filter(|s| s.pid == pid).map(|s| s.bytes).sum()
+                        m.stacks
+                            .iter()
+                            .filter(|s| s.pid == pid)
+                            .map(|s| s.bytes)
+                            .sum()
                     }),
                     brk_growth: sample
                         .and_then(|m| m.brk_growth_by_pid.get(&pid).copied())
                         .unwrap_or(0),
                 };
-                memory::judge(target.memory_at_attach, target.memory_last, traced)
+                let mut report = memory::judge(target.memory_at_attach, target.memory_last, traced);
+                let late = late_frees.filter(|_| index == 0);
+                if let Some(reason) = memory::coverage_gap(&report, late) {
+                    let unprobed = target.unprobed.get_or_insert_with(|| {
+                        let probed: Vec<&std::path::Path> = target
+                            .objects
+                            .iter()
+                            .map(|o| o.host_path.as_path())
+                            .collect();
+                        crate::target::memory::unprobed_allocators(&target.process, &probed, |f| {
+                            labels.is_wrapper(f)
+                        })
+                    });
+                    report.coverage = Some(memory::Coverage {
+                        reason,
+                        unprobed_objects: unprobed.clone(),
+                    });
+                }
+                report
             })
             .collect()
     }

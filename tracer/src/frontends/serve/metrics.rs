@@ -381,19 +381,30 @@ mod tests {
         // Every family is declared once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(types, 13, "{text}");
-        assert!(text.contains(
-            "tracer_stacks_by_trend{pid=\"42\",process=\"server\",kind=\"new\"} 3\n"
-        ), "{text}");
+        assert!(
+            text.contains("tracer_stacks_by_trend{pid=\"42\",process=\"server\",kind=\"new\"} 3\n"),
+            "{text}"
+        );
         // Memory: once a verdict is known.
         view.memory = Some(crate::report::memory::judge(
             Some(Default::default()),
-            Some(crate::model::ResidentMemory { rss: 8 << 20, anon: 8 << 20, ..Default::default() }),
-            crate::report::memory::Traced { heap_bytes: 7 << 20, ..Default::default() },
+            Some(crate::model::ResidentMemory {
+                rss: 8 << 20,
+                anon: 8 << 20,
+                ..Default::default()
+            }),
+            crate::report::memory::Traced {
+                heap_bytes: 7 << 20,
+                ..Default::default()
+            },
         ));
         let text = render(&view, &processes, 1);
-        assert!(text.contains(
-            "tracer_memory_verdict{pid=\"42\",process=\"server\",verdict=\"heap\"} 1\n"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "tracer_memory_verdict{pid=\"42\",process=\"server\",verdict=\"heap\"} 1\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "tracer_memory_change_bytes{pid=\"42\",process=\"server\",part=\"unexplained\"} 1048576\n"
         ), "{text}");

@@ -205,7 +205,12 @@ fn memory_line(view: &LiveView) -> Line<'static> {
         Some(Verdict::Heap | Verdict::Mappings) => Style::new().fg(Color::Yellow),
         _ => Style::new(),
     };
-    Line::styled(format!("memory: {}", memory::sentence(report)), style)
+    let mut text = format!("memory: {}", memory::sentence(report));
+    if let Some(coverage) = &report.coverage {
+        text.push_str(". ");
+        text.push_str(&memory::coverage_sentence(coverage));
+    }
+    Line::styled(text, style)
 }
 
 fn draw_table(frame: &mut Frame, area: Rect, state: &TopState) {
