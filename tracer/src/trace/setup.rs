@@ -54,6 +54,13 @@ fn describe(kernel: &Kernel, verbose: bool) {
     if !verbose {
         return;
     }
+    eprintln!(
+        "tracer: kernel {}",
+        crate::kernel::features::detected().release
+    );
+    for (what, path) in kernel.paths().describe() {
+        eprintln!("tracer: {what}: {path}");
+    }
     eprintln!("tracer: allocation returns: {}", kernel.returns());
     for a in kernel.attached() {
         let place = if a.skip > 0 {
@@ -109,7 +116,7 @@ pub fn attach(
     min_age: Duration,
 ) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
-    crate::kernel::privileges::check()?;
+    crate::kernel::features::require()?;
     let pids = resolve_targets(targets)?;
     if options.unwind == crate::target::unwind::UnwindMode::Cfi && pids.len() > 1 {
         bail!("--unwind cfi traces one process; give one --pid");
@@ -198,7 +205,7 @@ pub fn start(
     min_age: Duration,
     output: ChildOutput,
 ) -> Result<(LiveTrace, TargetWatch)> {
-    crate::kernel::privileges::check()?;
+    crate::kernel::features::require()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let objects = detect::placed(
