@@ -173,3 +173,125 @@ fn verbose_run_names_the_paths_taken() {
         assert!(output.stderr.contains(&line), "{line} in {}", output.stderr);
     }
 }
+
+/// Runs leaky_c under `tracer run -v` as on a kernel without `without`
+/// (TRACER_TEST_WITHOUT, testing only); checks the report is exact and
+/// nothing dropped; returns stderr.
+fn exact_without(without: &str, extra: &[&str]) -> String {
+    require_root();
+    let program = fixture("leaky_c");
+    let mut args = vec!["-v"];
+    args.extend_from_slice(extra);
+    let (report, stdout, finished) = trace_run_with_env(
+        &[program.to_str().unwrap()],
+        &args,
+        &[("TRACER_TEST_WITHOUT", without)],
+    );
+    let expected = expectations(&stdout);
+    assert!(!expected.is_empty(), "{stdout}");
+    let mut sites: Vec<&str> = expected.keys().map(String::as_str).collect();
+    sites.extend(["churn", "cross_alloc", "cross_free"]);
+    let found = report_by_site(&report, &sites);
+    for (site, want) in &expected {
+        assert_eq!(found.get(site), Some(want), "{site}; {report:#}");
+    }
+    for churn in ["churn", "cross_alloc", "cross_free"] {
+        assert!(!found.contains_key(churn), "{churn}: {report:#}");
+    }
+    for (key, value) in report["dropped"].as_object().unwrap() {
+        assert_eq!(value.as_u64(), Some(0), "dropped.{key}");
+    }
+    finished.stderr
+}
+
+/// Without batch map operations (before 5.6, or hidden here) every map is
+/// read key by key, `-v` says so, and the report is as exact.
+#[test]
+fn without_batch_operations_maps_are_read_key_by_key_and_exact() {
+    let stderr = exact_without("batch_ops", &[]);
+    assert!(
+        stderr.contains("tracer: map reads: key by key (no batch map operations)"),
+        "{stderr}"
+    );
+}
+
+/// Without uprobe sessions (before 6.13, or hidden here) `--sample-rate`
+/// probes with a uprobe and a uretprobe per function; the kernel is not
+/// asked to load a session program; -v says why.
+#[test]
+fn without_uprobe_sessions_sampling_uses_uretprobes() {
+    require_root();
+    let output = TracerCmd::new("run")
+        .args(["-v", "-o", "/dev/null", "--sample-rate", "64k"])
+        .env("TRACER_TEST_WITHOUT", "uprobe_sessions")
+        .command(fixture("sampled_c"))
+        .output();
+    assert!(output.status.success(), "{}", output.stderr);
+    let stderr = output.stderr;
+    assert!(
+        stderr.contains(
+            "tracer: allocation returns: uretprobe (uprobe sessions unavailable: the kernel has no uprobe sessions"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("uretprobe alloc_return"), "{stderr}");
+    assert!(!stderr.contains("uprobe session alloc_session"), "{stderr}");
+}
+
+/// Without membarrier grace periods stack slots are never recycled (`-v`
+/// says so); counting is unchanged.
+#[test]
+fn without_membarrier_slots_are_not_reclaimed_and_counts_stay_exact() {
+    let stderr = exact_without("membarrier", &[]);
+    assert!(
+        stderr.contains("tracer: stack slot reclamation: off"),
+        "{stderr}"
+    );
+}
+
+/// Doctor reports a hidden feature as missing and the path that follows.
+#[test]
+fn doctor_follows_what_the_kernel_lacks() {
+    require_root();
+    let (code, doc) = doctor_json(|command| {
+        command.env("TRACER_TEST_WITHOUT", "batch_ops,bpf_loop");
+    });
+    assert_eq!(code, Some(0), "{doc:#}");
+    assert_eq!(available(&doc, "batch_ops"), false);
+    assert_eq!(doc["paths"]["map_reads"], "key_by_key");
+    assert_eq!(doc["paths"]["cfi_walk"], "unrolled");
+}
+
+/// What the tracer cannot do without stops it before anything is attached:
+/// one line saying what is missing and what would fix it, exit 1, and the
+/// command is not started.
+#[test]
+fn a_kernel_without_uprobes_or_bpf_is_one_line_and_exit_1() {
+    require_root();
+    for (without, says) in [
+        ("uprobes", "the kernel has no uprobes"),
+        ("bpf_syscall", "the kernel refuses eBPF"),
+        ("ring_buffer", "the kernel has no BPF ring buffer"),
+    ] {
+        let marker = temp_path(&format!("started-{without}"));
+        let output = TracerCmd::new("run")
+            .env("TRACER_TEST_WITHOUT", without)
+            .command("touch")
+            .arg(&marker)
+            .output();
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{without}: {}",
+            output.stderr
+        );
+        assert!(output.stderr.contains(says), "{without}: {}", output.stderr);
+        assert_eq!(output.stderr.trim().lines().count(), 1, "{}", output.stderr);
+        assert!(!marker.exists(), "{without}: the command ran");
+        let (code, doc) = doctor_json(|command| {
+            command.env("TRACER_TEST_WITHOUT", without);
+        });
+        assert_eq!(code, Some(1), "{doc:#}");
+        assert_eq!(doc["can_run"], false);
+    }
+}

@@ -95,10 +95,22 @@ pub struct Features {
     pub perf_event_paranoid: Probe,
 }
 
+static FEATURES: OnceLock<Features> = OnceLock::new();
+
+/// The features, if they were probed already (errors use them to say why).
+pub fn probed() -> Option<&'static Features> {
+    FEATURES.get()
+}
+
 /// The probed features of this kernel, probed on first use.
 pub fn detected() -> &'static Features {
-    static FEATURES: OnceLock<Features> = OnceLock::new();
-    FEATURES.get_or_init(Features::probe)
+    FEATURES.get_or_init(|| {
+        let mut features = Features::probe();
+        if let Ok(names) = std::env::var("TRACER_TEST_WITHOUT") {
+            features.hide(names.split(',').filter(|n| !n.is_empty()));
+        }
+        features
+    })
 }
 
 /// The features, or one line saying what is missing and what would fix it
@@ -189,7 +201,7 @@ impl Features {
             ));
         }
         for (probe, what, since) in [
-            (&self.ring_buffer, "the BPF ring buffer", "5.8"),
+            (&self.ring_buffer, "BPF ring buffer", "5.8"),
             (&self.mmapable_maps, "memory-mapped BPF arrays", "5.5"),
         ] {
             if probe.is_no() {
@@ -200,6 +212,37 @@ impl Features {
             }
         }
         blockers
+    }
+
+    /// Testing: `TRACER_TEST_WITHOUT=batch_ops,uprobe_sessions` (keys of
+    /// `list`) makes the tracer behave as on a kernel without them, so the
+    /// fallbacks are tested on any kernel (tests/tests/doctor.rs).
+    pub fn hide<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        for key in keys {
+            let probe = match key {
+                "privileges" => &mut self.privileges,
+                "bpf_syscall" => &mut self.bpf_syscall,
+                "mmapable_maps" => &mut self.mmapable_maps,
+                "ring_buffer" => &mut self.ring_buffer,
+                "uprobes" => &mut self.uprobes,
+                "tracefs" => &mut self.tracefs,
+                "syscall_tracepoints" => &mut self.syscall_tracepoints,
+                "sched_tracepoints" => &mut self.sched_tracepoints,
+                "btf" => &mut self.btf,
+                "bpf_loop" => &mut self.bpf_loop,
+                "batch_ops" => &mut self.batch_ops,
+                "uprobe_multi" => &mut self.uprobe_multi,
+                "uprobe_sessions" => &mut self.uprobe_sessions,
+                "attach_cookies" => &mut self.attach_cookies,
+                "uretprobe_syscall" => &mut self.uretprobe_syscall,
+                "atomic_fetch" => &mut self.atomic_fetch,
+                "membarrier" => &mut self.membarrier,
+                "lockdown" => &mut self.lockdown,
+                "perf_event_paranoid" => &mut self.perf_event_paranoid,
+                _ => continue,
+            };
+            *probe = Probe::no("hidden by TRACER_TEST_WITHOUT");
+        }
     }
 
     /// Probes the running kernel.
@@ -792,6 +835,18 @@ mod tests {
         f.ring_buffer = Probe::unknown("");
         f.uprobes = Probe::unknown("");
         assert!(f.blockers().is_empty());
+    }
+
+    #[test]
+    fn features_can_be_hidden_for_tests() {
+        let mut f = everything();
+        f.hide(["batch_ops", "uprobe_sessions", "nonsense"].into_iter());
+        assert!(f.batch_ops.is_no() && f.uprobe_sessions.is_no());
+        assert!(f.bpf_loop.is_yes());
+        // Every listed key can be hidden.
+        let keys: Vec<&str> = everything().list().iter().map(|(k, _, _)| *k).collect();
+        f.hide(keys.iter().copied());
+        assert!(f.list().iter().all(|(_, _, p)| p.is_no()));
     }
 
     #[test]

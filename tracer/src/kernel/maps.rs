@@ -363,23 +363,37 @@ impl StatsTable {
     }
 
     /// Takes a freed block out of its slot, as the programs' `retire` does
-    /// (`sample_rate`: what a sampled block stood for).
-    pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) {
+    /// (`sample_rate`: what a sampled block stood for). A slot that holds
+    /// less than the block is left alone: returns false (an unmatched free).
+    pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) -> bool {
         let slot = record.slot as usize;
         if slot >= self.slots() {
-            return;
+            return false;
         }
         let (bytes, blocks) = crate::sampling::kernel_weights(
             record.size,
             record.timestamp_ns,
             sample_rate.unwrap_or(0),
         );
-        // Same atomic add the programs use on the same memory.
-        unsafe {
+        // Atomic on the memory the programs add to atomically; each counter
+        // only taken down if it holds the amount (the blocks first: a count
+        // is what the reclaimer trusts).
+        let (held_bytes, held_blocks) = unsafe {
             let s = self.0.base.add(slot);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(bytes, Relaxed);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(blocks, Relaxed);
+            (
+                AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes),
+                AtomicU64::from_ptr(&raw mut (*s).outstanding_count),
+            )
+        };
+        if held_blocks
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_sub(blocks))
+            .is_err()
+        {
+            return false;
         }
+        // Never below zero, even when the bytes disagree with the count.
+        let _ = held_bytes.fetch_update(Relaxed, Relaxed, |held| Some(held.saturating_sub(bytes)));
+        true
     }
 
     /// Makes `slot` the unknown stack of process `tgid` (a reserved slot,

@@ -37,6 +37,8 @@ pub struct Loaded {
     ebpf: Ebpf,
     /// Hash maps are read in batches (the kernel has them, `features`).
     pub(super) batch_reads: bool,
+    /// Blocks userspace retired whose slot held less (see `StatsTable::retire`).
+    pub(super) unmatched_frees: u64,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -69,8 +71,14 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             batch_reads,
+            unmatched_frees: 0,
             _logger: None,
         })
+    }
+
+    /// Blocks userspace retired from a slot that held less (not applied).
+    pub fn unmatched_frees(&self) -> u64 {
+        self.unmatched_frees
     }
 
     /// Forwards what the programs log (only rare conditions, e.g. a full
