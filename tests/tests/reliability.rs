@@ -51,6 +51,7 @@ fn realloc_racing_a_malloc_of_the_same_address_stays_exact() {
     assert_eq!(found.get("mover"), None, "{report:#}");
     assert_eq!(found.get("taker"), None, "{report:#}");
     assert_eq!(report["dropped"]["missed_frees"], 0, "{report:#}");
+    assert_eq!(report["dropped"]["unmatched_frees"], 0, "{report:#}");
 }
 
 /// A thread that leaves malloc through siglongjmp from a signal handler
@@ -333,6 +334,7 @@ fn reclaim_storm(max_stacks: u32, seconds: u32) -> (serde_json::Value, u64, u64)
         "untracked_allocations",
         "stack_stats_full",
         "in_flight_full",
+        "unmatched_frees",
     ] {
         assert_eq!(number(&dropped[key]), 0, "dropped.{key}: {last:#}");
     }

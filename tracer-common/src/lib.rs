@@ -236,6 +236,14 @@ pub enum Counter {
     /// a thread's start): whole stacks. Against `Allocs`, the share of
     /// stacks that were not cut short.
     WholeStacks = 9,
+    /// Frees (and reallocs, exec drops) whose block's stack slot held less
+    /// than the block: not subtracted, so that no outstanding counter ever
+    /// goes below zero. Non-zero means a count went wrong somewhere.
+    UnmatchedFrees = 10,
+    /// Frees lost because the kernel refused to remove the block's record
+    /// (its hash map lock gave up: kernels with resilient spinlocks, 6.15+,
+    /// give up on a deadlock or a long wait); the block stays counted.
+    LostFrees = 11,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;

@@ -26,6 +26,8 @@ use crate::{
     sample, stack,
 };
 
+const ENOENT: i32 = 2;
+
 /// x86_64 page size, for `pvalloc`'s rounding.
 const PAGE_SIZE: u64 = 4096;
 
@@ -119,6 +121,7 @@ fn left_without_returning(pid_tgid: u64, outer: &InFlight) -> bool {
 /// record it had taken (a realloc): nothing says the block was freed.
 #[inline(always)]
 fn abandon(pid_tgid: u64, call: &InFlight) {
+    forget_call(pid_tgid);
     // If the address is recorded again, the block was freed and handed out
     // anew: retire it instead.
     if call.has_old != 0
@@ -132,7 +135,24 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     {
         retire(&call.old);
     }
-    let _ = IN_FLIGHT.remove(pid_tgid);
+}
+
+/// Removes the thread's in-flight record once its call is settled. Kernels
+/// whose map locks can give up (6.15+) may refuse the removal: the record
+/// left behind is then emptied in place, so that nothing settles its old
+/// block twice (a second retire would take the stack below what it holds)
+/// and the next call finds it stale (`is_inner_call`) and removes it.
+#[inline(always)]
+fn forget_call(pid_tgid: u64) {
+    if IN_FLIGHT.remove(pid_tgid).is_ok() {
+        return;
+    }
+    if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+        unsafe {
+            (*stored).has_old = 0;
+            (*stored).entry_sp = 0;
+        }
+    }
 }
 
 #[inline(always)]
@@ -301,7 +321,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     if stack_pointer(ctx.regs) != call.entry_sp.wrapping_add(8) {
         return 0;
     }
-    let _ = IN_FLIGHT.remove(pid_tgid);
+    forget_call(pid_tgid);
     let ret: u64 = ctx.ret();
 
     if call.kind == CallKind::PosixMemalign as u32 {
@@ -367,9 +387,14 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
             let record = *record;
             // Only the caller whose remove succeeds subtracts, so a double
             // free from two threads cannot subtract twice.
-            if ALLOCS.remove(&key).is_ok() {
-                retire(&record);
-                count(Counter::Frees);
+            match ALLOCS.remove(&key) {
+                Ok(()) => {
+                    retire(&record);
+                    count(Counter::Frees);
+                }
+                // Removed by the other free of a double free.
+                Err(err) if err == -ENOENT => {}
+                Err(_) => count(Counter::LostFrees),
             }
         }
         None => count(Counter::UnknownFrees),
@@ -444,15 +469,29 @@ fn add_to_slot(slot: u32, bytes: u64, blocks: u64) {
 
 /// Takes a freed block out of its stack's outstanding totals, in the slot it
 /// was counted in.
+///
+/// A live block is counted before its record is published, so its slot
+/// holds at least the block. If it holds less, some count went wrong: the
+/// free is counted as unmatched and not subtracted, so that no outstanding
+/// counter goes below zero (and wraps) on any kernel. (Only a check: BPF
+/// has no atomic compare-and-subtract before 5.12.)
 #[inline(always)]
 fn retire(record: &AllocRecord) {
-    if let Some(stats) = STACK_STATS.get_ptr_mut(record.slot) {
-        // Exact mode: (size, 1). Sampling: what the block stood for.
-        let (bytes, blocks) = sample::weights(record.size, record.timestamp_ns);
-        unsafe {
-            atomic_add(&raw mut (*stats).outstanding_bytes, bytes.wrapping_neg());
-            atomic_add(&raw mut (*stats).outstanding_count, blocks.wrapping_neg());
+    let Some(stats) = STACK_STATS.get_ptr_mut(record.slot) else {
+        count(Counter::UnmatchedFrees);
+        return;
+    };
+    // Exact mode: (size, 1). Sampling: what the block stood for.
+    let (bytes, blocks) = sample::weights(record.size, record.timestamp_ns);
+    unsafe {
+        let held_bytes = core::ptr::read_volatile(&raw const (*stats).outstanding_bytes);
+        let held_blocks = core::ptr::read_volatile(&raw const (*stats).outstanding_count);
+        if held_bytes < bytes || held_blocks < blocks {
+            count(Counter::UnmatchedFrees);
+            return;
         }
+        atomic_add(&raw mut (*stats).outstanding_bytes, bytes.wrapping_neg());
+        atomic_add(&raw mut (*stats).outstanding_count, blocks.wrapping_neg());
     }
 }
 

@@ -176,7 +176,20 @@ fn new_slot(
     } else {
         match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
             Ok(()) if still_ours() => return Ok(slot),
-            Ok(()) => return Err(-1),
+            Ok(()) => {
+                // The other program may have written its own slot into the
+                // buffer too: an entry naming another stack's slot would
+                // never be used (`known_slot` checks) but would keep this
+                // stack from ever getting a slot of its own (every later
+                // insert: EEXIST), its blocks all counted as lost. Take it
+                // out; our slot, unreachable, is reclaimed as an orphan.
+                if let Some(entry) = STACKS.get_ptr(hash) {
+                    if unsafe { core::ptr::read_volatile(&(*entry).slot) } != slot as u64 {
+                        let _ = STACKS.remove(&hash);
+                    }
+                }
+                return Err(-1);
+            }
             Err(err) => err.into(),
         }
     };

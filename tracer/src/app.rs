@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Targets, Task, TraceConfig},
-    frontends::{check, diff, open_output, report, serve, top},
+    frontends::{check, diff, doctor, open_output, report, serve, top},
     lifecycle::{launch::ChildOutput, watch::TargetWatch},
     trace::{setup, LiveTrace},
 };
@@ -63,6 +63,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             serve::run(trace, watch, config, listener).await
         }
         Task::Diff(config) => diff::run(&config),
+        Task::Doctor { json } => doctor::run(json),
     }
 }
 

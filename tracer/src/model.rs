@@ -16,6 +16,8 @@ pub struct Counters {
     pub missed_frees: u64,
     pub in_flight_full: u64,
     pub failed_allocs: u64,
+    pub unmatched_frees: u64,
+    pub lost_frees: u64,
     /// Allocations whose stack reached its outermost frame.
     pub whole_stacks: u64,
 }

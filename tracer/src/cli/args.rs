@@ -108,6 +108,22 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Say what this machine's kernel offers the tracer (eBPF, uprobes,
+    /// tracepoints, helpers, map operations, lockdown...), which paths the
+    /// tracer takes because of it, and whether it can run here: exits 0 if
+    /// it can, 1 if not. Loads the programs once to be sure (as root).
+    Doctor {
+        /// text: one screen; json: one object (capabilities by name, each
+        /// with `available` true, false or null for unknown, and `detail`).
+        #[arg(long, value_enum, default_value_t = DoctorFormat::Text)]
+        format: DoctorFormat,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoctorFormat {
+    Text,
+    Json,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -41,6 +41,10 @@ pub enum Task {
         config: ServeConfig,
     },
     Diff(DiffConfig),
+    /// `tracer doctor`: JSON or text.
+    Doctor {
+        json: bool,
+    },
 }
 
 /// Running processes to trace: by pid, by name (their comm), or both.
@@ -194,6 +198,9 @@ impl Cli {
                 weight: weight.into(),
                 output,
             }),
+            Command::Doctor { format } => Task::Doctor {
+                json: format == args::DoctorFormat::Json,
+            },
         })
     }
 }

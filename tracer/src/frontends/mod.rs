@@ -1,5 +1,5 @@
 //! What the user runs: `report` (also `run` and `flamegraph`), `top`,
-//! `check`, `serve` and `diff`; `live_view` is what `top` and `serve` both
+//! `check`, `serve`, `diff` and `doctor`; `live_view` is what `top` and `serve` both
 //! show.
 
 use std::{
@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 
 pub mod check;
 pub mod diff;
+pub mod doctor;
 pub mod live_view;
 pub mod report;
 pub mod serve;

@@ -3,7 +3,7 @@
 //! exec replaced. Each is taken out of its stack's totals as the programs'
 //! free would.
 
-use tracer_common::AllocKey;
+use tracer_common::{AllocKey, InFlight};
 
 use super::{
     error::Result,
@@ -12,10 +12,12 @@ use super::{
 };
 
 /// Removes in-flight records of threads that no longer exist (a thread that
-/// died inside malloc leaves one; its tid could be reused). The keys are
+/// died inside malloc leaves one; its tid could be reused). The records are
 /// read before the thread list, so a thread born in between is never taken
-/// for dead. A realloc's record holds the old block's record, taken out of
-/// `ALLOCS` at entry: it is put back, as the block was not known to be freed.
+/// for dead; and one is removed only if it is still the record read then,
+/// so a new thread that got a dead one's tid since keeps its call. A
+/// realloc's record holds the old block's record, taken out of `ALLOCS` at
+/// entry: it is put back, as the block was not known to be freed.
 pub fn forget_dead_threads(
     loaded: &mut Loaded,
     pid: u32,
@@ -23,26 +25,30 @@ pub fn forget_dead_threads(
     live_tids: &mut dyn FnMut() -> Vec<u32>,
 ) -> Result<usize> {
     let mut in_flight = maps::in_flight_mut(loaded)?;
-    let keys: Vec<u64> = in_flight
+    let calls: Vec<(u64, InFlight)> = in_flight
         .keys()
         .into_iter()
         .filter(|key| (key >> 32) as u32 == pid)
+        .filter_map(|key| Some((key, in_flight.get(&key).ok()??)))
         .collect();
-    if keys.is_empty() {
+    if calls.is_empty() {
         return Ok(0);
     }
     let live_tids = live_tids();
     let mut taken = Vec::new();
     let mut dead = 0;
-    for key in keys {
+    for (key, call) in calls {
         if live_tids.contains(&(key as u32)) {
             continue;
         }
-        // Read before removing: the removal is what makes it ours.
-        let call = in_flight.get(&key).ok().flatten();
+        let now = in_flight.get(&key).ok().flatten();
+        if !now.is_some_and(|now| same_call(&now, &call)) {
+            continue; // returned meanwhile, or a new thread's call
+        }
+        // The removal is what makes it ours.
         if in_flight.remove(&key) {
             dead += 1;
-            if let Some(call) = call.filter(|c| c.has_old != 0) {
+            if call.has_old != 0 {
                 taken.push((call.ptr_arg, call.old));
             }
         }
@@ -50,15 +56,41 @@ pub fn forget_dead_threads(
 
     if !taken.is_empty() {
         let table = StatsTable::open(loaded)?;
+        let mut unmatched = 0;
         let mut allocs = maps::allocs_mut(loaded)?;
         for (addr, record) in taken {
             // If the address was recorded again, the block was freed after all.
-            if !allocs.insert_new(AllocKey::new(pid, addr), record) {
-                table.retire(&record, sample_rate);
+            if !allocs.insert_new(AllocKey::new(pid, addr), record)
+                && !table.retire(&record, sample_rate)
+            {
+                unmatched += 1;
             }
         }
+        loaded.unmatched_frees += unmatched;
     }
     Ok(dead)
+}
+
+/// The same in-flight call: a thread's next call differs in its stack
+/// pointer, arguments or old block.
+fn same_call(a: &InFlight, b: &InFlight) -> bool {
+    (
+        a.kind,
+        a.flags,
+        a.entry_sp,
+        a.size,
+        a.ptr_arg,
+        a.has_old,
+        a.old.timestamp_ns,
+    ) == (
+        b.kind,
+        b.flags,
+        b.entry_sp,
+        b.size,
+        b.ptr_arg,
+        b.has_old,
+        b.old.timestamp_ns,
+    )
 }
 
 /// Drops the live blocks process `pid` recorded before `before_ns` (its
@@ -77,6 +109,7 @@ pub fn drop_process(
         }
     })?;
     let table = StatsTable::open(loaded)?;
+    let mut unmatched = 0;
     let mut allocs = maps::allocs_mut(loaded)?;
     let mut dropped = 0;
     for key in blocks {
@@ -89,9 +122,12 @@ pub fn drop_process(
             continue;
         }
         if allocs.remove(&key) {
-            table.retire(&record, sample_rate);
+            if !table.retire(&record, sample_rate) {
+                unmatched += 1;
+            }
             dropped += 1;
         }
     }
+    loaded.unmatched_frees += unmatched;
     Ok(dropped)
 }

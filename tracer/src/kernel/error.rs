@@ -95,10 +95,26 @@ impl KernelError {
     }
 }
 
+/// What an EPERM means: no privileges, or (the tracer has them) the
+/// kernel forbids eBPF to everyone; `lockdown` is what features saw.
+fn permission_denied(privileged: bool, lockdown: &str) -> String {
+    if privileged {
+        format!(
+            "the kernel refused eBPF although the tracer has the privileges: lockdown ({lockdown}), \
+             a security module (SELinux, AppArmor) or a seccomp filter forbids it"
+        )
+    } else {
+        NEED_PRIVILEGES.to_string()
+    }
+}
+
 impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_permission_denied() {
-            write!(f, "{NEED_PRIVILEGES}: ")?;
+            let seen = super::features::probed();
+            let privileged = seen.is_some_and(|s| s.privileges.is_yes());
+            let lockdown = seen.map_or("", |s| s.lockdown.detail.as_str());
+            write!(f, "{}: ", permission_denied(privileged, lockdown))?;
         }
         let doing = match self.operation {
             Operation::Load => "loading",
@@ -146,5 +162,13 @@ mod tests {
         assert!(!e.is_permission_denied());
         assert_eq!(e.to_string(), "attaching x");
         assert_eq!(KernelError::missing(Operation::Map, "ALLOCS").errno(), None);
+    }
+
+    #[test]
+    fn eperm_with_privileges_blames_the_kernel_not_the_user() {
+        assert_eq!(permission_denied(false, ""), NEED_PRIVILEGES);
+        let said = permission_denied(true, "confidentiality: ...");
+        assert!(said.contains("lockdown (confidentiality"), "{said}");
+        assert!(!said.contains("sudo"), "{said}");
     }
 }

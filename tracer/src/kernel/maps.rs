@@ -55,6 +55,8 @@ pub struct Hash<T, K, V> {
     /// The map's descriptor, for the batch calls (aya 0.14 does not lend a
     /// typed map's); valid while `map` borrows the map.
     fd: RawFd,
+    /// Read in batches (`Loaded::batch_reads`), else key by key.
+    batch: bool,
     map: BpfHashMap<T, K, V>,
 }
 
@@ -67,19 +69,31 @@ pub type StacksMut<'a> = Hash<&'a mut MapData, u64, StackTrace>;
 
 impl<'a, K: Pod, V: Pod> Hash<&'a MapData, K, V> {
     pub fn open(loaded: &'a Loaded, name: &'static str) -> Result<Self> {
+        let batch = loaded.batch_reads;
         let map = loaded.map(name)?;
         let fd = map_fd(map);
         let map = BpfHashMap::try_from(map).map_err(|e| KernelError::map(name, e))?;
-        Ok(Hash { name, fd, map })
+        Ok(Hash {
+            name,
+            fd,
+            batch,
+            map,
+        })
     }
 }
 
 impl<'a, K: Pod, V: Pod> Hash<&'a mut MapData, K, V> {
     pub fn open_mut(loaded: &'a mut Loaded, name: &'static str) -> Result<Self> {
+        let batch = loaded.batch_reads;
         let map = loaded.map_mut(name)?;
         let fd = map_fd(map);
         let map = BpfHashMap::try_from(map).map_err(|e| KernelError::map(name, e))?;
-        Ok(Hash { name, fd, map })
+        Ok(Hash {
+            name,
+            fd,
+            batch,
+            map,
+        })
     }
 }
 
@@ -106,15 +120,17 @@ impl<T: Borrow<MapData>, K: Pod, V: Pod> Hash<T, K, V> {
     /// Calls `each` for every entry: in batches of thousands per syscall
     /// where the kernel can (`sys::for_each`), else key by key.
     pub fn for_each(&self, mut each: impl FnMut(&K, &V)) -> Result<()> {
-        match sys::for_each::<K, V>(self.fd(), &mut each) {
-            Ok(()) => return Ok(()),
-            Err(BatchError::Unsupported(e)) => {
-                log::debug!(
-                    "{}: batch lookup unsupported ({e}); reading key by key",
-                    self.name
-                )
+        if self.batch {
+            match sys::for_each::<K, V>(self.fd(), &mut each) {
+                Ok(()) => return Ok(()),
+                Err(BatchError::Unsupported(e)) => {
+                    log::debug!(
+                        "{}: batch lookup unsupported ({e}); reading key by key",
+                        self.name
+                    )
+                }
+                Err(BatchError::Failed(e)) => return Err(KernelError::map(self.name, e)),
             }
-            Err(BatchError::Failed(e)) => return Err(KernelError::map(self.name, e)),
         }
         for entry in self.map.iter() {
             match entry {
@@ -136,6 +152,9 @@ impl<T: Borrow<MapData>, K: Pod, V: Pod> Hash<T, K, V> {
         limit: usize,
         each: impl FnMut(&K, &V),
     ) -> std::result::Result<bool, BatchError> {
+        if !self.batch {
+            return Err(BatchError::Unsupported(io::ErrorKind::Unsupported.into()));
+        }
         cursor.read(self.fd(), limit, each)
     }
 }
@@ -344,23 +363,37 @@ impl StatsTable {
     }
 
     /// Takes a freed block out of its slot, as the programs' `retire` does
-    /// (`sample_rate`: what a sampled block stood for).
-    pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) {
+    /// (`sample_rate`: what a sampled block stood for). A slot that holds
+    /// less than the block is left alone: returns false (an unmatched free).
+    pub fn retire(&self, record: &AllocRecord, sample_rate: Option<u64>) -> bool {
         let slot = record.slot as usize;
         if slot >= self.slots() {
-            return;
+            return false;
         }
         let (bytes, blocks) = crate::sampling::kernel_weights(
             record.size,
             record.timestamp_ns,
             sample_rate.unwrap_or(0),
         );
-        // Same atomic add the programs use on the same memory.
-        unsafe {
+        // Atomic on the memory the programs add to atomically; each counter
+        // only taken down if it holds the amount (the blocks first: a count
+        // is what the reclaimer trusts).
+        let (held_bytes, held_blocks) = unsafe {
             let s = self.0.base.add(slot);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes).fetch_sub(bytes, Relaxed);
-            AtomicU64::from_ptr(&raw mut (*s).outstanding_count).fetch_sub(blocks, Relaxed);
+            (
+                AtomicU64::from_ptr(&raw mut (*s).outstanding_bytes),
+                AtomicU64::from_ptr(&raw mut (*s).outstanding_count),
+            )
+        };
+        if held_blocks
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_sub(blocks))
+            .is_err()
+        {
+            return false;
         }
+        // Never below zero, even when the bytes disagree with the count.
+        let _ = held_bytes.fetch_update(Relaxed, Relaxed, |held| Some(held.saturating_sub(bytes)));
+        true
     }
 
     /// Makes `slot` the unknown stack of process `tgid` (a reserved slot,

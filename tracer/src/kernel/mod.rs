@@ -1,6 +1,8 @@
 //! The kernel side, and the only module that touches aya or bpf(2):
 //! `programs` (load, attach), `maps` (typed handles, the only place that
-//! names a map) and `sys` (the raw bpf(2) calls aya lacks). Everything else
+//! names a map) and `sys` (the raw bpf(2) calls aya lacks); `features`
+//! (what the running kernel has, and the paths taken because of it).
+//! Everything else
 //! here is bookkeeping on top of them: `probes` (which probe sits where, per
 //! process), `targets` (the processes the programs count), `sessions`
 //! (uprobe session links), `reclaim` (stack slots), `blocks` (records
@@ -11,6 +13,7 @@
 
 pub mod blocks;
 pub mod error;
+pub mod features;
 pub mod maps;
 pub mod privileges;
 pub mod probes;
@@ -26,6 +29,7 @@ use crate::target::{allocator::AllocatorObject, unwind::UnwindMode};
 
 pub use self::error::{KernelError, Result};
 use self::{
+    features::Paths,
     maps::FreeSlots,
     probes::{Attached, ProbeSet},
     programs::{Global, Loaded},
@@ -125,6 +129,8 @@ pub struct Kernel {
     /// to be probed with it.
     sessions: Option<Sessions>,
     reclaimer: Reclaimer,
+    /// What this kernel lets the tracer do, and how.
+    paths: Paths,
 }
 
 impl Kernel {
@@ -133,6 +139,7 @@ impl Kernel {
     pub fn load(options: LoadOptions) -> Result<Self> {
         let sizes = options.sizes;
         let rate = options.sample_rate.unwrap_or(0);
+        let paths = Paths::choose(features::detected());
         // The fork record's layout is read from tracefs: mount it first (a
         // fresh machine boots without it), or forks would be misread.
         if let Err(e) = tracefs::ensure_tracefs() {
@@ -167,7 +174,7 @@ impl Kernel {
                 },
             ),
         ];
-        let mut loaded = Loaded::open(&map_sizes, &globals)?;
+        let mut loaded = Loaded::open(&map_sizes, &globals, paths.batch_reads)?;
         let mut free = FreeSlots::open(&mut loaded)?;
         for slot in 1..=sizes.stacks {
             free.push(slot)?;
@@ -184,11 +191,17 @@ impl Kernel {
                 &crate::sampling::weight_table(rate),
             )?;
         }
-        // Before the logger takes its map out of the object.
-        let sessions = options
-            .sessions
-            .wanted(rate > 0)
-            .then(|| Sessions::load(&loaded, options.variant));
+        // Before the logger takes its map out of the object. A kernel
+        // without sessions is not asked to load one.
+        let sessions = options.sessions.wanted(rate > 0).then(|| {
+            if paths.sessions {
+                Sessions::load(&loaded, options.variant)
+            } else {
+                Err(anyhow::anyhow!(
+                    "the kernel has no uprobe sessions (Linux 6.13+)"
+                ))
+            }
+        });
         loaded.start_logger();
         loaded.load_uprobes(&probes::programs(options.variant))?;
         let mut kernel = Kernel {
@@ -197,7 +210,8 @@ impl Kernel {
             probes: ProbeSet::default(),
             targets: Targets::new(sizes.stacks + 1),
             sessions: None,
-            reclaimer: Reclaimer::default(),
+            reclaimer: Reclaimer::new(paths.reclaim),
+            paths,
         };
         match sessions {
             Some(Ok(sessions)) => kernel.sessions = Some(sessions),
@@ -225,6 +239,11 @@ impl Kernel {
     /// How allocation returns are probed, for `-v`.
     pub fn returns(&self) -> &str {
         &self.probes.returns
+    }
+
+    /// The paths taken on this kernel, for `-v`.
+    pub fn paths(&self) -> Paths {
+        self.paths
     }
 }
 

@@ -1,7 +1,6 @@
-//! Checks, before anything is attached, that the tracer may load eBPF
-//! programs (an EPERM later is said by `KernelError`).
-
-use anyhow::anyhow;
+//! The capabilities that let the tracer load eBPF programs (`features`
+//! checks them before anything is attached; an EPERM later is said by
+//! `KernelError`).
 
 pub use super::error::NEED_PRIVILEGES;
 
@@ -12,14 +11,6 @@ const CAP_BPF: u32 = 39;
 pub fn has_capabilities(caps: u64) -> bool {
     let has = |cap: u32| caps & (1u64 << cap) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
-}
-
-/// Fails with one clear line when the tracer cannot possibly load programs.
-pub fn check() -> anyhow::Result<()> {
-    match crate::target::tasks::own_effective_capabilities() {
-        Some(caps) if !has_capabilities(caps) => Err(anyhow!(NEED_PRIVILEGES)),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

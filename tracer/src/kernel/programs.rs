@@ -35,6 +35,10 @@ pub enum Global {
 /// The loaded object: its maps exist, its programs are loaded on demand.
 pub struct Loaded {
     ebpf: Ebpf,
+    /// Hash maps are read in batches (the kernel has them, `features`).
+    pub(super) batch_reads: bool,
+    /// Blocks userspace retired whose slot held less (see `StatsTable::retire`).
+    pub(super) unmatched_frees: u64,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -43,8 +47,13 @@ pub struct UprobeLink(#[allow(dead_code)] UProbeLink);
 
 impl Loaded {
     /// Creates the maps (`map_sizes`: name -> max entries) and sets the
-    /// globals; loads no program yet.
-    pub fn open(map_sizes: &[(&str, u32)], globals: &[(&str, Global)]) -> Result<Self> {
+    /// globals; loads no program yet. `batch_reads`: read hash maps in
+    /// batches.
+    pub fn open(
+        map_sizes: &[(&str, u32)],
+        globals: &[(&str, Global)],
+        batch_reads: bool,
+    ) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         for (name, value) in globals {
             match value {
@@ -61,8 +70,15 @@ impl Loaded {
             .map_err(|e| KernelError::load("the eBPF programs", e))?;
         Ok(Loaded {
             ebpf,
+            batch_reads,
+            unmatched_frees: 0,
             _logger: None,
         })
+    }
+
+    /// Blocks userspace retired from a slot that held less (not applied).
+    pub fn unmatched_frees(&self) -> u64 {
+        self.unmatched_frees
     }
 
     /// Forwards what the programs log (only rare conditions, e.g. a full

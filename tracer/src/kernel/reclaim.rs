@@ -103,6 +103,15 @@ impl SlotMaps for KernelSlots<'_> {
 }
 
 impl Reclaimer {
+    /// `grace_periods`: the kernel offers them (`features`); without, no
+    /// slot is ever recycled.
+    pub fn new(grace_periods: bool) -> Self {
+        Reclaimer {
+            disabled: !grace_periods,
+            ..Reclaimer::default()
+        }
+    }
+
     /// One scan; returns how many slots were recycled.
     pub fn run(&mut self, loaded: &mut Loaded) -> Result<usize> {
         if self.disabled {

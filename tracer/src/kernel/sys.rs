@@ -3,7 +3,8 @@
 //! (kernel 6.13+): loading one (`BPF_PROG_LOAD` with an expected attach
 //! type, the program taken from the object with `aya-obj` and its map
 //! references pointed at the maps aya created) and attaching it with a
-//! `uprobe_multi` link (`BPF_LINK_CREATE`).
+//! `uprobe_multi` link (`BPF_LINK_CREATE`); and the small maps, programs
+//! and links `features` makes to learn what the running kernel has.
 //!
 //! Key-by-key iteration costs two syscalls per entry, which for a million
 //! live allocations is most of a second per snapshot; a batch returns
@@ -299,12 +300,36 @@ pub fn attach_session(
     assert_eq!(offsets.len(), cookies.len());
     let path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    uprobe_multi_link(
+        program,
+        BPF_TRACE_UPROBE_SESSION,
+        &path,
+        offsets,
+        cookies,
+        pid,
+    )
+}
+
+/// BPF_LINK_CREATE of a `uprobe_multi` link (`attach_type`: plain or
+/// session); `cookies` empty or one per offset.
+fn uprobe_multi_link(
+    program: &OwnedFd,
+    attach_type: u32,
+    path: &std::ffi::CStr,
+    offsets: &[u64],
+    cookies: &[u64],
+    pid: u32,
+) -> std::io::Result<OwnedFd> {
     let attr = UprobeMultiLinkAttr {
         prog_fd: program.as_raw_fd() as u32,
-        attach_type: BPF_TRACE_UPROBE_SESSION,
+        attach_type,
         path: path.as_ptr() as u64,
         offsets: offsets.as_ptr() as u64,
-        cookies: cookies.as_ptr() as u64,
+        cookies: if cookies.is_empty() {
+            0
+        } else {
+            cookies.as_ptr() as u64
+        },
         cnt: offsets.len() as u32,
         pid,
         ..Default::default()
@@ -314,6 +339,96 @@ pub fn attach_session(
         (&raw const attr).cast(),
         std::mem::size_of::<UprobeMultiLinkAttr>(),
     )
+}
+
+// --- Feature probes (features.rs): tiny maps and programs, made and closed
+// at once, whose success or errno says what the running kernel has.
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+/// `enum bpf_attach_type`: BPF_TRACE_UPROBE_MULTI (6.6+).
+pub const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+
+/// `union bpf_attr` for BPF_MAP_CREATE, up to `map_flags`.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Creates a map; the probe closes it.
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> io::Result<OwnedFd> {
+    let attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+    };
+    bpf(
+        BPF_MAP_CREATE,
+        (&raw const attr).cast(),
+        size_of::<MapCreateAttr>(),
+    )
+}
+
+/// One eBPF instruction (`struct bpf_insn`), as the kernel reads it.
+pub const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64
+        | ((src as u64) << 12)
+        | ((dst as u64) << 8)
+        | ((off as u16 as u64) << 16)
+        | ((imm as u32 as u64) << 32)
+}
+
+/// Loads `insns` as a GPL program of `prog_type` (with
+/// `expected_attach_type`); on failure, the errno and the verifier's log.
+pub fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> Result<OwnedFd, (io::Error, String)> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 << 10];
+    let attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type,
+        ..Default::default()
+    };
+    bpf(
+        BPF_PROG_LOAD,
+        (&raw const attr).cast(),
+        size_of::<ProgLoadAttr>(),
+    )
+    .map_err(|error| {
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        (error, String::from_utf8_lossy(&log[..end]).into_owned())
+    })
+}
+
+/// Tries a `uprobe_multi` link of `program` on `path` at offset 0 for any
+/// process: the errno says whether the kernel knows `attach_type` (EBADF
+/// for a directory means it got as far as the path).
+pub fn try_uprobe_multi_link(
+    program: &OwnedFd,
+    attach_type: u32,
+    path: &std::ffi::CStr,
+) -> io::Result<OwnedFd> {
+    uprobe_multi_link(program, attach_type, path, &[0], &[], 0)
 }
 
 #[cfg(test)]

@@ -107,8 +107,8 @@ pub fn render(report: &Report, final_report: bool) -> String {
     if d.any() {
         let _ = writeln!(
             out,
-            "\n  dropped: {} untracked allocations (allocation map full), {} without stack, {} without per-stack totals, {} calls not followed, {} missed frees",
-            d.untracked_allocations, d.lost_stacks, d.stack_stats_full, d.in_flight_full, d.missed_frees
+            "\n  dropped: {} untracked allocations (allocation map full), {} without stack, {} without per-stack totals, {} calls not followed, {} missed frees, {} unmatched frees, {} lost frees",
+            d.untracked_allocations, d.lost_stacks, d.stack_stats_full, d.in_flight_full, d.missed_frees, d.unmatched_frees, d.lost_frees
         );
     }
     out.push('\n');

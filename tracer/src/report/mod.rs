@@ -222,6 +222,14 @@ pub struct Dropped {
     /// A block's address was handed out again without its free being seen;
     /// the old block was retired.
     pub missed_frees: u64,
+    /// Frees whose block's stack held less than the block: not subtracted,
+    /// so no count goes below zero. (Absent from reports of older tracers.)
+    #[serde(default)]
+    pub unmatched_frees: u64,
+    /// Frees lost because the kernel refused to remove the block's record
+    /// (a map lock that gave up, 6.15+ kernels): the block stays counted.
+    #[serde(default)]
+    pub lost_frees: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -247,6 +255,8 @@ impl Dropped {
             stack_stats_full: c.stack_stats_full,
             in_flight_full: c.in_flight_full,
             missed_frees: c.missed_frees,
+            unmatched_frees: c.unmatched_frees,
+            lost_frees: c.lost_frees,
         }
     }
 

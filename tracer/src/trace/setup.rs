@@ -58,6 +58,13 @@ fn describe(kernel: &Kernel, verbose: bool) {
     if !verbose {
         return;
     }
+    eprintln!(
+        "tracer: kernel {}",
+        crate::kernel::features::detected().release
+    );
+    for (what, path) in kernel.paths().describe() {
+        eprintln!("tracer: {what}: {path}");
+    }
     eprintln!("tracer: allocation returns: {}", kernel.returns());
     for a in kernel.attached() {
         let place = if a.skip > 0 {
@@ -113,7 +120,7 @@ pub fn attach(
     min_age: Duration,
 ) -> Result<(LiveTrace, TargetWatch)> {
     let started = std::time::Instant::now();
-    crate::kernel::privileges::check()?;
+    crate::kernel::features::require()?;
     let pids = resolve_targets(targets)?;
     // Every process is checked before anything is attached.
     let mut found = Vec::new();
@@ -210,7 +217,7 @@ pub fn start(
     min_age: Duration,
     output: ChildOutput,
 ) -> Result<(LiveTrace, TargetWatch)> {
-    crate::kernel::privileges::check()?;
+    crate::kernel::features::require()?;
     let exe = launch::resolve_command(Path::new(&argv[0]))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let objects = detect::placed(

@@ -177,6 +177,8 @@ fn session_counters(w: &mut Writer, view: &LiveView, labels: &Labels) {
         ("stack_stats_full", d.stack_stats_full),
         ("in_flight_full", d.in_flight_full),
         ("missed_free", d.missed_frees),
+        ("unmatched_free", d.unmatched_frees),
+        ("lost_free", d.lost_frees),
     ] {
         w.sample(
             "tracer_dropped_total",

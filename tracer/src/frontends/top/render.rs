@@ -124,12 +124,14 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &LiveView) {
     let dropped_span = if dropped.any() {
         Span::styled(
             format!(
-                "   dropped: {} untracked allocs, {} lost stacks, {} stack stats full, {} in-flight full, {} missed frees",
+                "   dropped: {} untracked allocs, {} lost stacks, {} stack stats full, {} in-flight full, {} missed frees, {} unmatched frees, {} lost frees",
                 dropped.untracked_allocations,
                 dropped.lost_stacks,
                 dropped.stack_stats_full,
                 dropped.in_flight_full,
-                dropped.missed_frees
+                dropped.missed_frees,
+                dropped.unmatched_frees,
+                dropped.lost_frees
             ),
             Style::new().fg(Color::Red),
         )
