@@ -79,7 +79,7 @@ fn cache_dir() -> PathBuf {
     let base = env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| crate::target_dir());
+        .unwrap_or_else(crate::target_dir);
     base.join("tracer-kernels")
 }
 
