@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # The matrix guest's /init (busybox): load the modules the kernel lacks,
 # mount the host's root read-only over virtio-9p under a writable overlay,
-# give it fresh /proc /sys /dev /tmp and the BPF-related file systems, and
+# give it fresh /proc /sys /dev /run and the BPF-related file systems, and
 # run the host-written script named by tracer.run= on the kernel command
 # line inside it. Its output and a final "TRACER-MATRIX-EXIT <code>" line go
 # to the virtio-serial port named "out"; then the machine powers off.
@@ -40,9 +40,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 host /h
     || fail "could not mount the host's root over 9p"
 mount -t tmpfs -o size=1G tmpfs /rw
 mkdir -p /rw/upper /rw/work
+# Writes (/tmp, /root, ...) go to the tmpfs; the host's files, /tmp's too, show through.
 if ! mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /root; then
-    # Without an overlay the root stays read-only; /tmp below is still writable.
+    # Without an overlay the root stays read-only but for a fresh /tmp.
     mount --bind /host /root
+    mount -t tmpfs tmpfs /root/tmp
 fi
 mount -t proc proc /root/proc
 mount -t sysfs sysfs /root/sys
@@ -50,7 +52,6 @@ mount -t devtmpfs devtmpfs /root/dev
 mkdir -p /root/dev/pts /root/dev/shm
 mount -t devpts devpts /root/dev/pts
 mount -t tmpfs tmpfs /root/dev/shm
-mount -t tmpfs tmpfs /root/tmp
 mount -t tmpfs tmpfs /root/run
 mount -t tracefs tracefs /root/sys/kernel/tracing
 mount -t debugfs debugfs /root/sys/kernel/debug

@@ -6,6 +6,7 @@
 //! expected.rs, and then only while it still fails).
 
 mod apt;
+mod doctor;
 mod expected;
 mod fetch;
 mod initramfs;
@@ -25,9 +26,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-pub const USAGE: &str = "cargo xtask test-kernels [--kernel SPEC[,SPEC..]] [--jobs N] [--timeout MINUTES] [--refresh]
+pub const USAGE: &str = "cargo xtask test-kernels [--kernel SPEC[,SPEC..]] [--jobs N] [--timeout MINUTES] [--refresh] [--tracer PATH] [--repeat N]
   SPEC: a Debian kernel version prefix (5.10, 6.1, 6.12, 7.3.4), `newest`, or `host` (natively)
-  default kernels: 5.10,6.1,6.12,newest";
+  default kernels: 5.10,6.1,6.12,newest; --jobs: guests at once (default: the number of CPUs);
+  --timeout: per kernel (default 15); --refresh: update the package lists now (else daily);
+  --tracer: test this tracer binary instead of building one; --repeat: run the subset N times";
 
 const DEFAULT_KERNELS: &str = "5.10,6.1,6.12,newest";
 
@@ -36,6 +39,8 @@ struct Options {
     jobs: usize,
     timeout: Duration,
     refresh: bool,
+    tracer: Option<PathBuf>,
+    repeat: u32,
 }
 
 fn options(args: &[OsString]) -> Result<Options> {
@@ -44,6 +49,8 @@ fn options(args: &[OsString]) -> Result<Options> {
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
         timeout: Duration::from_secs(15 * 60),
         refresh: false,
+        tracer: None,
+        repeat: 1,
     };
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
@@ -57,6 +64,8 @@ fn options(args: &[OsString]) -> Result<Options> {
                 o.timeout = Duration::from_secs(value()?.parse::<u64>().context("--timeout")? * 60)
             }
             "--refresh" => o.refresh = true,
+            "--repeat" => o.repeat = value()?.parse().context("--repeat")?,
+            "--tracer" => o.tracer = Some(fs::canonicalize(value()?).context("--tracer")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -102,7 +111,10 @@ pub struct Run {
 
 pub fn run(args: &[OsString]) -> Result<()> {
     let o = options(args)?;
-    let tracer = crate::build(&[])?;
+    let tracer = match &o.tracer {
+        Some(path) => path.clone(),
+        None => crate::build(&[])?,
+    };
     let binaries = subset::build_tests()?;
     let cache = cache_dir();
     let out_dir = crate::target_dir().join("kernels");
@@ -111,7 +123,7 @@ pub fn run(args: &[OsString]) -> Result<()> {
 
     let kvm = qemu::real_kvm();
     let slowdown = if kvm { 3 } else { subset::TCG_SLOWDOWN };
-    fs::write(&script_path, subset::script(&tracer, &binaries, slowdown))?;
+    fs::write(&script_path, subset::script(&tracer, &binaries, slowdown, o.repeat))?;
 
     let mut columns = Vec::new();
     if o.kernels.iter().any(|k| k != "host") {

@@ -87,7 +87,8 @@ fn field(line: &str, key: &str) -> Option<String> {
 }
 
 /// The shell script the guest runs (and the host, for the host kernel).
-pub fn script(tracer: &Path, binaries: &[(String, String)], slowdown: u32) -> String {
+/// `repeat` runs the tests that many times (hunting a flaky count).
+pub fn script(tracer: &Path, binaries: &[(String, String)], slowdown: u32, repeat: u32) -> String {
     let root = crate::root();
     let mut s = format!(
         "# written by cargo xtask test-kernels\n\
@@ -99,6 +100,7 @@ pub fn script(tracer: &Path, binaries: &[(String, String)], slowdown: u32) -> St
         tracer = tracer.display(),
         root = root.display(),
     );
+    s += &format!("for round in $(seq {repeat}); do\n");
     for (name, executable) in binaries {
         let tests = SUBSET
             .iter()
@@ -117,17 +119,25 @@ pub fn script(tracer: &Path, binaries: &[(String, String)], slowdown: u32) -> St
              echo \"MATRIX-TIME {name} $(($(date +%s) - start)) s\"\n"
         );
     }
+    s += "done\n";
     // The subcommand may not exist yet in this checkout: then it is skipped.
+    // Its JSON is read back between markers (doctor.rs); its screen is for the log.
     s += &format!(
         "echo MATRIX-FILE tracer\n\
          if {tracer} --help 2>&1 | grep -qw doctor; then\n\
-         \x20   {tracer} doctor; code=$?\n\
-         \x20   if [ $code = 0 ]; then echo 'test doctor ... ok'; else echo 'test doctor ... FAILED'; status=1; fi\n\
+         \x20   {tracer} doctor\n\
+         \x20   echo {begin}\n\
+         \x20   {tracer} doctor --format json 2>/tmp/doctor.err; code=$?\n\
+         \x20   echo \"{end}$code\"\n\
+         \x20   cat /tmp/doctor.err\n\
+         \x20   [ $code = 0 ] || status=1\n\
          else\n\
          \x20   echo 'test doctor ... skipped (no doctor subcommand)'\n\
          fi\n\
          exit $status\n",
-        tracer = tracer.display()
+        tracer = tracer.display(),
+        begin = super::doctor::BEGIN,
+        end = super::doctor::END,
     );
     s
 }
@@ -163,7 +173,13 @@ pub fn results(output: &str) -> Vec<(String, Status)> {
             Some("ignored") | Some("skipped") => Status::Skipped,
             _ => continue,
         };
-        results.push((format!("{file}::{name}"), status));
+        let name = format!("{file}::{name}");
+        // Run more than once (--repeat): one failure fails it.
+        match results.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, seen)) if status == Status::Failed => *seen = status,
+            Some(_) => {}
+            None => results.push((name, status)),
+        }
     }
     results
 }

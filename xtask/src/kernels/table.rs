@@ -1,14 +1,11 @@
 //! The kernel-by-test table, and the verdict: which kernels failed.
 
-use super::{
-    subset::{results, Status},
-    Column, Run,
-};
+use super::{doctor, subset::Status, Column, Run};
 
 /// Prints the table and a line per kernel; returns what failed (empty: all
 /// green, or failing only where expected.rs says so, for now).
 pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String> {
-    let per_column: Vec<Vec<(String, Status)>> = runs.iter().map(|r| results(&r.output)).collect();
+    let per_column: Vec<Vec<(String, Status)>> = runs.iter().map(results).collect();
     let mut rows: Vec<String> = Vec::new();
     for (name, _) in per_column.iter().flatten() {
         if !rows.contains(name) {
@@ -76,4 +73,17 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
     }
     println!("kernel matrix: {total_seconds:.0} s in all");
     failed
+}
+
+/// A run's rows: the tests' own verdicts, and doctor's checked here.
+fn results(run: &Run) -> Vec<(String, Status)> {
+    let mut rows = super::subset::results(&run.output);
+    let release = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("MATRIX-KERNEL "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("?");
+    rows.extend(doctor::check(&run.output, release).unwrap_or_default());
+    rows
 }
