@@ -33,7 +33,11 @@ pub fn check(output: &str, release: &str) -> Option<Vec<(String, Status)>> {
     let code = output[end + END.len()..].lines().next()?.trim().to_string();
     let mut rows = vec![(
         "tracer::doctor_says_it_can_run".to_string(),
-        if code == "0" { Status::Ok } else { Status::Failed },
+        if code == "0" {
+            Status::Ok
+        } else {
+            Status::Failed
+        },
     )];
     let facts = match serde_json::from_str::<Value>(output[start..end].trim()) {
         Ok(doc) => mismatches(&doc, release),
@@ -44,7 +48,11 @@ pub fn check(output: &str, release: &str) -> Option<Vec<(String, Status)>> {
     }
     rows.push((
         "tracer::doctor_matches_the_kernel".to_string(),
-        if facts.is_empty() { Status::Ok } else { Status::Failed },
+        if facts.is_empty() {
+            Status::Ok
+        } else {
+            Status::Failed
+        },
     ));
     Some(rows)
 }
@@ -56,7 +64,10 @@ fn mismatches(doc: &Value, release: &str) -> Vec<String> {
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     let mut wrong = Vec::new();
     if doc["kernel"]["release"] != release {
-        wrong.push(format!("kernel release {} (uname: {release})", doc["kernel"]["release"]));
+        wrong.push(format!(
+            "kernel release {} (uname: {release})",
+            doc["kernel"]["release"]
+        ));
     }
     for (key, since) in KNOWN {
         let expected = version >= *since;
@@ -69,4 +80,37 @@ fn mismatches(doc: &Value, release: &str) -> Vec<String> {
         }
     }
     wrong
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(release: &str, have: &[&str]) -> String {
+        let caps: Vec<String> = KNOWN
+            .iter()
+            .map(|(k, _)| format!("\"{k}\": {{\"available\": {}}}", have.contains(k)))
+            .collect();
+        format!(
+            "{BEGIN}\n{{\"kernel\": {{\"release\": \"{release}\"}}, \"capabilities\": {{{}}}}}\n{END}0\n",
+            caps.join(", ")
+        )
+    }
+
+    #[test]
+    fn capabilities_are_checked_against_the_release() {
+        let all_but_new = [
+            "ring_buffer",
+            "batch_ops",
+            "atomic_fetch",
+            "attach_cookies",
+            "bpf_loop",
+        ];
+        let rows = check(&doc("6.1.0-50-amd64", &all_but_new), "6.1.0-50-amd64").unwrap();
+        assert!(rows.iter().all(|(_, s)| *s == Status::Ok));
+        // 5.10 has no bpf_loop: saying it has is wrong.
+        let rows = check(&doc("5.10.0-32-amd64", &all_but_new), "5.10.0-32-amd64").unwrap();
+        assert!(rows[1].1 == Status::Failed);
+        assert!(check("no doctor here", "6.1.0-50-amd64").is_none());
+    }
 }

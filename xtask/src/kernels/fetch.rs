@@ -21,7 +21,13 @@ pub const SUITES: &[&str] = &["bullseye", "bookworm", "trixie", "trixie-backport
 /// What the guest needs as modules (Debian builds them as modules), in load
 /// order; their dependencies are added before them. Missing ones are
 /// skipped (built in, or not needed on that version, like netfs before 5.13).
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "virtio_console", "overlay"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "virtio_console",
+    "overlay",
+];
 
 /// A kernel resolved to packages in the index.
 pub struct Kernel {
@@ -49,7 +55,9 @@ fn numbers(abi: &str) -> Vec<u64> {
 
 /// The generic amd64 flavour only (not cloud, which lacks 9p, nor rt).
 fn abi_of(package: &str) -> Option<&str> {
-    let abi = package.strip_prefix("linux-image-")?.strip_suffix("-amd64")?;
+    let abi = package
+        .strip_prefix("linux-image-")?
+        .strip_suffix("-amd64")?;
     let plain = abi.starts_with(|c: char| c.is_ascii_digit())
         && !abi.contains("cloud")
         && !abi.contains("rt")
@@ -82,7 +90,10 @@ pub fn resolve(apt: &Apt, spec: &str) -> Result<Kernel> {
         .collect();
     candidates.sort_by_key(|(abi, _)| numbers(abi));
     let Some((abi, packages)) = candidates.pop() else {
-        bail!("no Debian kernel matches '{spec}' (suites: {})", SUITES.join(", "));
+        bail!(
+            "no Debian kernel matches '{spec}' (suites: {})",
+            SUITES.join(", ")
+        );
     };
     let version = apt.version(&packages[0]).unwrap_or_else(|| abi.to_string());
     Ok(Kernel {
@@ -104,7 +115,11 @@ pub fn fetch(apt: &Apt, kernel: &Kernel, cache: &Path) -> Result<Fetched> {
         || !order.is_file()
         || fs::read_to_string(&wanted).ok().as_deref() != Some(&*MODULES.join(","))
     {
-        println!("kernels: fetching {} ({})", kernel.abi, kernel.packages.join(" "));
+        println!(
+            "kernels: fetching {} ({})",
+            kernel.abi,
+            kernel.packages.join(" ")
+        );
         let _ = fs::remove_dir_all(&dir);
         let debs = dir.join("debs");
         let root = dir.join("root");
@@ -115,7 +130,10 @@ pub fn fetch(apt: &Apt, kernel: &Kernel, cache: &Path) -> Result<Fetched> {
             .args(&kernel.packages)
             .current_dir(&debs))?;
         for deb in fs::read_dir(&debs)? {
-            run(Command::new("dpkg-deb").arg("-x").arg(deb?.path()).arg(&root))?;
+            run(Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb?.path())
+                .arg(&root))?;
         }
         let modules_root = ["lib/modules", "usr/lib/modules"]
             .iter()
@@ -252,4 +270,22 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_generic_flavour_and_newest_by_numbers() {
+        assert_eq!(abi_of("linux-image-5.10.0-32-amd64"), Some("5.10.0-32"));
+        assert_eq!(abi_of("linux-image-7.3.4+deb13-amd64"), Some("7.3.4+deb13"));
+        assert_eq!(abi_of("linux-image-6.1.0-50-cloud-amd64"), None);
+        assert_eq!(abi_of("linux-image-6.1.0-50-rt-amd64"), None);
+        assert_eq!(abi_of("linux-image-amd64"), None);
+        assert_eq!(abi_of("linux-image-6.1.0-50-amd64-unsigned"), None);
+        assert!(numbers("7.3.4+deb13") > numbers("7.2.13+deb14"));
+        assert!(numbers("6.12.117+deb13") > numbers("6.12.95+deb12"));
+        assert!(numbers("5.10.0-32") > numbers("5.10.0-30"));
+    }
 }

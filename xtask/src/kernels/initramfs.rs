@@ -65,7 +65,8 @@ impl Cpio {
         ];
         self.data.extend_from_slice(b"070701");
         for field in fields {
-            self.data.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.data
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.data.extend_from_slice(name.as_bytes());
         self.data.push(0);

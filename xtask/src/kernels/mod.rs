@@ -56,9 +56,7 @@ fn options(args: &[OsString]) -> Result<Options> {
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--kernel" => o
-                .kernels
-                .extend(value()?.split(',').map(str::to_string)),
+            "--kernel" => o.kernels.extend(value()?.split(',').map(str::to_string)),
             "--jobs" => o.jobs = value()?.parse().context("--jobs")?,
             "--timeout" => {
                 o.timeout = Duration::from_secs(value()?.parse::<u64>().context("--timeout")? * 60)
@@ -123,7 +121,10 @@ pub fn run(args: &[OsString]) -> Result<()> {
 
     let kvm = qemu::real_kvm();
     let slowdown = if kvm { 3 } else { subset::TCG_SLOWDOWN };
-    fs::write(&script_path, subset::script(&tracer, &binaries, slowdown, o.repeat))?;
+    fs::write(
+        &script_path,
+        subset::script(&tracer, &binaries, slowdown, o.repeat),
+    )?;
 
     let mut columns = Vec::new();
     if o.kernels.iter().any(|k| k != "host") {
@@ -160,7 +161,11 @@ pub fn run(args: &[OsString]) -> Result<()> {
         "kernels: {} column(s), {} at once, {} (timeout {} min each)",
         columns.len(),
         o.jobs,
-        if kvm { "KVM" } else { "software emulation (TCG)" },
+        if kvm {
+            "KVM"
+        } else {
+            "software emulation (TCG)"
+        },
         o.timeout.as_secs() / 60
     );
     let started = Instant::now();

@@ -50,7 +50,12 @@ pub fn ensure_installed(cache: &Path) -> Result<()> {
     run(apt
         .command("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(["-t", "bookworm-backports", "qemu-system-x86", "busybox-static"])
+        .args([
+            "-t",
+            "bookworm-backports",
+            "qemu-system-x86",
+            "busybox-static",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdout(Stdio::null()))
 }
@@ -102,7 +107,16 @@ impl Boot<'_> {
         let mut command = Command::new(QEMU);
         command
             .args(accel)
-            .args(["-M", "pc", "-m", "4G", "-smp", "2", "-nodefaults", "-no-reboot"])
+            .args([
+                "-M",
+                "pc",
+                "-m",
+                "4G",
+                "-smp",
+                "2",
+                "-nodefaults",
+                "-no-reboot",
+            ])
             .args(["-display", "none", "-monitor", "none"])
             .arg("-kernel")
             .arg(self.vmlinux)
@@ -130,8 +144,9 @@ impl Boot<'_> {
         let mut child = command.spawn().context("starting qemu")?;
         let mut echoed = 0usize;
         let mut pending = String::new();
+        let mut hiding = false;
         let status = loop {
-            self.echo(&mut echoed, &mut pending);
+            self.echo(&mut echoed, &mut pending, &mut hiding);
             if let Some(status) = child.try_wait()? {
                 break Some(status);
             }
@@ -142,7 +157,7 @@ impl Boot<'_> {
             }
             std::thread::sleep(Duration::from_millis(500));
         };
-        self.echo(&mut echoed, &mut pending);
+        self.echo(&mut echoed, &mut pending, &mut hiding);
         let seconds = start.elapsed().as_secs_f64();
         let mut stderr = String::new();
         if let Some(mut err) = child.stderr.take() {
@@ -178,8 +193,9 @@ impl Boot<'_> {
         })
     }
 
-    /// Prints the output's complete new lines, prefixed with the label.
-    fn echo(&self, echoed: &mut usize, pending: &mut String) {
+    /// Prints the output's complete new lines, prefixed with the label;
+    /// doctor's JSON (read from the log later) is left out.
+    fn echo(&self, echoed: &mut usize, pending: &mut String, hiding: &mut bool) {
         let Ok(mut file) = fs::File::open(&self.output) else {
             return;
         };
@@ -194,7 +210,15 @@ impl Boot<'_> {
         pending.push_str(&String::from_utf8_lossy(&new));
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
-            println!("{}: {}", self.label, line.trim_end());
+            if line.starts_with(super::doctor::BEGIN) {
+                *hiding = true;
+            }
+            if !*hiding {
+                println!("{}: {}", self.label, line.trim_end());
+            }
+            if line.starts_with(super::doctor::END) {
+                *hiding = false;
+            }
         }
     }
 }

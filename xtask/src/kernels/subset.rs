@@ -21,8 +21,14 @@ pub const SUBSET: &[(&str, &[&str])] = &[
         "attach_mode",
         &["leaks_after_attach_are_exact_and_earlier_blocks_never_appear"],
     ),
-    ("reliability", &["threads_are_traced_after_the_main_thread_exits"]),
-    ("mappings", &["mappings_are_exact_per_site_and_large_blocks_count_once"]),
+    (
+        "reliability",
+        &["threads_are_traced_after_the_main_thread_exits"],
+    ),
+    (
+        "mappings",
+        &["mappings_are_exact_per_site_and_large_blocks_count_once"],
+    ),
     (
         "sampling",
         &[
@@ -32,11 +38,17 @@ pub const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         "cfi",
-        &["c_without_frame_pointers", "cpp_without_frame_pointers_through_libstdcxx_new"],
+        &[
+            "c_without_frame_pointers",
+            "cpp_without_frame_pointers_through_libstdcxx_new",
+        ],
     ),
     (
         "processes",
-        &["run_follows_forks_and_execs_exactly", "attach_follows_forks_and_execs"],
+        &[
+            "run_follows_forks_and_execs_exactly",
+            "attach_follows_forks_and_execs",
+        ],
     ),
     // `tracer doctor`'s own end-to-end tests, once they exist.
     ("doctor", &[]),
@@ -182,4 +194,24 @@ pub fn results(output: &str) -> Vec<(String, Status)> {
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_per_file_and_one_failure_in_repeats_fails() {
+        let output = "MATRIX-FILE run_mode\n\nrunning 2 tests\ntest a ... ok\ntest b ... FAILED\n\
+                      test result: FAILED. 1 passed\nMATRIX-FILE run_mode\ntest a ... FAILED\ntest b ... ok\n\
+                      MATRIX-FILE tracer\ntest doctor ... skipped (no doctor subcommand)\n";
+        let rows = results(output);
+        assert!(
+            rows == vec![
+                ("run_mode::a".to_string(), Status::Failed),
+                ("run_mode::b".to_string(), Status::Failed),
+                ("tracer::doctor".to_string(), Status::Skipped),
+            ]
+        );
+    }
 }

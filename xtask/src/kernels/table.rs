@@ -45,9 +45,8 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
             .and_then(|l| l.split(" up ").nth(1))
             .unwrap_or("?");
         let complete = results.len() == rows.len();
-        let green = run.exit == Some(0)
-            && complete
-            && results.iter().all(|(_, s)| *s != Status::Failed);
+        let green =
+            run.exit == Some(0) && complete && results.iter().all(|(_, s)| *s != Status::Failed);
         let verdict = match (green, column.expected_failure) {
             (true, None) => "passed".to_string(),
             (false, None) => {
