@@ -96,7 +96,8 @@ pub struct Column {
     pub name: String,
     /// Why it is expected to fail, if it is (expected.rs).
     pub expected_failure: Option<&'static str>,
-    boot: Option<(PathBuf, PathBuf)>, // (vmlinux, initramfs)
+    /// (vmlinux, initramfs); None for the host's own kernel.
+    pub boot: Option<(PathBuf, PathBuf)>,
     dir: PathBuf,
 }
 

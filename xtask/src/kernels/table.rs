@@ -38,12 +38,18 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
     let mut failed = Vec::new();
     println!();
     for ((column, run), results) in columns.iter().zip(runs).zip(&per_column) {
-        let booted = run
-            .output
-            .lines()
-            .find_map(|l| l.strip_prefix("MATRIX-KERNEL "))
-            .and_then(|l| l.split(" up ").nth(1))
-            .unwrap_or("?");
+        let booted = match &column.boot {
+            None => "natively".to_string(),
+            Some(_) => {
+                let up = run
+                    .output
+                    .lines()
+                    .find_map(|l| l.strip_prefix("MATRIX-KERNEL "))
+                    .and_then(|l| l.split(" up ").nth(1))
+                    .unwrap_or("?");
+                format!("script started {up} after boot")
+            }
+        };
         let complete = results.len() == rows.len();
         let green =
             run.exit == Some(0) && complete && results.iter().all(|(_, s)| *s != Status::Failed);
@@ -66,7 +72,7 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
             }
         };
         println!(
-            "{}: {verdict}; {:.0} s in all, script started {booted} after boot",
+            "{}: {verdict}; {:.0} s in all, {booted}",
             column.name, run.seconds
         );
     }
