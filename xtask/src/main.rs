@@ -24,7 +24,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer] | test-kernels [--kernel SPEC,..] [--jobs N] [--timeout MINUTES] [--refresh]>";
+    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer] | test-kernels [--kernel SPEC,..] [more: test-kernels --help]>";
 
 fn main() -> ExitCode {
     match real_main() {

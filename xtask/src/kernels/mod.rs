@@ -133,8 +133,17 @@ pub fn run(args: &[OsString]) -> Result<()> {
         let apt = apt::Apt::new(cache.join("apt"), fetch::SUITES)?;
         apt.update(o.refresh)?;
         for spec in o.kernels.iter().filter(|k| *k != "host") {
-            let kernel = fetch::resolve(&apt, spec)?;
-            let fetched = fetch::fetch(&apt, &kernel, &cache)?;
+            let mut kernel = fetch::resolve(&apt, spec)?;
+            let fetched = match fetch::fetch(&apt, &kernel, &cache) {
+                Ok(fetched) => fetched,
+                Err(err) => {
+                    // Lists a day old may name a version the archive has dropped.
+                    println!("kernels: {err:#}; updating the package lists and trying again");
+                    apt.update(true)?;
+                    kernel = fetch::resolve(&apt, spec)?;
+                    fetch::fetch(&apt, &kernel, &cache)?
+                }
+            };
             let dir = out_dir.join(&kernel.abi);
             fs::create_dir_all(&dir)?;
             let initrd = dir.join("initramfs.cpio");
