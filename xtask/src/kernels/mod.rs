@@ -122,10 +122,13 @@ pub fn run(args: &[OsString]) -> Result<()> {
 
     let kvm = qemu::real_kvm();
     let slowdown = if kvm { 3 } else { subset::TCG_SLOWDOWN };
+    // Renamed into place: a shell of another run still reading the old one keeps it.
+    let new_script = out_dir.join(format!("subset.sh.{}", std::process::id()));
     fs::write(
-        &script_path,
+        &new_script,
         subset::script(&tracer, &binaries, slowdown, o.repeat),
     )?;
+    fs::rename(&new_script, &script_path)?;
 
     let mut columns = Vec::new();
     if o.kernels.iter().any(|k| k != "host") {
