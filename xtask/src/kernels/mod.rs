@@ -18,7 +18,7 @@ use std::{
     env,
     ffi::OsString,
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
     sync::Mutex,
     time::{Duration, Instant},
@@ -130,46 +130,7 @@ pub fn run(args: &[OsString]) -> Result<()> {
     )?;
     fs::rename(&new_script, &script_path)?;
 
-    let mut columns = Vec::new();
-    if o.kernels.iter().any(|k| k != "host") {
-        qemu::ensure_installed(&cache)?;
-        let apt = apt::Apt::new(cache.join("apt"), fetch::SUITES)?;
-        apt.update(o.refresh)?;
-        for spec in o.kernels.iter().filter(|k| *k != "host") {
-            let mut kernel = fetch::resolve(&apt, spec)?;
-            let fetched = match fetch::fetch(&apt, &kernel, &cache) {
-                Ok(fetched) => fetched,
-                Err(err) => {
-                    // Lists a day old may name a version the archive has dropped.
-                    println!("kernels: {err:#}; updating the package lists and trying again");
-                    apt.update(true)?;
-                    kernel = fetch::resolve(&apt, spec)?;
-                    fetch::fetch(&apt, &kernel, &cache)?
-                }
-            };
-            let dir = out_dir.join(&kernel.abi);
-            fs::create_dir_all(&dir)?;
-            let initrd = dir.join("initramfs.cpio");
-            initramfs::write(&initrd, &fetched.modules)?;
-            println!("kernels: {spec} is {} ({})", kernel.abi, kernel.version);
-            columns.push(Column {
-                name: kernel.abi.clone(),
-                expected_failure: expected::reason(&kernel.abi),
-                boot: Some((fetched.vmlinux, initrd)),
-                dir,
-            });
-        }
-    }
-    if o.kernels.iter().any(|k| k == "host") {
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
-        columns.push(Column {
-            name: format!("host {}", release.trim()),
-            expected_failure: None,
-            boot: None,
-            dir: out_dir.join("host"),
-        });
-    }
-
+    let columns = columns(&o, &cache, &out_dir)?;
     println!(
         "kernels: {} column(s), {} at once, {} (timeout {} min each)",
         columns.len(),
@@ -208,6 +169,51 @@ pub fn run(args: &[OsString]) -> Result<()> {
         bail!("kernel matrix failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// The columns asked for: Debian kernels fetched (with their initramfs
+/// written), then the host's own if `host` was.
+fn columns(o: &Options, cache: &Path, out_dir: &Path) -> Result<Vec<Column>> {
+    let mut columns = Vec::new();
+    if o.kernels.iter().any(|k| k != "host") {
+        qemu::ensure_installed(cache)?;
+        let apt = apt::Apt::new(cache.join("apt"), fetch::SUITES)?;
+        apt.update(o.refresh)?;
+        for spec in o.kernels.iter().filter(|k| *k != "host") {
+            let mut kernel = fetch::resolve(&apt, spec)?;
+            let fetched = match fetch::fetch(&apt, &kernel, cache) {
+                Ok(fetched) => fetched,
+                Err(err) => {
+                    // Lists a day old may name a version the archive has dropped.
+                    println!("kernels: {err:#}; updating the package lists and trying again");
+                    apt.update(true)?;
+                    kernel = fetch::resolve(&apt, spec)?;
+                    fetch::fetch(&apt, &kernel, cache)?
+                }
+            };
+            let dir = out_dir.join(&kernel.abi);
+            fs::create_dir_all(&dir)?;
+            let initrd = dir.join("initramfs.cpio");
+            initramfs::write(&initrd, &fetched.modules)?;
+            println!("kernels: {spec} is {} ({})", kernel.abi, kernel.version);
+            columns.push(Column {
+                name: kernel.abi.clone(),
+                expected_failure: expected::reason(&kernel.abi),
+                boot: Some((fetched.vmlinux, initrd)),
+                dir,
+            });
+        }
+    }
+    if o.kernels.iter().any(|k| k == "host") {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+        columns.push(Column {
+            name: format!("host {}", release.trim()),
+            expected_failure: None,
+            boot: None,
+            dir: out_dir.join("host"),
+        });
+    }
+    Ok(columns)
 }
 
 fn run_column(
