@@ -57,7 +57,9 @@ pub fn ensure_installed(cache: &Path) -> Result<()> {
             "busybox-static",
         ])
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null()))
+        .stdout(Stdio::null()))?;
+    // The downloaded .debs are no use once installed.
+    run(apt.command("apt-get").arg("clean"))
 }
 
 /// KVM only when it is real: these machines have a /dev/kvm that is PVM
