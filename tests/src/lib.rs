@@ -34,6 +34,17 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("FIXTURE_DIR")).join(name)
 }
 
+/// How many times slower than natively these tests run: 1, except in the
+/// kernel matrix's emulated guests (`cargo xtask test-kernels` sets
+/// TRACER_TEST_SLOWDOWN). The few time bounds the tests check scale by it.
+pub fn slowdown() -> u32 {
+    std::env::var("TRACER_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// The end-to-end tests load eBPF programs: they need root.
 pub fn require_root() {
     assert_eq!(

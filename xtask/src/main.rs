@@ -6,10 +6,12 @@
 //!   demo [ARGS]    build, then trace a small leaking C program; ARGS go to `tracer run`
 //!   fuzz [SECONDS] run the parsers' cargo-fuzz targets (tracer/fuzz), SECONDS each
 //!   bench [OPTS]   build, measure tracing overhead and the tracer's own cost, write BENCHMARKS.md
+//!   test-kernels [OPTS]  the end-to-end subset on other kernels under qemu (kernels/mod.rs)
 
 mod bench;
 mod demo;
 mod fuzz;
+mod kernels;
 mod setup;
 
 use std::{
@@ -22,7 +24,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer]>";
+    "usage: cargo xtask <setup | build | test [cargo test args] | demo [tracer run options] | fuzz [seconds] | bench [--quick] [--reps N] [--output PATH] [--only loop,http,tracer] | test-kernels [--kernel SPEC,..] [more: test-kernels --help]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -46,6 +48,7 @@ fn real_main() -> Result<()> {
         "demo" => demo::run(&rest),
         "fuzz" => fuzz::run_all(&rest),
         "bench" => bench::run(&rest),
+        "test-kernels" => kernels::run(&rest),
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
