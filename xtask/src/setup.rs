@@ -26,8 +26,11 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "libjemalloc2",
     "libtcmalloc-minimal4",
+    "libgoogle-perftools4",
     "libmimalloc2.0",
     "musl-tools",
+    "redis-server",
+    "redis-tools",
 ];
 
 /// bpf-linker must be linked against the same LLVM major as rustc nightly.
