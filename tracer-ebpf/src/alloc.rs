@@ -13,7 +13,8 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
     },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
@@ -55,31 +56,35 @@ fn arg(ctx: &ProbeContext, cookie: u64, n: usize) -> u64 {
 }
 
 /// x86 register number `r` (rax 0 ... r15 15) of the probed thread, or the
-/// constant 1 (`convention::CONSTANT_ONE`). The verifier wants a constant
-/// offset into the context: one read per arm.
+/// constant 1 (`convention::CONSTANT_ONE`). Read with a helper: LLVM turns
+/// a match of field reads into one read at a computed offset, and the
+/// verifier refuses a context pointer that is not at a constant offset.
 #[inline(always)]
 fn register(regs: *mut aya_ebpf::bindings::pt_regs, r: u64) -> u64 {
-    let regs = unsafe { &*regs };
-    match r {
-        0 => regs.rax,
-        1 => regs.rcx,
-        2 => regs.rdx,
-        3 => regs.rbx,
-        4 => regs.rsp,
-        5 => regs.rbp,
-        6 => regs.rsi,
-        7 => regs.rdi,
-        8 => regs.r8,
-        9 => regs.r9,
-        10 => regs.r10,
-        11 => regs.r11,
-        12 => regs.r12,
-        13 => regs.r13,
-        14 => regs.r14,
-        15 => regs.r15,
-        convention::CONSTANT_ONE => 1,
-        _ => 0,
-    }
+    use core::ptr::addr_of;
+    let field = unsafe {
+        match r {
+            0 => addr_of!((*regs).rax),
+            1 => addr_of!((*regs).rcx),
+            2 => addr_of!((*regs).rdx),
+            3 => addr_of!((*regs).rbx),
+            4 => addr_of!((*regs).rsp),
+            5 => addr_of!((*regs).rbp),
+            6 => addr_of!((*regs).rsi),
+            7 => addr_of!((*regs).rdi),
+            8 => addr_of!((*regs).r8),
+            9 => addr_of!((*regs).r9),
+            10 => addr_of!((*regs).r10),
+            11 => addr_of!((*regs).r11),
+            12 => addr_of!((*regs).r12),
+            13 => addr_of!((*regs).r13),
+            14 => addr_of!((*regs).r14),
+            15 => addr_of!((*regs).r15),
+            convention::CONSTANT_ONE => return 1,
+            _ => return 0,
+        }
+    };
+    unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0)
 }
 
 /// `n * size`, or u64::MAX on overflow (the call then fails). LLVM turns an
