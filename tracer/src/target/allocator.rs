@@ -233,6 +233,66 @@ pub fn place_probes(object: &mut AllocatorObject) {
             point.placement.reason
         );
     }
+    keep_out_of_foreign_branches(object, &info, &data);
+}
+
+/// Puts back at the entry any probe whose skipped range some branch from
+/// elsewhere in the object targets (see `placement::branch_targets_in`).
+fn keep_out_of_foreign_branches(object: &mut AllocatorObject, info: &ElfInfo, data: &[u8]) {
+    // (point, which placement, start, chosen address)
+    let mut moved: Vec<(usize, bool, u64, u64)> = Vec::new();
+    for (i, point) in object.points.iter().enumerate() {
+        let Some(start) = point
+            .functions
+            .iter()
+            .find_map(|n| function_code(info, data, n, point.file_offset))
+            .map(|(_, _, address)| address)
+        else {
+            continue;
+        };
+        for cookies in [true, false] {
+            let skip = point.placed(cookies).skip;
+            if skip > 0 {
+                moved.push((i, cookies, start, start + skip));
+            }
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let ranges: Vec<(u64, u64)> = moved.iter().map(|m| (m.2, m.3)).collect();
+    let mut hit = vec![false; ranges.len()];
+    for (address, code) in crate::target::elf::code_sections(data) {
+        for (h, now) in hit
+            .iter_mut()
+            .zip(placement::branch_targets_in(code, address, &ranges))
+        {
+            *h |= now;
+        }
+    }
+    for ((i, cookies, start, _), hit) in moved.into_iter().zip(hit) {
+        if !hit {
+            continue;
+        }
+        let point = &mut object.points[i];
+        let Some((_, code, _)) = point
+            .functions
+            .iter()
+            .find_map(|n| function_code(info, data, n, point.file_offset))
+        else {
+            continue;
+        };
+        let entry = placement::at_entry(
+            code,
+            start,
+            "a branch from elsewhere in the object targets the skipped range",
+        );
+        if cookies {
+            point.placement = entry;
+        } else {
+            point.in_place = entry;
+        }
+    }
 }
 
 /// The code of function `name` if it is the one at `offset`: (name, code

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, fs, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol, ObjectSymbolTable, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -107,6 +107,17 @@ impl ElfInfo {
             .find(|(addr, size, _)| *addr <= vaddr && vaddr < addr + size)
             .map(|(addr, _, offset)| vaddr - addr + offset)
     }
+}
+
+/// The executable sections' contents: (address, bytes).
+pub fn code_sections(data: &[u8]) -> Vec<(u64, &[u8])> {
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    file.sections()
+        .filter(|s| s.kind() == object::SectionKind::Text)
+        .filter_map(|s| Some((s.address(), s.data().ok()?)))
+        .collect()
 }
 
 /// The dynamic relocations that bind a GOT slot to a named symbol: (slot

@@ -223,6 +223,53 @@ fn where_arguments_are(
     }
 }
 
+/// The placement at the entry, for `reason` (a check outside the function
+/// failed: see `branch_targets_in`).
+pub fn at_entry(code: &[u8], address: u64, reason: &str) -> Placement {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let first = decoder.decode();
+    let bytes = code.get(..first.len()).unwrap_or_default();
+    Placement {
+        skip: 0,
+        args: 0,
+        instruction: if first.is_invalid() {
+            String::new()
+        } else {
+            format_instruction(&first)
+        },
+        emulated: !first.is_invalid() && kernel_emulates(bytes),
+        reason: reason.to_string(),
+    }
+}
+
+/// Which of `ranges` ((start, chosen]: a function's skipped instructions
+/// and the one probed) some direct branch or call in `code` (an object's
+/// executable section at `address`, decoded linearly) targets. A function
+/// split by the compiler (`malloc.cold`) may jump back into its hot part
+/// from outside the symbol's bytes: the check inside the function does not
+/// see that.
+pub fn branch_targets_in(code: &[u8], address: u64, ranges: &[(u64, u64)]) -> Vec<bool> {
+    let mut hit = vec![false; ranges.len()];
+    if ranges.is_empty() {
+        return hit;
+    }
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instr = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instr);
+        if !has_near_target(&instr) {
+            continue;
+        }
+        let target = instr.near_branch_target();
+        for (i, (start, chosen)) in ranges.iter().enumerate() {
+            if target > *start && target <= *chosen {
+                hit[i] = true;
+            }
+        }
+    }
+    hit
+}
+
 /// Whether the kernel emulates the instruction made of `bytes` (see the
 /// module's list), judged on its bytes as the kernel does.
 pub fn kernel_emulates(bytes: &[u8]) -> bool {

@@ -305,3 +305,12 @@ fn calls_that_go_to_another_function_first_are_recognised() {
     assert_eq!(plt_slot(&stub, 0x1000), Some(0x1000 + 4 + 7 + 0x1234));
     assert_eq!(plt_slot(&hex("ff2500100000"), 0x2000), Some(0x2000 + 6 + 0x1000));
 }
+
+#[test]
+fn a_branch_from_outside_the_function_is_found() {
+    // Ranges (0x1000, 0x1007] and (0x2000, 0x2003]; a `jmp 0x1007` and a
+    // `call 0x2000` (the entry itself: fine) at 0x3000.
+    let code = hex("e902e0ffff e8f6efffff");
+    let hit = branch_targets_in(&code, 0x3000, &[(0x1000, 0x1007), (0x2000, 0x2003)]);
+    assert_eq!(hit, [true, false]);
+}
