@@ -22,16 +22,33 @@ use crate::cmd;
 
 const SERVER: &str = "/usr/bin/redis-server";
 
-/// The variants: a name, and the tracer's arguments before the server's
-/// command line (none: untraced). By position: untraced, exact, sampled.
-pub const MODES: [(&str, &[&str]); 3] = [
-    ("untraced", &[]),
-    ("tracer (exact)", &["run", "-o", "/dev/null", "--"]),
+/// The variants: a name, the tracer's arguments before the server's command
+/// line (none: untraced), and a library to preload. By position: untraced,
+/// exact, sampled on jemalloc; then the same with glibc's malloc preloaded
+/// (the comparison: what the allocator changes).
+pub const MODES: [(&str, &[&str], Option<&str>); 6] = [
+    ("untraced", &[], None),
+    ("tracer (exact)", &["run", "-o", "/dev/null", "--"], None),
     (
         "tracer, sampling every 512 KiB",
         &["run", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        None,
+    ),
+    ("untraced, glibc malloc", &[], Some(GLIBC)),
+    (
+        "tracer (exact), glibc malloc",
+        &["run", "-o", "/dev/null", "--"],
+        Some(GLIBC),
+    ),
+    (
+        "tracer, sampling every 512 KiB, glibc malloc",
+        &["run", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        Some(GLIBC),
     ),
 ];
+
+/// Preloading the C library makes its malloc the one redis calls.
+const GLIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
 /// The tests redis-benchmark runs; each one's requests/s is reported.
 const TESTS: &str = "set,get,lpush,lpop";
@@ -55,16 +72,16 @@ pub fn measure(tracer: &Path, sizes: &Sizes) -> Result<Option<RedisResults>> {
     let mut rps = vec![Vec::new(); MODES.len()];
     let mut commands = Vec::new();
     for rep in 0..sizes.reps {
-        for (i, (name, prefix)) in MODES.iter().enumerate() {
+        for (i, (name, prefix, preload)) in MODES.iter().enumerate() {
             println!("bench: redis {}/{}: {name}", rep + 1, sizes.reps);
             let port = free_port()?;
-            let mut server = start(tracer, prefix, port)?;
+            let mut server = start(tracer, prefix, *preload, port)?;
             wait_until_listening(&mut server, port, name)?;
             let client = client_args(port, requests);
             rps[i].push(run_client(&client)?);
             stop(&mut server, port)?;
             if rep == 0 {
-                commands.push(command_line(tracer, name, prefix, requests));
+                commands.push(command_line(tracer, name, prefix, *preload, requests));
             }
         }
     }
@@ -100,7 +117,7 @@ fn server_args(port: &str) -> Vec<String> {
     .collect()
 }
 
-fn start(tracer: &Path, prefix: &[&str], port: u16) -> Result<Child> {
+fn start(tracer: &Path, prefix: &[&str], preload: Option<&str>, port: u16) -> Result<Child> {
     let args = server_args(&port.to_string());
     let mut command = if prefix.is_empty() {
         cmd(SERVER)
@@ -109,6 +126,9 @@ fn start(tracer: &Path, prefix: &[&str], port: u16) -> Result<Child> {
         c.args(prefix).arg(SERVER);
         c
     };
+    if let Some(lib) = preload {
+        command.env("LD_PRELOAD", lib);
+    }
     Ok(command
         .args(&args)
         .stdin(Stdio::null())
@@ -176,13 +196,23 @@ fn stop(server: &mut Child, port: u16) -> Result<()> {
     Ok(())
 }
 
-fn command_line(tracer: &Path, name: &str, prefix: &[&str], requests: u64) -> String {
+fn command_line(
+    tracer: &Path,
+    name: &str,
+    prefix: &[&str],
+    preload: Option<&str>,
+    requests: u64,
+) -> String {
     let server = shown(Path::new(SERVER), &server_args("$PORT")).replace("--save  ", "--save '' ");
     let server = if prefix.is_empty() {
         server
     } else {
         let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         format!("{} {server}", shown(tracer, &prefix))
+    };
+    let server = match preload {
+        Some(lib) => format!("LD_PRELOAD={lib} {server}"),
+        None => server,
     };
     let client = client_args(0, requests).join(" ").replacen("-p 0", "-p $PORT", 1);
     format!("{name}: `{server}` and `redis-benchmark {client}`")
