@@ -35,6 +35,28 @@ fn preloaded(library: &str, must_probe: &[&str]) {
     }
     // The report names what it probed, and the list starts with it.
     assert_eq!(report["allocators"][0]["object"], path.as_str());
+    no_probe_single_stepped("leaky_c", &[("LD_PRELOAD", &path)]);
+}
+
+/// `-v` lists every probe with the instruction it sits on: none of them
+/// may be one the kernel single-steps (a second trap per call), for any
+/// allocation or free function (issue 15). Functions whose calls go to
+/// another probed one first are listed as not probed.
+fn no_probe_single_stepped(program: &str, env: &[(&str, &str)]) {
+    let program = fixture(program);
+    let (_, _, finished) = trace_run_with_env(&[program.to_str().unwrap()], &["-v"], env);
+    let probes: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("tracer: uprobe") || l.starts_with("tracer: uretprobe"))
+        .collect();
+    assert!(!probes.is_empty(), "no probes listed: {}", finished.stderr);
+    for line in &probes {
+        assert!(
+            line.contains(" emulated") && !line.contains("single-stepped"),
+            "{line}"
+        );
+    }
 }
 
 #[test]
@@ -65,6 +87,17 @@ fn tcmalloc_preloaded() {
 }
 
 #[test]
+fn tcmalloc_full_preloaded() {
+    // gperftools' tcmalloc with its heap profiler hooks (libgoogle-perftools4).
+    preloaded("libtcmalloc.so.4", &["malloc", "tc_malloc", "free", "_Znwm"]);
+}
+
+#[test]
+fn glibc_probes_are_not_single_stepped() {
+    no_probe_single_stepped("leaky_c", &[]);
+}
+
+#[test]
 fn mimalloc_preloaded() {
     preloaded(
         "libmimalloc.so.2",
@@ -83,6 +116,7 @@ fn glibc_static() {
     let report = exact("leaky_c_static", &[], &[], LEAKY_CHURN);
     let (object, _) = probed(&report);
     assert!(object.ends_with("leaky_c_static"), "{object}");
+    no_probe_single_stepped("leaky_c_static", &[]);
 }
 
 #[test]
@@ -91,6 +125,7 @@ fn musl_dynamic() {
     let report = exact("leaky_c_musl", &[], &[], LEAKY_CHURN);
     let (object, _) = probed(&report);
     assert!(object.contains("musl"), "{object}");
+    no_probe_single_stepped("leaky_c_musl", &[]);
 }
 
 #[test]
@@ -98,6 +133,7 @@ fn musl_static() {
     let report = exact("leaky_c_musl_static", &[], &[], LEAKY_CHURN);
     let (object, _) = probed(&report);
     assert!(object.ends_with("leaky_c_musl_static"), "{object}");
+    no_probe_single_stepped("leaky_c_musl_static", &[]);
 }
 
 #[test]

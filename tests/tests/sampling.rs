@@ -112,7 +112,7 @@ fn sampling_uses_uprobe_sessions_where_the_kernel_has_them() {
             "{sampled}"
         );
         assert!(
-            sampled.contains("uprobe session alloc_session at ") && sampled.contains("(malloc)"),
+            sampled.contains("uprobe session alloc_session at ") && sampled.contains("(malloc, "),
             "{sampled}"
         );
         assert!(!sampled.contains("uretprobe alloc_return"), "{sampled}");

@@ -416,4 +416,35 @@ pub mod convention {
     pub const POSIX_MEMALIGN: u64 = 5;
     pub const VALLOC: u64 = 6;
     pub const PVALLOC: u64 = 7;
+    /// `free(ptr)` and alike; only in a moved probe's cookie (`moved_enter`).
+    pub const FREE: u64 = 8;
+
+    /// A probe moved past the first instructions of its function may find
+    /// an argument in another register (mimalloc's `malloc` copies the size
+    /// from `rdi` to `rsi`, then overwrites `rdi`). The cookie then carries,
+    /// above the convention's byte, one byte per argument (the first at
+    /// bits 8..16): 0 for the argument's own register, otherwise 1 + the x86
+    /// register number (rax 0, rcx 1, rdx 2, rbx 3, rsp 4, rbp 5, rsi 6,
+    /// rdi 7, r8..r15 8..15).
+    pub const ARGS_SHIFT: u64 = 8;
+    /// The register number that stands for the constant 1: a factor whose
+    /// product with the other is in that other's register (glibc's
+    /// `reallocarray` multiplies before the probe's place).
+    pub const CONSTANT_ONE: u64 = 16;
+    /// How many arguments a cookie can relocate.
+    pub const MAX_ARGS: usize = 3;
+
+    /// The convention part of a cookie.
+    pub const fn of(cookie: u64) -> u64 {
+        cookie & 0xff
+    }
+
+    /// Where argument `n` is, from a cookie: None for its own register,
+    /// otherwise the x86 register number.
+    pub const fn register(cookie: u64, n: usize) -> Option<u64> {
+        match (cookie >> (ARGS_SHIFT as usize + 8 * n)) & 0xff {
+            0 => None,
+            r => Some(r - 1),
+        }
+    }
 }

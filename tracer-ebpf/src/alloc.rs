@@ -12,9 +12,13 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
+    EbpfContext as _,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
@@ -42,9 +46,47 @@ fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
     unsafe { (*regs).rsp }
 }
 
+/// Argument `n` of the call: in its own register, or where the cookie of a
+/// moved probe says it is (`tracer_common::convention::register`; 0 for
+/// probes whose arguments did not move).
 #[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+fn arg(ctx: &ProbeContext, cookie: u64, n: usize) -> u64 {
+    match convention::register(cookie, n) {
+        None => ctx.arg::<u64>(n).unwrap_or(0),
+        Some(r) => register(ctx.regs, r),
+    }
+}
+
+/// x86 register number `r` (rax 0 ... r15 15) of the probed thread, or the
+/// constant 1 (`convention::CONSTANT_ONE`). Read with a helper: LLVM turns
+/// a match of field reads into one read at a computed offset, and the
+/// verifier refuses a context pointer that is not at a constant offset.
+#[inline(always)]
+fn register(regs: *mut aya_ebpf::bindings::pt_regs, r: u64) -> u64 {
+    use core::ptr::addr_of;
+    let field = unsafe {
+        match r {
+            0 => addr_of!((*regs).rax),
+            1 => addr_of!((*regs).rcx),
+            2 => addr_of!((*regs).rdx),
+            3 => addr_of!((*regs).rbx),
+            4 => addr_of!((*regs).rsp),
+            5 => addr_of!((*regs).rbp),
+            6 => addr_of!((*regs).rsi),
+            7 => addr_of!((*regs).rdi),
+            8 => addr_of!((*regs).r8),
+            9 => addr_of!((*regs).r9),
+            10 => addr_of!((*regs).r10),
+            11 => addr_of!((*regs).r11),
+            12 => addr_of!((*regs).r12),
+            13 => addr_of!((*regs).r13),
+            14 => addr_of!((*regs).r14),
+            15 => addr_of!((*regs).r15),
+            convention::CONSTANT_ONE => return 1,
+            _ => return 0,
+        }
+    };
+    unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0)
 }
 
 /// `n * size`, or u64::MAX on overflow (the call then fails). LLVM turns an
@@ -224,34 +266,52 @@ fn enter_sampled(
 }
 
 /// Decodes an allocation call's arguments by its calling convention
-/// (`tracer_common::convention`) and enters it; true when its return
+/// (`tracer_common::convention`, the low byte of `cookie`; the bytes above
+/// say where a moved probe finds them) and enters it; true when its return
 /// matters (see `enter_sampled`).
 #[inline(always)]
-pub(crate) fn enter_convention(ctx: &ProbeContext, convention: u64) -> bool {
-    match convention {
-        convention::MALLOC | convention::VALLOC => enter(ctx, CallKind::Alloc, arg(ctx, 0), 0),
+pub(crate) fn enter_convention(ctx: &ProbeContext, cookie: u64) -> bool {
+    let a = |n| arg(ctx, cookie, n);
+    match convention::of(cookie) {
+        convention::MALLOC | convention::VALLOC => enter(ctx, CallKind::Alloc, a(0), 0),
         convention::CALLOC => {
             // An overflowing product makes calloc fail; the NULL result is
             // not recorded.
-            let size = array_size(arg(ctx, 0), arg(ctx, 1));
+            let size = array_size(a(0), a(1));
             enter(ctx, CallKind::Alloc, size, 0)
         }
-        convention::REALLOC => enter(ctx, CallKind::Realloc, arg(ctx, 1), arg(ctx, 0)),
+        convention::REALLOC => enter(ctx, CallKind::Realloc, a(1), a(0)),
         convention::REALLOCARRAY => {
-            let size = array_size(arg(ctx, 1), arg(ctx, 2));
-            enter(ctx, CallKind::Realloc, size, arg(ctx, 0))
+            let size = array_size(a(1), a(2));
+            enter(ctx, CallKind::Realloc, size, a(0))
         }
         // `memalign(align, size)` and `aligned_alloc(align, size)`.
-        convention::MEMALIGN => enter_sampled(ctx, CallKind::Alloc, arg(ctx, 1), 0, true),
-        convention::POSIX_MEMALIGN => enter(ctx, CallKind::PosixMemalign, arg(ctx, 2), arg(ctx, 0)),
+        convention::MEMALIGN => enter_sampled(ctx, CallKind::Alloc, a(1), 0, true),
+        convention::POSIX_MEMALIGN => enter(ctx, CallKind::PosixMemalign, a(2), a(0)),
         // `pvalloc` rounds the request up to whole pages; that is the size
         // the caller owns and must free.
         convention::PVALLOC => {
-            let size = arg(ctx, 0).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+            let size = a(0).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
             enter(ctx, CallKind::Alloc, size, 0)
         }
         _ => false,
     }
+}
+
+/// A probe moved past instructions that copied an argument to another
+/// register (see tracer/src/target/placement.rs): the convention and where
+/// each argument is come in the attach cookie. Only such probes use it, so
+/// the others run without the helper (kernels before 5.15 lack it, and the
+/// tracer then keeps those probes where the arguments did not move).
+#[uprobe]
+pub fn moved_enter(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if convention::of(cookie) == convention::FREE {
+        on_free(&ctx, arg(&ctx, cookie, 0));
+    } else {
+        enter_convention(&ctx, cookie);
+    }
+    0
 }
 
 #[uprobe]
@@ -369,7 +429,13 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let ptr = arg(&ctx, 0);
+    on_free(&ctx, arg(&ctx, 0, 0));
+    0
+}
+
+/// A call that frees block `ptr`.
+#[inline(always)]
+fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
     if ptr == 0 {
         return 0;
     }

@@ -26,6 +26,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "libjemalloc2",
     "libtcmalloc-minimal4",
+    "libgoogle-perftools4",
     "libmimalloc2.0",
     "musl-tools",
     // A real server built without frame pointers, for the CFI unwinding test.

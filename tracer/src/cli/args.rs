@@ -264,8 +264,8 @@ pub struct TraceOptions {
     /// Benchmarking: attach programs that do nothing, at the same addresses.
     #[arg(long, hide = true, conflicts_with = "no_stacks")]
     pub noop_probes: bool,
-    /// Benchmarking: put every probe at its function's entry (no skipping
-    /// of a NULL guard).
+    /// Benchmarking: put every probe at its function's entry (no moving to
+    /// the first instruction the kernel emulates).
     #[arg(long, hide = true)]
     pub entry_probes: bool,
     /// Benchmarking: track blocks without capturing their stacks.

@@ -5,12 +5,19 @@
 
 use std::path::Path;
 
-use crate::target::allocator::{AllocatorObject, Entry, ProbePoint, FUNCTIONS};
+use crate::target::{
+    allocator::{AllocatorObject, Entry, ProbePoint, FUNCTIONS},
+    placement::Placement,
+};
 
 use super::{error::Result, programs::UprobeLink, Kernel, Variant};
 
 /// The return program, shared by every allocation function.
 const RETURN_PROGRAM: &str = "alloc_return";
+/// The entry program of a probe moved where an argument is in another
+/// register: it reads the convention and the registers from its attach
+/// cookie (kernels 5.15+; see `placement`).
+pub const MOVED_ENTRY: &str = "moved_enter";
 /// The no-op programs of `Variant::Noop`.
 const NOOP_ENTRY: &str = "noop_enter";
 const NOOP_RETURN: &str = "noop_return";
@@ -35,6 +42,7 @@ pub fn programs(variant: Variant) -> Vec<&'static str> {
     if variant == Variant::Noop {
         return vec![NOOP_ENTRY, NOOP_RETURN];
     }
+    // MOVED_ENTRY is loaded on its own (`Kernel::cookies`).
     let mut programs: Vec<&str> = FUNCTIONS.iter().map(|(_, e)| entry_program(*e)).collect();
     programs.push(RETURN_PROGRAM);
     programs.sort_unstable();
@@ -48,9 +56,11 @@ pub struct Attached {
     pub object: String,
     /// Where the probe is, in the file.
     pub file_offset: u64,
-    /// Bytes past the function's start (0: at its entry).
-    pub skip: u64,
+    /// Where in its function, the instruction there, and why.
+    pub placement: Placement,
     pub functions: Vec<&'static str>,
+    /// Not attached: every call goes to this probed function first.
+    pub covered_by: Option<&'static str>,
     pub program: &'static str,
     pub is_return: bool,
     /// A uprobe session program (entry, and return when the entry asks).
@@ -165,11 +175,13 @@ impl Kernel {
         };
         let program = sessions.program_name;
         for point in sessions.attach(object, pid)? {
+            let placement = point.placed(true).clone();
             let attached = Attached {
                 object: object.path.clone(),
-                file_offset: point.file_offset,
-                skip: 0,
+                file_offset: point.file_offset + placement.skip,
+                placement,
                 functions: point.functions.clone(),
+                covered_by: None,
                 program,
                 is_return: false,
                 session: true,
@@ -270,34 +282,62 @@ impl Kernel {
         let noop = self.variant == Variant::Noop;
         let mut links = Vec::new();
         for point in frees.into_iter().chain(allocs) {
+            if let Some(target) = point.covered_by {
+                self.describe_covered(object, point, target);
+                continue;
+            }
+            let placement = point.placed(self.cookies);
             if point.entry.needs_return() {
                 let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
-                links.push(self.attach_one(object, point, program, true, scope_task)?);
+                links.push(self.attach_one(object, point, program, None, true, scope_task)?);
             }
-            let program = if noop {
-                NOOP_ENTRY
+            let (program, cookie) = if noop {
+                (NOOP_ENTRY, None)
+            } else if placement.args != 0 {
+                let convention = super::sessions::convention(point.entry)
+                    .unwrap_or(tracer_common::convention::FREE);
+                let cookie = convention | placement.args << tracer_common::convention::ARGS_SHIFT;
+                (MOVED_ENTRY, Some(cookie))
             } else {
-                entry_program(point.entry)
+                (entry_program(point.entry), None)
             };
-            links.push(self.attach_one(object, point, program, false, scope_task)?);
+            links.push(self.attach_one(object, point, program, cookie, false, scope_task)?);
         }
         Ok(links)
     }
 
+    /// `-v` lists a function left unprobed: its calls are seen in another.
+    fn describe_covered(&mut self, object: &AllocatorObject, point: &ProbePoint, to: &'static str) {
+        self.probes.describe(Attached {
+            object: object.path.clone(),
+            file_offset: point.file_offset,
+            placement: point.placed(self.cookies).clone(),
+            functions: point.functions.clone(),
+            covered_by: Some(to),
+            program: "",
+            is_return: false,
+            session: false,
+        });
+    }
+
+    /// Attaches `program` to both probes' place (`placement`: a uretprobe
+    /// works at any instruction before the stack pointer first moves).
     fn attach_one(
         &mut self,
         object: &AllocatorObject,
         point: &ProbePoint,
         program: &'static str,
+        cookie: Option<u64>,
         is_return: bool,
         scope_task: u32,
     ) -> Result<UprobeLink> {
-        let skip = if is_return { 0 } else { point.entry_skip };
-        let file_offset = point.file_offset + skip;
+        let placement = point.placed(self.cookies).clone();
+        let file_offset = point.file_offset + placement.skip;
         let link = self.loaded.attach_uprobe(
             program,
             Path::new(&object.host_path),
             file_offset,
+            cookie,
             scope_task,
             || {
                 format!(
@@ -311,8 +351,9 @@ impl Kernel {
         self.probes.describe(Attached {
             object: object.path.clone(),
             file_offset,
-            skip,
+            placement,
             functions: point.functions.clone(),
+            covered_by: None,
             program,
             is_return,
             session: false,

@@ -13,7 +13,7 @@ use std::{
 use aya::{
     maps::Map,
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
         TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
@@ -115,7 +115,8 @@ impl Loaded {
     }
 
     /// Attaches the loaded uprobe program `program` at `file_offset` of
-    /// `file`, firing only in the process of task `scope_task` (the kernel
+    /// `file` (with `cookie` for `bpf_get_attach_cookie`, kernels 5.15+),
+    /// firing only in the process of task `scope_task` (the kernel
     /// filters by that task's memory map). `describe` names the place for
     /// the error.
     pub fn attach_uprobe(
@@ -123,6 +124,7 @@ impl Loaded {
         program: &str,
         file: &Path,
         file_offset: u64,
+        cookie: Option<u64>,
         scope_task: u32,
         describe: impl Fn() -> String,
     ) -> Result<UprobeLink> {
@@ -132,7 +134,10 @@ impl Loaded {
         let prog = self.uprobe(program)?;
         let id = prog
             .attach(
-                UProbeAttachLocation::AbsoluteOffset(file_offset),
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(file_offset),
+                    cookie,
+                },
                 file,
                 scope,
             )

@@ -128,15 +128,24 @@ impl Sessions {
         object: &AllocatorObject,
         pid: u32,
     ) -> Result<(Option<OwnedFd>, Vec<ProbePoint>)> {
+        // Sessions are 6.13+: cookies are there, so the moved placement,
+        // with where the arguments are in the cookie above the convention.
         let points: Vec<(&ProbePoint, u64)> = object
             .points
             .iter()
-            .filter_map(|p| Some((p, convention(p.entry)?)))
+            .filter(|p| p.covered_by.is_none())
+            .filter_map(|p| {
+                let args = p.placed(true).args << tracer_common::convention::ARGS_SHIFT;
+                Some((p, convention(p.entry)? | args))
+            })
             .collect();
         if points.is_empty() {
             return Ok((None, Vec::new()));
         }
-        let offsets: Vec<u64> = points.iter().map(|(p, _)| p.file_offset).collect();
+        let offsets: Vec<u64> = points
+            .iter()
+            .map(|(p, _)| p.file_offset + p.placed(true).skip)
+            .collect();
         let cookies: Vec<u64> = points.iter().map(|(_, c)| *c).collect();
         let fd = sys::attach_session(&self.program, &object.host_path, &offsets, &cookies, pid)
             .with_context(|| {

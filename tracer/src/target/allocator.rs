@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{target::elf::ElfInfo, target::process::TargetError};
+use crate::target::{elf::ElfInfo, placement, placement::Placement, process::TargetError};
 
 /// The calling conventions of the allocator functions (each has its entry
 /// program, see `kernel::probes::entry_program`).
@@ -33,6 +33,18 @@ pub enum Entry {
 impl Entry {
     pub fn needs_return(self) -> bool {
         self != Entry::Free
+    }
+
+    /// What its entry program reads of a call (tracer-ebpf's alloc.rs).
+    pub fn reads(self) -> placement::Reads {
+        let (args, product) = match self {
+            Entry::Malloc | Entry::Valloc | Entry::Pvalloc | Entry::Free => (1, None),
+            Entry::Realloc | Entry::Memalign => (2, None),
+            Entry::Calloc => (2, Some((0, 1))),
+            Entry::PosixMemalign => (3, None),
+            Entry::Reallocarray => (3, Some((1, 2))),
+        };
+        placement::Reads { args, product }
     }
 }
 
@@ -85,16 +97,45 @@ pub const FUNCTIONS: &[(&str, Entry)] = &[
 /// are one function) become one point, so a block is never counted twice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbePoint {
-    /// Where the function starts in the file (return probes go here).
+    /// Where the function starts in the file.
     pub file_offset: u64,
-    /// Bytes past the start where the entry probe goes (see `placement` and
-    /// `place_entry_probes`): non-zero only for probes that need no return
-    /// value, when skipping a leading NULL guard is provably the same and
-    /// cheaper.
-    pub entry_skip: u64,
+    /// Where its probes go, entry and return (see `placement`), when the
+    /// kernel has attach cookies to say where moved arguments are.
+    pub placement: Placement,
+    /// Where they go without cookies (kernels before 5.15): moved only
+    /// where every argument stays in its own register.
+    pub in_place: Placement,
     pub entry: Entry,
     /// Every allocator name at this address.
     pub functions: Vec<&'static str>,
+    /// Not probed: every call of the function goes first to this other
+    /// probed one, with the same arguments (a tail call, or a call whose
+    /// result it returns as is; see `placement::first_transfer`), whose
+    /// probes see it: probing both would trap twice per call.
+    pub covered_by: Option<&'static str>,
+}
+
+impl ProbePoint {
+    /// A point probed at the function's entry (until `place_probes`).
+    pub fn new(file_offset: u64, entry: Entry, functions: Vec<&'static str>) -> Self {
+        ProbePoint {
+            file_offset,
+            placement: Placement::default(),
+            in_place: Placement::default(),
+            entry,
+            functions,
+            covered_by: None,
+        }
+    }
+
+    /// The placement to use: `cookies` when the kernel has attach cookies.
+    pub fn placed(&self, cookies: bool) -> &Placement {
+        if cookies {
+            &self.placement
+        } else {
+            &self.in_place
+        }
+    }
 }
 
 /// The object to probe and the points in it.
@@ -134,45 +175,134 @@ pub fn probe_points(info: &ElfInfo) -> Option<Vec<ProbePoint>> {
         by_offset
             .entry(offset)
             .and_modify(|p| p.functions.push(name))
-            .or_insert(ProbePoint {
-                file_offset: offset,
-                entry_skip: 0,
-                entry,
-                functions: vec![name],
-            });
+            .or_insert(ProbePoint::new(offset, entry, vec![name]));
     }
     Some(by_offset.into_values().collect())
 }
 
-/// Moves the entry probes of functions that need no return value (the
-/// `free` family) past a leading NULL guard, where `placement` proves that
-/// the same calls are seen; every other probe stays at its function's entry.
-/// Reads the object's code; on any failure the probes stay where they are.
-pub fn place_entry_probes(object: &mut AllocatorObject) {
-    if object.points.iter().all(|p| p.entry.needs_return()) {
-        return;
-    }
+/// Places the probes of every point of `object` (see `placement`), and
+/// marks the points whose every call goes first to another probed function
+/// of the same convention (`covered_by`). Reads the object's code; on any
+/// failure the probes stay at the entries.
+pub fn place_probes(object: &mut AllocatorObject) {
     let Ok(data) = std::fs::read(&object.host_path) else {
         return;
     };
     let Ok(info) = ElfInfo::parse(&data) else {
         return;
     };
+    let slots = crate::target::elf::jump_slots(&data);
+    let starts: Vec<(u64, Entry, &'static str)> = object
+        .points
+        .iter()
+        .filter_map(|p| {
+            let name = *p.functions.first()?;
+            Some((info.function_address(name)?, p.entry, name))
+        })
+        .collect();
     for point in &mut object.points {
-        if point.entry.needs_return() {
-            continue;
-        }
-        point.entry_skip = point
+        let Some((name, code, address)) = point
             .functions
             .iter()
-            .find_map(|name| entry_skip(&info, &data, name, point.file_offset))
-            .unwrap_or(0);
+            .find_map(|name| function_code(&info, &data, name, point.file_offset))
+        else {
+            continue;
+        };
+        let reads = point.entry.reads();
+        point.placement = placement::place(code, address, reads, true);
+        point.in_place = placement::place(code, address, reads, false);
+        point.covered_by = placement::first_transfer(code, address, reads.args).and_then(|target| {
+            let reached = match starts.iter().find(|(a, _, _)| *a == target) {
+                Some(&(_, entry, name)) => Some((entry, name)),
+                // A PLT stub: the function its GOT slot is bound to.
+                None => {
+                    let stub = info.code_at(&data, target, 16)?;
+                    let slot = placement::plt_slot(stub, target)?;
+                    let bound = slots.iter().find(|(s, _)| *s == slot)?.1.as_str();
+                    starts
+                        .iter()
+                        .find(|(_, _, n)| *n == bound)
+                        .map(|&(_, entry, name)| (entry, name))
+                }
+            }?;
+            (reached.0 == point.entry && reached.1 != name).then_some(reached.1)
+        });
+        log::debug!(
+            "{name}: probes at +{} ({})",
+            point.placement.skip,
+            point.placement.reason
+        );
+    }
+    keep_out_of_foreign_branches(object, &info, &data);
+}
+
+/// Puts back at the entry any probe whose skipped range some branch from
+/// elsewhere in the object targets (see `placement::branch_targets_in`).
+fn keep_out_of_foreign_branches(object: &mut AllocatorObject, info: &ElfInfo, data: &[u8]) {
+    // (point, which placement, start, chosen address)
+    let mut moved: Vec<(usize, bool, u64, u64)> = Vec::new();
+    for (i, point) in object.points.iter().enumerate() {
+        let Some(start) = point
+            .functions
+            .iter()
+            .find_map(|n| function_code(info, data, n, point.file_offset))
+            .map(|(_, _, address)| address)
+        else {
+            continue;
+        };
+        for cookies in [true, false] {
+            let skip = point.placed(cookies).skip;
+            if skip > 0 {
+                moved.push((i, cookies, start, start + skip));
+            }
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let ranges: Vec<(u64, u64)> = moved.iter().map(|m| (m.2, m.3)).collect();
+    let mut hit = vec![false; ranges.len()];
+    for (address, code) in crate::target::elf::code_sections(data) {
+        for (h, now) in hit
+            .iter_mut()
+            .zip(placement::branch_targets_in(code, address, &ranges))
+        {
+            *h |= now;
+        }
+    }
+    for ((i, cookies, start, _), hit) in moved.into_iter().zip(hit) {
+        if !hit {
+            continue;
+        }
+        let point = &mut object.points[i];
+        let Some((_, code, _)) = point
+            .functions
+            .iter()
+            .find_map(|n| function_code(info, data, n, point.file_offset))
+        else {
+            continue;
+        };
+        let entry = placement::at_entry(
+            code,
+            start,
+            "a branch from elsewhere in the object targets the skipped range",
+        );
+        if cookies {
+            point.placement = entry;
+        } else {
+            point.in_place = entry;
+        }
     }
 }
 
-/// See `placement::first_argument_probe`; None when the symbol `name` is
-/// not the function at `offset` or its code cannot be read.
-fn entry_skip(info: &ElfInfo, data: &[u8], name: &str, offset: u64) -> Option<u64> {
+/// The code of function `name` if it is the one at `offset`: (name, code
+/// by the symbol's size, its address).
+fn function_code<'a>(
+    info: &ElfInfo,
+    data: &'a [u8],
+    name: &'static str,
+    offset: u64,
+) -> Option<(&'static str, &'a [u8], u64)> {
     if info.function_offset(name)? != offset {
         return None;
     }
@@ -180,13 +310,7 @@ fn entry_skip(info: &ElfInfo, data: &[u8], name: &str, offset: u64) -> Option<u6
     let size = info.function_size(name)?;
     let start = offset as usize;
     let code = data.get(start..start.checked_add(size as usize)?)?;
-    let placement = crate::target::placement::first_argument_probe(code, address);
-    log::debug!(
-        "{name}: entry probe at +{} ({})",
-        placement.skip,
-        placement.reason
-    );
-    Some(placement.skip)
+    Some((name, code, address))
 }
 
 /// Objects in the order the dynamic linker searches them for a symbol:
@@ -323,25 +447,91 @@ mod tests {
     }
 
     #[test]
-    fn only_free_like_probes_may_move_past_the_entry() {
+    fn every_probe_of_our_libc_sits_on_an_emulated_instruction() {
         let me = crate::target::process::Process::open(std::process::id()).unwrap();
         let maps = me.maps().unwrap();
         let mut found = crate::target::detect::for_process(&me, &maps, &[])
             .unwrap()
             .remove(0);
-        place_entry_probes(&mut found);
+        place_probes(&mut found);
+        for p in &found.points {
+            assert!(p.placement.emulated, "{p:?}");
+            // Without cookies, only where no argument moved (glibc 2.36's
+            // reallocarray multiplies first: it stays at its entry).
+            assert!(p.in_place.emulated || p.placement.args != 0, "{p:?}");
+            assert_eq!(p.in_place.args, 0, "{p:?}");
+        }
         let free = found
             .points
             .iter()
             .find(|p| p.functions.contains(&"free"))
             .unwrap();
-        assert_eq!(free.entry, Entry::Free);
-        // glibc 2.36: 9, past `test rdi,rdi; je`; other versions may differ.
-        assert!(free.entry_skip < 16, "{free:?}");
-        for p in &found.points {
-            if p.entry.needs_return() {
-                assert_eq!(p.entry_skip, 0, "return probes stay at the entry: {p:?}");
+        // glibc 2.36: at the `je` of `test rdi,rdi; je`; others may differ.
+        assert!(free.in_place.skip < 16, "{free:?}");
+    }
+
+    /// The probes of an installed library, placed.
+    fn placed_object(path: &str) -> AllocatorObject {
+        let info = ElfInfo::read(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+        // libstdc++ defines no malloc: its operators are probed only where
+        // linked into a static program; every name it has makes a point.
+        let points = probe_points(&info).unwrap_or_else(|| {
+            let mut points: Vec<ProbePoint> = Vec::new();
+            for &(name, entry) in FUNCTIONS {
+                let Some(offset) = info.function_offset(name) else {
+                    continue;
+                };
+                match points.iter_mut().find(|p| p.file_offset == offset) {
+                    Some(p) => p.functions.push(name),
+                    None => points.push(ProbePoint::new(offset, entry, vec![name])),
+                }
+            }
+            points
+        });
+        let mut object = AllocatorObject {
+            path: path.to_string(),
+            host_path: PathBuf::from(path),
+            points,
+        };
+        place_probes(&mut object);
+        object
+    }
+
+    /// Every allocator function of the allocators the end-to-end tests
+    /// preload (Debian 12's builds) is probed on an emulated instruction,
+    /// or not at all because its calls go first to a probed function of
+    /// the same convention; and nothing is probed twice for one call.
+    #[test]
+    fn no_function_of_the_installed_allocators_is_single_stepped() {
+        const LIB: &str = "/usr/lib/x86_64-linux-gnu";
+        for lib in [
+            "libjemalloc.so.2",
+            "libtcmalloc_minimal.so.4",
+            "libtcmalloc.so.4",
+            "libmimalloc.so.2",
+            "libstdc++.so.6",
+        ] {
+            let object = placed_object(&format!("{LIB}/{lib}"));
+            assert!(!object.points.is_empty(), "{lib}");
+            for p in &object.points {
+                assert!(p.covered_by.is_some() || p.placement.emulated, "{lib}: {p:?}");
             }
         }
+        let covered = |lib: &str, name: &str| {
+            let object = placed_object(&format!("{LIB}/{lib}"));
+            let point = object.points.iter().find(|p| p.functions.contains(&name));
+            point.unwrap().covered_by
+        };
+        // jmp free@plt: one trap per unsized delete, in free.
+        assert_eq!(covered("libjemalloc.so.2", "_ZdlPv"), Some("free"));
+        // jmp _Znwm
+        assert_eq!(covered("libjemalloc.so.2", "_Znam"), Some("_Znwm"));
+        // sub $8,%rsp; call operator new@plt; add; ret
+        assert_eq!(
+            covered("libstdc++.so.6", "_ZnwmRKSt9nothrow_t"),
+            Some("_Znwm")
+        );
+        // mimalloc's sized delete jumps to mi_free, which is not probed.
+        assert_eq!(covered("libmimalloc.so.2", "_ZdlPvm"), None);
     }
 }

@@ -399,12 +399,7 @@ pub fn prefixed_points(info: &ElfInfo, prefix: &str) -> Option<Vec<ProbePoint>> 
         };
         match points.iter_mut().find(|p| p.file_offset == offset) {
             Some(p) => p.functions.push(name),
-            None => points.push(ProbePoint {
-                file_offset: offset,
-                entry_skip: 0,
-                entry,
-                functions: vec![name],
-            }),
+            None => points.push(ProbePoint::new(offset, entry, vec![name])),
         }
     }
     points.sort_by_key(|p| p.file_offset);
@@ -425,13 +420,14 @@ fn intern(name: &str) -> &'static str {
     leaked
 }
 
-/// Moves each object's entry probes past what the kernel would
-/// single-step (see `allocator::place_entry_probes`), unless
-/// `entry_probes` (`--entry-probes`) keeps them at the functions' entries.
+/// Moves each object's probes past what the kernel would single-step and
+/// marks the functions that only jump to another probed one (see
+/// `allocator::place_probes`), unless `entry_probes` (`--entry-probes`)
+/// keeps every probe at its function's entry.
 pub fn placed(mut objects: Vec<AllocatorObject>, entry_probes: bool) -> Vec<AllocatorObject> {
     if !entry_probes {
         for object in &mut objects {
-            crate::target::allocator::place_entry_probes(object);
+            crate::target::allocator::place_probes(object);
         }
     }
     objects

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, fs, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -100,12 +100,51 @@ impl ElfInfo {
         }
     }
 
+    /// Up to `len` bytes of the file's contents at `vaddr`.
+    pub fn code_at<'a>(&self, data: &'a [u8], vaddr: u64, len: usize) -> Option<&'a [u8]> {
+        let start = self.vaddr_to_offset(vaddr)? as usize;
+        data.get(start..start.checked_add(len)?.min(data.len()))
+    }
+
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments
             .iter()
             .find(|(addr, size, _)| *addr <= vaddr && vaddr < addr + size)
             .map(|(addr, _, offset)| vaddr - addr + offset)
     }
+}
+
+/// The executable sections' contents: (address, bytes).
+pub fn code_sections(data: &[u8]) -> Vec<(u64, &[u8])> {
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    file.sections()
+        .filter(|s| s.kind() == object::SectionKind::Text)
+        .filter_map(|s| Some((s.address(), s.data().ok()?)))
+        .collect()
+}
+
+/// The dynamic relocations that bind a GOT slot to a named symbol: (slot
+/// address, symbol name). A PLT stub jumps through such a slot.
+pub fn jump_slots(data: &[u8]) -> Vec<(u64, String)> {
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let (Some(relocations), Some(symbols)) =
+        (file.dynamic_relocations(), file.dynamic_symbol_table())
+    else {
+        return Vec::new();
+    };
+    relocations
+        .filter_map(|(slot, relocation)| {
+            let object::RelocationTarget::Symbol(index) = relocation.target() else {
+                return None;
+            };
+            let symbol = symbols.symbol_by_index(index).ok()?;
+            Some((slot, symbol.name().ok()?.to_string()))
+        })
+        .collect()
 }
 
 /// The GNU build id of an ELF file, in hex, read from its note segments

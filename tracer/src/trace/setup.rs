@@ -67,13 +67,33 @@ fn describe(kernel: &Kernel, verbose: bool) {
     }
     eprintln!("tracer: allocation returns: {}", kernel.returns());
     for a in kernel.attached() {
-        let place = if a.skip > 0 {
-            format!(", entry+{}: past its NULL guard", a.skip)
-        } else {
-            String::new()
+        let p = &a.placement;
+        let kind = if p.emulated { "emulated" } else { "single-stepped" };
+        let place = match (p.skip, p.instruction.is_empty()) {
+            (_, true) => format!("at the entry: {}", p.reason),
+            (0, false) => format!("at the entry, `{}` {kind}: {}", p.instruction, p.reason),
+            (skip, false) => format!(
+                "entry+{skip}, `{}` {kind}: {}",
+                p.instruction, p.reason
+            ),
         };
+        let args = crate::target::placement::describe_args(p.args);
+        let args = if args.is_empty() || a.covered_by.is_some() {
+            String::new()
+        } else {
+            format!("; {args}")
+        };
+        if let Some(to) = a.covered_by {
+            eprintln!(
+                "tracer: not probed: {} at {}+{:#x} goes to {to} first, probed there",
+                a.functions.join("/"),
+                a.object,
+                a.file_offset
+            );
+            continue;
+        }
         eprintln!(
-            "tracer: {} {} at {}+{:#x} ({}{place})",
+            "tracer: {} {} at {}+{:#x} ({}, {place}{args})",
             if a.session {
                 "uprobe session"
             } else if a.is_return {

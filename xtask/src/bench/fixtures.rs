@@ -12,6 +12,8 @@ use crate::{cmd, output, root};
 
 pub struct Fixtures {
     pub malloc_loop: PathBuf,
+    /// The loop built with musl-gcc; None where musl-tools is missing.
+    pub malloc_loop_musl: Option<PathBuf>,
     pub http_server: PathBuf,
     pub many_live: PathBuf,
     pub bpftrace_script: PathBuf,
@@ -48,8 +50,19 @@ impl Fixtures {
             .replace("/lib/x86_64-linux-gnu/libc.so.6", &libc);
         let bpftrace_script = dir.join("memleak.bt");
         fs::write(&bpftrace_script, script)?;
+        let musl = dir.join("malloc_loop_musl");
+        let malloc_loop_musl = crate::run(
+            cmd("musl-gcc")
+                .args(CFLAGS)
+                .arg("-o")
+                .arg(&musl)
+                .arg(source.join("malloc_loop.c")),
+        )
+        .ok()
+        .map(|_| musl);
         Ok(Fixtures {
             malloc_loop: compile("malloc_loop")?,
+            malloc_loop_musl,
             http_server: compile("http_server")?,
             many_live: compile("many_live")?,
             bpftrace_script,

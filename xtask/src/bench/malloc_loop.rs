@@ -279,7 +279,7 @@ fn bpftrace_command_line(
 }
 
 /// Values of "ns_per_iter X" lines.
-fn ns_per_iter(output: &str) -> Vec<f64> {
+pub(super) fn ns_per_iter(output: &str) -> Vec<f64> {
     output
         .lines()
         .filter_map(|l| l.strip_prefix("ns_per_iter "))

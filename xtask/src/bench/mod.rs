@@ -15,15 +15,21 @@
 //! reports medians, so that a burst of load from elsewhere hits all of them
 //! alike. The machine's load average is recorded before and after.
 //!
+//! 4. The loop of 1 under each allocator (glibc, musl, jemalloc, tcmalloc,
+//!    mimalloc): untraced, no-op floor, exact, sampled.
+//! 5. redis-server (Debian's, on jemalloc) driven by redis-benchmark:
+//!    requests/s untraced, exact, sampled.
+//!
 //! Options: --quick (fewer and shorter runs, for trying the harness),
 //! --reps N, --output PATH (default BENCHMARKS.md in the workspace root),
-//! --only loop,http,tracer (a subset).
+//! --only loop,http,tracer,allocators,redis (a subset).
 //!
 //! One file per job: `options` (the command line), `fixtures`, `machine`;
 //! the three parts' measurements (`malloc_loop`, `http`, `tracer_cost`),
 //! which `report` writes up; `stats`, `process` and `procfs` helpers, and
 //! `command_line` for showing the commands run.
 
+mod allocators;
 mod command_line;
 mod fixtures;
 mod http;
@@ -32,6 +38,7 @@ mod malloc_loop;
 mod options;
 mod process;
 mod procfs;
+mod redis;
 mod report;
 mod stats;
 mod tracer_cost;
@@ -44,7 +51,18 @@ use self::{fixtures::Fixtures, machine::Machine, report::Measurements};
 use crate::{build, setup, target_dir};
 
 /// Debian packages only the benchmark needs (not CI).
-const BENCH_PACKAGES: &[&str] = &["gcc", "bpftrace", "wrk"];
+const BENCH_PACKAGES: &[&str] = &[
+    "gcc",
+    "bpftrace",
+    "wrk",
+    "musl-tools",
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "libgoogle-perftools4",
+    "libmimalloc2.0",
+    "redis-server",
+    "redis-tools",
+];
 
 pub fn run(args: &[OsString]) -> Result<()> {
     let options = options::parse(args)?;
@@ -71,6 +89,15 @@ pub fn run(args: &[OsString]) -> Result<()> {
             .wants("tracer")
             .then(|| tracer_cost::measure(&tracer, &fixtures, sizes, &dir))
             .transpose()?,
+        allocators: options
+            .wants("allocators")
+            .then(|| allocators::measure(&tracer, &fixtures, sizes))
+            .transpose()?,
+        redis: if options.wants("redis") {
+            redis::measure(&tracer, sizes)?
+        } else {
+            None
+        },
     };
     let load_after = machine::loadavg();
     let elapsed = started.elapsed();

@@ -50,7 +50,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// Whether `part` (loop, http, tracer) is to run: all do without --only.
+    /// Whether `part` (loop, http, tracer, allocators, redis) is to run: all do without --only.
     pub fn wants(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|o| o == part)
     }
@@ -79,13 +79,13 @@ pub fn parse(args: &[OsString]) -> Result<Options> {
             "--only" => {
                 only = args
                     .next()
-                    .context("--only needs a list: loop,http,tracer")?
+                    .context("--only needs a list: loop,http,tracer,allocators,redis")?
                     .split(',')
                     .map(str::to_string)
                     .collect()
             }
             other => bail!(
-                "unknown bench option '{other}' (options: --quick, --reps N, --output PATH, --only loop,http,tracer)"
+                "unknown bench option '{other}' (options: --quick, --reps N, --output PATH, --only loop,http,tracer,allocators,redis)"
             ),
         }
     }

@@ -1,6 +1,7 @@
 //! BENCHMARKS.md: the machine, a summary, then one section per part run.
 //! Each section's writer also adds its main findings to the summary.
 
+mod allocators;
 mod http;
 mod malloc_loop;
 mod tracer_cost;
@@ -10,10 +11,12 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::Result;
 
 use super::{
+    allocators::AllocatorResults,
     http::HttpResults,
     machine::{one_minute_load, Machine},
     malloc_loop::LoopResults,
     options::Options,
+    redis::RedisResults,
     tracer_cost::TracerCost,
 };
 
@@ -22,6 +25,8 @@ pub struct Measurements {
     pub malloc_loop: Option<LoopResults>,
     pub http: Option<HttpResults>,
     pub tracer_cost: Option<TracerCost>,
+    pub allocators: Option<AllocatorResults>,
+    pub redis: Option<RedisResults>,
 }
 
 /// The whole document.
@@ -42,6 +47,12 @@ pub fn document(
     }
     if let Some(cost) = &measured.tracer_cost {
         sections.push(tracer_cost::section(cost, &mut summary)?);
+    }
+    if let Some(results) = &measured.allocators {
+        sections.push(allocators::section(results, &options.sizes, &mut summary)?);
+    }
+    if let Some(results) = &measured.redis {
+        sections.push(allocators::redis_section(results, &mut summary)?);
     }
     let mut doc = String::new();
     write_header(&mut doc, options.quick)?;

@@ -1,0 +1,219 @@
+//! Part 5: a real server from Debian's packages that uses jemalloc:
+//! redis-server (Debian links it against libjemalloc2), driven by its own
+//! load client, redis-benchmark, on loopback. Requests/s untraced, traced
+//! exactly, and sampled every 512 KiB.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    command_line::shown,
+    options::Sizes,
+    process::{reap_detachers, wait_or_kill},
+};
+use crate::cmd;
+
+const SERVER: &str = "/usr/bin/redis-server";
+
+/// The variants: a name, the tracer's arguments before the server's command
+/// line (none: untraced), and a library to preload. By position: untraced,
+/// exact, sampled on jemalloc; then the same with glibc's malloc preloaded
+/// (the issue's comparison: what the allocator changes).
+pub const MODES: [(&str, &[&str], Option<&str>); 6] = [
+    ("untraced", &[], None),
+    ("tracer (exact)", &["run", "-o", "/dev/null", "--"], None),
+    (
+        "tracer, sampling every 512 KiB",
+        &["run", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        None,
+    ),
+    ("untraced, glibc malloc", &[], Some(GLIBC)),
+    (
+        "tracer (exact), glibc malloc",
+        &["run", "-o", "/dev/null", "--"],
+        Some(GLIBC),
+    ),
+    (
+        "tracer, sampling every 512 KiB, glibc malloc",
+        &["run", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        Some(GLIBC),
+    ),
+];
+
+/// Preloading the C library makes its malloc the one redis calls.
+const GLIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+/// The tests redis-benchmark runs; each one's requests/s is reported.
+const TESTS: &str = "set,get,lpush,lpop";
+
+pub struct RedisResults {
+    /// [mode][run]: requests/s over all of `TESTS` (their mean).
+    pub rps: Vec<Vec<f64>>,
+    /// Per mode: "name: `server command` and `client command`".
+    pub commands: Vec<String>,
+    pub requests: u64,
+}
+
+/// Runs every variant `sizes.reps` times, interleaved; None when
+/// redis-server is not installed.
+pub fn measure(tracer: &Path, sizes: &Sizes) -> Result<Option<RedisResults>> {
+    if !Path::new(SERVER).exists() {
+        println!("bench: redis left out: {SERVER} missing (apt-get install redis-server)");
+        return Ok(None);
+    }
+    let requests = sizes.http_seconds * 20_000;
+    let mut rps = vec![Vec::new(); MODES.len()];
+    let mut commands = Vec::new();
+    for rep in 0..sizes.reps {
+        for (i, (name, prefix, preload)) in MODES.iter().enumerate() {
+            println!("bench: redis {}/{}: {name}", rep + 1, sizes.reps);
+            let port = free_port()?;
+            let mut server = start(tracer, prefix, *preload, port)?;
+            wait_until_listening(&mut server, port, name)?;
+            let client = client_args(port, requests);
+            rps[i].push(run_client(&client)?);
+            stop(&mut server, port)?;
+            if rep == 0 {
+                commands.push(command_line(tracer, name, prefix, *preload, requests));
+            }
+        }
+    }
+    Ok(Some(RedisResults {
+        rps,
+        commands,
+        requests,
+    }))
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn server_args(port: &str) -> Vec<String> {
+    [
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(tracer: &Path, prefix: &[&str], preload: Option<&str>, port: u16) -> Result<Child> {
+    let args = server_args(&port.to_string());
+    let mut command = if prefix.is_empty() {
+        cmd(SERVER)
+    } else {
+        let mut c = cmd(tracer);
+        c.args(prefix).arg(SERVER);
+        c
+    };
+    if let Some(lib) = preload {
+        command.env("LD_PRELOAD", lib);
+    }
+    Ok(command
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// Waits (up to 30 s) until the server accepts connections.
+fn wait_until_listening(server: &mut Child, port: u16, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline || server.try_wait()?.is_some() {
+            let _ = server.kill();
+            bail!("{name}: redis-server did not start listening");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn client_args(port: u16, requests: u64) -> Vec<String> {
+    vec![
+        "-p".into(),
+        port.to_string(),
+        "-c".into(),
+        "20".into(),
+        "-n".into(),
+        requests.to_string(),
+        "-t".into(),
+        TESTS.into(),
+        "--csv".into(),
+    ]
+}
+
+/// Runs redis-benchmark; the mean of its tests' requests/s.
+fn run_client(args: &[String]) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps",... then "SET","98039.22",...
+    let rps: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1)?.trim_matches('"').parse().ok())
+        .collect();
+    if rps.is_empty() {
+        bail!("no requests/s in redis-benchmark's output: {text}");
+    }
+    Ok(rps.iter().sum::<f64>() / rps.len() as f64)
+}
+
+/// Shuts the server down and waits for it and the tracer's detaching.
+fn stop(server: &mut Child, port: u16) -> Result<()> {
+    let _ = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    wait_or_kill(server, Duration::from_secs(30))?;
+    reap_detachers();
+    Ok(())
+}
+
+fn command_line(
+    tracer: &Path,
+    name: &str,
+    prefix: &[&str],
+    preload: Option<&str>,
+    requests: u64,
+) -> String {
+    let server = shown(Path::new(SERVER), &server_args("$PORT")).replace("--save  ", "--save '' ");
+    let server = if prefix.is_empty() {
+        server
+    } else {
+        let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        format!("{} {server}", shown(tracer, &prefix))
+    };
+    let server = match preload {
+        Some(lib) => format!("LD_PRELOAD={lib} {server}"),
+        None => server,
+    };
+    let client = client_args(0, requests).join(" ").replacen("-p 0", "-p $PORT", 1);
+    format!("{name}: `{server}` and `redis-benchmark {client}`")
+}
