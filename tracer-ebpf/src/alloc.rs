@@ -32,6 +32,27 @@ use crate::{
 
 const ENOENT: i32 = 2;
 
+/// A hash map operation, tried again while the kernel refuses it for
+/// contention rather than for the map: kernels 6.15+ guard buckets with
+/// resilient spinlocks that give up (EDEADLK, ETIMEDOUT; seen under
+/// emulation, where a vCPU holding a lock can wait long for its turn), and
+/// older ones refuse a bucket re-entered on the same CPU (EBUSY). A lost
+/// update would be a block miscounted.
+#[inline(always)]
+fn retried(op: impl Fn() -> Result<(), i32>) -> Result<(), i32> {
+    const EBUSY: i32 = 16;
+    const EDEADLK: i32 = 35;
+    const ETIMEDOUT: i32 = 110;
+    let mut result = op();
+    for _ in 0..2 {
+        match result {
+            Err(err) if err == -EBUSY || err == -EDEADLK || err == -ETIMEDOUT => result = op(),
+            _ => break,
+        }
+    }
+    result
+}
+
 /// x86_64 page size, for `pvalloc`'s rounding.
 const PAGE_SIZE: u64 = 4096;
 
@@ -167,13 +188,14 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     // If the address is recorded again, the block was freed and handed out
     // anew: retire it instead.
     if call.has_old != 0
-        && ALLOCS
-            .insert(
+        && retried(|| {
+            ALLOCS.insert(
                 &block(pid_tgid, call.ptr_arg),
                 &call.old,
                 BPF_NOEXIST as u64,
             )
-            .is_err()
+        })
+        .is_err()
     {
         retire(&call.old);
     }
@@ -186,7 +208,7 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
 /// and the next call finds it stale (`is_inner_call`) and removes it.
 #[inline(always)]
 fn forget_call(pid_tgid: u64) {
-    if IN_FLIGHT.remove(pid_tgid).is_ok() {
+    if retried(|| IN_FLIGHT.remove(pid_tgid)).is_ok() {
         return;
     }
     if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
@@ -248,7 +270,7 @@ fn enter_sampled(
             call.has_old = 1;
         }
     }
-    if IN_FLIGHT.insert(pid_tgid, call, 0).is_err() {
+    if retried(|| IN_FLIGHT.insert(pid_tgid, call, 0)).is_err() {
         count(Counter::InFlightFull);
         return false;
     }
@@ -257,7 +279,7 @@ fn enter_sampled(
     // the record is still the one read above; if the remove fails anyway (a
     // racing free of the same block in the program), there is nothing to
     // retire at return.
-    if call.has_old != 0 && ALLOCS.remove(&block(pid_tgid, ptr_arg)).is_err() {
+    if call.has_old != 0 && retried(|| ALLOCS.remove(&block(pid_tgid, ptr_arg))).is_err() {
         if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
             unsafe { (*stored).has_old = 0 };
         }
@@ -406,10 +428,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
         if ret != 0 || call.size == 0 {
             retire(&call.old);
             count(Counter::Frees);
-        } else if ALLOCS
-            .insert(&block(pid_tgid, call.ptr_arg), &call.old, 0)
-            .is_err()
-        {
+        } else if retried(|| ALLOCS.insert(&block(pid_tgid, call.ptr_arg), &call.old, 0)).is_err() {
             retire(&call.old);
             count(Counter::AllocMapFull);
         }
@@ -453,7 +472,7 @@ fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
             let record = *record;
             // Only the caller whose remove succeeds subtracts, so a double
             // free from two threads cannot subtract twice.
-            match ALLOCS.remove(&key) {
+            match retried(|| ALLOCS.remove(&key)) {
                 Ok(()) => {
                     retire(&record);
                     count(Counter::Frees);
@@ -483,7 +502,7 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
     // so its bytes do not stay counted forever.
     if let Some(old) = unsafe { ALLOCS.get(&key) } {
         let old = *old;
-        if ALLOCS.remove(&key).is_ok() {
+        if retried(|| ALLOCS.remove(&key)).is_ok() {
             retire(&old);
             count(Counter::MissedFrees);
         }
@@ -495,7 +514,7 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
     // Exact mode: (size, 1). Sampling: what the block stands for.
     let (bytes, blocks) = sample::weights(size, record.timestamp_ns);
     add_to_slot(stack.slot, bytes, blocks);
-    if ALLOCS.insert(&key, &record, 0).is_err() {
+    if retried(|| ALLOCS.insert(&key, &record, 0)).is_err() {
         add_to_slot(stack.slot, bytes.wrapping_neg(), blocks.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);

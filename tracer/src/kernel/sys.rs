@@ -341,7 +341,7 @@ fn uprobe_multi_link(
     )
 }
 
-// --- Feature probes (features.rs): tiny maps and programs, made and closed
+// --- Feature probes (features/probe.rs): tiny maps and programs, made and closed
 // at once, whose success or errno says what the running kernel has.
 
 const BPF_MAP_CREATE: libc::c_long = 0;
