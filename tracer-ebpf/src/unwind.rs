@@ -5,9 +5,10 @@
 //! process or the address, a gap between FDEs) the frame-pointer rule is
 //! used.
 //!
-//! One frame is one call of `tracer_unwind_step`, a *global* BPF function:
-//! the verifier checks its body once, on its own (kernels 5.6+), instead of
-//! once per frame, and the loop calling it is a plain bounded loop. No
+//! Every `FRAMES_PER_CALL` frames are one call of `tracer_unwind_step`, a
+//! *global* BPF function: the verifier checks its body once, on its own
+//! (kernels 5.6+), instead of once per frame, and the loop calling it is a
+//! plain bounded loop. No
 //! `bpf_loop` (5.17+) and no callback (whose `ld_imm64` kernels before 5.13
 //! refuse in every program of the object), so the same programs load on
 //! 5.10 and on the newest kernels.
@@ -79,8 +80,15 @@ pub struct Walk {
     /// address: look it up as is, not at the call before it.
     exact: u32,
     _pad: u32,
+    /// The mapping of the previous frame (callers are mostly in the same
+    /// object): no search while frames stay in it. Empty when end = 0.
+    last: UnwindMapping,
     ips: [u64; MAX_FRAMES],
 }
+
+/// Frames unwound per call of `tracer_unwind_step`: its two lookups (the
+/// per-CPU walk, the process's table) are paid once for them.
+const FRAMES_PER_CALL: usize = 4;
 
 #[map]
 static UNWIND_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
@@ -113,7 +121,8 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<usize> {
     // At a return probe, rip is a return address; at a syscall, the
     // instruction after it: both look up the instruction before.
     w.exact = 0;
-    for _ in 0..MAX_FRAMES {
+    w.last = UnwindMapping::default();
+    for _ in 0..MAX_FRAMES.div_ceil(FRAMES_PER_CALL) {
         if tracer_unwind_step() != 0 {
             break;
         }
@@ -180,18 +189,25 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
+#[inline(always)]
+fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
+}
+
 /// The row for the walk's current frame (None: no CFI known there).
 #[inline(always)]
-fn row_for(w: &Walk) -> Option<UnwindRow> {
-    let table = unsafe { &*UNWIND_PROCS.get_ptr(w.tgid)? };
+fn row_for(w: &mut Walk, table: &UnwindProc) -> Option<UnwindRow> {
     // A return address: the call it returns from is just before it.
     let lookup = if w.exact != 0 {
         w.ip
     } else {
         w.ip.wrapping_sub(1)
     };
-    let m = find_mapping(table, lookup)?;
-    if m.row_count == 0 {
+    if !(w.last.start <= lookup && lookup < w.last.end) {
+        w.last = find_mapping(table, lookup).copied().unwrap_or_default();
+    }
+    let m = &w.last;
+    if m.end == 0 || m.row_count == 0 {
         return None;
     }
     let pc = lookup.wrapping_sub(m.bias);
@@ -211,20 +227,28 @@ pub extern "C" fn tracer_unwind_step() -> i64 {
         return 1;
     };
     let w = unsafe { &mut *w };
-    match step(w) {
-        Some(true) => 0,
-        Some(false) => 1,
-        None => {
-            w.status = CUT;
-            1
+    let Some(table) = UNWIND_PROCS.get_ptr(w.tgid) else {
+        w.status = CUT;
+        return 1;
+    };
+    let table = unsafe { &*table };
+    for _ in 0..FRAMES_PER_CALL {
+        match step(w, table) {
+            Some(true) => {}
+            Some(false) => return 1,
+            None => {
+                w.status = CUT;
+                return 1;
+            }
         }
     }
+    0
 }
 
 /// Some(true): moved to the caller; Some(false): the walk is over; None:
 /// cut short.
 #[inline(always)]
-fn step(w: &mut Walk) -> Option<bool> {
+fn step(w: &mut Walk, table: &UnwindProc) -> Option<bool> {
     let n = w.len as usize;
     if n >= MAX_FRAMES {
         return None;
@@ -232,10 +256,11 @@ fn step(w: &mut Walk) -> Option<bool> {
     *w.ips.get_mut(n)? = w.ip;
     w.len = n as u64 + 1;
 
-    let row = row_for(w);
+    let row = row_for(w, table);
     let kind = row.map_or(ROW_GAP, |r| r.kind);
     w.exact = 0;
-    let (cfa, bp) = if kind == ROW_CFA_RSP || kind == ROW_CFA_RBP {
+    // (CFA, caller's rbp, return address if already read)
+    let (cfa, bp, ra) = if kind == ROW_CFA_RSP || kind == ROW_CFA_RBP {
         let row = row.unwrap_or_default();
         let base = if kind == ROW_CFA_RSP { w.sp } else { w.bp };
         let cfa = base.wrapping_add(row.cfa_off as i64 as u64);
@@ -244,18 +269,21 @@ fn step(w: &mut Walk) -> Option<bool> {
         } else {
             read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64))?
         };
-        (cfa, bp)
+        (cfa, bp, None)
     } else if kind == ROW_GAP {
-        // No CFI here: frame-pointer rule. A zero frame pointer ends the
-        // chain (`_start` and the loader's `_dl_start_user` clear rbp).
+        // No CFI here (or an object built with frame pointers): the
+        // frame-pointer rule, [rbp] = caller's rbp, [rbp + 8] = return
+        // address, in one read. A zero frame pointer ends the chain
+        // (`_start` and the loader's `_dl_start_user` clear rbp).
         if w.bp == 0 {
             w.status = COMPLETE;
             return Some(false);
         }
-        (w.bp.wrapping_add(16), read_user(w.bp)?)
+        let [bp, ra] = read_user_pair(w.bp)?;
+        (w.bp.wrapping_add(16), bp, Some(ra))
     } else if kind == ROW_PLT {
         let pushed = if w.ip & 15 >= 11 { 8 } else { 0 };
-        (w.sp.wrapping_add(8 + pushed), w.bp)
+        (w.sp.wrapping_add(8 + pushed), w.bp, None)
     } else if kind == ROW_SIGNAL {
         // The interrupted frame, whole, from the signal frame.
         let ip = read_user(w.sp.wrapping_add(SIGNAL_RIP))?;
@@ -275,7 +303,10 @@ fn step(w: &mut Walk) -> Option<bool> {
     } else {
         return None;
     };
-    let ra = read_user(cfa.wrapping_sub(8))?;
+    let ra = match ra {
+        Some(ra) => ra,
+        None => read_user(cfa.wrapping_sub(8))?,
+    };
     if ra == 0 {
         w.status = COMPLETE;
         return Some(false);

@@ -474,6 +474,9 @@ mod tests {
         let rows = objects.rows();
         assert!(rows > 10_000, "{rows}");
         // Room for what comes later: a quarter more, at least 128 Ki rows.
-        assert_eq!(objects.rows_to_reserve() as u64, rows + (rows / 4).max(128 << 10));
+        assert_eq!(
+            objects.rows_to_reserve() as u64,
+            rows + (rows / 4).max(128 << 10)
+        );
     }
 }

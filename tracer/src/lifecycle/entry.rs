@@ -40,14 +40,23 @@ impl Trap {
     }
 
     fn restore(&self, pid: u32) {
-        unsafe { libc::ptrace(libc::PTRACE_POKETEXT, pid as libc::pid_t, self.at, self.word) };
+        unsafe {
+            libc::ptrace(
+                libc::PTRACE_POKETEXT,
+                pid as libc::pid_t,
+                self.at,
+                self.word,
+            )
+        };
     }
 }
 
 /// The address of the dynamic loader's `_dl_debug_state` in process `pid`,
 /// if it is a lone `ret` (so it can be stepped over by hand).
 fn rendezvous(pid: u32) -> Option<u64> {
-    let base = tasks::auxv_value(pid, libc::AT_BASE).ok().filter(|&b| b != 0)?;
+    let base = tasks::auxv_value(pid, libc::AT_BASE)
+        .ok()
+        .filter(|&b| b != 0)?;
     let process = crate::target::process::Process::open(pid).ok()?;
     let maps = process.maps().ok()?;
     let loader = maps.iter().find(|m| m.start == base && m.offset == 0)?;

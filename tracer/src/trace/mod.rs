@@ -236,7 +236,10 @@ impl<K: KernelOps> LiveTrace<K> {
                 self.kernel.detach_process(pid);
                 self.kernel.remove_target(pid);
                 if let Some(unwinder) = &self.unwinder {
-                    unwinder.lock().unwrap_or_else(|e| e.into_inner()).remove(pid);
+                    unwinder
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(pid);
                 }
                 Err(e)
             }
@@ -330,7 +333,10 @@ impl<K: KernelOps> LiveTrace<K> {
         self.kernel.remove_target(pid);
         self.kernel.detach_process(pid);
         if let Some(unwinder) = &self.unwinder {
-            unwinder.lock().unwrap_or_else(|e| e.into_inner()).remove(pid);
+            unwinder
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(pid);
         }
         self.sync_run();
     }

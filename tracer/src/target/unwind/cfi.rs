@@ -126,7 +126,8 @@ pub fn compile(data: &[u8]) -> Result<(Vec<UnwindRow>, CfiStats), CfiError> {
             if compact.kind == ROW_UNSUPPORTED {
                 stats.unsupported += 1;
             }
-            frame_pointer |= (compact.kind, compact.cfa_off, compact.rbp_off) == (ROW_CFA_RBP, 16, -2);
+            frame_pointer |=
+                (compact.kind, compact.cfa_off, compact.rbp_off) == (ROW_CFA_RBP, 16, -2);
             ordinary &= compact.kind != ROW_OUTERMOST;
             rows.push(UnwindRow {
                 pc: row.start_address() as u32,
