@@ -189,9 +189,8 @@ fn where_arguments_are(
     let find = |value| (0..16).find(|&r| holder[r] == Some(value));
     let mut cookie = 0u64;
     let mut lost = None;
-    for n in 0..args {
-        let own = number(ARGUMENT_REGISTERS[n]).unwrap();
-        if holder[own] == Some(Value::Argument(n)) {
+    for (n, reg) in ARGUMENT_REGISTERS.iter().enumerate().take(args) {
+        if holder[number(*reg).unwrap()] == Some(Value::Argument(n)) {
             continue;
         }
         match find(Value::Argument(n)) {
