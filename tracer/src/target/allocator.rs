@@ -118,10 +118,14 @@ pub struct ProbePoint {
 impl ProbePoint {
     /// A point probed at the function's entry (until `place_probes`).
     pub fn new(file_offset: u64, entry: Entry, functions: Vec<&'static str>) -> Self {
+        let unplaced = Placement {
+            reason: "not placed (--entry-probes, or the code could not be read)".into(),
+            ..Placement::default()
+        };
         ProbePoint {
             file_offset,
-            placement: Placement::default(),
-            in_place: Placement::default(),
+            placement: unplaced.clone(),
+            in_place: unplaced,
             entry,
             functions,
             covered_by: None,
