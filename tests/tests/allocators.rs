@@ -89,7 +89,10 @@ fn tcmalloc_preloaded() {
 #[test]
 fn tcmalloc_full_preloaded() {
     // gperftools' tcmalloc with its heap profiler hooks (libgoogle-perftools4).
-    preloaded("libtcmalloc.so.4", &["malloc", "tc_malloc", "free", "_Znwm"]);
+    preloaded(
+        "libtcmalloc.so.4",
+        &["malloc", "tc_malloc", "free", "_Znwm"],
+    );
 }
 
 #[test]

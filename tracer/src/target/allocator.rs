@@ -118,10 +118,14 @@ pub struct ProbePoint {
 impl ProbePoint {
     /// A point probed at the function's entry (until `place_probes`).
     pub fn new(file_offset: u64, entry: Entry, functions: Vec<&'static str>) -> Self {
+        let unplaced = Placement {
+            reason: "not placed (--entry-probes, or the code could not be read)".into(),
+            ..Placement::default()
+        };
         ProbePoint {
             file_offset,
-            placement: Placement::default(),
-            in_place: Placement::default(),
+            placement: unplaced.clone(),
+            in_place: unplaced,
             entry,
             functions,
             covered_by: None,
@@ -211,22 +215,23 @@ pub fn place_probes(object: &mut AllocatorObject) {
         let reads = point.entry.reads();
         point.placement = placement::place(code, address, reads, true);
         point.in_place = placement::place(code, address, reads, false);
-        point.covered_by = placement::first_transfer(code, address, reads.args).and_then(|target| {
-            let reached = match starts.iter().find(|(a, _, _)| *a == target) {
-                Some(&(_, entry, name)) => Some((entry, name)),
-                // A PLT stub: the function its GOT slot is bound to.
-                None => {
-                    let stub = info.code_at(&data, target, 16)?;
-                    let slot = placement::plt_slot(stub, target)?;
-                    let bound = slots.iter().find(|(s, _)| *s == slot)?.1.as_str();
-                    starts
-                        .iter()
-                        .find(|(_, _, n)| *n == bound)
-                        .map(|&(_, entry, name)| (entry, name))
-                }
-            }?;
-            (reached.0 == point.entry && reached.1 != name).then_some(reached.1)
-        });
+        point.covered_by =
+            placement::first_transfer(code, address, reads.args).and_then(|target| {
+                let reached = match starts.iter().find(|(a, _, _)| *a == target) {
+                    Some(&(_, entry, name)) => Some((entry, name)),
+                    // A PLT stub: the function its GOT slot is bound to.
+                    None => {
+                        let stub = info.code_at(&data, target, 16)?;
+                        let slot = placement::plt_slot(stub, target)?;
+                        let bound = slots.iter().find(|(s, _)| *s == slot)?.1.as_str();
+                        starts
+                            .iter()
+                            .find(|(_, _, n)| *n == bound)
+                            .map(|&(_, entry, name)| (entry, name))
+                    }
+                }?;
+                (reached.0 == point.entry && reached.1 != name).then_some(reached.1)
+            });
         log::debug!(
             "{name}: probes at +{} ({})",
             point.placement.skip,
@@ -514,7 +519,10 @@ mod tests {
             let object = placed_object(&format!("{LIB}/{lib}"));
             assert!(!object.points.is_empty(), "{lib}");
             for p in &object.points {
-                assert!(p.covered_by.is_some() || p.placement.emulated, "{lib}: {p:?}");
+                assert!(
+                    p.covered_by.is_some() || p.placement.emulated,
+                    "{lib}: {p:?}"
+                );
             }
         }
         let covered = |lib: &str, name: &str| {

@@ -85,7 +85,6 @@ enum Value {
     Product,
 }
 
-
 /// Decides where to probe the function whose machine code is `code`
 /// (exactly the symbol's size), loaded at `address`, whose entry program
 /// reads `reads`. `relocate`: the program can be told that an argument
@@ -107,7 +106,10 @@ pub fn place(code: &[u8], address: u64, reads: Reads, relocate: bool) -> Placeme
     };
     for _ in 0..MAX_PROLOGUE {
         if !decoder.can_decode() {
-            return stay(&first, "the function ends before any emulated instruction".into());
+            return stay(
+                &first,
+                "the function ends before any emulated instruction".into(),
+            );
         }
         let offset = (decoder.ip() - address) as usize;
         decoder.decode_out(&mut instr);
@@ -189,9 +191,8 @@ fn where_arguments_are(
     let find = |value| (0..16).find(|&r| holder[r] == Some(value));
     let mut cookie = 0u64;
     let mut lost = None;
-    for n in 0..args {
-        let own = number(ARGUMENT_REGISTERS[n]).unwrap();
-        if holder[own] == Some(Value::Argument(n)) {
+    for (n, reg) in ARGUMENT_REGISTERS.iter().enumerate().take(args) {
+        if holder[number(*reg).unwrap()] == Some(Value::Argument(n)) {
             continue;
         }
         match find(Value::Argument(n)) {
@@ -519,7 +520,8 @@ pub fn first_transfer(code: &[u8], address: u64, args: usize) -> Option<u64> {
             }
             Code::Push_r64 => {}
             Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32
-                if instr.op0_kind() == OpKind::Register && instr.op0_register() == Register::RSP => {}
+                if instr.op0_kind() == OpKind::Register
+                    && instr.op0_register() == Register::RSP => {}
             _ => skippable(&instr, &mut info, &mut holder, None).ok()?,
         }
     }
@@ -539,7 +541,8 @@ fn only_returns(decoder: &mut Decoder) -> bool {
             Code::Retnq => return true,
             Code::Pop_r64 => {}
             Code::Add_rm64_imm8 | Code::Add_rm64_imm32
-                if instr.op0_kind() == OpKind::Register && instr.op0_register() == Register::RSP => {}
+                if instr.op0_kind() == OpKind::Register
+                    && instr.op0_register() == Register::RSP => {}
             _ => return false,
         }
     }

@@ -68,14 +68,15 @@ fn describe(kernel: &Kernel, verbose: bool) {
     eprintln!("tracer: allocation returns: {}", kernel.returns());
     for a in kernel.attached() {
         let p = &a.placement;
-        let kind = if p.emulated { "emulated" } else { "single-stepped" };
+        let kind = if p.emulated {
+            "emulated"
+        } else {
+            "single-stepped"
+        };
         let place = match (p.skip, p.instruction.is_empty()) {
             (_, true) => format!("at the entry: {}", p.reason),
             (0, false) => format!("at the entry, `{}` {kind}: {}", p.instruction, p.reason),
-            (skip, false) => format!(
-                "entry+{skip}, `{}` {kind}: {}",
-                p.instruction, p.reason
-            ),
+            (skip, false) => format!("entry+{skip}, `{}` {kind}: {}", p.instruction, p.reason),
         };
         let args = crate::target::placement::describe_args(p.args);
         let args = if args.is_empty() || a.covered_by.is_some() {

@@ -72,7 +72,11 @@ pub fn measure(tracer: &Path, fixtures: &Fixtures, sizes: &Sizes) -> Result<Allo
     for rep in 0..sizes.reps {
         for (a, (name, program, preload)) in available.iter().enumerate() {
             for (m, (mode, extra)) in MODES.iter().enumerate() {
-                println!("bench: allocators {}/{}: {name}, {mode}", rep + 1, sizes.reps);
+                println!(
+                    "bench: allocators {}/{}: {name}, {mode}",
+                    rep + 1,
+                    sizes.reps
+                );
                 let (values, command) =
                     run(tracer, program, preload.as_deref(), *extra, &loop_args)?;
                 rounds[a][m].extend(values);
@@ -111,7 +115,10 @@ fn run(
         }
     };
     let mut command = cmd(exe);
-    command.args(&args).stdin(Stdio::null()).stderr(Stdio::piped());
+    command
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(lib) = preload {
         command.env("LD_PRELOAD", lib);
     }

@@ -214,6 +214,8 @@ fn command_line(
         Some(lib) => format!("LD_PRELOAD={lib} {server}"),
         None => server,
     };
-    let client = client_args(0, requests).join(" ").replacen("-p 0", "-p $PORT", 1);
+    let client = client_args(0, requests)
+        .join(" ")
+        .replacen("-p 0", "-p $PORT", 1);
     format!("{name}: `{server}` and `redis-benchmark {client}`")
 }

@@ -79,15 +79,24 @@ fn no_allocator_function_is_single_stepped() {
             }
             let covered = first_transfer(code, *address, entry.reads().args).is_some_and(|to| {
                 let start = all.iter().find(|(_, a, _)| *a == to);
-                let elsewhere = all.iter().all(|(_, a, c)| to < *a || to >= a + c.len() as u64);
+                let elsewhere = all
+                    .iter()
+                    .all(|(_, a, c)| to < *a || to >= a + c.len() as u64);
                 start.is_some_and(|(n, _, _)| convention(n) == entry) || elsewhere
             });
             if !covered {
-                stepped.push(format!("{allocator} {name}: `{}` ({})", p.instruction, p.reason));
+                stepped.push(format!(
+                    "{allocator} {name}: `{}` ({})",
+                    p.instruction, p.reason
+                ));
             }
         }
     }
-    assert!(stepped.is_empty(), "single-stepped:\n{}", stepped.join("\n"));
+    assert!(
+        stepped.is_empty(),
+        "single-stepped:\n{}",
+        stepped.join("\n")
+    );
 }
 
 #[test]
@@ -172,21 +181,21 @@ fn glibc_free_is_probed_at_its_null_guard_jump() {
 #[test]
 fn the_kernel_list() {
     for (bytes, emulated) in [
-        ("55", true),              // push rbp
-        ("4154", true),            // push r12
-        ("4855", false),           // rex.w push rbp: only 0x41 is taken
-        ("90", true),              // nop
-        ("f390", true),            // pause
-        ("4190", false),           // xchg r8,rax, taken by the kernel as a nop
-        ("0f1f4000", false),       // nopl: stepped
-        ("f30f1efa", false),       // endbr64
-        ("7402", true),            // je rel8
-        ("0f8412345678", true),    // je rel32
-        ("66e90000", false),       // jmp rel16
-        ("e800000000", true),      // call rel32
-        ("ebfe", true),            // jmp rel8
-        ("4885ff", false),         // test rdi,rdi
-        ("3e7402", false),         // ds: prefix: refused
+        ("55", true),           // push rbp
+        ("4154", true),         // push r12
+        ("4855", false),        // rex.w push rbp: only 0x41 is taken
+        ("90", true),           // nop
+        ("f390", true),         // pause
+        ("4190", false),        // xchg r8,rax, taken by the kernel as a nop
+        ("0f1f4000", false),    // nopl: stepped
+        ("f30f1efa", false),    // endbr64
+        ("7402", true),         // je rel8
+        ("0f8412345678", true), // je rel32
+        ("66e90000", false),    // jmp rel16
+        ("e800000000", true),   // call rel32
+        ("ebfe", true),         // jmp rel8
+        ("4885ff", false),      // test rdi,rdi
+        ("3e7402", false),      // ds: prefix: refused
     ] {
         assert_eq!(kernel_emulates(&hex(bytes)), emulated, "{bytes}");
     }
@@ -196,7 +205,15 @@ fn the_kernel_list() {
 // makes moving there wrong; then `ret`.
 
 fn moved(code: &str, args: usize) -> Placement {
-    place(&hex(code), 0x1000, Reads { args, product: None }, true)
+    place(
+        &hex(code),
+        0x1000,
+        Reads {
+            args,
+            product: None,
+        },
+        true,
+    )
 }
 
 #[test]
@@ -233,7 +250,10 @@ fn a_32_bit_copy_is_not_a_copy() {
     assert_eq!(p.skip, 0, "{p:?}");
     // mov %rdi,%rsi; xor %edi,%edi; ja: argument 1 in rsi.
     let p = moved("4889fe 31ff 7701 c3 c3", 1);
-    assert_eq!((p.skip, describe_args(p.args).as_str()), (5, "argument 1 in rsi"));
+    assert_eq!(
+        (p.skip, describe_args(p.args).as_str()),
+        (5, "argument 1 in rsi")
+    );
 }
 
 #[test]
@@ -276,7 +296,15 @@ fn unusual_instructions_keep_the_entry() {
 #[test]
 fn garbage_and_truncated_code_stay_at_the_entry() {
     for code in ["", "4885ff0f84", "4885ff", "0f0b0f0b"] {
-        let p = place(&hex(code), 0, Reads { args: 1, product: None }, true);
+        let p = place(
+            &hex(code),
+            0,
+            Reads {
+                args: 1,
+                product: None,
+            },
+            true,
+        );
         assert_eq!(p.skip, 0, "{code}: {p:?}");
         assert!(!p.emulated, "{code}");
     }
@@ -303,7 +331,10 @@ fn calls_that_go_to_another_function_first_are_recognised() {
     // endbr64; bnd jmp *0x1234(%rip)
     let stub = hex("f30f1efa f2ff2534120000");
     assert_eq!(plt_slot(&stub, 0x1000), Some(0x1000 + 4 + 7 + 0x1234));
-    assert_eq!(plt_slot(&hex("ff2500100000"), 0x2000), Some(0x2000 + 6 + 0x1000));
+    assert_eq!(
+        plt_slot(&hex("ff2500100000"), 0x2000),
+        Some(0x2000 + 6 + 0x1000)
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub(super) fn section(
     summary: &mut Vec<String>,
 ) -> Result<String> {
     let mut text = String::new();
-    writeln!(text, "## 4. malloc/free loop under each allocator\n")?;
+    writeln!(text, "## 5. malloc/free loop under each allocator\n")?;
     writeln!(
         text,
         "The loop of section 1 ({} iterations x {} rounds per process, {} processes per \
@@ -85,7 +85,10 @@ pub(super) fn section(
 
 pub(super) fn redis_section(results: &RedisResults, summary: &mut Vec<String>) -> Result<String> {
     let mut text = String::new();
-    writeln!(text, "## 5. redis-server (jemalloc) under redis-benchmark\n")?;
+    writeln!(
+        text,
+        "## 6. redis-server (jemalloc) under redis-benchmark\n"
+    )?;
     writeln!(
         text,
         "Debian 12's `redis-server` (linked against `libjemalloc2`: the tracer probes \
@@ -101,7 +104,11 @@ pub(super) fn redis_section(results: &RedisResults, summary: &mut Vec<String>) -
     let medians: Vec<f64> = results.rps.iter().map(|r| median(r)).collect();
     for (i, (name, _, preload)) in redis::MODES.iter().enumerate() {
         // Each allocator against its own untraced run.
-        let base = if preload.is_some() { medians[3] } else { medians[0] };
+        let base = if preload.is_some() {
+            medians[3]
+        } else {
+            medians[0]
+        };
         writeln!(
             text,
             "| {name} | {:.0} | {:.0}% |",

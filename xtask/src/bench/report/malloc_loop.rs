@@ -206,15 +206,17 @@ fn write_placement(
 ) -> Result<()> {
     writeln!(
         text,
-        "\nProbe placement: with `free` probed at its entry (its NULL guard `test rdi,rdi; \
-         je` is single-stepped) instead of past the guard (a `push`, emulated), the tracer \
+        "\nProbe placement: with `free` probed at its entry (the `test rdi,rdi` of its NULL \
+         guard is single-stepped) instead of on the guard's `je` (emulated; `--entry-probes` \
+         keeps every probe at its entry, and glibc's other functions start with an emulated \
+         `push`), the tracer \
          adds {at_entry:.0} ns and the floor is {floor_at_entry:.0} ns: placement saves \
          {:.0} ns per pair.",
         at_entry - tracer_added
     )?;
     summary.push(format!(
-        "Probing `free` past its NULL guard saves {:.0} ns per pair ({at_entry:.0} ns at \
-         its entry).",
+        "Probing glibc's `free` on its NULL guard's `je` saves {:.0} ns per pair \
+         ({at_entry:.0} ns at its entry).",
         at_entry - tracer_added
     ));
     Ok(())
