@@ -42,6 +42,10 @@ impl Apt {
             "-oDir::Etc::SourceParts=-".into(),
             format!("-oDir::State::Lists={}", d("lists")),
             format!("-oDir::Cache={}", d("cache")),
+            // Keep the parsed package cache (Docker images turn it off): without
+            // it each apt-cache call re-reads five suites' lists, seconds each.
+            "-oDir::Cache::pkgcache=pkgcache.bin".into(),
+            "-oDir::Cache::srcpkgcache=srcpkgcache.bin".into(),
             // The cache is root's; apt's download sandbox user cannot write it.
             "-oAPT::Sandbox::User=root".into(),
             // Only the package lists: no translations or AppStream metadata.

@@ -1,6 +1,18 @@
 //! The kernel-by-test table, and the verdict: which kernels failed.
 
-use super::{doctor, subset::Status, Column, Run};
+use super::{doctor, expected, subset::Status, Column, Run};
+
+/// One cell: a test's outcome on one kernel, as judged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cell {
+    Ok,
+    Skipped,
+    Failed,
+    /// Never reported: the guest or the test binary stopped before it.
+    Missing,
+    /// Failed or missing, as expected.rs expects for now.
+    ExpectedFailure,
+}
 
 /// Prints the table and a line per kernel; returns what failed (empty: all
 /// green, or failing only where expected.rs says so, for now).
@@ -12,32 +24,104 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
             rows.push(name.clone());
         }
     }
+    let cells: Vec<Vec<Cell>> = columns
+        .iter()
+        .zip(&per_column)
+        .map(|(column, results)| {
+            rows.iter()
+                .map(|row| {
+                    let status = results.iter().find(|(n, _)| n == row).map(|(_, s)| *s);
+                    let expected = expected::kernel(&column.abi)
+                        .or_else(|| expected::test(&column.abi, row))
+                        .is_some();
+                    match status {
+                        Some(Status::Ok) => Cell::Ok,
+                        Some(Status::Skipped) => Cell::Skipped,
+                        _ if expected => Cell::ExpectedFailure,
+                        Some(Status::Failed) => Cell::Failed,
+                        None => Cell::Missing,
+                    }
+                })
+                .collect()
+        })
+        .collect();
+
     let first = rows.iter().map(String::len).max().unwrap_or(4).max(4);
     let widths: Vec<usize> = columns.iter().map(|c| c.name.len().max(6)).collect();
-
     println!();
     print!("{:first$}", "test");
     for (column, width) in columns.iter().zip(&widths) {
         print!("  {:width$}", column.name);
     }
     println!();
-    for row in &rows {
+    for (r, row) in rows.iter().enumerate() {
         print!("{row:first$}");
-        for (results, width) in per_column.iter().zip(&widths) {
-            let cell = match results.iter().find(|(n, _)| n == row).map(|(_, s)| *s) {
-                Some(Status::Ok) => "ok",
-                Some(Status::Failed) => "FAILED",
-                Some(Status::Skipped) => "skip",
-                None => "-", // never reported: the guest stopped before it
+        for (column, width) in cells.iter().zip(&widths) {
+            let text = match column[r] {
+                Cell::Ok => "ok",
+                Cell::Skipped => "skip",
+                Cell::Failed => "FAILED",
+                Cell::Missing => "-",
+                Cell::ExpectedFailure => "xfail",
             };
-            print!("  {cell:width$}");
+            print!("  {text:width$}");
         }
         println!();
     }
 
     let mut failed = Vec::new();
     println!();
-    for ((column, run), results) in columns.iter().zip(runs).zip(&per_column) {
+    for ((column, run), cells) in columns.iter().zip(runs).zip(&cells) {
+        let bad = cells
+            .iter()
+            .filter(|c| matches!(c, Cell::Failed | Cell::Missing))
+            .count();
+        let expected_failures = cells
+            .iter()
+            .filter(|c| **c == Cell::ExpectedFailure)
+            .count();
+        // The guest must have finished its script, whatever the tests said.
+        let finished = run.exit.is_some();
+        let verdict = match expected::kernel(&column.abi) {
+            Some(reason) if expected_failures > 0 || !finished => {
+                format!("failed as expected for now: {reason}")
+            }
+            Some(_) => {
+                failed.push(format!(
+                    "{} passes now: remove it from EXPECTED_FAILING in xtask/src/kernels/expected.rs",
+                    column.name
+                ));
+                "passed, but is listed as expected to fail".to_string()
+            }
+            None if bad == 0 && finished => {
+                let stale: Vec<&str> = rows
+                    .iter()
+                    .zip(cells)
+                    .filter(|(row, cell)| {
+                        **cell == Cell::Ok && expected::test(&column.abi, row).is_some()
+                    })
+                    .map(|(row, _)| row.as_str())
+                    .collect();
+                let mut text = "passed".to_string();
+                if expected_failures > 0 {
+                    text += &format!(" ({expected_failures} expected failure(s), expected.rs)");
+                }
+                if !stale.is_empty() {
+                    text += &format!(
+                        "; listed in expected.rs but passed: {} (remove once fixed)",
+                        stale.join(", ")
+                    );
+                }
+                text
+            }
+            None => {
+                failed.push(column.name.clone());
+                match run.exit {
+                    Some(_) => format!("FAILED ({bad} test(s))"),
+                    None => "FAILED (the guest never finished: timeout or crash)".to_string(),
+                }
+            }
+        };
         let booted = match &column.boot {
             None => "natively".to_string(),
             Some(_) => {
@@ -48,27 +132,6 @@ pub fn print(columns: &[Column], runs: &[Run], total_seconds: f64) -> Vec<String
                     .and_then(|l| l.split(" up ").nth(1))
                     .unwrap_or("?");
                 format!("script started {up} after boot")
-            }
-        };
-        let complete = results.len() == rows.len();
-        let green =
-            run.exit == Some(0) && complete && results.iter().all(|(_, s)| *s != Status::Failed);
-        let verdict = match (green, column.expected_failure) {
-            (true, None) => "passed".to_string(),
-            (false, None) => {
-                failed.push(column.name.clone());
-                match run.exit {
-                    Some(code) => format!("FAILED (exit {code})"),
-                    None => "FAILED (no exit code: timeout or crash)".to_string(),
-                }
-            }
-            (false, Some(reason)) => format!("failed as expected for now: {reason}"),
-            (true, Some(_)) => {
-                failed.push(format!(
-                    "{} passes now: remove it from EXPECTED_FAILING in xtask/src/kernels/expected.rs",
-                    column.name
-                ));
-                "passed, but is listed as expected to fail".to_string()
             }
         };
         println!(
