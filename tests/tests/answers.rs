@@ -40,7 +40,10 @@ fn follow(
             summary(&reports)
         );
     }
-    tracer.signal(libc::SIGINT);
+    // Ends the fixture itself (it would run out its time otherwise); the
+    // tracer ends with it.
+    let pid = reports.last().unwrap()["pid"].as_i64().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     tracer.finish();
     reports
 }

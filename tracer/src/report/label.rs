@@ -20,7 +20,7 @@ const BUILTIN: &[&str] = &[
     r"^_*(strn?dup|wcsdup|v?asprintf|open_memstream)$",
     r"^x(malloc|calloc|zalloc|realloc|reallocarray|strn?dup|memdup|nmalloc|2nrealloc|2realloc|charalloc)$",
     r"^g_(try_)?(malloc|malloc0|realloc|new|new0|renew|memdup2?|strn?dup|strdup_printf|slice_alloc0?|slice_copy)(_n)?$",
-    r"^z(try)?(malloc|calloc|realloc|strdup)(_usable|_no_tcache|_with_flags|_safe)?$",
+    r"^z(try)?(malloc|calloc|realloc|strdup)(_\w+)?$",
     r"^(palloc0?|palloc_extended|repalloc|pstrdup|pnstrdup|MemoryContextAlloc\w*)$",
     r"^(PyMem|PyObject)_(Raw)?(Malloc|Calloc|Realloc)$",
     // C++.
@@ -130,6 +130,7 @@ mod tests {
                 2,
             ),
             (&["xmalloc", "read_config", "main"], 1),
+            (&["zcalloc_num", "hdr_init", "call"], 1),
             (&["g_malloc0", "g_type_create_instance", "main"], 1),
             (
                 &["operator new(unsigned long)", "Cache::insert(int)", "main"],

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ResidentMemory;
 
-/// Growth of resident memory below this is no growth.
+/// Growth of anonymous and shared resident memory below this is no growth.
 pub const NO_GROWTH_BYTES: i64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +59,10 @@ pub struct MemoryReport {
     /// growth of the program break beyond what the traced heap accounts
     /// for (glibc's main heap grows there, so that part is already heap).
     pub mappings_change_bytes: i64,
-    /// `rss_change_bytes` minus heap and mappings: what the tracer did not
-    /// see. Negative when allocated memory is not resident yet.
+    /// The growth of anonymous and shared resident memory (file-backed
+    /// pages are code and files paged in, not allocations) minus heap and
+    /// mappings: what the tracer did not see. Negative when allocated
+    /// memory is not resident yet.
     pub unexplained_change_bytes: i64,
     pub verdict: Option<Verdict>,
     /// Set when some allocation path is probably not probed.
@@ -97,7 +99,7 @@ pub fn coverage_gap(memory: &MemoryReport, late_frees: Option<(u64, u64)>) -> Op
             ));
         }
     }
-    let growth = memory.rss_change_bytes;
+    let growth = memory.growth();
     if memory.verdict == Some(Verdict::Outside)
         && 2 * memory.rss_anon_change_bytes >= growth
         && 10 * memory.heap_change_bytes.max(0) < growth
@@ -146,12 +148,20 @@ pub fn judge(
         ..Default::default()
     };
     report.verdict = Some(verdict(&report));
-    report.unexplained_change_bytes = report.rss_change_bytes - heap - mappings;
+    report.unexplained_change_bytes = report.growth() - heap - mappings;
     report
 }
 
+impl MemoryReport {
+    /// What verdicts judge: the change of anonymous and shared resident
+    /// memory (RSS without its file-backed pages).
+    pub fn growth(&self) -> i64 {
+        self.rss_anon_change_bytes + self.rss_shared_change_bytes
+    }
+}
+
 fn verdict(r: &MemoryReport) -> Verdict {
-    let growth = r.rss_change_bytes;
+    let growth = r.growth();
     if growth < NO_GROWTH_BYTES {
         return Verdict::None;
     }
@@ -197,6 +207,10 @@ pub fn sentence(r: &MemoryReport) -> String {
     let heap = size(r.heap_change_bytes.max(0));
     let mappings = size(r.mappings_change_bytes.max(0));
     match verdict {
+        Verdict::None if r.rss_file_change_bytes >= NO_GROWTH_BYTES => format!(
+            "{rss}, file-backed pages {}: no growth of anonymous or shared memory to explain",
+            signed(r.rss_file_change_bytes)
+        ),
         Verdict::None => format!("{rss}: no growth to explain"),
         Verdict::Heap => format!(
             "{rss}; the heap traced since attach explains {heap}: the growth is heap memory, see the stacks below"
@@ -205,10 +219,8 @@ pub fn sentence(r: &MemoryReport) -> String {
             "{rss}; anonymous mappings and the program break traced since attach explain {mappings}: see the mappings below"
         ),
         Verdict::Outside => {
-            let part = if r.rss_shared_change_bytes * 2 >= r.rss_change_bytes {
+            let part = if r.rss_shared_change_bytes * 2 >= r.growth() {
                 format!("shared memory (RssShmem {})", signed(r.rss_shared_change_bytes))
-            } else if r.rss_file_change_bytes * 2 >= r.rss_change_bytes {
-                format!("file-backed pages (RssFile {})", signed(r.rss_file_change_bytes))
             } else {
                 "allocator retention or fragmentation, or an allocator that is not probed"
                     .to_string()
@@ -351,6 +363,14 @@ mod tests {
             traced(0, 0, 0),
         );
         assert_eq!(shrunk.verdict, Some(Verdict::None));
+        // Code paged in is not growth.
+        let paged = judge(
+            rss(10 * MIB, 5 * MIB, 0),
+            Some(ResidentMemory { rss: 12 * MIB, anon: 5 * MIB, file: 7 * MIB, shmem: 0 }),
+            traced(0, 0, 0),
+        );
+        assert_eq!(paged.verdict, Some(Verdict::None));
+        assert!(sentence(&paged).contains("file-backed pages +2.0 MiB"), "{}", sentence(&paged));
         let gone = judge(None, None, traced(5, 0, 0));
         assert_eq!(gone.verdict, None);
         assert_eq!(gone.heap_change_bytes, 5);

@@ -189,6 +189,10 @@ impl<K: KernelOps> LiveTrace<K> {
         self.note_mappings();
         if let Some(main) = self.current_mut(pid) {
             main.symbolizer.note_mappings();
+            // Its memory as it ends, for the verdict of the final report.
+            if let Some(memory) = crate::target::memory::resident(pid) {
+                main.memory_last = Some(memory);
+            }
         }
         self.sync_run();
     }
@@ -418,6 +422,9 @@ impl<K: KernelOps> LiveTrace<K> {
                 continue;
             }
             traced.symbolizer.note_mappings();
+            if let Some(memory) = crate::target::memory::resident(traced.info.pid) {
+                traced.memory_last = Some(memory);
+            }
             let process = &traced.process;
             if let Err(e) = self
                 .kernel
