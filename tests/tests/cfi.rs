@@ -197,8 +197,8 @@ fn frame_pointers_lose_these_sites() {
 }
 
 /// An object loaded with dlopen after the probes were attached gets its
-/// unwind table at the next housekeeping tick: its leak is reported under the
-/// right function and the stack reaches main.
+/// unwind table (from the mmap tracepoint, or the housekeeping tick): its
+/// leak is reported under the right function and the stack reaches main.
 #[test]
 fn a_library_loaded_later_with_dlopen() {
     require_root();
