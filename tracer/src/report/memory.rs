@@ -366,11 +366,20 @@ mod tests {
         // Code paged in is not growth.
         let paged = judge(
             rss(10 * MIB, 5 * MIB, 0),
-            Some(ResidentMemory { rss: 12 * MIB, anon: 5 * MIB, file: 7 * MIB, shmem: 0 }),
+            Some(ResidentMemory {
+                rss: 12 * MIB,
+                anon: 5 * MIB,
+                file: 7 * MIB,
+                shmem: 0,
+            }),
             traced(0, 0, 0),
         );
         assert_eq!(paged.verdict, Some(Verdict::None));
-        assert!(sentence(&paged).contains("file-backed pages +2.0 MiB"), "{}", sentence(&paged));
+        assert!(
+            sentence(&paged).contains("file-backed pages +2.0 MiB"),
+            "{}",
+            sentence(&paged)
+        );
         let gone = judge(None, None, traced(5, 0, 0));
         assert_eq!(gone.verdict, None);
         assert_eq!(gone.heap_change_bytes, 5);
