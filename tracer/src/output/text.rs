@@ -129,10 +129,20 @@ fn label(frame: &ReportFrame) -> String {
     }
 }
 
-/// ": growing +5.0 KiB/s (confidence 93%)"; nothing for a new stack.
+/// ": growing +5120 bytes (5.0 KiB)/s (confidence 93%)", ": plateau
+/// (confidence 80%)"; nothing for a new stack.
 fn trend(trend: Trend) -> String {
-    if trend.kind == TrendKind::New {
-        return String::new();
+    match trend.kind {
+        TrendKind::New => return String::new(),
+        // Flat: a rate would only be noise.
+        TrendKind::Plateau | TrendKind::Steady => {
+            return format!(
+                ": {} (confidence {:.0}%)",
+                trend.kind.name(),
+                trend.confidence * 100.0
+            )
+        }
+        TrendKind::Growing | TrendKind::Shrinking => {}
     }
     let rate = trend.bytes_per_second.round() as i64;
     let sign = if rate < 0 { "-" } else { "+" };

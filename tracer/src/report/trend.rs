@@ -94,7 +94,9 @@ impl Trend {
 pub const SUSPECT_CONFIDENCE: f64 = 0.5;
 /// Below this much history, or this many points, a stack is `new`.
 pub const MIN_SPAN_S: f64 = 6.0;
-pub const MIN_POINTS: usize = 4;
+/// (Mann-Kendall cannot reach `Z_TREND` on fewer than 6 points: the
+/// recent window always holds at least this many.)
+pub const MIN_POINTS: usize = 6;
 /// The recent window: the last third of the history, within these bounds.
 const RECENT_MIN_S: f64 = 8.0;
 const RECENT_MAX_S: f64 = 600.0;
@@ -121,11 +123,12 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
         return Trend::new_stack(theil_sen(&series).unwrap_or(0.0));
     }
     let window = (span / 3.0).clamp(RECENT_MIN_S, RECENT_MAX_S);
-    let recent: Vec<(f64, f64)> = series
+    let from = series
         .iter()
-        .copied()
-        .filter(|p| p.0 >= last.0 - window)
-        .collect();
+        .position(|p| p.0 >= last.0 - window)
+        .unwrap_or(0)
+        .min(series.len() - MIN_POINTS);
+    let recent = series[from..].to_vec();
     let recent_span = last.0 - recent[0].0;
     let slope = theil_sen(&recent).unwrap_or(0.0);
     let z = mann_kendall_z(&recent);
@@ -140,7 +143,8 @@ pub fn classify(points: &[(u64, u64)], oldest_age_s: Option<f64>) -> Trend {
         .filter(|p| p.0 >= last.0 - recent_span / 2.0)
         .collect();
     let latest_slope = theil_sen(&latest).unwrap_or(0.0);
-    let still = latest.len() >= 3 && latest_slope / slope >= 0.5;
+    // (Under three points there, too few to tell: not held against it.)
+    let still = latest.len() < 3 || latest_slope / slope >= 0.5;
     let evidence = (span / FULL_EVIDENCE_S).min(1.0);
     let strength = |z: f64| ((z.abs() - 1.5) / 2.0).clamp(0.0, 1.0);
     let round = |c: f64| (c * 100.0).round() / 100.0;
