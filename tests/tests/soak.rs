@@ -88,15 +88,22 @@ fn tracer_memory_stays_flat_and_numbers_exact() {
     }
 
     // The tracer's RSS is flat once warmed up (symbol caches filled): over
-    // the second half of the run since its first report it grows by less
-    // than 2 MiB.
+    // the second half of the run since its first report its floor grows by
+    // less than 2 MiB.
     let half: Vec<u64> = samples
         .iter()
         .filter(|(t, _)| *t >= seconds as f64 / 2.0)
         .map(|(_, kib)| *kib)
         .collect();
-    assert!(half.len() >= 3, "{samples:?}");
-    let growth = half.iter().max().unwrap() - half[0];
+    assert!(half.len() >= 4, "{samples:?}");
+    // Compared by minimums: a buffer the tracer takes and gives back
+    // (a large read mapped and unmapped) shows as a spike, not growth.
+    let (early, late) = half.split_at(half.len() / 2);
+    let growth = late
+        .iter()
+        .min()
+        .unwrap()
+        .saturating_sub(*early.iter().min().unwrap());
     assert!(growth < 2048, "tracer RSS grew {growth} KiB: {samples:?}");
     eprintln!(
         "soak: {} s, {} allocations traced, tracer RSS {:?} KiB (min..max)",
