@@ -54,6 +54,40 @@ pub fn require_root() {
     );
 }
 
+/// Why `tracer doctor --format json` says this kernel goes without the
+/// path `key` (under `paths`, e.g. `mmap_tracking`), whose `-v` line
+/// starts with `title` (`mmap tracking`): that line. None when the path is
+/// taken. Tests of a feature the kernel truly lacks skip
+/// themselves with it, and say so.
+pub fn path_off(key: &str, title: &str) -> Option<String> {
+    let output = TracerCmd::new("doctor").args(["--format", "json"]).output();
+    let doc: serde_json::Value = serde_json::from_str(&output.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}{}", output.stdout, output.stderr));
+    if doc["paths"][key] != false {
+        return None;
+    }
+    let line = doc["paths"]["described"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.starts_with(&format!("{title}: ")))
+        .unwrap_or("off");
+    Some(line.to_string())
+}
+
+/// Skips the test (printing why) when this kernel goes without a path
+/// (`path_off`).
+#[macro_export]
+macro_rules! skip_without_path {
+    ($key:expr, $title:expr) => {
+        if let Some(why) = $crate::path_off($key, $title) {
+            println!("SKIPPED on this kernel: {why}");
+            return;
+        }
+    };
+}
+
 /// A scratch file path unique to this test process.
 pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tracer-tests-{}", std::process::id()));

@@ -54,6 +54,7 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
         "attach_cookies",
         "uretprobe_syscall",
         "atomic_fetch",
+        "task_pt_regs",
         "membarrier",
         "lockdown",
         "perf_event_paranoid",
@@ -123,6 +124,10 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
     assert_eq!(
         paths["stack_slot_reclamation"],
         available(&doc, "membarrier") == true
+    );
+    assert_eq!(
+        paths["mmap_tracking"],
+        available(&doc, "syscall_tracepoints") != false && available(&doc, "task_pt_regs") != false
     );
 }
 
@@ -247,6 +252,27 @@ fn without_membarrier_slots_are_not_reclaimed_and_counts_stay_exact() {
         stderr.contains("tracer: stack slot reclamation: off"),
         "{stderr}"
     );
+}
+
+/// Without bpf_task_pt_regs (before 5.15, or hidden here) the mmap
+/// programs cannot load: mmap tracking is off, `-v` says why, the report
+/// says mappings were not traced, and the heap is as exact.
+#[test]
+fn without_task_pt_regs_mmap_is_not_traced_and_the_heap_stays_exact() {
+    let stderr = exact_without("task_pt_regs", &[]);
+    assert!(
+        stderr.contains("tracer: mmap tracking: off (no bpf_task_pt_regs helper"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not tracing mmap"), "{stderr}");
+    let program = fixture("mapped_c");
+    let (report, stdout, _) = trace_run_with_env(
+        &[program.to_str().unwrap()],
+        &[],
+        &[("TRACER_TEST_WITHOUT", "task_pt_regs")],
+    );
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    assert_eq!(report["mappings"]["traced"], false, "{report:#}");
 }
 
 /// Doctor reports a hidden feature as missing and the path that follows.

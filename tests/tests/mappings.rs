@@ -30,6 +30,7 @@ fn mappings_by_site(report: &Value, sites: &[&str]) -> BTreeMap<String, (u64, u6
 #[test]
 fn mappings_are_exact_per_site_and_large_blocks_count_once() {
     require_root();
+    skip_without_path!("mmap_tracking", "mmap tracking");
     let program = fixture("mapped_c");
     let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
     assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
@@ -85,6 +86,7 @@ fn mappings_are_exact_per_site_and_large_blocks_count_once() {
 #[test]
 fn min_age_applies_to_mappings() {
     require_root();
+    skip_without_path!("mmap_tracking", "mmap tracking");
     let program = fixture("mapped_c");
     let (report, _, _) = trace_run(&[program.to_str().unwrap()], &["--min-age", "1h"]);
     assert_eq!(report["mappings"]["bytes"], 0, "{:#}", report["mappings"]);

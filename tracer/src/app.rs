@@ -14,6 +14,8 @@ use crate::{
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let task = cli.task()?;
+    // Before any map: 5.10 charges them to RLIMIT_MEMLOCK.
+    crate::memlock::raise();
     // Before anything slow: a Ctrl-C during setup must reach the loop.
     crate::signals::install()?;
     match task {

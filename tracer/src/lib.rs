@@ -18,6 +18,7 @@ pub mod driver;
 pub mod frontends;
 pub mod kernel;
 pub mod lifecycle;
+pub mod memlock;
 pub mod model;
 pub mod output;
 pub mod report;

@@ -35,6 +35,9 @@ impl Kernel {
     /// Attaches the mmap-family tracepoints (the programs filter on the
     /// targets) and hands out their event ring buffer.
     pub fn start_mapping_events(&mut self) -> Result<EventRing<MmapEvent>> {
+        if !self.paths.mappings {
+            return Err(anyhow!("mmap tracking {}", self.paths.mappings_off));
+        }
         ensure_tracefs()?;
         self.loaded
             .attach_tracepoints("syscalls", MMAP_TRACEPOINTS)?;

@@ -229,6 +229,8 @@ struct ExecPlan<'a> {
     /// /dev/null for stdin, and the fd for stdout and stderr.
     redirect: Option<(std::fs::File, RawFd)>,
     credentials: Option<Credentials>,
+    /// The locked-memory limit the tracer had before lifting its own.
+    memlock: Option<libc::rlimit>,
     /// Owns the fd in `redirect`: borrowed so that it stays open.
     _output: &'a ChildOutput,
 }
@@ -260,6 +262,7 @@ impl<'a> ExecPlan<'a> {
             arg_ptrs,
             redirect,
             credentials,
+            memlock: crate::memlock::original(),
             _output: output,
         })
     }
@@ -281,6 +284,10 @@ impl<'a> ExecPlan<'a> {
                 {
                     fail();
                 }
+            }
+            // Lowering a limit cannot fail.
+            if let Some(limit) = &self.memlock {
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, limit);
             }
             if let Some(c) = &self.credentials {
                 if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0

@@ -354,8 +354,13 @@ fn describe_unwinding(stats: &crate::kernel::unwind::UnwindStats) {
 
 /// Follows the mmap family of `first` (and the other processes, which
 /// `LiveTrace::new` adds); when its tracepoints cannot be attached, says why
-/// in one line and the heap is traced alone.
+/// in one line and the heap is traced alone (also when this kernel's path
+/// is to go without).
 fn start_mappings(kernel: &mut Kernel, first: &Process) -> Option<MappingTrace> {
+    // Off on this kernel: `-v` and doctor say why.
+    if !kernel.paths().mappings {
+        return None;
+    }
     match kernel.start_mapping_events() {
         Ok(events) => Some(MappingTrace::new(events, first)),
         Err(e) => {

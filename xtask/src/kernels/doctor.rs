@@ -14,6 +14,7 @@ const KNOWN: &[(&str, (u64, u64))] = &[
     ("batch_ops", (5, 6)),
     ("atomic_fetch", (5, 12)),
     ("attach_cookies", (5, 15)),
+    ("task_pt_regs", (5, 15)),
     ("bpf_loop", (5, 17)),
     ("uprobe_multi", (6, 6)),
     ("uprobe_sessions", (6, 13)),
@@ -104,6 +105,7 @@ mod tests {
             "batch_ops",
             "atomic_fetch",
             "attach_cookies",
+            "task_pt_regs",
             "bpf_loop",
         ];
         let rows = check(&doc("6.1.0-50-amd64", &all_but_new), "6.1.0-50-amd64").unwrap();

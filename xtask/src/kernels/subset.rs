@@ -135,7 +135,7 @@ pub fn script(tracer: &Path, binaries: &[(String, String)], slowdown: u32, repea
         s += &format!(
             "echo MATRIX-FILE {name}\n\
              start=$(date +%s)\n\
-             timeout -k 10 {BINARY_TIMEOUT_S} {executable} --test-threads=1{filter} || status=1\n\
+             timeout -k 10 {BINARY_TIMEOUT_S} {executable} --test-threads=1 --show-output{filter} || status=1\n\
              echo \"MATRIX-TIME {name} $(($(date +%s) - start)) s\"\n"
         );
     }
@@ -170,15 +170,37 @@ pub enum Status {
     Skipped,
 }
 
+/// What a test prints (`tests/src/lib.rs`, `skip_without_path!`) when it
+/// skips itself on a kernel that lacks what it tests.
+const SKIP_LINE: &str = "SKIPPED on this kernel";
+
 /// The per-test results in a guest's output, as `file::test`, in order:
 /// libtest's `test NAME ... ok` lines (and the script's own for doctor)
-/// after the script's `MATRIX-FILE name` line.
+/// after the script's `MATRIX-FILE name` line; a passed test whose output
+/// (`--show-output`: `---- NAME stdout ----`) says it skipped itself is
+/// skipped.
 pub fn results(output: &str) -> Vec<(String, Status)> {
-    let mut results = Vec::new();
+    let mut results: Vec<(String, Status)> = Vec::new();
     let mut file = "";
+    let mut printing = String::new();
     for line in output.lines() {
         if let Some(name) = line.strip_prefix("MATRIX-FILE ") {
             file = name.trim();
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            printing = format!("{file}::{name}");
+            continue;
+        }
+        if line.starts_with(SKIP_LINE) {
+            if let Some((_, status)) = results.iter_mut().find(|(n, _)| *n == printing) {
+                if *status == Status::Ok {
+                    *status = Status::Skipped;
+                }
+            }
             continue;
         }
         let Some(rest) = line.strip_prefix("test ") else {
@@ -213,7 +235,9 @@ mod tests {
         let output = "MATRIX-FILE run_mode\n\nrunning 2 tests\ntest a ... ok\ntest b ... FAILED\n\
                       test result: FAILED. 1 passed\nMATRIX-FILE run_mode\ntest a ... FAILED\ntest b ... ok\n\
                       MATRIX-FILE tracer\ntest doctor ... skipped (no doctor subcommand)\n\
-                      MATRIX-FILE reliability\ntest storm ... MATRIX-TIME reliability 300 s\n";
+                      MATRIX-FILE reliability\ntest storm ... MATRIX-TIME reliability 300 s\n\
+                      MATRIX-FILE mappings\ntest m ... ok\nsuccesses:\n\n---- m stdout ----\n\
+                      SKIPPED on this kernel: mmap tracking: off\n";
         let rows = results(output);
         assert_eq!(
             rows,
@@ -222,6 +246,7 @@ mod tests {
                 ("run_mode::b".to_string(), Status::Failed),
                 ("tracer::doctor".to_string(), Status::Skipped),
                 ("reliability::storm".to_string(), Status::Failed),
+                ("mappings::m".to_string(), Status::Skipped),
             ]
         );
     }

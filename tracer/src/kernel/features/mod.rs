@@ -94,6 +94,10 @@ pub struct Features {
     pub uretprobe_syscall: Probe,
     /// Atomic fetch-and-add and friends (5.12).
     pub atomic_fetch: Probe,
+    /// bpf_task_pt_regs (5.15, with bpf_get_current_task_btf from 5.11):
+    /// the mmap programs find the function that called the syscall wrapper
+    /// from the user registers.
+    pub task_pt_regs: Probe,
     /// membarrier(MEMBARRIER_CMD_GLOBAL) on 2+ CPUs: an RCU grace period.
     pub membarrier: Probe,
     pub lockdown: Probe,
@@ -169,6 +173,11 @@ impl Features {
                 &self.uretprobe_syscall,
             ),
             ("atomic_fetch", "BPF atomic fetch ops", &self.atomic_fetch),
+            (
+                "task_pt_regs",
+                "bpf_task_pt_regs helper",
+                &self.task_pt_regs,
+            ),
             ("membarrier", "membarrier grace period", &self.membarrier),
             ("lockdown", "not locked down", &self.lockdown),
             (
@@ -241,6 +250,7 @@ impl Features {
                 "attach_cookies" => &mut self.attach_cookies,
                 "uretprobe_syscall" => &mut self.uretprobe_syscall,
                 "atomic_fetch" => &mut self.atomic_fetch,
+                "task_pt_regs" => &mut self.task_pt_regs,
                 "membarrier" => &mut self.membarrier,
                 "lockdown" => &mut self.lockdown,
                 "perf_event_paranoid" => &mut self.perf_event_paranoid,
@@ -265,8 +275,11 @@ pub struct Paths {
     pub sessions: bool,
     /// Slots of stacks that hold nothing are recycled (needs a grace period).
     pub reclaim: bool,
-    /// The mmap family is followed (syscall tracepoints).
+    /// The mmap family is followed (syscall tracepoints; its programs call
+    /// bpf_task_pt_regs, which a kernel without it refuses to load).
     pub mappings: bool,
+    /// Why not, when not (reports then say mappings were not traced).
+    pub mappings_off: &'static str,
     /// Forks and execs are seen (sched tracepoints).
     pub proc_events: bool,
 }
@@ -276,12 +289,20 @@ impl Paths {
     /// that fails falls back; a tracepoint that fails is said), and as
     /// absent where a wrong guess would fail later.
     pub fn choose(features: &Features) -> Paths {
+        let mappings_off = if features.syscall_tracepoints.is_no() {
+            "off (no syscall tracepoints): mmap'ed memory is not traced"
+        } else if features.task_pt_regs.is_no() {
+            "off (no bpf_task_pt_regs helper, Linux 5.15+, which finds the function that called mmap): mmap'ed memory is not traced"
+        } else {
+            ""
+        };
         Paths {
             batch_reads: !features.batch_ops.is_no(),
             cfi_bpf_loop: features.bpf_loop.is_yes(),
             sessions: features.uprobe_sessions.is_yes() && features.attach_cookies.is_yes(),
             reclaim: features.membarrier.is_yes(),
-            mappings: !features.syscall_tracepoints.is_no(),
+            mappings: mappings_off.is_empty(),
+            mappings_off,
             proc_events: !features.sched_tracepoints.is_no(),
         }
     }
@@ -326,7 +347,7 @@ impl Paths {
                 if self.mappings {
                     "syscall tracepoints"
                 } else {
-                    "off (no syscall tracepoints)"
+                    self.mappings_off
                 },
             ),
             (
@@ -367,6 +388,7 @@ mod tests {
             attach_cookies: y(),
             uretprobe_syscall: y(),
             atomic_fetch: y(),
+            task_pt_regs: y(),
             membarrier: y(),
             lockdown: y(),
             perf_event_paranoid: y(),
@@ -386,6 +408,7 @@ mod tests {
                 sessions: true,
                 reclaim: true,
                 mappings: true,
+                mappings_off: "",
                 proc_events: true
             }
         );
@@ -397,8 +420,10 @@ mod tests {
 
     #[test]
     fn a_5_10_kernel_reads_batches_and_walks_unrolled() {
-        // What 5.10 lacks (kernels.md): bpf_loop, uprobe_multi, sessions, cookies.
+        // What 5.10 lacks (kernels.md): bpf_loop, uprobe_multi, sessions,
+        // cookies, bpf_task_pt_regs.
         let mut f = everything();
+        f.task_pt_regs = Probe::no("");
         f.bpf_loop = Probe::no("");
         f.uprobe_multi = Probe::no("");
         f.uprobe_sessions = Probe::no("");
@@ -409,9 +434,13 @@ mod tests {
         assert!(paths.batch_reads);
         assert!(!paths.cfi_bpf_loop);
         assert!(!paths.sessions);
+        assert!(!paths.mappings, "the mmap programs call bpf_task_pt_regs");
         assert!(f.blockers().is_empty(), "5.10 can run: {:?}", f.blockers());
         let described = paths.describe();
         assert!(described.contains(&("CFI walk", "unrolled loop (no bpf_loop)")));
+        assert!(described.iter().any(|(what, path)| *what == "mmap tracking"
+            && path.contains("bpf_task_pt_regs")
+            && path.contains("not traced")));
         assert!(described.iter().any(
             |(what, path)| *what == "allocation probes" && path.contains("no uprobe sessions")
         ));

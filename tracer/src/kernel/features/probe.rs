@@ -56,6 +56,7 @@ impl Features {
             attach_cookies: ask(|| probe_helper(HELPER_ATTACH_COOKIE, "bpf_get_attach_cookie")),
             uretprobe_syscall: probe_uretprobe_syscall(tracing.as_deref()),
             atomic_fetch: ask(probe_atomic_fetch),
+            task_pt_regs: ask(|| probe_helper(HELPER_TASK_PT_REGS, "bpf_task_pt_regs")),
             membarrier: probe_membarrier(),
             lockdown: probe_lockdown(),
             perf_event_paranoid: probe_paranoid(privileges.is_yes()),
@@ -75,6 +76,7 @@ mod sys_map {
 
 const PROG_TYPE_KPROBE: u32 = 2;
 const HELPER_ATTACH_COOKIE: i32 = 174;
+const HELPER_TASK_PT_REGS: i32 = 175;
 const HELPER_LOOP: i32 = 181;
 
 /// `r0 = 0; exit`.
