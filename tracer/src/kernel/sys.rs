@@ -627,8 +627,14 @@ mod tests {
 
     #[test]
     fn attr_layouts_match_the_kernel() {
-        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 112);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_btf_fd), 72);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, func_info), 80);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, line_info), 96);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
+        assert_eq!(std::mem::size_of::<BtfLoadAttr>(), 32);
+        assert_eq!(std::mem::offset_of!(BtfLoadAttr, btf_log_level), 24);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, path), 16);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, cnt), 48);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, pid), 56);
