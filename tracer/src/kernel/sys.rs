@@ -155,12 +155,13 @@ impl Cursor {
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `enum bpf_attach_type` (include/uapi/linux/bpf.h, 6.13+).
 pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
+/// `union bpf_attr` for BPF_PROG_LOAD, up to `attach_btf_id`.
 #[repr(C)]
 #[derive(Default)]
 struct ProgLoadAttr {
@@ -176,6 +177,27 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    /// Explicit, so that no padding byte is read as a field.
+    attach_btf_id: u32,
+}
+
+/// `union bpf_attr` for BPF_BTF_LOAD.
+#[repr(C)]
+#[derive(Default)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
+    _pad: u32,
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE with its `uprobe_multi` part.
@@ -215,6 +237,20 @@ pub fn load_session_program(
     name: &str,
 ) -> Result<OwnedFd> {
     let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    // The object's BTF, as aya loads it for its own programs: without its
+    // function info every function is static to the verifier, so the CFI
+    // walk's global `tracer_unwind_step` would be verified again at each
+    // call (over the 1M-instruction limit) instead of once on its own.
+    let btf = match aya::features().btf() {
+        Some(features) => match obj
+            .fixup_and_sanitize_btf(features)
+            .context("preparing the object's BTF")?
+        {
+            Some(btf) => Some(load_btf(&btf.to_bytes()).context("loading the object's BTF")?),
+            None => None,
+        },
+        None => None,
+    };
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
     let defined = obj.maps.clone();
     let maps: Vec<(&str, RawFd, &aya_obj::Map)> = maps
@@ -258,6 +294,21 @@ pub fn load_session_program(
         expected_attach_type: BPF_TRACE_UPROBE_SESSION,
         ..Default::default()
     };
+    let func_info = function.func_info.func_info_bytes();
+    let line_info = function.line_info.line_info_bytes();
+    if let Some(btf) = &btf {
+        attr.prog_btf_fd = btf.as_raw_fd() as u32;
+        if function.func_info_rec_size > 0 {
+            attr.func_info_rec_size = function.func_info_rec_size as u32;
+            attr.func_info = func_info.as_ptr() as u64;
+            attr.func_info_cnt = function.func_info.len() as u32;
+        }
+        if function.line_info_rec_size > 0 {
+            attr.line_info_rec_size = function.line_info_rec_size as u32;
+            attr.line_info = line_info.as_ptr() as u64;
+            attr.line_info_cnt = function.line_info.len() as u32;
+        }
+    }
     for (slot, byte) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
         *slot = byte;
     }
@@ -285,6 +336,20 @@ pub fn load_session_program(
             )
         }
     }
+}
+
+/// Loads BTF data into the kernel (BPF_BTF_LOAD).
+fn load_btf(data: &[u8]) -> std::io::Result<OwnedFd> {
+    let attr = BtfLoadAttr {
+        btf: data.as_ptr() as u64,
+        btf_size: data.len() as u32,
+        ..Default::default()
+    };
+    bpf(
+        BPF_BTF_LOAD,
+        (&raw const attr).cast(),
+        size_of::<BtfLoadAttr>(),
+    )
 }
 
 /// Attaches session program `program` at `offsets` of the file `path` (its
@@ -562,8 +627,14 @@ mod tests {
 
     #[test]
     fn attr_layouts_match_the_kernel() {
-        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 112);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_btf_fd), 72);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, func_info), 80);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, line_info), 96);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
+        assert_eq!(std::mem::size_of::<BtfLoadAttr>(), 32);
+        assert_eq!(std::mem::offset_of!(BtfLoadAttr, btf_log_level), 24);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, path), 16);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, cnt), 48);
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, pid), 56);
