@@ -106,11 +106,8 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
         paths["map_reads"],
         if batch { "batch" } else { "key_by_key" }
     );
-    let bpf_loop = available(&doc, "bpf_loop") == true;
-    assert_eq!(
-        paths["cfi_walk"],
-        if bpf_loop { "bpf_loop" } else { "unrolled" }
-    );
+    // One walk on every kernel: it needs no bpf_loop.
+    assert_eq!(paths["cfi_walk"], "global_function");
     let sessions =
         available(&doc, "uprobe_sessions") == true && available(&doc, "attach_cookies") == true;
     assert_eq!(
@@ -285,7 +282,8 @@ fn doctor_follows_what_the_kernel_lacks() {
     assert_eq!(code, Some(0), "{doc:#}");
     assert_eq!(available(&doc, "batch_ops"), false);
     assert_eq!(doc["paths"]["map_reads"], "key_by_key");
-    assert_eq!(doc["paths"]["cfi_walk"], "unrolled");
+    assert_eq!(doc["paths"]["cfi_walk"], "global_function");
+    assert_eq!(doc["programs"]["load_cfi"]["ok"], true, "no bpf_loop needed: {doc:#}");
 }
 
 /// What the tracer cannot do without stops it before anything is attached:

@@ -150,7 +150,7 @@ fn document(
         "programs": programs,
         "paths": {
             "map_reads": if paths.batch_reads { "batch" } else { "key_by_key" },
-            "cfi_walk": if paths.cfi_bpf_loop { "bpf_loop" } else { "unrolled" },
+            "cfi_walk": "global_function",
             "sampled_allocation_probes": if paths.sessions { "uprobe_session" } else { "uprobe_uretprobe" },
             "stack_slot_reclamation": paths.reclaim,
             "mmap_tracking": paths.mappings,

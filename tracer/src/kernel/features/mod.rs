@@ -268,8 +268,6 @@ pub struct Paths {
     /// Maps read in batches (thousands of entries per syscall), else key
     /// by key (two syscalls per entry).
     pub batch_reads: bool,
-    /// The CFI walk loops with bpf_loop, else with an unrolled loop.
-    pub cfi_bpf_loop: bool,
     /// Allocation functions may be probed with uprobe sessions (where they
     /// pay: `--sample-rate`), else always with a uprobe and a uretprobe.
     pub sessions: bool,
@@ -298,7 +296,6 @@ impl Paths {
         };
         Paths {
             batch_reads: !features.batch_ops.is_no(),
-            cfi_bpf_loop: features.bpf_loop.is_yes(),
             sessions: features.uprobe_sessions.is_yes() && features.attach_cookies.is_yes(),
             reclaim: features.membarrier.is_yes(),
             mappings: mappings_off.is_empty(),
@@ -318,13 +315,11 @@ impl Paths {
                     "key by key (no batch map operations)"
                 },
             ),
+            // One path on every kernel: a global BPF function per few
+            // frames, verified once, from a bounded loop (no bpf_loop).
             (
                 "CFI walk",
-                if self.cfi_bpf_loop {
-                    "bpf_loop"
-                } else {
-                    "unrolled loop (no bpf_loop)"
-                },
+                "a global BPF function per 4 frames (no bpf_loop needed)",
             ),
             (
                 "allocation probes",
@@ -404,7 +399,6 @@ mod tests {
             paths,
             Paths {
                 batch_reads: true,
-                cfi_bpf_loop: true,
                 sessions: true,
                 reclaim: true,
                 mappings: true,
@@ -432,12 +426,13 @@ mod tests {
         f.atomic_fetch = Probe::no("");
         let paths = Paths::choose(&f);
         assert!(paths.batch_reads);
-        assert!(!paths.cfi_bpf_loop);
         assert!(!paths.sessions);
         assert!(!paths.mappings, "the mmap programs call bpf_task_pt_regs");
         assert!(f.blockers().is_empty(), "5.10 can run: {:?}", f.blockers());
         let described = paths.describe();
-        assert!(described.contains(&("CFI walk", "unrolled loop (no bpf_loop)")));
+        assert!(described
+            .iter()
+            .any(|(what, path)| *what == "CFI walk" && path.contains("no bpf_loop")));
         assert!(described.iter().any(|(what, path)| *what == "mmap tracking"
             && path.contains("bpf_task_pt_regs")
             && path.contains("not traced")));
