@@ -10,11 +10,6 @@ pub const EXPECTED_FAILING: &[(&str, &str, &str)] = &[
         "*",
         "issue 16: the eBPF programs do not load (BPF_PROG_LOAD: number of funcs in func_info doesn't match number of subprogs)",
     ),
-    (
-        "7.3",
-        "reliability::reclaimed_slots_reused_at_once_by_other_stacks_stay_exact",
-        "issue 18: kernel Oops in alloc_return (BPF private stack shared by preempted uprobe programs, 6.13+ with PREEMPT_LAZY)",
-    ),
 ];
 
 fn matches(abi: &str, prefix: &str) -> bool {
