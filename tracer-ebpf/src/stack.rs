@@ -94,10 +94,13 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
 #[inline(always)]
 fn capture_in<C: EbpfContext>(ctx: &C, scratch: *mut Scratch, me: u64, tgid: u32) -> Stack {
     // `busy` first: once it reads 1, whoever used the buffer since our
-    // claim has released it, clearing `owner`.
+    // claim has released it, clearing `owner`. One comparison, not two: BPF
+    // has no setcc, and every branch here multiplies the verifier's states
+    // (the session program is close to its limit).
     let still_ours = move || unsafe {
-        core::ptr::read_volatile(&raw const (*scratch).busy) == 1
-            && core::ptr::read_volatile(&raw const (*scratch).owner) == me
+        let busy = core::ptr::read_volatile(&raw const (*scratch).busy);
+        let owner = core::ptr::read_volatile(&raw const (*scratch).owner);
+        ((busy ^ 1) | (owner ^ me)) == 0
     };
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
     // The CFI walker (the default), when it has tables for this process;

@@ -20,10 +20,7 @@
 //! or a session.
 //!
 //! Syscall and sched tracepoint programs run with preemption disabled and
-//! need no guard. The uprobe session program (`session.rs`, `--sample-rate`
-//! on 6.13+) has none yet: with a tail call in it the verifier gives up
-//! (over a million instructions processed, on 6.18 and 7.3), and the
-//! tracer would fall back to uretprobes. It is still exposed (issue 18).
+//! need no guard.
 
 /// Tail-calls into an empty one-slot program array named `$map`.
 macro_rules! keep_task_stack {
