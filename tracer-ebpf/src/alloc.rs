@@ -28,6 +28,7 @@ use tracer_common::{
 use crate::{
     maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
     sample, stack,
+    taskstack::keep_task_stack,
 };
 
 const ENOENT: i32 = 2;
@@ -327,6 +328,7 @@ pub(crate) fn enter_convention(ctx: &ProbeContext, cookie: u64) -> bool {
 /// tracer then keeps those probes where the arguments did not move).
 #[uprobe]
 pub fn moved_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_MOVED_ENTER);
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     if convention::of(cookie) == convention::FREE {
         on_free(&ctx, arg(&ctx, cookie, 0));
@@ -338,54 +340,63 @@ pub fn moved_enter(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_MALLOC_ENTER);
     enter_convention(&ctx, convention::MALLOC);
     0
 }
 
 #[uprobe]
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_CALLOC_ENTER);
     enter_convention(&ctx, convention::CALLOC);
     0
 }
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_REALLOC_ENTER);
     enter_convention(&ctx, convention::REALLOC);
     0
 }
 
 #[uprobe]
 pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_REALLOCARRAY_ENTER);
     enter_convention(&ctx, convention::REALLOCARRAY);
     0
 }
 
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_MEMALIGN_ENTER);
     enter_convention(&ctx, convention::MEMALIGN);
     0
 }
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_POSIX_MEMALIGN_ENTER);
     enter_convention(&ctx, convention::POSIX_MEMALIGN);
     0
 }
 
 #[uprobe]
 pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_VALLOC_ENTER);
     enter_convention(&ctx, convention::VALLOC);
     0
 }
 
 #[uprobe]
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_PVALLOC_ENTER);
     enter_convention(&ctx, convention::PVALLOC);
     0
 }
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_ALLOC_RETURN);
     on_return(&ctx)
 }
 
@@ -448,6 +459,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_FREE_ENTER);
     on_free(&ctx, arg(&ctx, 0, 0));
     0
 }

@@ -8,6 +8,7 @@
 //! - `maps`: every map, in one place, with its sizing rationale;
 //! - `sample`: sampling by bytes (`--sample-rate`);
 //! - `session`: the allocation probes as one uprobe session program;
+//! - `taskstack`: keeps uprobe programs off the per-CPU private stack;
 //! - `bench`: no-op programs and switches for measuring the tracer.
 #![no_std]
 #![no_main]
@@ -23,6 +24,7 @@ mod proc;
 mod sample;
 mod session;
 mod stack;
+mod taskstack;
 mod unwind;
 
 #[cfg(not(test))]

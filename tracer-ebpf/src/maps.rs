@@ -51,10 +51,15 @@ pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, B
 /// disabled but under `rcu_read_lock()`, which on PREEMPT_RCU kernels leaves
 /// preemption on. With full preemption (`preempt=full`, PREEMPT_RT, lazy) a
 /// program can be preempted mid-capture and another thread's program on the
-/// same CPU can use the same buffer. `stack::capture` claims the buffer with
-/// `owner` and checks the claim before it trusts what it hashed and stored.
+/// same CPU can use the same buffer (and `unwind`'s walk state with it).
+/// `stack::capture` counts itself in `busy`, claims the buffer with `owner`,
+/// and trusts what it hashed and stored only if, after the fact, it is the
+/// only user (`busy == 1`) and still the owner; a release clears `owner`, so
+/// a user that resumed, wrote and finished inside another's use is seen too.
+/// Otherwise the stack is counted as lost (`StackLost`), never mixed.
 #[repr(C)]
 pub struct Scratch {
+    pub busy: u64,
     pub owner: u64,
     pub trace: StackTrace,
 }

@@ -23,7 +23,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 
-use crate::alloc;
+use crate::{alloc, taskstack::keep_task_stack};
 
 /// What the entry returns: run the return half, or skip it.
 const WANT_RETURN: u32 = 0;
@@ -36,6 +36,7 @@ const SKIP_RETURN: u32 = 1;
 #[unsafe(link_section = "uprobe")]
 pub fn alloc_session(ctx: *mut c_void) -> u32 {
     let ctx = ProbeContext::new(ctx);
+    keep_task_stack!(&ctx, NO_PRIV_STACK_ALLOC_SESSION);
     let function = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
     if unsafe { (*ctx.regs).rip } != function {
         alloc::on_return(&RetProbeContext::new(ctx.as_ptr()));

@@ -8,7 +8,8 @@ use tracer_common::{
     unknown_stack, Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN, UNKNOWN_STACK_IDS,
 };
 
-use crate::maps::{count, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
+use crate::maps::{count, Scratch, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -73,9 +74,34 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
         return unknown(tgid);
     };
     // Claim the per-CPU buffer (see `maps::Scratch`): a thread is never
-    // running two programs at once, so its pid_tgid is a unique claim.
-    unsafe { core::ptr::write_volatile(&raw mut (*scratch).owner, me) };
-    let still_ours = move || unsafe { core::ptr::read_volatile(&raw const (*scratch).owner) } == me;
+    // running two programs at once, so its pid_tgid is a unique claim. The
+    // adds are single locked instructions: a preemption cannot split them.
+    let busy = unsafe { &raw mut (*scratch).busy };
+    let owner = unsafe { &raw mut (*scratch).owner };
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, 1);
+        core::ptr::write_volatile(owner, me);
+    }
+    let stack = capture_in(ctx, scratch, me, tgid);
+    unsafe {
+        core::ptr::write_volatile(owner, 0);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, u64::MAX);
+    }
+    stack
+}
+
+/// `capture` with the scratch buffer claimed.
+#[inline(always)]
+fn capture_in<C: EbpfContext>(ctx: &C, scratch: *mut Scratch, me: u64, tgid: u32) -> Stack {
+    // `busy` first: once it reads 1, whoever used the buffer since our
+    // claim has released it, clearing `owner`. One comparison, not two: BPF
+    // has no setcc, and every branch here multiplies the verifier's states
+    // (the session program is close to its limit).
+    let still_ours = move || unsafe {
+        let busy = core::ptr::read_volatile(&raw const (*scratch).busy);
+        let owner = core::ptr::read_volatile(&raw const (*scratch).owner);
+        ((busy ^ 1) | (owner ^ me)) == 0
+    };
     let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
     // The CFI walker (the default), when it has tables for this process;
     // otherwise our own frame-pointer walk, not bpf_get_stack (fpwalk.rs

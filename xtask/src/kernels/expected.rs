@@ -8,7 +8,7 @@ pub const EXPECTED_FAILING: &[(&str, &str, &str)] = &[
     (
         "7.3",
         "reliability::reclaimed_slots_reused_at_once_by_other_stacks_stay_exact",
-        "issue 18: kernel Oops in alloc_return (BPF private stack shared by preempted uprobe programs, 6.13+ with PREEMPT_LAZY)",
+        "issue 18: now and then a stack is lost (counted in lost_stacks, not mixed) when a capture is preempted and another thread's uses the per-CPU scratch; passed 2 runs of 3",
     ),
 ];
 
