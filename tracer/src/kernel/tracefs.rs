@@ -36,6 +36,11 @@ impl Kernel {
     /// targets) and hands out their event ring buffer.
     pub fn start_mapping_events(&mut self) -> Result<EventRing<MmapEvent>> {
         if !self.paths.mappings {
+            // No tracepoints is most often tracefs not mounted: its error
+            // says how to mount it.
+            if self.paths.mappings_off.contains("tracepoints") {
+                ensure_tracefs()?;
+            }
             return Err(anyhow!("mmap tracking {}", self.paths.mappings_off));
         }
         ensure_tracefs()?;

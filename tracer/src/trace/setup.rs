@@ -357,8 +357,10 @@ fn describe_unwinding(stats: &crate::kernel::unwind::UnwindStats) {
 /// in one line and the heap is traced alone (also when this kernel's path
 /// is to go without).
 fn start_mappings(kernel: &mut Kernel, first: &Process) -> Option<MappingTrace> {
-    // Off on this kernel: `-v` and doctor say why.
-    if !kernel.paths().mappings {
+    // Off for want of a helper on this kernel: `-v` and doctor say why.
+    // Missing tracepoints (tracefs not mounted) the user can fix: said below.
+    let paths = kernel.paths();
+    if !paths.mappings && !paths.mappings_off.contains("tracepoints") {
         return None;
     }
     match kernel.start_mapping_events() {
