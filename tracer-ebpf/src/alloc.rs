@@ -32,6 +32,7 @@ use crate::{
 };
 
 const ENOENT: i32 = 2;
+const EEXIST: i32 = 17;
 
 /// A hash map operation, tried again while the kernel refuses it for
 /// contention rather than for the map: kernels 6.15+ guard buckets with
@@ -210,6 +211,7 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
 #[inline(always)]
 fn forget_call(pid_tgid: u64) {
     if retried(|| IN_FLIGHT.remove(pid_tgid)).is_ok() {
+        sample::set_in_flight(pid_tgid, false);
         return;
     }
     if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
@@ -243,6 +245,9 @@ fn enter_sampled(
     may_nest: bool,
 ) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
+    if !may_nest && sample::skip_fast(pid_tgid, size) {
+        return false;
+    }
     if !is_target((pid_tgid >> 32) as u32) {
         return false;
     }
@@ -275,6 +280,7 @@ fn enter_sampled(
         count(Counter::InFlightFull);
         return false;
     }
+    sample::set_in_flight(pid_tgid, true);
     // Take the old block's record out only once the call is remembered (the
     // return needs it). The caller owns the block until realloc frees it, so
     // the record is still the one read above; if the remove fails anyway (a
@@ -465,38 +471,76 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 }
 
 /// A call that frees block `ptr`.
+///
+/// The block's record is looked up first: most frees either find one (exact
+/// mode) or are of a block never recorded (an unsampled one under
+/// `--sample-rate`), and the latter then cost that one lookup. A record is
+/// only ever made for a traced process's call, so a found one needs no
+/// `TARGETS` check.
 #[inline(always)]
 fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
     if ptr == 0 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_target((pid_tgid >> 32) as u32) {
+    let key = block(pid_tgid, ptr);
+    let Some(record) = (unsafe { ALLOCS.get(&key) }) else {
+        // A realloc left without returning (see `abandon`) may hold this
+        // block's record: the thread's call record settles it first.
+        if IN_FLIGHT.get_ptr(pid_tgid).is_some() {
+            return free_unknown(ctx, pid_tgid, key);
+        }
+        // Sampling: the programs run only in the processes they are attached
+        // to, and most frees there are of unsampled blocks: counted without
+        // another lookup. Exact mode counts only a traced process's.
+        if sample::rate() != 0 || is_target((pid_tgid >> 32) as u32) {
+            count(Counter::UnknownFrees);
+        }
         return 0;
-    }
+    };
+    let record = *record;
     // free called from inside realloc: the realloc's return accounts for it.
     if is_inner_call(pid_tgid, stack_pointer(ctx.regs)) {
         return 0;
     }
-    let key = block(pid_tgid, ptr);
+    settle_free(key, &record);
+    0
+}
+
+/// A free of a block not found while the thread had a call record: the
+/// full check (the record may be an abandoned realloc's, put back here).
+#[inline(always)]
+fn free_unknown(ctx: &ProbeContext, pid_tgid: u64, key: AllocKey) -> u32 {
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    if is_inner_call(pid_tgid, stack_pointer(ctx.regs)) {
+        return 0;
+    }
     match unsafe { ALLOCS.get(&key) } {
         Some(record) => {
             let record = *record;
-            // Only the caller whose remove succeeds subtracts, so a double
-            // free from two threads cannot subtract twice.
-            match retried(|| ALLOCS.remove(&key)) {
-                Ok(()) => {
-                    retire(&record);
-                    count(Counter::Frees);
-                }
-                // Removed by the other free of a double free.
-                Err(err) if err == -ENOENT => {}
-                Err(_) => count(Counter::LostFrees),
-            }
+            settle_free(key, &record);
         }
         None => count(Counter::UnknownFrees),
     }
     0
+}
+
+/// Takes a freed block's record out and its bytes off its stack.
+#[inline(always)]
+fn settle_free(key: AllocKey, record: &AllocRecord) {
+    // Only the caller whose remove succeeds subtracts, so a double free from
+    // two threads cannot subtract twice.
+    match retried(|| ALLOCS.remove(&key)) {
+        Ok(()) => {
+            retire(record);
+            count(Counter::Frees);
+        }
+        // Removed by the other free of a double free.
+        Err(err) if err == -ENOENT => {}
+        Err(_) => count(Counter::LostFrees),
+    }
 }
 
 #[inline(always)]
@@ -510,15 +554,6 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
         slot: stack.slot,
         _pad: 0,
     };
-    // An address that is still recorded was freed behind our back; retire it
-    // so its bytes do not stay counted forever.
-    if let Some(old) = unsafe { ALLOCS.get(&key) } {
-        let old = *old;
-        if retried(|| ALLOCS.remove(&key)).is_ok() {
-            retire(&old);
-            count(Counter::MissedFrees);
-        }
-    }
     // Count before the record is published: a free can only find a record
     // whose block is already counted, so a slot's outstanding count is never
     // below its number of live records. Reclamation relies on that: a slot
@@ -526,7 +561,24 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
     // Exact mode: (size, 1). Sampling: what the block stands for.
     let (bytes, blocks) = sample::weights(size, record.timestamp_ns);
     add_to_slot(stack.slot, bytes, blocks);
-    if retried(|| ALLOCS.insert(&key, &record, 0)).is_err() {
+    // Published only if the address is not recorded: the usual case, in one
+    // map operation instead of a lookup and an insert.
+    let published = match retried(|| ALLOCS.insert(&key, &record, BPF_NOEXIST as u64)) {
+        Err(err) if err == -EEXIST => {
+            // An address that is still recorded was freed behind our back;
+            // retire it so its bytes do not stay counted forever.
+            if let Some(old) = unsafe { ALLOCS.get(&key) } {
+                let old = *old;
+                if retried(|| ALLOCS.remove(&key)).is_ok() {
+                    retire(&old);
+                    count(Counter::MissedFrees);
+                }
+            }
+            retried(|| ALLOCS.insert(&key, &record, 0))
+        }
+        other => other,
+    };
+    if published.is_err() {
         add_to_slot(stack.slot, bytes.wrapping_neg(), blocks.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);

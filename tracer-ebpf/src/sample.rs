@@ -40,10 +40,24 @@ static SAMPLE_DRAWS: Array<u64> = Array::with_max_entries(SAMPLE_DRAW_SLOTS + 1,
 #[map]
 static SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(SAMPLE_WEIGHT_SLOTS, 0);
 
-/// Bytes left before the next sample, per thread (pid_tgid). LRU: a dead
-/// thread's entry ages out.
+/// Per thread (pid_tgid): bytes left before the next sample, and whether the
+/// thread may have a call record (`IN_FLIGHT`). LRU: a dead thread's entry
+/// ages out.
 #[map]
-static SAMPLE_COUNTDOWN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+static SAMPLE_COUNTDOWN: LruHashMap<u64, Countdown> = LruHashMap::with_max_entries(16384, 0);
+
+/// `in_flight` is 0 only while the thread has no call record that could
+/// make its next call an inner one: set after each record is made, cleared
+/// when one is settled or found stale. All of a thread's entries are only
+/// written by its own programs, which never run two at a time. An entry
+/// that is missing (new thread, evicted) says nothing: the caller then
+/// takes the full path.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Countdown {
+    left: u64,
+    in_flight: u64,
+}
 
 #[inline(always)]
 pub fn rate() -> u64 {
@@ -69,30 +83,79 @@ fn draw(rate: u64) -> u64 {
     }
 }
 
+/// The fast path of an unsampled call that cannot nest (sampling only):
+/// true when the thread is known to be in no recorded call and `size` bytes
+/// do not reach its next sample; the countdown is then advanced. One map
+/// lookup, instead of the target check, the call-record lookup and this one.
+/// False means nothing was changed: take the full path.
+#[inline(always)]
+pub fn skip_fast(pid_tgid: u64, size: u64) -> bool {
+    if rate() == 0 {
+        return false;
+    }
+    let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
+        return false;
+    };
+    unsafe {
+        if (*c).in_flight != 0 || (*c).left <= size {
+            return false;
+        }
+        (*c).left -= size;
+    }
+    true
+}
+
+/// The thread's call record was made (`made`) or settled: see `Countdown`.
+#[inline(always)]
+pub fn set_in_flight(pid_tgid: u64, made: bool) {
+    if rate() == 0 {
+        return;
+    }
+    if let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) {
+        unsafe { (*c).in_flight = made as u64 };
+    }
+}
+
 /// Whether this thread's allocation of `size` bytes is left out (always
-/// false in exact mode). Advances the thread's countdown.
+/// false in exact mode). Advances the thread's countdown. Called once the
+/// call is known not to be an inner one: no live call record is left.
 #[inline(always)]
 pub fn skip(pid_tgid: u64, size: u64) -> bool {
     let rate = rate();
     if rate == 0 {
         return false;
     }
-    let Some(left) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
+    let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
         // A thread's first allocation: start its countdown.
         let left = draw(rate);
         if left > size {
-            let _ = SAMPLE_COUNTDOWN.insert(pid_tgid, left - size, 0);
+            let _ = SAMPLE_COUNTDOWN.insert(
+                pid_tgid,
+                Countdown {
+                    left: left - size,
+                    in_flight: 0,
+                },
+                0,
+            );
             return true;
         }
-        let _ = SAMPLE_COUNTDOWN.insert(pid_tgid, draw(rate), 0);
+        let _ = SAMPLE_COUNTDOWN.insert(
+            pid_tgid,
+            Countdown {
+                left: draw(rate),
+                in_flight: 0,
+            },
+            0,
+        );
         return false;
     };
     unsafe {
-        if *left > size {
-            *left -= size;
+        (*c).in_flight = 0;
+        if (*c).left > size {
+            (*c).left -= size;
             return true;
         }
-        *left = draw(rate);
+        (*c).left = draw(rate);
     }
     false
 }
