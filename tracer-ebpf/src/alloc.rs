@@ -26,7 +26,10 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{count, is_target, ALLOCS, COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS},
+    maps::{
+        count, is_target, old_blocks_held, old_blocks_held_add, ALLOCS, COUNTERS, IN_FLIGHT,
+        STACK_STATS, TARGETS,
+    },
     sample, stack,
     taskstack::keep_task_stack,
 };
@@ -187,6 +190,9 @@ fn left_without_returning(pid_tgid: u64, outer: &InFlight) -> bool {
 #[inline(always)]
 fn abandon(pid_tgid: u64, call: &InFlight) {
     forget_call(pid_tgid);
+    if call.has_old != 0 {
+        old_blocks_held_add(1u64.wrapping_neg());
+    }
     // If the address is recorded again, the block was freed and handed out
     // anew: retire it instead.
     if call.has_old != 0
@@ -286,9 +292,14 @@ fn enter_sampled(
     // the record is still the one read above; if the remove fails anyway (a
     // racing free of the same block in the program), there is nothing to
     // retire at return.
-    if call.has_old != 0 && retried(|| ALLOCS.remove(&block(pid_tgid, ptr_arg))).is_err() {
-        if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
-            unsafe { (*stored).has_old = 0 };
+    if call.has_old != 0 {
+        // Counted before the block leaves ALLOCS (see `on_free`).
+        old_blocks_held_add(1);
+        if retried(|| ALLOCS.remove(&block(pid_tgid, ptr_arg))).is_err() {
+            if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+                unsafe { (*stored).has_old = 0 };
+            }
+            old_blocks_held_add(1u64.wrapping_neg());
         }
     }
     true
@@ -439,6 +450,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     }
 
     if call.has_old != 0 {
+        old_blocks_held_add(1u64.wrapping_neg());
         // realloc frees the old block when it returns a new one, and glibc's
         // realloc(p, 0) frees p and returns NULL. A failed realloc frees
         // nothing: the block is recorded again.
@@ -486,8 +498,9 @@ fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
     let key = block(pid_tgid, ptr);
     let Some(record) = (unsafe { ALLOCS.get(&key) }) else {
         // A realloc left without returning (see `abandon`) may hold this
-        // block's record: the thread's call record settles it first.
-        if IN_FLIGHT.get_ptr(pid_tgid).is_some() {
+        // block's record: the thread's call record settles it first. (Under
+        // sampling, looked up only while some record holds an old block.)
+        if old_blocks_held() && IN_FLIGHT.get_ptr(pid_tgid).is_some() {
             return free_unknown(ctx, pid_tgid, key);
         }
         // Sampling: the programs run only in the processes they are attached

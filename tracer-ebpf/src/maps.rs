@@ -21,6 +21,14 @@ pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0
 #[map]
 pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
+/// Call records (`IN_FLIGHT`) that hold an old block's record (a realloc's),
+/// over all threads, counted under `--sample-rate` only: while none does, a
+/// free of a block not in `ALLOCS` (an unsampled one) needs no `IN_FLIGHT`
+/// lookup. Records that userspace removes (dead threads) are not
+/// subtracted: the count errs high, which only costs that lookup.
+#[map]
+pub static OLD_BLOCKS_HELD: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Every live allocation by process and address. Preallocated so that inserts on the hot
 /// path never allocate kernel memory.
 #[map]
@@ -81,6 +89,34 @@ pub fn count(counter: tracer_common::Counter) {
                 slot, 1,
             )
         };
+    }
+}
+
+/// Adds `delta` (wrapped: negative) to `OLD_BLOCKS_HELD` when sampling.
+#[inline(always)]
+pub fn old_blocks_held_add(delta: u64) {
+    if crate::sample::rate() == 0 {
+        return;
+    }
+    if let Some(n) = OLD_BLOCKS_HELD.get_ptr_mut(0) {
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                n, delta,
+            )
+        };
+    }
+}
+
+/// Whether some call record may hold an old block's record (always true in
+/// exact mode, where the count is not kept).
+#[inline(always)]
+pub fn old_blocks_held() -> bool {
+    if crate::sample::rate() == 0 {
+        return true;
+    }
+    match OLD_BLOCKS_HELD.get_ptr(0) {
+        Some(n) => (unsafe { core::ptr::read_volatile(n) }) != 0,
+        None => true,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Part 5: a real server from Debian's packages that uses jemalloc:
 //! redis-server (Debian links it against libjemalloc2), driven by its own
-//! load client, redis-benchmark, on loopback. Requests/s untraced, traced
-//! exactly, and sampled every 512 KiB.
+//! load client, redis-benchmark, on loopback. Requests/s untraced, with
+//! no-op programs (the traps alone), traced exactly, and sampled every
+//! 512 KiB.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -23,11 +24,30 @@ use crate::cmd;
 const SERVER: &str = "/usr/bin/redis-server";
 
 /// The variants: a name, the tracer's arguments before the server's command
-/// line (none: untraced), and a library to preload. By position: untraced,
-/// exact, sampled on jemalloc; then the same with glibc's malloc preloaded
-/// (the comparison: what the allocator changes).
-pub const MODES: [(&str, &[&str], Option<&str>); 6] = [
+/// line (none: untraced), and a library to preload. On jemalloc: untraced,
+/// the no-op floors (empty programs at the same addresses: what the traps
+/// alone cost, exact and sampled), exact with frame-pointer stacks, exact
+/// (the default, CFI stacks), sampled; then the same server with glibc's
+/// malloc preloaded (the comparison: what the allocator changes).
+/// Each traced variant is compared with the untraced one of its allocator
+/// (`baseline`).
+pub const MODES: [(&str, &[&str], Option<&str>); 10] = [
     ("untraced", &[], None),
+    (
+        "no-op programs (floor of exact)",
+        &["run", "--noop-probes", "-o", "/dev/null", "--"],
+        None,
+    ),
+    (
+        "no-op session programs, no return (floor of sampled)",
+        &["run", "--noop-probes", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        None,
+    ),
+    (
+        "tracer (exact), --unwind fp",
+        &["run", "--unwind", "fp", "-o", "/dev/null", "--"],
+        None,
+    ),
     ("tracer (exact)", &["run", "-o", "/dev/null", "--"], None),
     (
         "tracer, sampling every 512 KiB",
@@ -35,6 +55,11 @@ pub const MODES: [(&str, &[&str], Option<&str>); 6] = [
         None,
     ),
     ("untraced, glibc malloc", &[], Some(GLIBC)),
+    (
+        "no-op programs (floor of exact), glibc malloc",
+        &["run", "--noop-probes", "-o", "/dev/null", "--"],
+        Some(GLIBC),
+    ),
     (
         "tracer (exact), glibc malloc",
         &["run", "-o", "/dev/null", "--"],
@@ -46,6 +71,27 @@ pub const MODES: [(&str, &[&str], Option<&str>); 6] = [
         Some(GLIBC),
     ),
 ];
+
+/// Positions in `MODES` the report names.
+pub const UNTRACED: usize = 0;
+pub const NOOP: usize = 1;
+pub const NOOP_SAMPLED: usize = 2;
+pub const EXACT_FP: usize = 3;
+pub const EXACT: usize = 4;
+pub const SAMPLED: usize = 5;
+pub const GLIBC_UNTRACED: usize = 6;
+pub const GLIBC_NOOP: usize = 7;
+pub const GLIBC_EXACT: usize = 8;
+pub const GLIBC_SAMPLED: usize = 9;
+
+/// The untraced variant to compare variant `i` with: its allocator's.
+pub fn baseline(i: usize) -> usize {
+    if MODES[i].2.is_some() {
+        GLIBC_UNTRACED
+    } else {
+        UNTRACED
+    }
+}
 
 /// Preloading the C library makes its malloc the one redis calls.
 const GLIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
