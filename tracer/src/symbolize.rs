@@ -151,8 +151,7 @@ impl Symbolizer {
                     }],
                 };
                 if let Some(outer) = frames.last_mut() {
-                    outer.wraps_allocator =
-                        self.wrappers.only_calls_allocator(&host_path, *offset);
+                    outer.wraps_allocator = self.wrappers.only_calls_allocator(&host_path, *offset);
                 }
                 self.cache.insert(*ip, frames);
             }

@@ -118,7 +118,10 @@ impl Labeler {
     }
 
     /// `pick` on (function, whose code only calls the allocator).
-    pub fn pick_marked<'a>(&self, functions: impl IntoIterator<Item = (Option<&'a str>, bool)>) -> usize {
+    pub fn pick_marked<'a>(
+        &self,
+        functions: impl IntoIterator<Item = (Option<&'a str>, bool)>,
+    ) -> usize {
         for (i, (function, wraps)) in functions.into_iter().enumerate() {
             match function {
                 Some(f) if self.is_wrapper(f) => continue,
@@ -255,7 +258,10 @@ mod tests {
         assert_eq!(l.pick_marked(stack), 1);
         // Only from the innermost frame on: a marked frame further out is
         // the label when the code before it is not a wrapper.
-        assert_eq!(l.pick_marked([(Some("parse"), false), (Some("grab"), true)]), 0);
+        assert_eq!(
+            l.pick_marked([(Some("parse"), false), (Some("grab"), true)]),
+            0
+        );
         let kept = Labeler::new(Vec::new(), vec![parse_pattern("^grab_buffer$").unwrap()]);
         assert_eq!(kept.pick_marked(stack), 0, "--no-wrapper wins");
     }

@@ -621,7 +621,9 @@ pub fn exits(code: &[u8], address: u64) -> Option<Exits> {
             constant = [false; 16];
         }
         let to = match instr.flow_control() {
-            FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+            FlowControl::Call
+            | FlowControl::UnconditionalBranch
+            | FlowControl::ConditionalBranch
                 if has_near_target(&instr) =>
             {
                 let target = instr.near_branch_target();

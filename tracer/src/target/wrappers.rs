@@ -109,7 +109,9 @@ impl Object {
 
     /// The function whose body holds `vaddr`.
     fn containing(&self, vaddr: u64) -> Option<(u64, u64)> {
-        let i = self.functions.partition_point(|(start, _, _)| *start <= vaddr);
+        let i = self
+            .functions
+            .partition_point(|(start, _, _)| *start <= vaddr);
         let (start, size, _) = self.functions.get(i.checked_sub(1)?)?;
         (vaddr < start + size).then_some((*start, *size))
     }
@@ -162,7 +164,8 @@ impl Object {
             let Some(size_args) = self.callee(transfer.to, depth) else {
                 return false;
             };
-            passes_size |= !size_args.is_empty() && !size_args.iter().all(|&n| transfer.constant[n]);
+            passes_size |=
+                !size_args.is_empty() && !size_args.iter().all(|&n| transfer.constant[n]);
         }
         passes_size
     }

@@ -79,7 +79,10 @@ fn real_code_is_not_a_wrapper() {
         ("ztrymalloc_usable", "a call to another function"),
         ("listCreate", "a constant size: zmalloc(sizeof(*list))"),
         ("sdsfree", "only frees"),
-        ("loadingAbsProgress", "zmalloc_used_memory only reads a counter"),
+        (
+            "loadingAbsProgress",
+            "zmalloc_used_memory only reads a counter",
+        ),
         ("createStringObject", "calls code"),
         ("extend_to_usable", "calls nothing"),
     ] {
