@@ -737,3 +737,4 @@ pub fn spawn_written(command: &mut Command) -> std::process::Child {
         }
     }
 }
+pub mod redis;

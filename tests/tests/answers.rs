@@ -228,18 +228,23 @@ fn labels_name_the_callers_of_wrappers_and_stacks_stay_whole() {
     for stack in report["stacks"].as_array().unwrap() {
         let functions = frame_functions(stack);
         let wrapper = functions[0].as_str();
-        if wrapper != "xmalloc" && wrapper != "pool_get" {
+        if !["xmalloc", "pool_get", "grab_buffer"].contains(&wrapper) {
             continue;
         }
         let at = stack["label_frame"].as_u64().unwrap_or(0) as usize;
         labels.push(functions[at].clone());
         // The full stack is unchanged: the wrapper, then its caller.
         assert_eq!(at, 1, "{functions:?}");
+        // Only grab_buffer's code is nothing but allocator calls: xmalloc
+        // calls abort, pool_get memset.
+        let marked = stack["frames"][0]["wraps_allocator"] == true;
+        assert_eq!(marked, wrapper == "grab_buffer", "{stack}");
     }
     labels.sort();
     assert_eq!(
         labels,
         [
+            "load_config",
             "make_reply",
             "new_buffer",
             "new_request",

@@ -249,19 +249,7 @@ fn a_debian_server_without_frame_pointers() {
         .unwrap()
         .port()
         .to_string();
-    let server = Fixture::spawn(
-        std::process::Command::new("redis-server").args([
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]),
-        "Ready to accept connections",
-    );
+    let server = start_redis(&port);
     let mut tracer = TracerCmd::new("report")
         .pid(server.pid())
         .args(["--format", "json", "--top", "10", "-v"])
@@ -315,4 +303,79 @@ fn a_debian_server_without_frame_pointers() {
     );
     let whole = report["unwinding"]["whole_stacks"].as_f64().unwrap();
     assert!(whole > 0.95, "{:#}", report["unwinding"]);
+}
+
+/// redis-server as `cargo xtask bench` runs it, logging at the level that
+/// says when it is ready.
+fn start_redis(port: &str) -> Fixture {
+    Fixture::spawn(
+        std::process::Command::new("redis-server")
+            .args(tracer_tests::redis::server_args(port))
+            .args(["--loglevel", "notice"]),
+        "Ready to accept connections",
+    )
+}
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
+
+/// The target on that server, driven by redis-benchmark as `cargo
+/// xtask bench` drives it: no two of the top ten rows share a label unless
+/// the labelled functions were called from the same function (`top` adds
+/// the caller to tell rows apart; the JSON gives the same label frame).
+#[test]
+fn top_ten_labels_of_a_debian_server_differ_unless_their_callers_are_the_same() {
+    require_root();
+    let port = free_port();
+    let server = start_redis(&port);
+    let mut tracer = TracerCmd::new("report")
+        .pid(server.pid())
+        .args(["--format", "json", "--top", "10", "-v"])
+        .spawn();
+    tracer.wait_for("attached to PID");
+    let out = std::process::Command::new("redis-benchmark")
+        .args(tracer_tests::redis::benchmark_args(&port, 20_000))
+        .output()
+        .expect("redis-benchmark");
+    assert!(out.status.success(), "{out:?}");
+    tracer.signal(libc::SIGINT);
+    let report = tracer.finish().json();
+    drop(server);
+
+    let stacks: Vec<&serde_json::Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["stack_id"] != "unknown")
+        .collect();
+    assert!(stacks.len() >= 5, "{report:#}");
+    // (label, the function that called it) of each row.
+    let rows: Vec<(String, String)> = stacks
+        .iter()
+        .map(|s| {
+            let functions = frame_functions(s);
+            let at = s["label_frame"].as_u64().unwrap_or(0) as usize;
+            let name = |i: usize| functions.get(i).cloned().unwrap_or_default();
+            (name(at), name(at + 1))
+        })
+        .collect();
+    for (i, (label, caller)) in rows.iter().enumerate() {
+        assert!(!label.is_empty(), "an unnamed label: {:#}", stacks[i]);
+        assert!(
+            !label.starts_with("zmalloc") && !label.starts_with("zcalloc"),
+            "labelled with the wrapper: {rows:?}"
+        );
+        for (other, other_caller) in &rows[i + 1..] {
+            assert!(
+                label != other || caller == other_caller,
+                "{label} from {caller} and from {other_caller}: {rows:?}"
+            );
+        }
+    }
 }

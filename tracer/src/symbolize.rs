@@ -12,7 +12,7 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blazesym,
 };
 
-use crate::{target::memory_map::Mapping, target::process::Process};
+use crate::target::{memory_map::Mapping, process::Process, wrappers::Wrappers};
 
 /// One symbolized frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -28,6 +28,10 @@ pub struct Frame {
     /// This frame was inlined into the next one.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// Its function only calls the allocator (`target::wrappers`): labels
+    /// skip it.
+    #[serde(skip)]
+    pub wraps_allocator: bool,
 }
 
 impl Frame {
@@ -45,6 +49,7 @@ pub struct Symbolizer {
     /// Every file mapping seen, newest first.
     mappings: Vec<Mapping>,
     cache: HashMap<u64, Vec<Frame>>,
+    wrappers: Wrappers,
 }
 
 impl Symbolizer {
@@ -59,6 +64,7 @@ impl Symbolizer {
             process,
             mappings: Vec::new(),
             cache: HashMap::new(),
+            wrappers: Wrappers::default(),
         }
     }
 
@@ -130,13 +136,13 @@ impl Symbolizer {
         for (module, addrs) in by_module {
             let host_path: PathBuf = self.process.host_path(&module);
             let offsets: Vec<u64> = addrs.iter().map(|(_, off)| *off).collect();
-            let src = Source::Elf(Elf::new(host_path));
+            let src = Source::Elf(Elf::new(host_path.clone()));
             let results = self
                 .blazesym
                 .symbolize(&src, Input::FileOffset(&offsets))
                 .unwrap_or_default();
-            for (i, (ip, _)) in addrs.iter().enumerate() {
-                let frames = match results.get(i) {
+            for (i, (ip, offset)) in addrs.iter().enumerate() {
+                let mut frames = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => frames_of(sym, *ip, &module),
                     _ => vec![Frame {
                         address: *ip,
@@ -144,6 +150,9 @@ impl Symbolizer {
                         ..Frame::default()
                     }],
                 };
+                if let Some(outer) = frames.last_mut() {
+                    outer.wraps_allocator = self.wrappers.only_calls_allocator(&host_path, *offset);
+                }
                 self.cache.insert(*ip, frames);
             }
         }
@@ -167,6 +176,7 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> 
             module: Some(module.to_string()),
             address,
             inlined,
+            wraps_allocator: false,
         }
     };
     // blazesym lists inlined calls outermost first, each with the location of

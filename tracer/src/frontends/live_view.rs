@@ -273,9 +273,7 @@ impl LiveView {
             if !filter.is_empty() && !matches_filter(frames, &filter) {
                 continue;
             }
-            let at = self
-                .labels
-                .pick(frames.iter().map(|f| f.function.as_deref()));
+            let at = self.labels.pick_frames(frames);
             let (function, location) = allocating_function(&frames[at.min(frames.len())..]);
             let caller = frames.get(at + 1).and_then(|f| f.function.clone());
             let row = Row {
@@ -444,6 +442,7 @@ pub(crate) mod tests {
             module: Some("/usr/bin/server".to_string()),
             address: 0x1000,
             inlined: false,
+            wraps_allocator: false,
         }
     }
 

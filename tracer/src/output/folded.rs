@@ -97,6 +97,7 @@ pub(crate) mod tests {
             module: Some("/usr/bin/app".into()),
             address: "0x10".into(),
             inlined: false,
+            wraps_allocator: false,
         }
     }
 

@@ -55,6 +55,7 @@ mod tests {
                     module: Some("/bin/a".into()),
                     address: "0x10".into(),
                     inlined: false,
+                    wraps_allocator: false,
                 }],
             }],
             stack_count: 1,

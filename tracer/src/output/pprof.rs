@@ -205,6 +205,7 @@ impl Profile {
                 module: None,
                 address: "0x0".to_string(),
                 inlined: false,
+                wraps_allocator: false,
             };
             return vec![self.location(&[unknown])];
         }

@@ -262,6 +262,7 @@ mod tests {
             module: Some("/usr/bin/demo".into()),
             address: "0x1".into(),
             inlined: false,
+            wraps_allocator: false,
         };
         assert_eq!(frame_line(&f), "leak at /src/a.c:7 [demo]");
         let unknown = ReportFrame {
@@ -271,6 +272,7 @@ mod tests {
             module: None,
             address: "0x99".into(),
             inlined: false,
+            wraps_allocator: false,
         };
         assert_eq!(frame_line(&unknown), "0x99");
     }

@@ -185,6 +185,7 @@ pub(crate) mod tests {
             module: Some("/srv/app".into()),
             address: address.into(),
             inlined: false,
+            wraps_allocator: false,
         }
     }
 

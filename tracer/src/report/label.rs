@@ -4,12 +4,16 @@
 //! wrapper every stack goes through. Wrappers are a built-in list, user
 //! patterns (`--wrapper`, `--no-wrapper`, like pprof's -drop_frames and
 //! -show_frames), and functions the data shows to be wrappers: the
-//! innermost frame of stacks with many different callers. Full stacks are
+//! innermost frame of stacks with many different callers, and functions
+//! whose code only calls the allocator (`target::wrappers`, marked on the
+//! frames by the symbolizer). Full stacks are
 //! never changed, only the label chosen from them. Pure.
 
 use std::collections::{HashMap, HashSet};
 
 use regex::Regex;
+
+use crate::symbolize::Frame;
 
 /// Functions that only pass an allocation on, matched against demangled
 /// names from their start.
@@ -20,7 +24,9 @@ const BUILTIN: &[&str] = &[
     r"^_*(strn?dup|wcsdup|v?asprintf|open_memstream)$",
     r"^x(malloc|calloc|zalloc|realloc|reallocarray|strn?dup|memdup|nmalloc|2nrealloc|2realloc|charalloc)$",
     r"^g_(try_)?(malloc|malloc0|realloc|new|new0|renew|memdup2?|strn?dup|strdup_printf|slice_alloc0?|slice_copy)(_n)?$",
-    r"^z(try)?(malloc|calloc|realloc|strdup)(_\w+)?$",
+    // Redis and Valkey (not `zmalloc_used_memory` and the like: `wrappers`
+    // asks this list of what a function calls).
+    r"^z(try)?(malloc|calloc|realloc|strdup)(_usable|_num|_no_tcache)?(_internal)?$",
     r"^(palloc0?|palloc_extended|repalloc|pstrdup|pnstrdup|MemoryContextAlloc\w*)$",
     r"^(PyMem|PyObject)_(Raw)?(Malloc|Calloc|Realloc)$",
     // C++.
@@ -98,14 +104,45 @@ impl Labeler {
     /// Index of the frame to label a stack with: the first one past the
     /// wrappers (unknown functions are not wrappers); 0 if all are.
     pub fn pick<'a>(&self, functions: impl IntoIterator<Item = Option<&'a str>>) -> usize {
-        for (i, function) in functions.into_iter().enumerate() {
+        self.pick_marked(functions.into_iter().map(|f| (f, false)))
+    }
+
+    /// `pick` on symbolized frames: those whose code only calls the
+    /// allocator (`Frame::wraps_allocator`) are wrappers too.
+    pub fn pick_frames(&self, frames: &[Frame]) -> usize {
+        self.pick_marked(
+            frames
+                .iter()
+                .map(|f| (f.function.as_deref(), f.wraps_allocator)),
+        )
+    }
+
+    /// `pick` on (function, whose code only calls the allocator).
+    pub fn pick_marked<'a>(
+        &self,
+        functions: impl IntoIterator<Item = (Option<&'a str>, bool)>,
+    ) -> usize {
+        for (i, (function, wraps)) in functions.into_iter().enumerate() {
             match function {
                 Some(f) if self.is_wrapper(f) => continue,
+                Some(f) if wraps && !self.removed.iter().any(|r| r.is_match(f)) => continue,
                 _ => return i,
             }
         }
         0
     }
+}
+
+/// Whether the built-in list names `function` (`wrappers` asks it of the
+/// functions a candidate calls, by their symbol names).
+pub fn is_listed(function: &str) -> bool {
+    static LIST: std::sync::LazyLock<Vec<Regex>> = std::sync::LazyLock::new(|| {
+        BUILTIN
+            .iter()
+            .map(|p| Regex::new(p).expect("built-in wrapper pattern"))
+            .collect()
+    });
+    LIST.iter().any(|r| r.is_match(function))
 }
 
 /// Parses a `--wrapper`/`--no-wrapper` pattern.
@@ -208,5 +245,24 @@ mod tests {
             no_wrapper.observe([Some("obj_alloc"), Some(caller)]);
         }
         assert_eq!(pick(&no_wrapper, &["obj_alloc", "a"]), 0);
+    }
+
+    #[test]
+    fn functions_whose_code_only_calls_the_allocator_are_skipped() {
+        let l = Labeler::default();
+        let stack = [
+            (Some("grab_buffer"), true),
+            (Some("load_config"), false),
+            (Some("main"), false),
+        ];
+        assert_eq!(l.pick_marked(stack), 1);
+        // Only from the innermost frame on: a marked frame further out is
+        // the label when the code before it is not a wrapper.
+        assert_eq!(
+            l.pick_marked([(Some("parse"), false), (Some("grab"), true)]),
+            0
+        );
+        let kept = Labeler::new(Vec::new(), vec![parse_pattern("^grab_buffer$").unwrap()]);
+        assert_eq!(kept.pick_marked(stack), 0, "--no-wrapper wins");
     }
 }

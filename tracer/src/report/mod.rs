@@ -191,6 +191,9 @@ pub struct ReportFrame {
     pub address: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// Its function's code only calls the allocator (see `label.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wraps_allocator: bool,
 }
 
 impl From<&Frame> for ReportFrame {
@@ -202,6 +205,7 @@ impl From<&Frame> for ReportFrame {
             module: f.module.clone(),
             address: format!("{:#x}", f.address),
             inlined: f.inlined,
+            wraps_allocator: f.wraps_allocator,
         }
     }
 }
@@ -488,7 +492,12 @@ pub fn set_labels(report: &mut Report, labeler: &mut label::Labeler) {
         labeler.observe(stack.frames.iter().map(|f| f.function.as_deref()));
     }
     for stack in &mut report.stacks {
-        stack.label_frame = labeler.pick(stack.frames.iter().map(|f| f.function.as_deref()));
+        stack.label_frame = labeler.pick_marked(
+            stack
+                .frames
+                .iter()
+                .map(|f| (f.function.as_deref(), f.wraps_allocator)),
+        );
     }
 }
 

@@ -106,6 +106,21 @@ impl ElfInfo {
         data.get(start..start.checked_add(len)?.min(data.len()))
     }
 
+    /// Every defined function: (name, virtual address, size).
+    pub fn functions(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.functions
+            .iter()
+            .map(|(name, (address, size))| (name.as_str(), *address, *size))
+    }
+
+    /// The virtual address a file offset is loaded at.
+    pub fn offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|(_, size, start)| *start <= offset && offset < start + size)
+            .map(|(addr, _, start)| offset - start + addr)
+    }
+
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments
             .iter()

@@ -10,3 +10,4 @@ pub mod placement;
 pub mod process;
 pub mod tasks;
 pub mod unwind;
+pub mod wrappers;

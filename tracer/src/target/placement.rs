@@ -563,5 +563,130 @@ pub fn plt_slot(code: &[u8], address: u64) -> Option<u64> {
     None
 }
 
+/// Where a function's code goes out of itself: what `wrappers` needs to
+/// judge whether it only calls the allocator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exits {
+    /// Direct calls and jumps outside the function, and calls and jumps
+    /// through a rip-relative slot.
+    pub transfers: Vec<Transfer>,
+    /// Some call or jump goes through a register or computed memory: its
+    /// target is unknown.
+    pub indirect: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A code address.
+    Direct(u64),
+    /// The slot jumped or called through (`call *slot(%rip)`: a GOT entry,
+    /// with -fno-plt).
+    Slot(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub to: Destination,
+    /// Which of the first three argument registers (rdi, rsi, rdx) hold a
+    /// constant there: set from an immediate (or zeroed) on the straight
+    /// line before it, no branch landing in between.
+    pub constant: [bool; MAX_ARGS],
+}
+
+/// The exits of the function whose machine code is `code` (exactly the
+/// symbol's size), loaded at `address`; None if it does not decode.
+pub fn exits(code: &[u8], address: u64) -> Option<Exits> {
+    let end = address + code.len() as u64;
+    let inside = |target: u64| target >= address && target < end;
+    // Where branches land inside: what is known of the registers stops there.
+    let mut landings = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instr = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instr);
+        if instr.is_invalid() {
+            return None;
+        }
+        if has_near_target(&instr) && inside(instr.near_branch_target()) {
+            landings.push(instr.near_branch_target());
+        }
+    }
+    let mut info = InstructionInfoFactory::new();
+    let mut exits = Exits::default();
+    let mut constant = [false; 16];
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instr);
+        if landings.contains(&instr.ip()) {
+            constant = [false; 16];
+        }
+        let to = match instr.flow_control() {
+            FlowControl::Call
+            | FlowControl::UnconditionalBranch
+            | FlowControl::ConditionalBranch
+                if has_near_target(&instr) =>
+            {
+                let target = instr.near_branch_target();
+                (!inside(target)).then_some(Destination::Direct(target))
+            }
+            FlowControl::IndirectCall | FlowControl::IndirectBranch
+                if is_rip_relative_memory(&instr) =>
+            {
+                Some(Destination::Slot(instr.memory_displacement64()))
+            }
+            FlowControl::Call
+            | FlowControl::UnconditionalBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::IndirectCall
+            | FlowControl::IndirectBranch => {
+                exits.indirect = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(to) = to {
+            let mut args = [false; MAX_ARGS];
+            for (n, reg) in ARGUMENT_REGISTERS.iter().enumerate() {
+                args[n] = constant[number(*reg).unwrap()];
+            }
+            exits.transfers.push(Transfer { to, constant: args });
+        }
+        if instr.flow_control() != FlowControl::Next {
+            // A call clobbers the argument registers.
+            constant = [false; 16];
+            continue;
+        }
+        let set = sets_constant(&instr);
+        for r in info.info(&instr).used_registers() {
+            if writes(r.access()) {
+                if let Some(n) = number(r.register().full_register()) {
+                    constant[n] = set == Some(n);
+                }
+            }
+        }
+    }
+    Some(exits)
+}
+
+/// The register `instr` sets to a constant: `mov $imm, reg` or
+/// `xor reg, reg`.
+fn sets_constant(instr: &Instruction) -> Option<usize> {
+    let reg = instr.op0_register();
+    match instr.code() {
+        Code::Mov_r32_imm32 | Code::Mov_r64_imm64 => number(reg.full_register()),
+        Code::Mov_rm32_imm32 | Code::Mov_rm64_imm32 if instr.op0_kind() == OpKind::Register => {
+            number(reg.full_register())
+        }
+        Code::Xor_r32_rm32 | Code::Xor_rm32_r32 | Code::Xor_r64_rm64 | Code::Xor_rm64_r64
+            if instr.op0_kind() == OpKind::Register
+                && instr.op1_kind() == OpKind::Register
+                && instr.op1_register() == reg =>
+        {
+            number(reg.full_register())
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,10 @@ use super::{
 };
 use crate::cmd;
 
+/// The command lines, shared with the end-to-end tests.
+#[path = "../../../tests/src/redis.rs"]
+mod redis_command;
+
 const SERVER: &str = "/usr/bin/redis-server";
 
 /// The variants: a name, the tracer's arguments before the server's command
@@ -96,11 +100,8 @@ pub fn baseline(i: usize) -> usize {
 /// Preloading the C library makes its malloc the one redis calls.
 const GLIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
-/// The tests redis-benchmark runs; each one's requests/s is reported.
-const TESTS: &str = "set,get,lpush,lpop";
-
 pub struct RedisResults {
-    /// [mode][run]: requests/s over all of `TESTS` (their mean).
+    /// [mode][run]: requests/s over all of `BENCHMARK_TESTS` (their mean).
     pub rps: Vec<Vec<f64>>,
     /// Per mode: "name: `server command` and `client command`".
     pub commands: Vec<String>,
@@ -143,25 +144,7 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn server_args(port: &str) -> Vec<String> {
-    [
-        "--port",
-        port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--loglevel",
-        "warning",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+use redis_command::{benchmark_args, server_args};
 
 fn start(tracer: &Path, prefix: &[&str], preload: Option<&str>, port: u16) -> Result<Child> {
     let args = server_args(&port.to_string());
@@ -197,17 +180,7 @@ fn wait_until_listening(server: &mut Child, port: u16, name: &str) -> Result<()>
 }
 
 fn client_args(port: u16, requests: u64) -> Vec<String> {
-    vec![
-        "-p".into(),
-        port.to_string(),
-        "-c".into(),
-        "20".into(),
-        "-n".into(),
-        requests.to_string(),
-        "-t".into(),
-        TESTS.into(),
-        "--csv".into(),
-    ]
+    benchmark_args(&port.to_string(), requests)
 }
 
 /// Runs redis-benchmark; the mean of its tests' requests/s.

@@ -161,6 +161,7 @@ mod tests {
             module: Some(module.to_string()),
             address: "0x1".to_string(),
             inlined: false,
+            wraps_allocator: false,
         }
     }
 
