@@ -71,8 +71,7 @@ pub struct Scratch {
 }
 
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<Scratch> =
-    PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
+pub static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Event and drop counters, indexed by `tracer_common::Counter`.
 #[map]

@@ -8,9 +8,7 @@ use tracer_common::{
     unknown_stack, Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN, UNKNOWN_STACK_IDS,
 };
 
-use crate::maps::{
-    count, FREE_SLOTS, SCRATCH_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS,
-};
+use crate::maps::{count, FREE_SLOTS, SCRATCH_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
