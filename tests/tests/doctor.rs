@@ -108,8 +108,9 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
     );
     // One walk on every kernel: it needs no bpf_loop.
     assert_eq!(paths["cfi_walk"], "global_function");
-    let sessions =
-        available(&doc, "uprobe_sessions") == true && available(&doc, "attach_cookies") == true;
+    let cookies = available(&doc, "attach_cookies") == true;
+    assert_eq!(paths["moved_probes"], cookies);
+    let sessions = available(&doc, "uprobe_sessions") == true && cookies;
     assert_eq!(
         paths["sampled_allocation_probes"],
         if sessions {
@@ -240,6 +241,22 @@ fn without_uprobe_sessions_sampling_uses_uretprobes() {
     assert!(!stderr.contains("uprobe session alloc_session"), "{stderr}");
 }
 
+/// Without attach cookies (before 5.15, or hidden here) no probe sits past
+/// a moved argument, whose program could not know where it went:
+/// `moved_enter` is neither loaded nor attached, `-v` says so, and the
+/// report is as exact.
+#[test]
+fn without_attach_cookies_probes_stay_where_no_argument_moved_and_exact() {
+    let stderr = exact_without("attach_cookies", &[]);
+    assert!(
+        stderr.contains(
+            "tracer: probe placement: only where no argument has moved (no attach cookies)"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("moved_enter"), "{stderr}");
+}
+
 /// Without membarrier grace periods stack slots are never recycled (`-v`
 /// says so); counting is unchanged.
 #[test]
@@ -283,7 +300,10 @@ fn doctor_follows_what_the_kernel_lacks() {
     assert_eq!(available(&doc, "batch_ops"), false);
     assert_eq!(doc["paths"]["map_reads"], "key_by_key");
     assert_eq!(doc["paths"]["cfi_walk"], "global_function");
-    assert_eq!(doc["programs"]["load_cfi"]["ok"], true, "no bpf_loop needed: {doc:#}");
+    assert_eq!(
+        doc["programs"]["load_cfi"]["ok"], true,
+        "no bpf_loop needed: {doc:#}"
+    );
 }
 
 /// What the tracer cannot do without stops it before anything is attached:

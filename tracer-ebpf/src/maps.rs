@@ -52,28 +52,34 @@ pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(65536, 0);
 #[map]
 pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
+/// Scratch slots per CPU for capturing stacks (`Scratch`), each with the
+/// CFI walk's state of the same index (`unwind::UNWIND_SCRATCH`).
+pub const SCRATCH_SLOTS: u32 = 4;
+
 /// Scratch space for capturing one stack (too large for the 512-byte BPF
-/// stack), with the thread (pid_tgid) that is using it.
+/// stack), and how many programs count themselves in it.
 ///
 /// Per-CPU is not quite per-program: uprobe programs run with migration
 /// disabled but under `rcu_read_lock()`, which on PREEMPT_RCU kernels leaves
-/// preemption on. With full preemption (`preempt=full`, PREEMPT_RT, lazy) a
-/// program can be preempted mid-capture and another thread's program on the
-/// same CPU can use the same buffer (and `unwind`'s walk state with it).
-/// `stack::capture` counts itself in `busy`, claims the buffer with `owner`,
-/// and trusts what it hashed and stored only if, after the fact, it is the
-/// only user (`busy == 1`) and still the owner; a release clears `owner`, so
-/// a user that resumed, wrote and finished inside another's use is seen too.
-/// Otherwise the stack is counted as lost (`StackLost`), never mixed.
+/// preemption on. With full or lazy preemption (`preempt=full`, PREEMPT_RT,
+/// 7.x's default) a program can be preempted mid-capture and another
+/// thread's program can run on the same CPU. So each CPU has
+/// `SCRATCH_SLOTS` of them, and `stack::tracer_claim_scratch` claims one for
+/// the program alone: add 1 to `busy`, then read it back; 1 means no other
+/// program holds it (one that added before us and still holds it would show
+/// as 2; one that adds after us reads 2 and goes to the next slot). A
+/// non-fetching add and a load (5.10 has no fetching atomics): a preemption
+/// between them can only make both programs give the slot up. A stack is
+/// lost (`StackLost`) only when every slot of the CPU is held by preempted
+/// programs at once.
 #[repr(C)]
 pub struct Scratch {
     pub busy: u64,
-    pub owner: u64,
     pub trace: StackTrace,
 }
 
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Event and drop counters, indexed by `tracer_common::Counter`.
 #[map]

@@ -8,7 +8,7 @@ use tracer_common::{
     unknown_stack, Counter, StackTrace, MAX_FRAMES, SLOT_UNKNOWN, STACK_UNKNOWN, UNKNOWN_STACK_IDS,
 };
 
-use crate::maps::{count, Scratch, FREE_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
+use crate::maps::{count, FREE_SLOTS, SCRATCH_SLOTS, STACKS, STACK_SCRATCH, STACK_STATS, TARGETS};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -60,53 +60,60 @@ pub fn hash_frames(buf: &StackTrace, len: usize, tgid: u32) -> u64 {
     hash
 }
 
+/// Claims one of this CPU's scratch slots (see `maps::Scratch`) and returns
+/// its index, or `SCRATCH_SLOTS` when preempted programs hold them all. A
+/// global function, verified once: its caller sees one unknown index, not
+/// one path per slot through the whole capture.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_claim_scratch() -> u32 {
+    for i in 0..SCRATCH_SLOTS {
+        let Some(scratch) = STACK_SCRATCH.get_ptr_mut(i) else {
+            break;
+        };
+        let busy = unsafe { &raw mut (*scratch).busy };
+        // The adds are single locked instructions: a preemption cannot
+        // split them (and their result is unused: no fetch, 5.10 has none).
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, 1);
+            if core::ptr::read_volatile(busy) == 1 {
+                return i;
+            }
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, u64::MAX);
+        }
+    }
+    SCRATCH_SLOTS
+}
+
 /// Captures the current user stack and returns its id and slot, or the
 /// unknown stack (counted as `StackLost`) when it cannot be captured or
 /// stored.
 #[inline(always)]
 pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
-    let me = bpf_get_current_pid_tgid();
-    let tgid = (me >> 32) as u32;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if crate::bench::no_stacks() {
         return unknown(tgid);
     }
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let index = tracer_claim_scratch();
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(index) else {
+        // Every slot held by a preempted program on this CPU.
+        count(Counter::StackLost);
         return unknown(tgid);
     };
-    // Claim the per-CPU buffer (see `maps::Scratch`): a thread is never
-    // running two programs at once, so its pid_tgid is a unique claim. The
-    // adds are single locked instructions: a preemption cannot split them.
-    let busy = unsafe { &raw mut (*scratch).busy };
-    let owner = unsafe { &raw mut (*scratch).owner };
+    let stack = capture_in(ctx, unsafe { &mut (*scratch).trace }, index, tgid);
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, 1);
-        core::ptr::write_volatile(owner, me);
-    }
-    let stack = capture_in(ctx, scratch, me, tgid);
-    unsafe {
-        core::ptr::write_volatile(owner, 0);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, u64::MAX);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*scratch).busy, u64::MAX);
     }
     stack
 }
 
-/// `capture` with the scratch buffer claimed.
+/// `capture` with scratch slot `index` claimed: `buf` is ours alone.
 #[inline(always)]
-fn capture_in<C: EbpfContext>(ctx: &C, scratch: *mut Scratch, me: u64, tgid: u32) -> Stack {
-    // `busy` first: once it reads 1, whoever used the buffer since our
-    // claim has released it, clearing `owner`. One comparison, not two: BPF
-    // has no setcc, and every branch here multiplies the verifier's states
-    // (the session program is close to its limit).
-    let still_ours = move || unsafe {
-        let busy = core::ptr::read_volatile(&raw const (*scratch).busy);
-        let owner = core::ptr::read_volatile(&raw const (*scratch).owner);
-        ((busy ^ 1) | (owner ^ me)) == 0
-    };
-    let buf: &mut StackTrace = unsafe { &mut (*scratch).trace };
+fn capture_in<C: EbpfContext>(ctx: &C, buf: &mut StackTrace, index: u32, tgid: u32) -> Stack {
     // The CFI walker (the default), when it has tables for this process;
     // otherwise our own frame-pointer walk, not bpf_get_stack (fpwalk.rs
     // says why). The length goes through the buffer, read back once.
-    let cfi = match crate::unwind::walk(ctx.as_ptr() as *const _, buf) {
+    let cfi = match crate::unwind::walk(ctx.as_ptr() as *const _, buf, index) {
         Some(frames) => {
             buf.len = frames as u64;
             true
@@ -131,19 +138,13 @@ fn capture_in<C: EbpfContext>(ctx: &C, scratch: *mut Scratch, me: u64, tgid: u32
     }
 
     let hash = hash_frames(buf, len, tgid);
-    // Preempted by another program that used the buffer: the frames and the
-    // hash may be a mix of two stacks.
-    if !still_ours() {
-        count(Counter::StackLost);
-        return unknown(tgid);
-    }
     // Two rounds: the second one only runs when another CPU stored the same
     // new stack between our lookup and our insert.
     for _ in 0..2 {
         if let Some(slot) = known_slot(hash) {
             return Stack { id: hash, slot };
         }
-        match new_slot(hash, tgid, buf, &still_ours) {
+        match new_slot(hash, tgid, buf) {
             Ok(slot) => return Stack { id: hash, slot },
             Err(err) if err == EEXIST => continue,
             Err(_) => break,
@@ -171,12 +172,7 @@ fn known_slot(hash: u64) -> Option<u32> {
 /// Claims a free slot for a new stack and publishes both. Err(-EEXIST) when
 /// another CPU published the same stack first.
 #[inline(always)]
-fn new_slot(
-    hash: u64,
-    tgid: u32,
-    buf: &mut StackTrace,
-    still_ours: &impl Fn() -> bool,
-) -> Result<u32, i64> {
+fn new_slot(hash: u64, tgid: u32, buf: &mut StackTrace) -> Result<u32, i64> {
     let slot = match FREE_SLOTS.pop() {
         Ok(Some(slot)) => slot,
         // No free slot: more distinct live stacks than --max-stacks.
@@ -192,32 +188,9 @@ fn new_slot(
         core::ptr::write_volatile(&mut (*stats).stack_id, hash);
     }
     buf.slot = slot as u64;
-    // Checked again right before the insert, which copies the buffer under
-    // the bucket lock with interrupts off. (A preemption in the few
-    // instructions between this check and the lock could still store mixed
-    // frames; the check after the insert then gives up on the stack, whose
-    // slot stays empty and is reclaimed.)
-    let err = if !still_ours() {
-        -1
-    } else {
-        match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
-            Ok(()) if still_ours() => return Ok(slot),
-            Ok(()) => {
-                // The other program may have written its own slot into the
-                // buffer too: an entry naming another stack's slot would
-                // never be used (`known_slot` checks) but would keep this
-                // stack from ever getting a slot of its own (every later
-                // insert: EEXIST), its blocks all counted as lost. Take it
-                // out; our slot, unreachable, is reclaimed as an orphan.
-                if let Some(entry) = STACKS.get_ptr(hash) {
-                    if unsafe { core::ptr::read_volatile(&(*entry).slot) } != slot as u64 {
-                        let _ = STACKS.remove(&hash);
-                    }
-                }
-                return Err(-1);
-            }
-            Err(err) => err.into(),
-        }
+    let err: i64 = match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+        Ok(()) => return Ok(slot),
+        Err(err) => err.into(),
     };
     // Not published, so nobody else can be using the slot: give it back. If
     // the queue refuses it, it stays owned by `hash` with nothing in it, an

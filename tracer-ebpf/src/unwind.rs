@@ -91,7 +91,8 @@ pub struct Walk {
 const FRAMES_PER_CALL: usize = 4;
 
 #[map]
-static UNWIND_SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+static UNWIND_SCRATCH: PerCpuArray<Walk> =
+    PerCpuArray::with_max_entries(crate::maps::SCRATCH_SLOTS, 0);
 
 #[inline(always)]
 fn enabled() -> bool {
@@ -102,14 +103,16 @@ fn enabled() -> bool {
 /// Returns the number of frames (`out.outermost` says whether the walk
 /// reached the outermost frame), or None when CFI unwinding is off or has
 /// no table for this process (the caller then walks frame pointers).
+/// `slot`: the scratch slot the caller claimed (`maps::Scratch`), whose
+/// walk state is then the caller's alone.
 #[inline(always)]
-pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<usize> {
+pub fn walk(regs: *const pt_regs, out: &mut StackTrace, slot: u32) -> Option<usize> {
     if !enabled() {
         return None;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     UNWIND_PROCS.get_ptr(tgid)?;
-    let w = unsafe { &mut *UNWIND_SCRATCH.get_ptr_mut(0)? };
+    let w = unsafe { &mut *UNWIND_SCRATCH.get_ptr_mut(slot)? };
     unsafe {
         w.ip = (*regs).rip;
         w.sp = (*regs).rsp;
@@ -123,7 +126,7 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace) -> Option<usize> {
     w.exact = 0;
     w.last = UnwindMapping::default();
     for _ in 0..MAX_FRAMES.div_ceil(FRAMES_PER_CALL) {
-        if tracer_unwind_step() != 0 {
+        if tracer_unwind_step(slot) != 0 {
             break;
         }
     }
@@ -222,8 +225,8 @@ fn row_for(w: &mut Walk, table: &UnwindProc) -> Option<UnwindRow> {
 /// purpose: see the module's comment.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn tracer_unwind_step() -> i64 {
-    let Some(w) = UNWIND_SCRATCH.get_ptr_mut(0) else {
+pub extern "C" fn tracer_unwind_step(slot: u32) -> i64 {
+    let Some(w) = UNWIND_SCRATCH.get_ptr_mut(slot) else {
         return 1;
     };
     let w = unsafe { &mut *w };

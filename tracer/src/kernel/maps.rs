@@ -70,23 +70,24 @@ pub type StacksMut<'a> = Hash<&'a mut MapData, u64, StackTrace>;
 impl<'a, K: Pod, V: Pod> Hash<&'a MapData, K, V> {
     pub fn open(loaded: &'a Loaded, name: &'static str) -> Result<Self> {
         let batch = loaded.batch_reads;
-        let map = loaded.map(name)?;
-        let fd = map_fd(map);
-        let map = BpfHashMap::try_from(map).map_err(|e| KernelError::map(name, e))?;
-        Ok(Hash {
-            name,
-            fd,
-            batch,
-            map,
-        })
+        Self::typed(loaded.map(name)?, name, batch)
     }
 }
 
 impl<'a, K: Pod, V: Pod> Hash<&'a mut MapData, K, V> {
     pub fn open_mut(loaded: &'a mut Loaded, name: &'static str) -> Result<Self> {
         let batch = loaded.batch_reads;
-        let map = loaded.map_mut(name)?;
-        let fd = map_fd(map);
+        Self::typed(loaded.map_mut(name)?, name, batch)
+    }
+}
+
+impl<T, K: Pod, V: Pod> Hash<T, K, V> {
+    /// The object's map `name`, typed (borrowed or borrowed to change).
+    fn typed<M: Borrow<Map>>(map: M, name: &'static str, batch: bool) -> Result<Self>
+    where
+        BpfHashMap<T, K, V>: TryFrom<M, Error = MapError>,
+    {
+        let fd = map_fd(map.borrow());
         let map = BpfHashMap::try_from(map).map_err(|e| KernelError::map(name, e))?;
         Ok(Hash {
             name,

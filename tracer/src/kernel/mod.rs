@@ -131,9 +131,6 @@ pub struct Kernel {
     reclaimer: Reclaimer,
     /// What this kernel lets the tracer do, and how.
     paths: Paths,
-    /// Programs can read attach cookies (5.15+): probes may move to where
-    /// an argument is in another register (`ProbePoint::placed`).
-    cookies: bool,
 }
 
 impl Kernel {
@@ -207,16 +204,11 @@ impl Kernel {
         });
         loaded.start_logger();
         loaded.load_uprobes(&probes::programs(options.variant))?;
-        // It reads its attach cookie: the verifier refuses it before 5.15.
-        let cookies = match loaded.load_uprobes(&[probes::MOVED_ENTRY]) {
-            Ok(()) => true,
-            Err(e) => {
-                log::debug!("no attach cookies, probes move only where no argument does: {e:#}");
-                false
-            }
-        };
+        if paths.cookies {
+            // It reads its attach cookie: the verifier refuses it before 5.15.
+            loaded.load_uprobes(&[probes::MOVED_ENTRY])?;
+        }
         let mut kernel = Kernel {
-            cookies,
             loaded,
             variant: options.variant,
             probes: ProbeSet::default(),

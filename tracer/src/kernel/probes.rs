@@ -42,7 +42,8 @@ pub fn programs(variant: Variant) -> Vec<&'static str> {
     if variant == Variant::Noop {
         return vec![NOOP_ENTRY, NOOP_RETURN];
     }
-    // MOVED_ENTRY is loaded on its own (`Kernel::cookies`).
+    // MOVED_ENTRY is loaded only where programs read attach cookies
+    // (`Paths::cookies`).
     let mut programs: Vec<&str> = FUNCTIONS.iter().map(|(_, e)| entry_program(*e)).collect();
     programs.push(RETURN_PROGRAM);
     programs.sort_unstable();
@@ -286,7 +287,7 @@ impl Kernel {
                 self.describe_covered(object, point, target);
                 continue;
             }
-            let placement = point.placed(self.cookies);
+            let placement = point.placed(self.paths.cookies);
             if point.entry.needs_return() {
                 let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
                 links.push(self.attach_one(object, point, program, None, true, scope_task)?);
@@ -311,7 +312,7 @@ impl Kernel {
         self.probes.describe(Attached {
             object: object.path.clone(),
             file_offset: point.file_offset,
-            placement: point.placed(self.cookies).clone(),
+            placement: point.placed(self.paths.cookies).clone(),
             functions: point.functions.clone(),
             covered_by: Some(to),
             program: "",
@@ -331,7 +332,7 @@ impl Kernel {
         is_return: bool,
         scope_task: u32,
     ) -> Result<UprobeLink> {
-        let placement = point.placed(self.cookies).clone();
+        let placement = point.placed(self.paths.cookies).clone();
         let file_offset = point.file_offset + placement.skip;
         let link = self.loaded.attach_uprobe(
             program,

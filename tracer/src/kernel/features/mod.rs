@@ -268,6 +268,10 @@ pub struct Paths {
     /// Maps read in batches (thousands of entries per syscall), else key
     /// by key (two syscalls per entry).
     pub batch_reads: bool,
+    /// Programs read attach cookies (5.15+): a probe may sit past where an
+    /// argument moved to another register, its cookie saying which
+    /// (`ProbePoint::placed`), else only where none has moved.
+    pub cookies: bool,
     /// Allocation functions may be probed with uprobe sessions (where they
     /// pay: `--sample-rate`), else always with a uprobe and a uretprobe.
     pub sessions: bool,
@@ -287,6 +291,7 @@ impl Paths {
     /// that fails falls back; a tracepoint that fails is said), and as
     /// absent where a wrong guess would fail later.
     pub fn choose(features: &Features) -> Paths {
+        let cookies = features.attach_cookies.is_yes();
         let mappings_off = if features.syscall_tracepoints.is_no() {
             "off (no syscall tracepoints): mmap'ed memory is not traced"
         } else if features.task_pt_regs.is_no() {
@@ -296,7 +301,8 @@ impl Paths {
         };
         Paths {
             batch_reads: !features.batch_ops.is_no(),
-            sessions: features.uprobe_sessions.is_yes() && features.attach_cookies.is_yes(),
+            cookies,
+            sessions: features.uprobe_sessions.is_yes() && cookies,
             reclaim: features.membarrier.is_yes(),
             mappings: mappings_off.is_empty(),
             mappings_off,
@@ -327,6 +333,14 @@ impl Paths {
                     "uprobe+uretprobe per function; with --sample-rate one uprobe session (uprobe_multi) link per object"
                 } else {
                     "uprobe+uretprobe per function (no uprobe sessions)"
+                },
+            ),
+            (
+                "probe placement",
+                if self.cookies {
+                    "past moved arguments where needed (attach cookies)"
+                } else {
+                    "only where no argument has moved (no attach cookies)"
                 },
             ),
             (
@@ -399,6 +413,7 @@ mod tests {
             paths,
             Paths {
                 batch_reads: true,
+                cookies: true,
                 sessions: true,
                 reclaim: true,
                 mappings: true,
@@ -427,6 +442,7 @@ mod tests {
         let paths = Paths::choose(&f);
         assert!(paths.batch_reads);
         assert!(!paths.sessions);
+        assert!(!paths.cookies);
         assert!(!paths.mappings, "the mmap programs call bpf_task_pt_regs");
         assert!(f.blockers().is_empty(), "5.10 can run: {:?}", f.blockers());
         let described = paths.describe();
