@@ -214,6 +214,8 @@ struct Traced {
 pub struct Unwinder {
     tables: UnwindTables,
     next_row: u32,
+    /// `UnwindProc::generation` of the next table published.
+    next_generation: u64,
     objects: ObjectTables,
     processes: HashMap<u32, Traced>,
 }
@@ -228,6 +230,7 @@ impl Unwinder {
         let mut unwinder = Unwinder {
             tables,
             next_row: 0,
+            next_generation: 1,
             objects,
             processes: HashMap::new(),
         };
@@ -331,6 +334,8 @@ impl Unwinder {
     fn publish(&mut self, pid: u32, table: &[UnwindMapping]) -> Result<()> {
         let mut value = Box::<UnwindProc>::default();
         value.count = table.len() as u32;
+        value.generation = self.next_generation;
+        self.next_generation += 1;
         value.mappings[..table.len()].copy_from_slice(table);
         self.tables.set_process(pid, &value)?;
         Ok(())
