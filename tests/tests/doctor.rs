@@ -283,10 +283,7 @@ fn doctor_follows_what_the_kernel_lacks() {
     assert_eq!(available(&doc, "batch_ops"), false);
     assert_eq!(doc["paths"]["map_reads"], "key_by_key");
     assert_eq!(doc["paths"]["cfi_walk"], "global_function");
-    assert_eq!(
-        doc["programs"]["load_cfi"]["ok"], true,
-        "no bpf_loop needed: {doc:#}"
-    );
+    assert_eq!(doc["programs"]["load_cfi"]["ok"], true, "no bpf_loop needed: {doc:#}");
 }
 
 /// What the tracer cannot do without stops it before anything is attached:

@@ -71,10 +71,6 @@ pub struct UnwindProc {
     /// Entries of `mappings` in use, sorted by `start`.
     pub count: u32,
     pub _pad: u32,
-    /// Different for every table userspace publishes (a counter of the
-    /// run, never reused): a walk of the same process and generation keeps
-    /// the mappings earlier walks on its CPU found, without a search.
-    pub generation: u64,
     pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS as usize],
 }
 
@@ -83,7 +79,6 @@ impl Default for UnwindProc {
         UnwindProc {
             count: 0,
             _pad: 0,
-            generation: 0,
             mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS as usize],
         }
     }

@@ -48,6 +48,10 @@ pub static UNWIND_PROCS: HashMap<u32, UnwindProc> =
 /// PIDs (as u64) of traced processes that just mapped code from a file:
 /// userspace adds the object to their table at once, rather than at its
 /// next look.
+/// Bumped by userspace after every change of an `UNWIND_PROCS` table.
+#[map]
+static UNWIND_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static UNWIND_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 
@@ -76,9 +80,9 @@ pub struct Walk {
     len: u64,
     status: u32,
     tgid: u32,
-    /// `UnwindProc::generation` of the table `last` and `prev` come from
-    /// (kept from walk to walk while the process and its table stay).
-    generation: u64,
+    /// `UNWIND_EPOCH` when `last` and `prev` were reset for `tgid`: they
+    /// are kept from walk to walk while no table changes.
+    epoch: u64,
     /// `ip` is where the frame was interrupted (a signal), not a return
     /// address: look it up as is, not at the call before it.
     exact: u32,
@@ -156,17 +160,20 @@ pub extern "C" fn tracer_unwind_begin(ip: u64, sp: u64, bp: u64) -> i64 {
     };
     let w = unsafe { &mut *w };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(table) = UNWIND_PROCS.get_ptr(tgid) else {
+    let Some(epoch) = UNWIND_EPOCH.get_ptr(0) else {
         return 1;
     };
-    let generation = unsafe { core::ptr::read_volatile(&(*table).generation) };
-    if w.tgid != tgid || w.generation != generation {
-        // Another process, or its table was replaced (an object mapped or
-        // unmapped): forget the mappings found before. Mappings found later
-        // in this walk from a newer table are forgotten at the next walk
-        // (its generation differs).
+    let epoch = unsafe { core::ptr::read_volatile(epoch) };
+    // The same process and no table changed since its last walk here: it
+    // has a table, and the kept mappings are still its. Otherwise (read
+    // after the epoch: a table changing in between only resets the next
+    // walk too) look it up and forget them.
+    if w.tgid != tgid || w.epoch != epoch {
+        if UNWIND_PROCS.get_ptr(tgid).is_none() {
+            return 1;
+        }
         w.tgid = tgid;
-        w.generation = generation;
+        w.epoch = epoch;
         w.last = UnwindMapping::default();
         w.prev = UnwindMapping::default();
     }

@@ -214,8 +214,6 @@ struct Traced {
 pub struct Unwinder {
     tables: UnwindTables,
     next_row: u32,
-    /// `UnwindProc::generation` of the next table published.
-    next_generation: u64,
     objects: ObjectTables,
     processes: HashMap<u32, Traced>,
 }
@@ -230,7 +228,6 @@ impl Unwinder {
         let mut unwinder = Unwinder {
             tables,
             next_row: 0,
-            next_generation: 1,
             objects,
             processes: HashMap::new(),
         };
@@ -334,8 +331,6 @@ impl Unwinder {
     fn publish(&mut self, pid: u32, table: &[UnwindMapping]) -> Result<()> {
         let mut value = Box::<UnwindProc>::default();
         value.count = table.len() as u32;
-        value.generation = self.next_generation;
-        self.next_generation += 1;
         value.mappings[..table.len()].copy_from_slice(table);
         self.tables.set_process(pid, &value)?;
         Ok(())
