@@ -322,15 +322,27 @@ fn row_for(w: &mut Walk) -> Option<Option<UnwindRow>> {
     } else {
         w.ip.wrapping_sub(1)
     };
-    if !(w.last.start <= lookup && lookup < w.last.end) {
-        if w.prev.start <= lookup && lookup < w.prev.end {
-            core::mem::swap(&mut w.last, &mut w.prev);
-        } else if tracer_unwind_mapping(lookup) != 0 {
-            return None;
+    // Volatile: `tracer_unwind_mapping` writes them through its own pointer,
+    // which the compiler, seeing `w` as unique, would not reload.
+    let (lastp, prevp) = (&raw mut w.last, &raw mut w.prev);
+    let mut last = unsafe { core::ptr::read_volatile(lastp) };
+    if !(last.start <= lookup && lookup < last.end) {
+        let prev = unsafe { core::ptr::read_volatile(prevp) };
+        if prev.start <= lookup && lookup < prev.end {
+            unsafe {
+                core::ptr::write_volatile(prevp, last);
+                core::ptr::write_volatile(lastp, prev);
+            }
+            last = prev;
+        } else {
+            if tracer_unwind_mapping(lookup) != 0 {
+                return None;
+            }
+            last = unsafe { core::ptr::read_volatile(lastp) };
         }
     }
-    let (start, count, bias) = (w.last.row_start, w.last.row_count, w.last.bias);
-    if w.last.end == 0 || count == 0 {
+    let (start, count, bias) = (last.row_start, last.row_count, last.bias);
+    if last.end == 0 || count == 0 {
         return Some(None);
     }
     let pc = lookup.wrapping_sub(bias);
