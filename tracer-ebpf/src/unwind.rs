@@ -48,6 +48,10 @@ pub static UNWIND_PROCS: HashMap<u32, UnwindProc> =
 /// PIDs (as u64) of traced processes that just mapped code from a file:
 /// userspace adds the object to their table at once, rather than at its
 /// next look.
+/// Bumped by userspace after every change of an `UNWIND_PROCS` table.
+#[map]
+static UNWIND_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static UNWIND_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 
@@ -76,6 +80,9 @@ pub struct Walk {
     len: u64,
     status: u32,
     tgid: u32,
+    /// `UNWIND_EPOCH` when `last` and `prev` were reset for `tgid`: they
+    /// are kept from walk to walk while no table changes.
+    epoch: u64,
     /// `ip` is where the frame was interrupted (a signal), not a return
     /// address: look it up as is, not at the call before it.
     exact: u32,
@@ -83,8 +90,22 @@ pub struct Walk {
     /// The mapping of the previous frame (callers are mostly in the same
     /// object): no search while frames stay in it. Empty when end = 0.
     last: UnwindMapping,
+    /// The one before it (stacks go back and forth between a program and
+    /// its C library): taken back without a search either.
+    prev: UnwindMapping,
     ips: [u64; MAX_FRAMES],
 }
+
+/// Entries of `UNWIND_HINTS` (a power of two).
+const ROW_HINTS: u32 = 4096;
+
+/// Row hints, shared by all CPUs and walks: for a hash of (object's first
+/// row, pc), the index of the row found last time. Allocation call sites
+/// repeat, so most frames skip the row search. Only a hint: checked against
+/// the rows before use (`tracer_unwind_row`), so a stale or colliding entry,
+/// or one another CPU just rewrote, costs a search, never a wrong row.
+#[map]
+static UNWIND_HINTS: Array<u32> = Array::with_max_entries(ROW_HINTS, 0);
 
 /// Frames unwound per call of `tracer_unwind_step`: its two lookups (the
 /// per-CPU walk, the process's table) are paid once for them.
@@ -110,21 +131,11 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace, slot: u32) -> Option<usi
     if !enabled() {
         return None;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    UNWIND_PROCS.get_ptr(tgid)?;
-    let w = unsafe { &mut *UNWIND_SCRATCH.get_ptr_mut(slot)? };
-    unsafe {
-        w.ip = (*regs).rip;
-        w.sp = (*regs).rsp;
-        w.bp = (*regs).rbp;
+    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    if tracer_unwind_begin(ip, sp, bp, slot) != 0 {
+        return None;
     }
-    w.len = 0;
-    w.status = RUNNING;
-    w.tgid = tgid;
-    // At a return probe, rip is a return address; at a syscall, the
-    // instruction after it: both look up the instruction before.
-    w.exact = 0;
-    w.last = UnwindMapping::default();
+    let w = unsafe { &mut *UNWIND_SCRATCH.get_ptr_mut(slot)? };
     for _ in 0..MAX_FRAMES.div_ceil(FRAMES_PER_CALL) {
         if tracer_unwind_step(slot) != 0 {
             break;
@@ -139,6 +150,45 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace, slot: u32) -> Option<usi
     }
     out.outermost = (w.status == COMPLETE) as u64;
     Some(len)
+}
+
+/// Starts a walk from these registers. Non-zero: no table for this process
+/// (or no scratch). A global function, like `tracer_unwind_step`: verified
+/// once, not in every program that walks.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_unwind_begin(ip: u64, sp: u64, bp: u64, slot: u32) -> i64 {
+    let Some(w) = UNWIND_SCRATCH.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let w = unsafe { &mut *w };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(epoch) = UNWIND_EPOCH.get_ptr(0) else {
+        return 1;
+    };
+    let epoch = unsafe { core::ptr::read_volatile(epoch) };
+    // The same process and no table changed since its last walk here: it
+    // has a table, and the kept mappings are still its. Otherwise (read
+    // after the epoch: a table changing in between only resets the next
+    // walk too) look it up and forget them.
+    if w.tgid != tgid || w.epoch != epoch {
+        if UNWIND_PROCS.get_ptr(tgid).is_none() {
+            return 1;
+        }
+        w.tgid = tgid;
+        w.epoch = epoch;
+        w.last = UnwindMapping::default();
+        w.prev = UnwindMapping::default();
+    }
+    w.ip = ip;
+    w.sp = sp;
+    w.bp = bp;
+    w.len = 0;
+    w.status = RUNNING;
+    // At a return probe, rip is a return address; at a syscall, the
+    // instruction after it: both look up the instruction before.
+    w.exact = 0;
+    0
 }
 
 /// The mapping holding `addr` in `table`, if it has one.
@@ -165,9 +215,43 @@ fn find_mapping(table: &UnwindProc, addr: u64) -> Option<&UnwindMapping> {
     (addr < m.end).then_some(m)
 }
 
-/// The last row at or before `pc` among `count` rows from `start`.
+/// The last row at or before `pc` among `count` rows from `start`, as the
+/// bits of an `UnwindRow`; 0 (a `ROW_GAP` row) when there is none. A
+/// global function: its searches are verified once, not once per frame of
+/// `tracer_unwind_step`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_unwind_row(start: u64, count: u64, pc: u64) -> i64 {
+    match find_row(start as u32, count as u32, pc as u32) {
+        Some(row) => unsafe { core::mem::transmute::<UnwindRow, u64>(row) as i64 },
+        None => 0,
+    }
+}
+
+/// The hinted row if it is the one, else a binary search (whose answer
+/// becomes the hint).
 #[inline(always)]
 fn find_row(start: u32, count: u32, pc: u32) -> Option<UnwindRow> {
+    let key = ((start as u64) << 32) | pc as u64;
+    let entry = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52) as u32 & (ROW_HINTS - 1);
+    let hint = UNWIND_HINTS.get_ptr_mut(entry)?;
+    // One load: a concurrent writer leaves some index, checked below.
+    let i = unsafe { core::ptr::read_volatile(hint) };
+    if i < count {
+        if let Some(row) = UNWIND_ROWS.get(start.wrapping_add(i)) {
+            let row = *row;
+            // Rows are sorted by pc: row i is the answer iff it starts at or
+            // before pc and the next one (if any) after it.
+            if row.pc <= pc
+                && (i + 1 >= count
+                    || UNWIND_ROWS
+                        .get(start.wrapping_add(i + 1))
+                        .is_some_and(|next| next.pc > pc))
+            {
+                return Some(row);
+            }
+        }
+    }
     let (mut lo, mut hi) = (0u32, count);
     for _ in 0..ROW_SEARCH_STEPS {
         if lo >= hi {
@@ -184,6 +268,7 @@ fn find_row(start: u32, count: u32, pc: u32) -> Option<UnwindRow> {
     if lo == 0 {
         return None;
     }
+    unsafe { core::ptr::write_volatile(hint, lo - 1) };
     UNWIND_ROWS.get(start + lo - 1).copied()
 }
 
@@ -197,27 +282,106 @@ fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
     unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
 }
 
-/// The row for the walk's current frame (None: no CFI known there).
+/// Words below CFA `read_saved` reads at most.
+const SAVED_WORDS: u32 = 8;
+
+/// [caller's rbp, return address] when rbp was saved `words` words below
+/// CFA (1..=SAVED_WORDS; the return address is the word just below CFA):
+/// one read of those words.
 #[inline(always)]
-fn row_for(w: &mut Walk, table: &UnwindProc) -> Option<UnwindRow> {
+fn read_saved(cfa: u64, words: u32) -> Option<[u64; 2]> {
+    let mut buf = core::mem::MaybeUninit::<[u64; SAVED_WORDS as usize]>::uninit();
+    let p = buf.as_mut_ptr() as *mut u64;
+    // Written word by word: a plain zeroed array compiles to a byte loop.
+    for i in 0..SAVED_WORDS as usize {
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
+    let buf = unsafe { buf.assume_init_mut() };
+    // Masked after a load the compiler cannot see through, so that the
+    // verifier sees the size's bounds (it dropped a mask it could prove).
+    let last =
+        (unsafe { core::ptr::read_volatile(&words) }.wrapping_sub(1) & (SAVED_WORDS - 1)) as usize;
+    let size = (last as u32 + 1) * 8;
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            buf.as_mut_ptr() as *mut _,
+            size,
+            cfa.wrapping_sub(size as u64) as *const _,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    Some([buf[0], *buf.get(last)?])
+}
+
+/// The row for the walk's current frame: Some(None) when no CFI is known
+/// there, None when the process has no table any more.
+#[inline(always)]
+fn row_for(w: &mut Walk, slot: u32) -> Option<Option<UnwindRow>> {
     // A return address: the call it returns from is just before it.
     let lookup = if w.exact != 0 {
         w.ip
     } else {
         w.ip.wrapping_sub(1)
     };
-    if !(w.last.start <= lookup && lookup < w.last.end) {
-        w.last = find_mapping(table, lookup).copied().unwrap_or_default();
+    // Volatile: `tracer_unwind_mapping` writes them through its own pointer,
+    // which the compiler, seeing `w` as unique, would not reload.
+    let (lastp, prevp) = (&raw mut w.last, &raw mut w.prev);
+    let mut last = unsafe { core::ptr::read_volatile(lastp) };
+    if !(last.start <= lookup && lookup < last.end) {
+        let prev = unsafe { core::ptr::read_volatile(prevp) };
+        if prev.start <= lookup && lookup < prev.end {
+            unsafe {
+                core::ptr::write_volatile(prevp, last);
+                core::ptr::write_volatile(lastp, prev);
+            }
+            last = prev;
+        } else {
+            if tracer_unwind_mapping(lookup, slot) != 0 {
+                return None;
+            }
+            last = unsafe { core::ptr::read_volatile(lastp) };
+        }
     }
-    let m = &w.last;
-    if m.end == 0 || m.row_count == 0 {
-        return None;
+    let (start, count, bias) = (last.row_start, last.row_count, last.bias);
+    if last.end == 0 || count == 0 {
+        return Some(None);
     }
-    let pc = lookup.wrapping_sub(m.bias);
+    let pc = lookup.wrapping_sub(bias);
     if pc > u32::MAX as u64 {
-        return None;
+        return Some(None);
     }
-    find_row(m.row_start, m.row_count, pc as u32)
+    let row = unsafe {
+        core::mem::transmute::<u64, UnwindRow>(
+            tracer_unwind_row(start as u64, count as u64, pc) as u64
+        )
+    };
+    Some(Some(row))
+}
+
+/// Makes the mapping holding `lookup` the walk's `last` (empty if there is
+/// none), the previous `last` its `prev`. Non-zero: the process has no
+/// table any more. Global, like `tracer_unwind_row`; rarely called (most
+/// frames stay in the two mappings).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_unwind_mapping(lookup: u64, slot: u32) -> i64 {
+    let Some(w) = UNWIND_SCRATCH.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let w = unsafe { &mut *w };
+    let Some(table) = UNWIND_PROCS.get_ptr(w.tgid) else {
+        return 1;
+    };
+    let found = find_mapping(unsafe { &*table }, lookup)
+        .copied()
+        .unwrap_or_default();
+    if w.last.end != 0 {
+        w.prev = w.last;
+    }
+    w.last = found;
+    0
 }
 
 /// One frame: record the current ip, then find the caller's registers.
@@ -230,13 +394,8 @@ pub extern "C" fn tracer_unwind_step(slot: u32) -> i64 {
         return 1;
     };
     let w = unsafe { &mut *w };
-    let Some(table) = UNWIND_PROCS.get_ptr(w.tgid) else {
-        w.status = CUT;
-        return 1;
-    };
-    let table = unsafe { &*table };
     for _ in 0..FRAMES_PER_CALL {
-        match step(w, table) {
+        match step(w, slot) {
             Some(true) => {}
             Some(false) => return 1,
             None => {
@@ -251,7 +410,7 @@ pub extern "C" fn tracer_unwind_step(slot: u32) -> i64 {
 /// Some(true): moved to the caller; Some(false): the walk is over; None:
 /// cut short.
 #[inline(always)]
-fn step(w: &mut Walk, table: &UnwindProc) -> Option<bool> {
+fn step(w: &mut Walk, slot: u32) -> Option<bool> {
     let n = w.len as usize;
     if n >= MAX_FRAMES {
         return None;
@@ -259,7 +418,7 @@ fn step(w: &mut Walk, table: &UnwindProc) -> Option<bool> {
     *w.ips.get_mut(n)? = w.ip;
     w.len = n as u64 + 1;
 
-    let row = row_for(w, table);
+    let row = row_for(w, slot)?;
     let kind = row.map_or(ROW_GAP, |r| r.kind);
     w.exact = 0;
     // (CFA, caller's rbp, return address if already read)
@@ -267,12 +426,17 @@ fn step(w: &mut Walk, table: &UnwindProc) -> Option<bool> {
         let row = row.unwrap_or_default();
         let base = if kind == ROW_CFA_RSP { w.sp } else { w.bp };
         let cfa = base.wrapping_add(row.cfa_off as i64 as u64);
-        let bp = if row.rbp_off == 0 {
-            w.bp
+        if row.rbp_off == 0 {
+            (cfa, w.bp, None)
+        } else if row.rbp_off < 0 && row.rbp_off >= -(SAVED_WORDS as i8) {
+            // The saved rbp and the return address in one read: both are
+            // in the words the function pushed, up to CFA.
+            let [bp, ra] = read_saved(cfa, (-row.rbp_off) as u32)?;
+            (cfa, bp, Some(ra))
         } else {
-            read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64))?
-        };
-        (cfa, bp, None)
+            let bp = read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64))?;
+            (cfa, bp, None)
+        }
     } else if kind == ROW_GAP {
         // No CFI here (or an object built with frame pointers): the
         // frame-pointer rule, [rbp] = caller's rbp, [rbp + 8] = return

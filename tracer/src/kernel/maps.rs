@@ -39,6 +39,7 @@ pub const SAMPLE_DRAWS: &str = "SAMPLE_DRAWS";
 pub const SAMPLE_WEIGHTS: &str = "SAMPLE_WEIGHTS";
 pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
 pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+pub const UNWIND_EPOCH: &str = "UNWIND_EPOCH";
 pub const UNWIND_EVENTS: &str = "UNWIND_EVENTS";
 pub const MMAP_EVENTS: &str = "MMAP_EVENTS";
 pub const MMAP_STACKS: &str = "MMAP_STACKS";
@@ -422,6 +423,10 @@ pub struct UnwindTables {
     rows: Mmapped<UnwindRow>,
     _rows_map: MapData,
     procs: aya::maps::HashMap<MapData, u32, UnwindProc>,
+    /// `UNWIND_EPOCH`, and its value: bumped after every change of a
+    /// mapping table.
+    epoch_map: aya::maps::Array<MapData, u64>,
+    epoch: u64,
     /// PIDs that mapped code; taken by whoever reacts to them.
     pub events: Option<EventRing<u64>>,
 }
@@ -439,10 +444,14 @@ impl UnwindTables {
         let procs = aya::maps::HashMap::try_from(loaded.take_map(UNWIND_PROCS)?)
             .map_err(|e| KernelError::map(UNWIND_PROCS, e))?;
         let events = EventRing::take(loaded, UNWIND_EVENTS)?;
+        let epoch_map = aya::maps::Array::try_from(loaded.take_map(UNWIND_EPOCH)?)
+            .map_err(|e| KernelError::map(UNWIND_EPOCH, e))?;
         Ok(UnwindTables {
             rows,
             _rows_map: rows_map,
             procs,
+            epoch_map,
+            epoch: 0,
             events: Some(events),
         })
     }
@@ -469,11 +478,25 @@ impl UnwindTables {
     pub fn set_process(&mut self, pid: u32, table: &UnwindProc) -> Result<()> {
         self.procs
             .insert(pid, table, 0)
-            .map_err(|e| KernelError::map(UNWIND_PROCS, e))
+            .map_err(|e| KernelError::map(UNWIND_PROCS, e))?;
+        self.bump_epoch()
     }
 
     pub fn remove_process(&mut self, pid: u32) {
-        let _ = self.procs.remove(&pid);
+        if self.procs.remove(&pid).is_ok() {
+            // On failure walks could keep the removed table's mappings for
+            // a recycled PID: no way to go on exact.
+            self.bump_epoch().expect("updating UNWIND_EPOCH");
+        }
+    }
+
+    /// After a table changed (written first): walks forget the mappings
+    /// they kept from before (tracer-ebpf/src/unwind.rs).
+    fn bump_epoch(&mut self) -> Result<()> {
+        self.epoch += 1;
+        self.epoch_map
+            .set(0, self.epoch, 0)
+            .map_err(|e| KernelError::map(UNWIND_EPOCH, e))
     }
 }
 
