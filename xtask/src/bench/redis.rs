@@ -44,7 +44,15 @@ pub const MODES: [(&str, &[&str], Option<&str>); 10] = [
     ),
     (
         "no-op session programs, no return (floor of sampled)",
-        &["run", "--noop-probes", "--sample-rate", "512k", "-o", "/dev/null", "--"],
+        &[
+            "run",
+            "--noop-probes",
+            "--sample-rate",
+            "512k",
+            "-o",
+            "/dev/null",
+            "--",
+        ],
         None,
     ),
     (
