@@ -28,11 +28,11 @@ use anyhow::{bail, Context, Result};
 
 pub const USAGE: &str = "cargo xtask test-kernels [--kernel SPEC[,SPEC..]] [--jobs N] [--timeout MINUTES] [--refresh] [--tracer PATH] [--repeat N]
   SPEC: a Debian kernel version prefix (5.10, 6.1, 6.12, 7.3.4), `newest`, or `host` (natively)
-  default kernels: 5.10,6.1,6.12,newest; --jobs: guests at once (default: the number of CPUs);
+  default kernels: 5.10,6.1,6.12,6.18,newest; --jobs: guests at once (default: the number of CPUs);
   --timeout: per kernel (default 15); --refresh: update the package lists now (else daily);
   --tracer: test this tracer binary instead of building one; --repeat: run the subset N times";
 
-const DEFAULT_KERNELS: &str = "5.10,6.1,6.12,newest";
+const DEFAULT_KERNELS: &str = "5.10,6.1,6.12,6.18,newest";
 
 struct Options {
     kernels: Vec<String>,
