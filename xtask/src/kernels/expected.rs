@@ -4,13 +4,7 @@
 //! listed test that passes is reported, not failed (a race may pass).
 
 /// (kernel version prefix, `file::test` or `*` for every test, reason).
-pub const EXPECTED_FAILING: &[(&str, &str, &str)] = &[
-    (
-        "7.3",
-        "reliability::reclaimed_slots_reused_at_once_by_other_stacks_stay_exact",
-        "issue 18: a stack was lost now and then (counted in lost_stacks, not mixed) when a capture was preempted and another thread's used the per-CPU scratch; passed 2 runs of 3. Fixed since by 4 claimed scratch slots per CPU, not yet confirmed by enough guest runs: take this off once 3 runs pass",
-    ),
-];
+pub const EXPECTED_FAILING: &[(&str, &str, &str)] = &[];
 
 fn matches(abi: &str, prefix: &str) -> bool {
     abi == prefix || abi.starts_with(&format!("{prefix}."))
