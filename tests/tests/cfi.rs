@@ -243,12 +243,7 @@ fn a_library_loaded_later_with_dlopen() {
 #[test]
 fn a_debian_server_without_frame_pointers() {
     require_root();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     let server = start_redis(&port);
     let mut tracer = TracerCmd::new("report")
         .pid(server.pid())
