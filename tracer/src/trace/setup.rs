@@ -159,6 +159,11 @@ pub fn attach(
     let located = std::time::Instant::now();
     let mut kernel = load_kernel(options, unwind_rows(options, &objects))?;
     let loaded = std::time::Instant::now();
+    // Unwind tables before any probe: an allocation walked before its
+    // process has a table gets a frame-pointer stack, a second stack (and
+    // metric series) for the same path that then stops growing.
+    let all: Vec<&Process> = found.iter().map(|(process, _)| process).collect();
+    let unwinder = unwinder(&mut kernel, objects, &all, options)?;
     let mut processes = Vec::new();
     for (process, objects) in found {
         kernel.add_target(process.pid)?;
@@ -197,8 +202,6 @@ pub fn attach(
         }
         Err(e) => eprintln!("tracer: a target that execs will not be re-probed: {e:#}"),
     }
-    let all: Vec<&Process> = processes.iter().map(|t| &t.process).collect();
-    let unwinder = unwinder(&mut kernel, objects, &all, options)?;
     // The mmap tracepoints too, before saying so: "attached" means all of it.
     let mappings = start_mappings(&mut kernel, &processes[0].process);
     let trace = LiveTrace::new(kernel, processes, run, probe_options(options), mappings)
