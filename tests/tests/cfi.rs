@@ -243,13 +243,7 @@ fn a_library_loaded_later_with_dlopen() {
 #[test]
 fn a_debian_server_without_frame_pointers() {
     require_root();
-    let port = free_port();
-    let server = start_redis(&port);
-    let mut tracer = TracerCmd::new("report")
-        .pid(server.pid())
-        .args(["--format", "json", "--top", "10", "-v"])
-        .spawn();
-    tracer.wait_for("attached to PID");
+    let (port, server, tracer) = traced_redis();
     // Its main allocation paths: strings, lists, hashes, sets.
     let mut commands = String::new();
     for i in 0..300 {
@@ -300,6 +294,19 @@ fn a_debian_server_without_frame_pointers() {
     assert!(whole > 0.95, "{:#}", report["unwinding"]);
 }
 
+/// Debian's redis-server on a free port, with `tracer report` (JSON, the
+/// top ten stacks, -v) attached to it.
+fn traced_redis() -> (String, Fixture, Tracer) {
+    let port = free_port();
+    let server = start_redis(&port);
+    let mut tracer = TracerCmd::new("report")
+        .pid(server.pid())
+        .args(["--format", "json", "--top", "10", "-v"])
+        .spawn();
+    tracer.wait_for("attached to PID");
+    (port, server, tracer)
+}
+
 /// redis-server as `cargo xtask bench` runs it, logging at the level that
 /// says when it is ready.
 fn start_redis(port: &str) -> Fixture {
@@ -329,13 +336,7 @@ fn free_port() -> String {
 #[test]
 fn top_ten_labels_of_a_debian_server_differ_unless_their_callers_are_the_same() {
     require_root();
-    let port = free_port();
-    let server = start_redis(&port);
-    let mut tracer = TracerCmd::new("report")
-        .pid(server.pid())
-        .args(["--format", "json", "--top", "10", "-v"])
-        .spawn();
-    tracer.wait_for("attached to PID");
+    let (port, server, tracer) = traced_redis();
     let out = std::process::Command::new("redis-benchmark")
         .args(tracer_tests::redis::benchmark_args(&port, 20_000))
         .output()
