@@ -176,7 +176,7 @@ fn prometheus_scrapes_growth_and_the_leak_alert_fires() {
     let _prometheus = start_prometheus(&dir, serve_port, prom_port);
 
     // deriv() of the leaking stack's bytes shows about 5 KiB/s (512 B / 100 ms).
-    let rate = wait_for("deriv of the leak", Duration::from_secs(180), || {
+    let rate = wait_for("deriv of the leak", Duration::from_secs(60), || {
         let result = promql(
             prom_port,
             "deriv(tracer_stack_outstanding_bytes{function=\"leak_steadily\"}[10s])",
@@ -187,7 +187,7 @@ fn prometheus_scrapes_growth_and_the_leak_alert_fires() {
     assert!((3000.0..8000.0).contains(&rate), "deriv {rate} B/s");
 
     // The alert fires for the leaking stack, and only for it.
-    let alerts = wait_for("the alert to fire", Duration::from_secs(180), || {
+    let alerts = wait_for("the alert to fire", Duration::from_secs(60), || {
         let (_, body) = get(prom_port, "/api/v1/alerts")?;
         let v: Value = serde_json::from_str(&body).ok()?;
         let alerts = v["data"]["alerts"].as_array()?.clone();
