@@ -5,6 +5,13 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::{
+    frontends::{check, diff, live_view::SortKey, report},
+    kernel::sessions::SessionMode,
+    output::folded::Weight,
+    target::unwind::UnwindMode,
+};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tracer",
@@ -96,8 +103,8 @@ pub enum Command {
         /// Output format: text lists changed stacks by growth; folded is
         /// `stack before after` lines; svg is a differential flamegraph (red
         /// grew, blue shrank).
-        #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
-        format: DiffFormat,
+        #[arg(long, value_enum, default_value_t = diff::Format::Text)]
+        format: diff::Format,
         /// Changed stacks to list in text (0: all).
         #[arg(long, default_value_t = 10)]
         top: usize,
@@ -126,13 +133,6 @@ pub enum DoctorFormat {
     Json,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiffFormat {
-    Text,
-    Folded,
-    Svg,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ReportOptions {
     /// Stop after this long (e.g. 30s, 2m); default: until Ctrl-C or the target exits.
@@ -150,8 +150,8 @@ pub struct ReportOptions {
     pub min_age: Duration,
     /// Output format. folded, svg (a flamegraph), pprof and speedscope
     /// cover every stack and are written once, at the end.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = report::Format::Text)]
+    pub format: report::Format,
     /// What flamegraph widths (folded, svg, speedscope) measure; pprof carries both.
     #[arg(long, value_enum, default_value_t = Weight::Bytes)]
     pub weight: Weight,
@@ -329,8 +329,8 @@ pub struct CheckOptions {
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
     /// Format of --report.
-    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
-    pub format: CheckFormat,
+    #[arg(long, value_enum, default_value_t = check::Format::Text)]
+    pub format: check::Format,
     #[command(flatten)]
     pub trace: TraceOptions,
 }
@@ -357,76 +357,6 @@ pub struct ServeOptions {
     pub push_interval: Duration,
     #[command(flatten)]
     pub trace: TraceOptions,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckFormat {
-    Text,
-    Json,
-    /// JUnit XML: each leaking stack a failed test case.
-    Junit,
-}
-
-/// Orders of the top view's rows, largest first.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SortKey {
-    /// Outstanding bytes.
-    Bytes,
-    /// Outstanding allocations.
-    Count,
-    /// Growth of settled bytes per second over the last 10 s.
-    Growth,
-    /// Age of the oldest outstanding allocation.
-    Age,
-    /// Trend: growing stacks first, the most confident and fastest first.
-    Trend,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
-    /// Collapsed stacks `root;...;leaf weight` (flamegraph.pl, inferno, speedscope).
-    Folded,
-    /// Interactive flamegraph SVG.
-    Svg,
-    /// Gzipped pprof profile (go tool pprof, Pyroscope, Parca): outstanding
-    /// and since-attach allocations.
-    Pprof,
-    /// speedscope's JSON format (speedscope.app), with files and lines.
-    Speedscope,
-}
-
-/// What flamegraph widths measure.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Weight {
-    /// Outstanding bytes.
-    Bytes,
-    /// Outstanding allocations (blocks).
-    Allocations,
-}
-
-/// How user stacks are walked.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnwindMode {
-    /// Frame pointers: cheap, but code built without frame pointers hides
-    /// its caller.
-    Fp,
-    /// DWARF call frame information (.eh_frame) of every mapped object,
-    /// walked in the kernel; frame pointers where an object has none.
-    Cfi,
-}
-
-/// When the allocation functions are probed with a session program.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionMode {
-    /// With `--sample-rate`, where they save the return trap of every
-    /// unsampled call; uprobe+uretprobe otherwise.
-    Auto,
-    /// Whenever the kernel has them (exact mode too).
-    Always,
-    /// Never: uprobe+uretprobe.
-    Never,
 }
 
 /// "30s", "500ms", "2m", "1h", "1.5s", or a bare number of seconds.

@@ -193,9 +193,9 @@ impl Cli {
             } => Task::Diff(DiffConfig {
                 before,
                 after,
-                format: format.into(),
+                format,
                 top,
-                weight: weight.into(),
+                weight,
                 output,
             }),
             Command::Doctor { format } => Task::Doctor {
@@ -234,12 +234,12 @@ impl From<args::TraceOptions> for TraceConfig {
             no_wrappers: o.no_wrapper,
             follow_forks: o.follow_forks,
             verbose: o.verbose,
-            unwind: o.unwind.into(),
+            unwind: o.unwind,
             unwind_rows: o.unwind_rows,
             noop_probes: o.noop_probes,
             entry_probes: o.entry_probes,
             no_stacks: o.no_stacks,
-            uprobe_sessions: o.uprobe_sessions.into(),
+            uprobe_sessions: o.uprobe_sessions,
             timings: o.timings,
         }
     }
@@ -252,8 +252,8 @@ impl From<args::ReportOptions> for ReportConfig {
             interval: o.interval,
             top: o.top,
             min_age: o.min_age,
-            format: o.format.into(),
-            weight: o.weight.into(),
+            format: o.format,
+            weight: o.weight,
             output: o.output,
             trace: o.trace.into(),
         }
@@ -264,7 +264,7 @@ impl From<args::TopOptions> for TopConfig {
     fn from(o: args::TopOptions) -> Self {
         TopConfig {
             interval: o.interval,
-            sort: o.sort.into(),
+            sort: o.sort,
             group_by_function: o.group_by_function,
             save_dir: o.save_dir,
             command_output: o.command_output,
@@ -281,7 +281,7 @@ impl From<args::CheckOptions> for CheckConfig {
             suppressions: o.suppressions,
             default_suppressions: !o.no_default_suppressions,
             report: o.report,
-            format: o.format.into(),
+            format: o.format,
             trace: o.trace.into(),
         }
     }
@@ -299,78 +299,5 @@ impl TryFrom<args::ServeOptions> for ServeConfig {
             push_interval: o.push_interval,
             trace: o.trace.into(),
         })
-    }
-}
-
-impl From<args::Format> for report::Format {
-    fn from(format: args::Format) -> Self {
-        match format {
-            args::Format::Text => report::Format::Text,
-            args::Format::Json => report::Format::Json,
-            args::Format::Folded => report::Format::Folded,
-            args::Format::Svg => report::Format::Svg,
-            args::Format::Pprof => report::Format::Pprof,
-            args::Format::Speedscope => report::Format::Speedscope,
-        }
-    }
-}
-
-impl From<args::CheckFormat> for check::Format {
-    fn from(format: args::CheckFormat) -> Self {
-        match format {
-            args::CheckFormat::Text => check::Format::Text,
-            args::CheckFormat::Json => check::Format::Json,
-            args::CheckFormat::Junit => check::Format::Junit,
-        }
-    }
-}
-
-impl From<args::DiffFormat> for diff::Format {
-    fn from(format: args::DiffFormat) -> Self {
-        match format {
-            args::DiffFormat::Text => diff::Format::Text,
-            args::DiffFormat::Folded => diff::Format::Folded,
-            args::DiffFormat::Svg => diff::Format::Svg,
-        }
-    }
-}
-
-impl From<args::SortKey> for SortKey {
-    fn from(key: args::SortKey) -> Self {
-        match key {
-            args::SortKey::Bytes => SortKey::Bytes,
-            args::SortKey::Count => SortKey::Count,
-            args::SortKey::Growth => SortKey::Growth,
-            args::SortKey::Age => SortKey::Age,
-            args::SortKey::Trend => SortKey::Trend,
-        }
-    }
-}
-
-impl From<args::Weight> for Weight {
-    fn from(weight: args::Weight) -> Self {
-        match weight {
-            args::Weight::Bytes => Weight::Bytes,
-            args::Weight::Allocations => Weight::Allocations,
-        }
-    }
-}
-
-impl From<args::UnwindMode> for UnwindMode {
-    fn from(mode: args::UnwindMode) -> Self {
-        match mode {
-            args::UnwindMode::Fp => UnwindMode::Fp,
-            args::UnwindMode::Cfi => UnwindMode::Cfi,
-        }
-    }
-}
-
-impl From<args::SessionMode> for SessionMode {
-    fn from(mode: args::SessionMode) -> Self {
-        match mode {
-            args::SessionMode::Auto => SessionMode::Auto,
-            args::SessionMode::Always => SessionMode::Always,
-            args::SessionMode::Never => SessionMode::Never,
-        }
     }
 }

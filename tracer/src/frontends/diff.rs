@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::{cli::DiffConfig, frontends::open_output, output, report::diff};
 
 /// What the comparison is written as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// Changed stacks by growth.
     Text,

@@ -25,7 +25,7 @@ pub const GROWTH_WINDOW_NS: u64 = 10_000_000_000;
 const CHART_POINTS: usize = 600;
 
 /// Orders of the rows, largest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SortKey {
     /// Outstanding bytes.
     Bytes,

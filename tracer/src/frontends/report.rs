@@ -17,17 +17,18 @@ use crate::{
 const DEFAULT_TEXT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a report is written as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Text,
     Json,
-    /// Collapsed stacks `root;...;leaf weight`.
+    /// Collapsed stacks `root;...;leaf weight` (flamegraph.pl, inferno, speedscope).
     Folded,
     /// Interactive flamegraph SVG.
     Svg,
-    /// Gzipped pprof profile.
+    /// Gzipped pprof profile (go tool pprof, Pyroscope, Parca): outstanding
+    /// and since-attach allocations.
     Pprof,
-    /// speedscope's JSON format.
+    /// speedscope's JSON format (speedscope.app), with files and lines.
     Speedscope,
 }
 

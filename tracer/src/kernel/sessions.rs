@@ -21,7 +21,7 @@ use crate::target::{
 
 /// When the allocation functions are probed with a session program
 /// (`--uprobe-sessions`, hidden: for measuring).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SessionMode {
     /// With `--sample-rate`, where they save the return trap of every
     /// unsampled call; uprobe+uretprobe otherwise.

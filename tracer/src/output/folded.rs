@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::report::{Report, ReportFrame, StackReport};
 
 /// What a flamegraph's widths measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Weight {
     /// Outstanding bytes.
     Bytes,

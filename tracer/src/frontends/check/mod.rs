@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// What the check report (`--report`) is written as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Text,
     Json,

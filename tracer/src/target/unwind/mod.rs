@@ -10,7 +10,7 @@ use object::{Object, ObjectSegment};
 use crate::target::memory_map::Mapping;
 
 /// How user stacks are walked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnwindMode {
     /// Frame pointers: cheap, but code built without frame pointers hides
     /// its caller.
