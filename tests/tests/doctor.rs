@@ -109,7 +109,14 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
     // One walk on every kernel: it needs no bpf_loop.
     assert_eq!(paths["cfi_walk"], "global_function");
     let cookies = available(&doc, "attach_cookies") == true;
-    assert_eq!(paths["moved_probes"], cookies);
+    assert_eq!(
+        paths["moved_probes"],
+        if cookies {
+            "attach_cookie"
+        } else {
+            "page_offset_map"
+        }
+    );
     let sessions = available(&doc, "uprobe_sessions") == true && cookies;
     assert_eq!(
         paths["sampled_allocation_probes"],
@@ -241,20 +248,22 @@ fn without_uprobe_sessions_sampling_uses_uretprobes() {
     assert!(!stderr.contains("uprobe session alloc_session"), "{stderr}");
 }
 
-/// Without attach cookies (before 5.15, or hidden here) no probe sits past
-/// a moved argument, whose program could not know where it went:
-/// `moved_enter` is neither loaded nor attached, `-v` says so, and the
-/// report is as exact.
+/// Without attach cookies (before 5.15, or hidden here) a probe past a
+/// moved argument gets `moved_enter_keyed`, which finds where the argument
+/// went by the probe's page offset (glibc's `reallocarray` multiplies
+/// first); `moved_enter` is neither loaded nor attached, `-v` says so, and
+/// the report is as exact. (mimalloc's moves: allocators.rs.)
 #[test]
-fn without_attach_cookies_probes_stay_where_no_argument_moved_and_exact() {
+fn without_attach_cookies_moved_probes_find_their_arguments_by_page_offset_and_exact() {
     let stderr = exact_without("attach_cookies", &[]);
     assert!(
         stderr.contains(
-            "tracer: probe placement: only where no argument has moved (no attach cookies)"
+            "tracer: probe placement: past moved arguments where their page offsets differ (no attach cookies"
         ),
         "{stderr}"
     );
-    assert!(!stderr.contains("moved_enter"), "{stderr}");
+    assert!(stderr.contains("moved_enter_keyed"), "{stderr}");
+    assert!(!stderr.contains("moved_enter "), "{stderr}");
 }
 
 /// Without membarrier grace periods stack slots are never recycled (`-v`

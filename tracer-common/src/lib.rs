@@ -434,6 +434,15 @@ pub mod convention {
     /// How many arguments a cookie can relocate.
     pub const MAX_ARGS: usize = 3;
 
+    /// Kernels without attach cookies (before 5.15): `MOVED_ARGS` holds a
+    /// moved probe's cookie at the probe's page offset (its address's low
+    /// 12 bits: the same in the file and in every process that maps it),
+    /// with this bit set; userspace moves only probes whose page offsets
+    /// differ.
+    pub const KEYED: u64 = 1 << 63;
+    /// Entries of `MOVED_ARGS`: one per page offset.
+    pub const KEYED_SLOTS: u32 = 4096;
+
     /// The convention part of a cookie.
     pub const fn of(cookie: u64) -> u64 {
         cookie & 0xff

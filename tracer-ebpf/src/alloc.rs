@@ -16,7 +16,8 @@ use aya_ebpf::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
+    maps::Array,
     programs::{ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
@@ -354,6 +355,36 @@ pub fn moved_enter(ctx: ProbeContext) -> u32 {
     }
     0
 }
+
+/// `moved_enter` for kernels without attach cookies (before 5.15): the
+/// cookie is read from `MOVED_ARGS` at the probe's page offset (the kernel
+/// sets the instruction pointer back to the breakpoint before any handler).
+#[uprobe]
+pub fn moved_enter_keyed(ctx: ProbeContext) -> u32 {
+    keep_task_stack!(&ctx, NO_PRIV_STACK_MOVED_ENTER_KEYED);
+    let ip = unsafe { (*ctx.regs).rip };
+    let slot = (ip % convention::KEYED_SLOTS as u64) as u32;
+    let Some(&cookie) = MOVED_ARGS.get(slot) else {
+        return 0;
+    };
+    if cookie & convention::KEYED == 0 {
+        // Never happens: userspace writes the slot before attaching.
+        warn!(&ctx, "no MOVED_ARGS entry for the probe at {:x}", ip);
+        return 0;
+    }
+    let cookie = cookie & !convention::KEYED;
+    if convention::of(cookie) == convention::FREE {
+        on_free(&ctx, arg(&ctx, cookie, 0));
+    } else {
+        enter_convention(&ctx, cookie);
+    }
+    0
+}
+
+/// Where moved probes' arguments are, by page offset, for
+/// `moved_enter_keyed` (see `convention::KEYED`).
+#[map]
+static MOVED_ARGS: Array<u64> = Array::with_max_entries(convention::KEYED_SLOTS, 0);
 
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {

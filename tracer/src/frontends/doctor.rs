@@ -152,7 +152,7 @@ fn document(
             "map_reads": if paths.batch_reads { "batch" } else { "key_by_key" },
             "cfi_walk": "global_function",
             "sampled_allocation_probes": if paths.sessions { "uprobe_session" } else { "uprobe_uretprobe" },
-            "moved_probes": paths.cookies,
+            "moved_probes": if paths.cookies { "attach_cookie" } else { "page_offset_map" },
             "stack_slot_reclamation": paths.reclaim,
             "mmap_tracking": paths.mappings,
             "fork_exec_events": paths.proc_events,

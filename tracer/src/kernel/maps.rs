@@ -46,6 +46,7 @@ pub const MMAP_STACKS: &str = "MMAP_STACKS";
 pub const MMAP_COUNTERS: &str = "MMAP_COUNTERS";
 pub const BRK: &str = "BRK";
 pub const PROC_EVENTS: &str = "PROC_EVENTS";
+pub const MOVED_ARGS: &str = "MOVED_ARGS";
 
 /// Map update flag: only if the key does not exist yet.
 const BPF_NOEXIST: u64 = 1;
@@ -252,6 +253,15 @@ pub fn fill_array(loaded: &mut Loaded, name: &'static str, values: &[u64]) -> Re
             .map_err(|e| KernelError::map(name, e))?;
     }
     Ok(())
+}
+
+/// Writes `value` at `index` of the array map `name`.
+pub fn set_array(loaded: &mut Loaded, name: &'static str, index: u32, value: u64) -> Result<()> {
+    let mut array: Array<&mut MapData, u64> =
+        Array::try_from(loaded.map_mut(name)?).map_err(|e| KernelError::map(name, e))?;
+    array
+        .set(index, value, 0)
+        .map_err(|e| KernelError::map(name, e))
 }
 
 /// `FREE_SLOTS`: the stack slots the programs may hand out.

@@ -204,10 +204,13 @@ impl Kernel {
         });
         loaded.start_logger();
         loaded.load_uprobes(&probes::programs(options.variant))?;
-        if paths.cookies {
-            // It reads its attach cookie: the verifier refuses it before 5.15.
-            loaded.load_uprobes(&[probes::MOVED_ENTRY])?;
-        }
+        // MOVED_ENTRY reads its attach cookie: the verifier refuses it
+        // before 5.15, where MOVED_KEYED takes its place.
+        loaded.load_uprobes(&[if paths.cookies {
+            probes::MOVED_ENTRY
+        } else {
+            probes::MOVED_KEYED
+        }])?;
         let mut kernel = Kernel {
             loaded,
             variant: options.variant,

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use tracer_common::convention;
+
 use crate::target::{
     allocator::{AllocatorObject, Entry, ProbePoint, FUNCTIONS},
     placement::Placement,
@@ -18,6 +20,9 @@ const RETURN_PROGRAM: &str = "alloc_return";
 /// register: it reads the convention and the registers from its attach
 /// cookie (kernels 5.15+; see `placement`).
 pub const MOVED_ENTRY: &str = "moved_enter";
+/// `MOVED_ENTRY` for kernels without attach cookies: it finds the cookie in
+/// `MOVED_ARGS` at the probe's page offset (`convention::KEYED`).
+pub const MOVED_KEYED: &str = "moved_enter_keyed";
 /// The no-op programs of `Variant::Noop`.
 const NOOP_ENTRY: &str = "noop_enter";
 const NOOP_RETURN: &str = "noop_return";
@@ -43,7 +48,7 @@ pub fn programs(variant: Variant) -> Vec<&'static str> {
         return vec![NOOP_ENTRY, NOOP_RETURN];
     }
     // MOVED_ENTRY is loaded only where programs read attach cookies
-    // (`Paths::cookies`).
+    // (`Paths::cookies`), MOVED_KEYED only where they do not.
     let mut programs: Vec<&str> = FUNCTIONS.iter().map(|(_, e)| entry_program(*e)).collect();
     programs.push(RETURN_PROGRAM);
     programs.sort_unstable();
@@ -83,6 +88,9 @@ pub struct ProbeSet {
     /// How allocation returns are probed, for `-v`.
     pub returns: String,
     scopes: Vec<Scope>,
+    /// Without attach cookies: the `MOVED_ARGS` slots written so far (page
+    /// offset -> cookie), never rewritten while probes may read them.
+    keyed: std::collections::HashMap<u32, u64>,
 }
 
 impl Default for ProbeSet {
@@ -91,6 +99,7 @@ impl Default for ProbeSet {
             attached: Vec::new(),
             returns: "uretprobe".to_string(),
             scopes: Vec::new(),
+            keyed: Default::default(),
         }
     }
 }
@@ -287,22 +296,27 @@ impl Kernel {
                 self.describe_covered(object, point, target);
                 continue;
             }
-            let placement = point.placed(self.paths.cookies);
+            let placement = self.placement(point)?;
             if point.entry.needs_return() {
                 let program = if noop { NOOP_RETURN } else { RETURN_PROGRAM };
-                links.push(self.attach_one(object, point, program, None, true, scope_task)?);
+                links.push(
+                    self.attach_one(object, point, &placement, program, None, true, scope_task)?,
+                );
             }
             let (program, cookie) = if noop {
                 (NOOP_ENTRY, None)
             } else if placement.args != 0 {
-                let convention = super::sessions::convention(point.entry)
-                    .unwrap_or(tracer_common::convention::FREE);
-                let cookie = convention | placement.args << tracer_common::convention::ARGS_SHIFT;
-                (MOVED_ENTRY, Some(cookie))
+                if self.paths.cookies {
+                    (MOVED_ENTRY, Some(moved_cookie(point, &placement)))
+                } else {
+                    (MOVED_KEYED, None)
+                }
             } else {
                 (entry_program(point.entry), None)
             };
-            links.push(self.attach_one(object, point, program, cookie, false, scope_task)?);
+            links.push(self.attach_one(
+                object, point, &placement, program, cookie, false, scope_task,
+            )?);
         }
         Ok(links)
     }
@@ -321,18 +335,54 @@ impl Kernel {
         });
     }
 
-    /// Attaches `program` to both probes' place (`placement`: a uretprobe
-    /// works at any instruction before the stack pointer first moves).
+    /// Where `point`'s probes go on this kernel: past moved arguments where
+    /// the entry program can learn where they are (its attach cookie;
+    /// without cookies, a `MOVED_ARGS` slot at the probe's page offset that
+    /// no other moved probe needs), otherwise where no argument moved.
+    fn placement(&mut self, point: &ProbePoint) -> Result<Placement> {
+        let moved = &point.placement;
+        if self.paths.cookies || moved.args == 0 || self.variant == Variant::Noop {
+            return Ok(point.placed(self.paths.cookies).clone());
+        }
+        let cookie = moved_cookie(point, moved);
+        let slot = ((point.file_offset + moved.skip) % convention::KEYED_SLOTS as u64) as u32;
+        match self.probes.keyed.get(&slot) {
+            Some(&other) if other != cookie => {
+                let mut in_place = point.in_place.clone();
+                in_place.reason = format!(
+                    "{} (no attach cookies, and the slot of its page offset is another moved probe's)",
+                    in_place.reason
+                );
+                return Ok(in_place);
+            }
+            Some(_) => {}
+            None => {
+                super::maps::set_array(
+                    &mut self.loaded,
+                    super::maps::MOVED_ARGS,
+                    slot,
+                    cookie | convention::KEYED,
+                )?;
+                self.probes.keyed.insert(slot, cookie);
+            }
+        }
+        Ok(moved.clone())
+    }
+
+    /// Attaches `program` at `placement` (a uretprobe works at any
+    /// instruction before the stack pointer first moves).
+    #[allow(clippy::too_many_arguments)]
     fn attach_one(
         &mut self,
         object: &AllocatorObject,
         point: &ProbePoint,
+        placement: &Placement,
         program: &'static str,
         cookie: Option<u64>,
         is_return: bool,
         scope_task: u32,
     ) -> Result<UprobeLink> {
-        let placement = point.placed(self.paths.cookies).clone();
+        let placement = placement.clone();
         let file_offset = point.file_offset + placement.skip;
         let link = self.loaded.attach_uprobe(
             program,
@@ -361,6 +411,13 @@ impl Kernel {
         });
         Ok(link)
     }
+}
+
+/// The cookie of a probe placed past moved arguments: its convention and
+/// where each argument is (`tracer_common::convention`).
+fn moved_cookie(point: &ProbePoint, placement: &Placement) -> u64 {
+    let convention = super::sessions::convention(point.entry).unwrap_or(convention::FREE);
+    convention | placement.args << convention::ARGS_SHIFT
 }
 
 /// Closes links on a thread of their own: closing a uprobe link waits for

@@ -161,7 +161,7 @@ pub fn place(code: &[u8], address: u64, reads: Reads, relocate: bool) -> Placeme
                 reason: if cookie == 0 {
                     "first emulated instruction".into()
                 } else {
-                    "first emulated instruction; arguments relocated (cookie)".into()
+                    "first emulated instruction; arguments relocated".into()
                 },
             };
         }

@@ -268,9 +268,10 @@ pub struct Paths {
     /// Maps read in batches (thousands of entries per syscall), else key
     /// by key (two syscalls per entry).
     pub batch_reads: bool,
-    /// Programs read attach cookies (5.15+): a probe may sit past where an
-    /// argument moved to another register, its cookie saying which
-    /// (`ProbePoint::placed`), else only where none has moved.
+    /// Programs read attach cookies (5.15+): a probe placed past where an
+    /// argument moved to another register gets a cookie saying which; else
+    /// the entry program finds it in `MOVED_ARGS` by the probe's page offset
+    /// (`probes::MOVED_KEYED`).
     pub cookies: bool,
     /// Allocation functions may be probed with uprobe sessions (where they
     /// pay: `--sample-rate`), else always with a uprobe and a uretprobe.
@@ -340,7 +341,7 @@ impl Paths {
                 if self.cookies {
                     "past moved arguments where needed (attach cookies)"
                 } else {
-                    "only where no argument has moved (no attach cookies)"
+                    "past moved arguments where their page offsets differ (no attach cookies: a map by page offset says where the arguments are)"
                 },
             ),
             (
