@@ -54,6 +54,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     // Runs in the process, on its new program.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if is_target(tgid) {
+        crate::unwind::program_replaced(tgid);
         emit(PROC_EXEC, tgid, tgid);
     }
     0

@@ -48,9 +48,11 @@ pub static UNWIND_PROCS: HashMap<u32, UnwindProc> =
 /// PIDs (as u64) of traced processes that just mapped code from a file:
 /// userspace adds the object to their table at once, rather than at its
 /// next look.
-/// Bumped by userspace after every change of an `UNWIND_PROCS` table.
+/// [0]: bumped by userspace after every change of an `UNWIND_PROCS` table;
+/// [1]: bumped here when a traced process exec'ed (`program_replaced`).
+/// Both only grow, so their sum changes whenever either does.
 #[map]
-static UNWIND_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+static UNWIND_EPOCH: Array<u64> = Array::with_max_entries(2, 0);
 
 #[map]
 pub static UNWIND_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
@@ -61,6 +63,27 @@ pub fn code_mapped(tgid: u32) {
     if enabled() {
         // Lost when full: the housekeeping tick catches up.
         let _ = UNWIND_EVENTS.output::<u64>(&(tgid as u64), 0);
+    }
+}
+
+/// Process `tgid` exec'ed (tracer-ebpf/src/proc.rs): its table describes
+/// the old program's mappings, and the new program runs (and allocates,
+/// probed through the same C library) before userspace has read its maps.
+/// The table goes now, so those first stacks are walked by frame pointers
+/// rather than with the old program's rows; walks that kept its mappings
+/// drop them on the epoch.
+#[inline(always)]
+pub fn program_replaced(tgid: u32) {
+    if !enabled() {
+        return;
+    }
+    let _ = UNWIND_PROCS.remove(&tgid);
+    if let Some(execs) = UNWIND_EPOCH.get_ptr_mut(1) {
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                execs, 1,
+            )
+        };
     }
 }
 
@@ -163,10 +186,11 @@ pub extern "C" fn tracer_unwind_begin(ip: u64, sp: u64, bp: u64, slot: u32) -> i
     };
     let w = unsafe { &mut *w };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(epoch) = UNWIND_EPOCH.get_ptr(0) else {
+    let (Some(tables), Some(execs)) = (UNWIND_EPOCH.get_ptr(0), UNWIND_EPOCH.get_ptr(1)) else {
         return 1;
     };
-    let epoch = unsafe { core::ptr::read_volatile(epoch) };
+    let epoch =
+        unsafe { core::ptr::read_volatile(tables).wrapping_add(core::ptr::read_volatile(execs)) };
     // The same process and no table changed since its last walk here: it
     // has a table, and the kept mappings are still its. Otherwise (read
     // after the epoch: a table changing in between only resets the next
