@@ -345,9 +345,8 @@ impl Kernel {
             return Ok(point.placed(self.paths.cookies).clone());
         }
         let cookie = moved_cookie(point, moved);
-        let slot = ((point.file_offset + moved.skip) % convention::KEYED_SLOTS as u64) as u32;
-        match self.probes.keyed.get(&slot) {
-            Some(&other) if other != cookie => {
+        match claim_slot(&self.probes.keyed, point.file_offset + moved.skip, cookie) {
+            Slot::Taken => {
                 let mut in_place = point.in_place.clone();
                 in_place.reason = format!(
                     "{} (no attach cookies, and the slot of its page offset is another moved probe's)",
@@ -355,8 +354,8 @@ impl Kernel {
                 );
                 return Ok(in_place);
             }
-            Some(_) => {}
-            None => {
+            Slot::Written(_) => {}
+            Slot::Free(slot) => {
                 super::maps::set_array(
                     &mut self.loaded,
                     super::maps::MOVED_ARGS,
@@ -410,6 +409,32 @@ impl Kernel {
             session: false,
         });
         Ok(link)
+    }
+}
+
+/// A `MOVED_ARGS` slot, for a moved probe on a kernel without cookies.
+#[derive(Debug, PartialEq, Eq)]
+enum Slot {
+    /// Nobody's yet: write it.
+    Free(u32),
+    /// Already holds this cookie (the same probe in another process).
+    Written(u32),
+    /// Holds another probe's cookie: this one cannot move.
+    Taken,
+}
+
+/// The slot of the probe at `file_offset` (its page offset: the same in
+/// every process that maps the file), given the slots written so far.
+fn claim_slot(
+    written: &std::collections::HashMap<u32, u64>,
+    file_offset: u64,
+    cookie: u64,
+) -> Slot {
+    let slot = (file_offset % convention::KEYED_SLOTS as u64) as u32;
+    match written.get(&slot) {
+        None => Slot::Free(slot),
+        Some(&other) if other == cookie => Slot::Written(slot),
+        Some(_) => Slot::Taken,
     }
 }
 
@@ -481,5 +506,27 @@ impl Drop for Kernel {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moved_probes_share_a_slot_only_with_the_same_cookie() {
+        let mut written = std::collections::HashMap::new();
+        // mimalloc's malloc, entry+21 at 0x10b85: size in rsi.
+        let malloc = convention::MALLOC | (6 + 1) << convention::ARGS_SHIFT;
+        assert_eq!(claim_slot(&written, 0x10b85, malloc), Slot::Free(0xb85));
+        written.insert(0xb85, malloc);
+        // The same probe for another process, or another object whose
+        // probe has the same page offset and the same cookie: shared.
+        assert_eq!(claim_slot(&written, 0x7b85, malloc), Slot::Written(0xb85));
+        // Another convention at the same page offset: it stays in place.
+        // Argument 1 in rax (register 0, stored as 1).
+        let calloc = convention::CALLOC | 1 << convention::ARGS_SHIFT;
+        assert_eq!(claim_slot(&written, 0x22b85, calloc), Slot::Taken);
+        assert_eq!(claim_slot(&written, 0x22b86, calloc), Slot::Free(0xb86));
     }
 }
