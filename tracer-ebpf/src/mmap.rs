@@ -30,6 +30,20 @@ use crate::maps::{
     MMAP_STACKS,
 };
 
+/// 1 when the kernel has `bpf_task_pt_regs` (5.15) and
+/// `bpf_get_current_task_btf` (5.11): the user registers at the syscall
+/// are read. Set by userspace at load time (read-only data: on a kernel
+/// without them the verifier sees a constant 0, never walks the branch
+/// that calls them, and the programs load; mapping stacks are then the
+/// kernel's frame-pointer walk alone).
+#[unsafe(no_mangle)]
+static TASK_PT_REGS: u8 = 0;
+
+#[inline(always)]
+fn have_task_pt_regs() -> bool {
+    unsafe { core::ptr::read_volatile(&TASK_PT_REGS) != 0 }
+}
+
 const MAP_SHARED: u64 = 0x01;
 const MAP_PRIVATE: u64 = 0x02;
 const MAP_FIXED: u64 = 0x10;
@@ -304,6 +318,9 @@ fn capture(ctx: &TracePointContext) -> u64 {
 /// or 0 when none is found below the caller's frame.
 #[inline(always)]
 fn caller_of_wrapper() -> u64 {
+    if !have_task_pt_regs() {
+        return 0;
+    }
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     if regs.is_null() {
         return 0;
