@@ -131,3 +131,121 @@ fn min_age_applies_to_mappings() {
     assert_eq!(report["mappings"]["bytes"], 0, "{:#}", report["mappings"]);
     assert_eq!(report["mappings"]["traced"], true);
 }
+
+/// The chain of each of mapped_deep_c's mapping sites, innermost first.
+const DEEP_CHAINS: &[&[&str]] = &[
+    &[
+        "deep_map_inner",
+        "deep_map_middle",
+        "deep_map_outer",
+        "main",
+    ],
+    &[
+        "deep_remap_inner",
+        "deep_remap_middle",
+        "deep_remap_outer",
+        "main",
+    ],
+];
+
+/// Each site of mapped_deep_c (built -O2 -fomit-frame-pointer) holds its
+/// exact bytes under a stack that names its whole chain, from the
+/// function that called mmap/mremap to main, in order.
+fn assert_deep_stacks(report: &Value, said: &str) {
+    let mappings = &report["mappings"];
+    assert_eq!(mappings["traced"], true, "{mappings:#}");
+    assert_eq!(mappings["lost_stacks"], 0, "{mappings:#}");
+    let expected = map_expectations(said);
+    assert_eq!(expected.len(), DEEP_CHAINS.len(), "{said}");
+    for chain in DEEP_CHAINS {
+        let site = chain[0];
+        let stacks: Vec<&Value> = mappings["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| frame_functions(s).first().map(String::as_str) == Some(site))
+            .collect();
+        assert_eq!(stacks.len(), 1, "one stack starts at {site}: {mappings:#}");
+        let stack = stacks[0];
+        let functions = frame_functions(stack);
+        assert_eq!(
+            &functions[..chain.len()],
+            *chain,
+            "{site}'s stack: {functions:?}"
+        );
+        assert_eq!(
+            (
+                stack["bytes"].as_u64().unwrap(),
+                stack["allocations"].as_u64().unwrap()
+            ),
+            expected[site],
+            "{site}: {stack:#}"
+        );
+    }
+}
+
+/// Skips (printing why) where mapping stacks cannot be walked by CFI: no
+/// bpf_task_pt_regs (before 5.15), so no user registers at the syscall.
+fn skip_without_callers() -> bool {
+    if !callers_recovered(&[]) {
+        println!(
+            "SKIPPED on this kernel: no bpf_task_pt_regs: mapping stacks are the kernel's frame-pointer walk"
+        );
+        return true;
+    }
+    false
+}
+
+/// The default mode walks a mapping's stack by CFI from the registers at
+/// the syscall: on code without frame pointers every function of the chain
+/// is named (a frame-pointer walk keeps one or two).
+#[test]
+fn mapping_stacks_are_whole_without_frame_pointers() {
+    require_root();
+    skip_without_path!("mmap_tracking", "mmap tracking");
+    if skip_without_callers() {
+        return;
+    }
+    let program = fixture("mapped_deep_c");
+    let (report, stdout, _) = trace_run(&[program.to_str().unwrap()], &[]);
+    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
+    assert_eq!(report["unwinding"]["mode"], "cfi");
+    assert_deep_stacks(&report, &stdout);
+
+    // With --unwind fp the same sites keep their first frame (the caller
+    // found above the stack pointer) but lose the rest of the chain.
+    let (report, _, _) = trace_run(&[program.to_str().unwrap()], &["--unwind", "fp"]);
+    let stack = report["mappings"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| frame_functions(s).first().map(String::as_str) == Some("deep_map_inner"))
+        .unwrap_or_else(|| panic!("{:#}", report["mappings"]));
+    assert!(
+        !frame_functions(stack).iter().any(|f| f == "deep_map_outer"),
+        "frame pointers cannot walk this: {stack:#}"
+    );
+}
+
+/// The same in attach mode: the tables of a running process are in place
+/// before its next mmap.
+#[test]
+fn mapping_stacks_are_whole_without_frame_pointers_in_attach_mode() {
+    require_root();
+    skip_without_path!("mmap_tracking", "mmap tracking");
+    if skip_without_callers() {
+        return;
+    }
+    let mut fixture = Fixture::start(fixture("mapped_deep_c"), &["attach"]);
+    let mut tracer = TracerCmd::new("report")
+        .pid(fixture.pid())
+        .args(["--format", "json", "--top", "0", "-v"])
+        .spawn();
+    let said = tracer.wait_for("attached to PID");
+    assert!(said.contains("stack walk: CFI"), "{said}");
+    let said = fixture.go();
+    fixture.close_stdin();
+    let report = tracer.finish().json();
+    fixture.finish();
+    assert_deep_stacks(&report, &said);
+}

@@ -283,9 +283,10 @@ pub struct Paths {
     pub mappings_off: &'static str,
     /// The mmap programs read the user registers at the syscall
     /// (bpf_task_pt_regs, 5.15, with bpf_get_current_task_btf, 5.11): a
-    /// mapping's stack starts at the function that called libc's wrapper.
-    /// Else (a global set at load time turns the call off, so the programs
-    /// still load) the kernel's frame-pointer walk alone, which skips it.
+    /// mapping's stack is walked from them (by CFI in CFI mode) and starts
+    /// at the function that called libc's wrapper. Else (a global set at
+    /// load time turns the call off, so the programs still load) the
+    /// kernel's frame-pointer walk alone, which skips it.
     pub mapping_callers: bool,
     /// Forks and execs are seen (sched tracepoints).
     pub proc_events: bool,
@@ -361,9 +362,9 @@ impl Paths {
                 if !self.mappings {
                     self.mappings_off
                 } else if self.mapping_callers {
-                    "syscall tracepoints; stacks from the user registers (bpf_task_pt_regs), the function that called mmap first"
+                    "syscall tracepoints; stacks walked from the user registers (bpf_task_pt_regs) as heap stacks are (CFI, or frame pointers plus the function that called mmap with --unwind fp)"
                 } else {
-                    "syscall tracepoints; stacks by the kernel's frame-pointer walk alone (no bpf_task_pt_regs helper, Linux 5.15+): the function that called mmap/mremap is not recovered, its caller's shows"
+                    "syscall tracepoints; stacks by the kernel's frame-pointer walk alone, also in CFI mode (no bpf_task_pt_regs helper, Linux 5.15+): the function that called mmap/mremap is not recovered, its caller's shows"
                 },
             ),
             (
