@@ -91,6 +91,12 @@ fn main() {
         .arg(dir.join("nofp.cpp"))
         .arg("-o")
         .arg(out.join("nofp_cpp")));
+    // Mappings reached through three functions: their stacks by CFI.
+    run(Command::new("gcc")
+        .args(nofp)
+        .arg(dir.join("mapped_deep.c"))
+        .arg("-o")
+        .arg(out.join("mapped_deep_c")));
     // The attach and fork fixtures too: CFI in attach mode and across forks.
     for name in ["attach", "forks"] {
         run(Command::new("gcc")

@@ -132,7 +132,11 @@ fn doctor_as_root_says_the_tracer_runs_and_agrees_with_the_kernels_files() {
     );
     assert_eq!(
         paths["mmap_tracking"],
-        available(&doc, "syscall_tracepoints") != false && available(&doc, "task_pt_regs") != false
+        available(&doc, "syscall_tracepoints") != false
+    );
+    assert_eq!(
+        paths["mmap_callers"],
+        available(&doc, "task_pt_regs") == true
     );
 }
 
@@ -278,24 +282,23 @@ fn without_membarrier_slots_are_not_reclaimed_and_counts_stay_exact() {
 }
 
 /// Without bpf_task_pt_regs (before 5.15, or hidden here) the mmap
-/// programs cannot load: mmap tracking is off, `-v` says why, the report
-/// says mappings were not traced, and the heap is as exact.
+/// programs load with the call turned off: mmap is traced, its stacks by
+/// the kernel's frame-pointer walk alone, `-v` says so, and the heap is as
+/// exact (tests/tests/mappings.rs checks the mappings).
 #[test]
-fn without_task_pt_regs_mmap_is_not_traced_and_the_heap_stays_exact() {
+fn without_task_pt_regs_mmap_is_traced_without_its_caller_and_the_heap_stays_exact() {
     let stderr = exact_without("task_pt_regs", &[]);
     assert!(
-        stderr.contains("tracer: mmap tracking: off (no bpf_task_pt_regs helper"),
+        stderr.contains("tracer: mmap tracking: syscall tracepoints; stacks by the kernel's frame-pointer walk alone")
+            && stderr.contains("(no bpf_task_pt_regs helper, Linux 5.15+)"),
         "{stderr}"
     );
     assert!(!stderr.contains("not tracing mmap"), "{stderr}");
-    let program = fixture("mapped_c");
-    let (report, stdout, _) = trace_run_with_env(
-        &[program.to_str().unwrap()],
-        &[],
-        &[("TRACER_TEST_WITHOUT", "task_pt_regs")],
-    );
-    assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
-    assert_eq!(report["mappings"]["traced"], false, "{report:#}");
+    let (code, doc) = doctor_json(|command| {
+        command.env("TRACER_TEST_WITHOUT", "task_pt_regs");
+    });
+    assert_eq!(code, Some(0), "{doc:#}");
+    assert_eq!(doc["paths"]["mmap_callers"], false, "{doc:#}");
 }
 
 /// Doctor reports a hidden feature as missing and the path that follows.

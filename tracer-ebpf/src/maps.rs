@@ -149,10 +149,6 @@ pub static MMAP_EVENTS: aya_ebpf::maps::RingBuf =
 pub static MMAP_STACKS: HashMap<u64, StackTrace> =
     HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
-/// Scratch space for one mapping stack.
-#[map]
-pub static MMAP_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
-
 /// Program break (brk) last returned, per traced process.
 #[map]
 pub static BRK: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);

@@ -26,9 +26,25 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    is_target, BRK, IN_FLIGHT, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_SCRATCH,
-    MMAP_STACKS,
+    is_target, BRK, IN_FLIGHT, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_STACKS,
+    STACK_SCRATCH,
 };
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+/// 1 when the kernel has `bpf_task_pt_regs` (5.15) and
+/// `bpf_get_current_task_btf` (5.11): the user registers at the syscall
+/// are read (the CFI walk starts from them; the frame-pointer path finds
+/// the wrapper's caller with them). Set by userspace at load time
+/// (read-only data: on a kernel without them the verifier sees a constant
+/// 0, never walks the branch that calls them, and the programs load;
+/// mapping stacks are then the kernel's frame-pointer walk alone).
+#[unsafe(no_mangle)]
+static TASK_PT_REGS: u8 = 0;
+
+#[inline(always)]
+fn have_task_pt_regs() -> bool {
+    unsafe { core::ptr::read_volatile(&TASK_PT_REGS) != 0 }
+}
 
 const MAP_SHARED: u64 = 0x01;
 const MAP_PRIVATE: u64 = 0x02;
@@ -254,39 +270,80 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
 /// looked for: glibc's mremap keeps 0x58 bytes, musl's mmap 0x38.
 const SCAN_WORDS: u64 = 24;
 
-/// The user stack of the syscall, innermost first, stored in `MMAP_STACKS`.
+/// The user stack of the syscall, innermost first, stored in `MMAP_STACKS`
+/// (hashed as heap stacks are, `stack::hash_frames`), in one of this CPU's
+/// scratch slots (`maps::Scratch`, shared with the heap's capture).
+#[inline(always)]
+fn capture(ctx: &TracePointContext) -> u64 {
+    let index = crate::stack::tracer_claim_scratch();
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(index) else {
+        // Every slot held by a preempted program on this CPU.
+        count(MMAP_STACKS_LOST);
+        return STACK_UNKNOWN;
+    };
+    let id = capture_in(ctx, unsafe { &mut (*scratch).trace }, index);
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*scratch).busy, u64::MAX);
+    }
+    id
+}
+
+/// `capture` with scratch slot `index` claimed: `buf` is ours alone.
 ///
-/// The kernel walks frame pointers from the syscall wrapper (`mmap` in
+/// In CFI mode, on kernels with `bpf_task_pt_regs`, the stack is walked
+/// by CFI from the user registers at the syscall, like a heap stack, and
+/// its first frame (libc's wrapper) left out: it starts at the function
+/// that called mmap, as on the frame-pointer path below.
+///
+/// Otherwise (`--unwind fp`, no table for the process, an older kernel)
+/// the kernel walks frame pointers from the syscall wrapper (`mmap` in
 /// libc), which has no frame of its own: the walk goes from the wrapper
 /// straight to its caller's caller, and the function that called mmap is
 /// lost. Its return address is on the stack a few words above the user
 /// stack pointer; it is the first word there that points just past a call
 /// instruction, and it takes the wrapper's place in the stack.
 #[inline(always)]
-fn capture(ctx: &TracePointContext) -> u64 {
-    let Some(buf) = MMAP_SCRATCH.get_ptr_mut(0) else {
-        return STACK_UNKNOWN;
+fn capture_in(ctx: &TracePointContext, buf: &mut StackTrace, index: u32) -> u64 {
+    let cfi = match walk_from_syscall(buf, index) {
+        Some(frames) => {
+            buf.len = frames as u64;
+            true
+        }
+        None => false,
     };
-    let buf: &mut StackTrace = unsafe { &mut *buf };
-    let written = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.ips.as_mut_ptr() as *mut _,
-            (MAX_FRAMES * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    if written <= 0 {
+    if !cfi {
+        buf.outermost = 0;
+        let written = unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                buf.ips.as_mut_ptr() as *mut _,
+                (MAX_FRAMES * 8) as u32,
+                BPF_F_USER_STACK as u64,
+            )
+        };
+        if written <= 0 {
+            count(MMAP_STACKS_LOST);
+            return STACK_UNKNOWN;
+        }
+        let len = (written as usize / 8).min(MAX_FRAMES);
+        buf.len = len as u64;
+        let caller = caller_of_wrapper();
+        if caller != 0 && !(len >= 2 && buf.ips[1] == caller) {
+            buf.ips[0] = caller;
+        }
+    }
+    // The length goes through the buffer, read back once: one unknown
+    // number for the hash below, not one path per length.
+    let len = (unsafe { core::ptr::read_volatile(&buf.len) } as usize).min(MAX_FRAMES);
+    if len == 0 {
         count(MMAP_STACKS_LOST);
         return STACK_UNKNOWN;
     }
-    let len = (written as usize / 8).min(MAX_FRAMES);
     buf.len = len as u64;
-    buf.truncated = (len == MAX_FRAMES) as u64;
-    let caller = caller_of_wrapper();
-    if caller != 0 && !(len >= 2 && buf.ips[1] == caller) {
-        buf.ips[0] = caller;
-    }
+    // A heap stack's field, left by the slot's last user.
+    buf.slot = 0;
+    let outermost = unsafe { core::ptr::read_volatile(&buf.outermost) } != 0;
+    buf.truncated = (len == MAX_FRAMES || (cfi && !outermost)) as u64;
 
     let hash = crate::stack::hash_frames(buf, len, (bpf_get_current_pid_tgid() >> 32) as u32);
     if MMAP_STACKS.get_ptr(hash).is_none() {
@@ -300,10 +357,31 @@ fn capture(ctx: &TracePointContext) -> u64 {
     hash
 }
 
+/// The CFI walk from the user registers at the syscall, without its first
+/// frame (the syscall wrapper). None when CFI unwinding is off, the kernel
+/// cannot give the registers, or the process has no table.
+#[inline(always)]
+fn walk_from_syscall(buf: &mut StackTrace, index: u32) -> Option<usize> {
+    if !have_task_pt_regs() || !crate::unwind::cfi_mode() {
+        return None;
+    }
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if regs.is_null() {
+        return None;
+    }
+    let ip = unsafe { bpf_probe_read_kernel(&(*regs).rip) }.ok()?;
+    let sp = unsafe { bpf_probe_read_kernel(&(*regs).rsp) }.ok()?;
+    let bp = unsafe { bpf_probe_read_kernel(&(*regs).rbp) }.ok()?;
+    crate::unwind::walk_from::<1>(ip, sp, bp, buf, index)
+}
+
 /// The return address into the function that called the syscall wrapper,
 /// or 0 when none is found below the caller's frame.
 #[inline(always)]
 fn caller_of_wrapper() -> u64 {
+    if !have_task_pt_regs() {
+        return 0;
+    }
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     if regs.is_null() {
         return 0;

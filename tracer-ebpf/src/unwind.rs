@@ -155,6 +155,29 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace, slot: u32) -> Option<usi
         return None;
     }
     let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    walk_from::<0>(ip, sp, bp, out, slot)
+}
+
+/// Whether CFI unwinding is on (`--unwind cfi`, the default).
+#[inline(always)]
+pub fn cfi_mode() -> bool {
+    enabled()
+}
+
+/// `walk` from these register values, leaving out the `SKIP` innermost
+/// frames (a syscall's: libc's wrapper). None also when the walk found no
+/// more than `SKIP` frames.
+#[inline(always)]
+pub fn walk_from<const SKIP: usize>(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    out: &mut StackTrace,
+    slot: u32,
+) -> Option<usize> {
+    if !enabled() {
+        return None;
+    }
     if tracer_unwind_begin(ip, sp, bp, slot) != 0 {
         return None;
     }
@@ -165,11 +188,15 @@ pub fn walk(regs: *const pt_regs, out: &mut StackTrace, slot: u32) -> Option<usi
         }
     }
     let len = (w.len as usize).min(MAX_FRAMES);
-    for i in 0..MAX_FRAMES {
+    if len <= SKIP {
+        return None;
+    }
+    let len = len - SKIP;
+    for i in 0..MAX_FRAMES - SKIP {
         if i >= len {
             break;
         }
-        out.ips[i] = w.ips[i];
+        out.ips[i] = w.ips[i + SKIP];
     }
     out.outermost = (w.status == COMPLETE) as u64;
     Some(len)

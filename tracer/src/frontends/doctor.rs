@@ -155,6 +155,7 @@ fn document(
             "moved_probes": if paths.cookies { "attach_cookie" } else { "page_offset_map" },
             "stack_slot_reclamation": paths.reclaim,
             "mmap_tracking": paths.mappings,
+            "mmap_callers": paths.mapping_callers,
             "fork_exec_events": paths.proc_events,
             "described": paths
                 .describe()

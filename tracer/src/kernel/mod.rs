@@ -154,6 +154,7 @@ impl Kernel {
             ),
             ("SAMPLE_RATE", Global::U64(rate)),
             ("UNWIND_MODE", Global::U32(sizes.unwind.global())),
+            ("TASK_PT_REGS", Global::U8(paths.mapping_callers.into())),
         ];
         let map_sizes = [
             (maps::ALLOCS, sizes.allocations),

@@ -357,15 +357,9 @@ fn describe_unwinding(stats: &crate::kernel::unwind::UnwindStats) {
 
 /// Follows the mmap family of `first` (and the other processes, which
 /// `LiveTrace::new` adds); when its tracepoints cannot be attached, says why
-/// in one line and the heap is traced alone (also when this kernel's path
-/// is to go without).
+/// in one line and the heap is traced alone.
 fn start_mappings(kernel: &mut Kernel, first: &Process) -> Option<MappingTrace> {
-    // Off for want of a helper on this kernel: `-v` and doctor say why.
     // Missing tracepoints (tracefs not mounted) the user can fix: said below.
-    let paths = kernel.paths();
-    if !paths.mappings && !paths.mappings_off.contains("tracepoints") {
-        return None;
-    }
     match kernel.start_mapping_events() {
         Ok(events) => Some(MappingTrace::new(events, first)),
         Err(e) => {

@@ -80,6 +80,22 @@ fn mismatches(doc: &Value, release: &str) -> Vec<String> {
             ));
         }
     }
+    // Mappings are traced on every kernel of the matrix (5.10+); their
+    // stacks start at mmap's caller where bpf_task_pt_regs is (5.15+).
+    if doc["paths"]["mmap_tracking"] != true {
+        wrong.push(format!(
+            "mmap tracking: says {}, but {release} traces mappings",
+            doc["paths"]["mmap_tracking"]
+        ));
+    }
+    let callers = version >= (5, 15);
+    if doc["paths"]["mmap_callers"].as_bool() != Some(callers) {
+        wrong.push(format!(
+            "mmap callers: says {}, but {release} {} bpf_task_pt_regs",
+            doc["paths"]["mmap_callers"],
+            if callers { "has" } else { "lacks" }
+        ));
+    }
     wrong
 }
 
@@ -93,8 +109,9 @@ mod tests {
             .map(|(k, _)| format!("\"{k}\": {{\"available\": {}}}", have.contains(k)))
             .collect();
         format!(
-            "{BEGIN}\n{{\"kernel\": {{\"release\": \"{release}\"}}, \"capabilities\": {{{}}}}}\n{END}0\n",
-            caps.join(", ")
+            "{BEGIN}\n{{\"kernel\": {{\"release\": \"{release}\"}}, \"capabilities\": {{{}}}, \"paths\": {{\"mmap_tracking\": true, \"mmap_callers\": {}}}}}\n{END}0\n",
+            caps.join(", "),
+            have.contains(&"task_pt_regs")
         )
     }
 
@@ -112,6 +129,15 @@ mod tests {
         assert!(rows.iter().all(|(_, s)| *s == Status::Ok));
         // 5.10 has no bpf_loop: saying it has is wrong.
         let rows = check(&doc("5.10.0-32-amd64", &all_but_new), "5.10.0-32-amd64").unwrap();
+        assert!(rows[1].1 == Status::Failed);
+        // What 5.10 has: right, mappings traced without their callers.
+        let has_510 = ["ring_buffer", "batch_ops"];
+        let rows = check(&doc("5.10.0-32-amd64", &has_510), "5.10.0-32-amd64").unwrap();
+        assert!(rows.iter().all(|(_, s)| *s == Status::Ok));
+        // Mappings said off on 5.10 is wrong.
+        let off = doc("5.10.0-32-amd64", &has_510)
+            .replace("\"mmap_tracking\": true", "\"mmap_tracking\": false");
+        let rows = check(&off, "5.10.0-32-amd64").unwrap();
         assert!(rows[1].1 == Status::Failed);
         assert!(check("no doctor here", "6.1.0-50-amd64").is_none());
     }

@@ -27,7 +27,11 @@ pub const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         "mappings",
-        &["mappings_are_exact_per_site_and_large_blocks_count_once"],
+        &[
+            "mappings_are_exact_per_site_and_large_blocks_count_once",
+            "mapping_stacks_are_whole_without_frame_pointers",
+            "mapping_stacks_are_whole_without_frame_pointers_in_attach_mode",
+        ],
     ),
     (
         "sampling",

@@ -278,11 +278,17 @@ pub struct Paths {
     pub sessions: bool,
     /// Slots of stacks that hold nothing are recycled (needs a grace period).
     pub reclaim: bool,
-    /// The mmap family is followed (syscall tracepoints; its programs call
-    /// bpf_task_pt_regs, which a kernel without it refuses to load).
+    /// The mmap family is followed (syscall tracepoints).
     pub mappings: bool,
     /// Why not, when not (reports then say mappings were not traced).
     pub mappings_off: &'static str,
+    /// The mmap programs read the user registers at the syscall
+    /// (bpf_task_pt_regs, 5.15, with bpf_get_current_task_btf, 5.11): a
+    /// mapping's stack is walked from them (by CFI in CFI mode) and starts
+    /// at the function that called libc's wrapper. Else (a global set at
+    /// load time turns the call off, so the programs still load) the
+    /// kernel's frame-pointer walk alone, which skips it.
+    pub mapping_callers: bool,
     /// Forks and execs are seen (sched tracepoints).
     pub proc_events: bool,
 }
@@ -295,8 +301,6 @@ impl Paths {
         let cookies = features.attach_cookies.is_yes();
         let mappings_off = if features.syscall_tracepoints.is_no() {
             "off (no syscall tracepoints): mmap'ed memory is not traced"
-        } else if features.task_pt_regs.is_no() {
-            "off (no bpf_task_pt_regs helper, Linux 5.15+, which finds the function that called mmap): mmap'ed memory is not traced"
         } else {
             ""
         };
@@ -307,6 +311,8 @@ impl Paths {
             reclaim: features.membarrier.is_yes(),
             mappings: mappings_off.is_empty(),
             mappings_off,
+            // A wrong guess would refuse to load: only when known.
+            mapping_callers: features.task_pt_regs.is_yes(),
             proc_events: !features.sched_tracepoints.is_no(),
         }
     }
@@ -354,10 +360,12 @@ impl Paths {
             ),
             (
                 "mmap tracking",
-                if self.mappings {
-                    "syscall tracepoints"
-                } else {
+                if !self.mappings {
                     self.mappings_off
+                } else if self.mapping_callers {
+                    "syscall tracepoints; stacks walked from the user registers (bpf_task_pt_regs) as heap stacks are (CFI, or frame pointers plus the function that called mmap with --unwind fp)"
+                } else {
+                    "syscall tracepoints; stacks by the kernel's frame-pointer walk alone, also in CFI mode (no bpf_task_pt_regs helper, Linux 5.15+): the function that called mmap/mremap is not recovered, its caller's shows"
                 },
             ),
             (
@@ -419,6 +427,7 @@ mod tests {
                 reclaim: true,
                 mappings: true,
                 mappings_off: "",
+                mapping_callers: true,
                 proc_events: true
             }
         );
@@ -444,15 +453,19 @@ mod tests {
         assert!(paths.batch_reads);
         assert!(!paths.sessions);
         assert!(!paths.cookies);
-        assert!(!paths.mappings, "the mmap programs call bpf_task_pt_regs");
+        // Mappings are traced, their stacks by the kernel's frame-pointer
+        // walk alone: the global keeping bpf_task_pt_regs from the verifier.
+        assert!(paths.mappings);
+        assert!(!paths.mapping_callers);
         assert!(f.blockers().is_empty(), "5.10 can run: {:?}", f.blockers());
         let described = paths.describe();
         assert!(described
             .iter()
             .any(|(what, path)| *what == "CFI walk" && path.contains("no bpf_loop")));
         assert!(described.iter().any(|(what, path)| *what == "mmap tracking"
-            && path.contains("bpf_task_pt_regs")
-            && path.contains("not traced")));
+            && path.starts_with("syscall tracepoints")
+            && path.contains("no bpf_task_pt_regs")
+            && path.contains("not recovered")));
         assert!(described.iter().any(
             |(what, path)| *what == "allocation probes" && path.contains("no uprobe sessions")
         ));
@@ -485,6 +498,10 @@ mod tests {
         f.membarrier = Probe::no("");
         let paths = Paths::choose(&f);
         assert!(!paths.mappings && !paths.proc_events && !paths.reclaim);
+        assert!(paths
+            .describe()
+            .iter()
+            .any(|(what, path)| *what == "mmap tracking" && path.contains("not traced")));
         assert!(f.blockers().is_empty(), "the heap is traced without them");
     }
 
