@@ -695,6 +695,16 @@ fn read_noted(w: &mut Walk, addr: u64) -> Option<u64> {
     }
 }
 
+/// `*next`, then `*next + 1` stored: a loop index the compiler cannot
+/// turn into a pointer walk with a down-counter, which 5.10's verifier
+/// cannot bound.
+#[inline(always)]
+fn opaque(next: &mut usize) -> usize {
+    let i = unsafe { read_volatile(next) };
+    unsafe { write_volatile(next, i + 1) };
+    i
+}
+
 #[inline(always)]
 fn way(ip: u64, sp: u64) -> u32 {
     ((ip ^ sp.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 & (CACHE_WAYS - 1)
@@ -762,8 +772,10 @@ pub extern "C" fn tracer_walk_cached(ip: u64, sp: u64, bp: u64, slot: u32) -> i6
         }
         let n = read_volatile(&(*e).nreads) as usize;
         let words = &(*window).words;
-        for i in 0..MAX_READS {
-            if i >= n {
+        let mut next = 0usize;
+        for _ in 0..MAX_READS {
+            let i = opaque(&mut next);
+            if i >= n || i >= MAX_READS {
                 break;
             }
             // Offsets are below `top` (an entry torn by a preempted writer
@@ -829,8 +841,10 @@ pub extern "C" fn tracer_walk_remember(slot: u32, hash: u64) -> i64 {
         write_volatile(&mut (*e).outermost, (w.status == COMPLETE) as u64);
         write_volatile(&mut (*e).top, w.top);
         let n = (w.nreads as usize).min(MAX_READS);
-        for i in 0..MAX_READS {
-            if i >= n {
+        let mut next = 0usize;
+        for _ in 0..MAX_READS {
+            let i = opaque(&mut next);
+            if i >= n || i >= MAX_READS {
                 break;
             }
             write_volatile(&mut (*e).offs[i], w.offs[i]);
