@@ -28,8 +28,8 @@ use tracer_common::{
 
 use crate::{
     maps::{
-        count, is_target, old_blocks_held, old_blocks_held_add, ALLOCS, COUNTERS, IN_FLIGHT,
-        STACK_STATS, TARGETS,
+        count, filter_add, filter_maybe, is_target, old_blocks_held, old_blocks_held_add, ALLOCS,
+        COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS,
     },
     sample, stack,
     taskstack::keep_task_stack,
@@ -196,16 +196,13 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     }
     // If the address is recorded again, the block was freed and handed out
     // anew: retire it instead.
-    if call.has_old != 0
-        && retried(|| {
-            ALLOCS.insert(
-                &block(pid_tgid, call.ptr_arg),
-                &call.old,
-                BPF_NOEXIST as u64,
-            )
-        })
-        .is_err()
-    {
+    if call.has_old == 0 {
+        return;
+    }
+    let key = block(pid_tgid, call.ptr_arg);
+    filter_add(&key, 1);
+    if retried(|| ALLOCS.insert(&key, &call.old, BPF_NOEXIST as u64)).is_err() {
+        filter_add(&key, u32::MAX);
         retire(&call.old);
     }
 }
@@ -277,7 +274,7 @@ fn enter_sampled(
         old: AllocRecord::default(),
     };
     let claims_old = kind == CallKind::Realloc && ptr_arg != 0;
-    if claims_old {
+    if claims_old && filter_maybe(&block(pid_tgid, ptr_arg)) {
         if let Some(old) = unsafe { ALLOCS.get(&block(pid_tgid, ptr_arg)) } {
             call.old = *old;
             call.has_old = 1;
@@ -296,11 +293,14 @@ fn enter_sampled(
     if call.has_old != 0 {
         // Counted before the block leaves ALLOCS (see `on_free`).
         old_blocks_held_add(1);
-        if retried(|| ALLOCS.remove(&block(pid_tgid, ptr_arg))).is_err() {
+        let key = block(pid_tgid, ptr_arg);
+        if retried(|| ALLOCS.remove(&key)).is_err() {
             if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
                 unsafe { (*stored).has_old = 0 };
             }
             old_blocks_held_add(1u64.wrapping_neg());
+        } else {
+            filter_add(&key, u32::MAX);
         }
     }
     true
@@ -488,9 +488,14 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
         if ret != 0 || call.size == 0 {
             retire(&call.old);
             count(Counter::Frees);
-        } else if retried(|| ALLOCS.insert(&block(pid_tgid, call.ptr_arg), &call.old, 0)).is_err() {
-            retire(&call.old);
-            count(Counter::AllocMapFull);
+        } else {
+            let key = block(pid_tgid, call.ptr_arg);
+            filter_add(&key, 1);
+            if retried(|| ALLOCS.insert(&key, &call.old, 0)).is_err() {
+                filter_add(&key, u32::MAX);
+                retire(&call.old);
+                count(Counter::AllocMapFull);
+            }
         }
     }
     if ret == 0 {
@@ -527,7 +532,14 @@ fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let key = block(pid_tgid, ptr);
-    let Some(record) = (unsafe { ALLOCS.get(&key) }) else {
+    // Sampling: most blocks freed were never sampled, and the filter says
+    // so without the lookup.
+    let found = if filter_maybe(&key) {
+        unsafe { ALLOCS.get(&key) }
+    } else {
+        None
+    };
+    let Some(record) = found else {
         // A realloc left without returning (see `abandon`) may hold this
         // block's record: the thread's call record settles it first. (Under
         // sampling, looked up only while some record holds an old block.)
@@ -578,6 +590,7 @@ fn settle_free(key: AllocKey, record: &AllocRecord) {
     // two threads cannot subtract twice.
     match retried(|| ALLOCS.remove(&key)) {
         Ok(()) => {
+            filter_add(&key, u32::MAX);
             retire(record);
             count(Counter::Frees);
         }
@@ -607,6 +620,8 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
     add_to_slot(stack.slot, bytes, blocks);
     // Published only if the address is not recorded: the usual case, in one
     // map operation instead of a lookup and an insert.
+    // Raised before the record can be found (see `maps::SAMPLED_FILTER`).
+    filter_add(&key, 1);
     let published = match retried(|| ALLOCS.insert(&key, &record, BPF_NOEXIST as u64)) {
         Err(err) if err == -EEXIST => {
             // An address that is still recorded was freed behind our back;
@@ -614,6 +629,7 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
             if let Some(old) = unsafe { ALLOCS.get(&key) } {
                 let old = *old;
                 if retried(|| ALLOCS.remove(&key)).is_ok() {
+                    filter_add(&key, u32::MAX);
                     retire(&old);
                     count(Counter::MissedFrees);
                 }
@@ -623,6 +639,7 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
         other => other,
     };
     if published.is_err() {
+        filter_add(&key, u32::MAX);
         add_to_slot(stack.slot, bytes.wrapping_neg(), blocks.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);

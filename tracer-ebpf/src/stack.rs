@@ -110,6 +110,16 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
 /// `capture` with scratch slot `index` claimed: `buf` is ours alone.
 #[inline(always)]
 fn capture_in<C: EbpfContext>(ctx: &C, buf: &mut StackTrace, index: u32, tgid: u32) -> Stack {
+    // A walk this CPU did from the same registers, over the same words
+    // (unwind.rs, "The walk cache"): its stack, if still stored.
+    if let Some((hash, outermost)) = crate::unwind::cached(ctx.as_ptr() as *const _, index) {
+        if let Some(slot) = known_slot(hash) {
+            if outermost {
+                count(Counter::WholeStacks);
+            }
+            return Stack { id: hash, slot };
+        }
+    }
     // The CFI walker (the default), when it has tables for this process;
     // otherwise our own frame-pointer walk, not bpf_get_stack (fpwalk.rs
     // says why). The length goes through the buffer, read back once.
@@ -138,6 +148,9 @@ fn capture_in<C: EbpfContext>(ctx: &C, buf: &mut StackTrace, index: u32, tgid: u
     }
 
     let hash = hash_frames(buf, len, tgid);
+    if cfi {
+        crate::unwind::remember(index, hash);
+    }
     // Two rounds: the second one only runs when another CPU stored the same
     // new stack between our lookup and our insert.
     for _ in 0..2 {

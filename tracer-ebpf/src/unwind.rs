@@ -19,6 +19,8 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::ptr::{read_volatile, write_volatile};
 use tracer_common::{
     unwind::{
         UnwindMapping, UnwindProc, UnwindRow, DEFAULT_UNWIND_ROWS, MAPPING_SEARCH_STEPS,
@@ -87,6 +89,14 @@ pub fn program_replaced(tgid: u32) {
     }
 }
 
+/// The tables' epoch: changes whenever userspace changed a table or a
+/// traced process exec'ed (see `UNWIND_EPOCH`).
+#[inline(always)]
+fn epoch() -> Option<u64> {
+    let (tables, execs) = (UNWIND_EPOCH.get_ptr(0)?, UNWIND_EPOCH.get_ptr(1)?);
+    Some(unsafe { core::ptr::read_volatile(tables).wrapping_add(core::ptr::read_volatile(execs)) })
+}
+
 const RUNNING: u32 = 0;
 /// Reached the outermost frame (or a zero return address).
 const COMPLETE: u32 = 1;
@@ -117,6 +127,31 @@ pub struct Walk {
     /// its C library): taken back without a search either.
     prev: UnwindMapping,
     ips: [u64; MAX_FRAMES],
+    /// What the walk read, for `WALK_CACHE` (see `note`): the start's sp,
+    /// the words (offsets from it, in words; values), the bytes from sp to
+    /// the end of the highest one.
+    sp0: u64,
+    bp0: u64,
+    top: u64,
+    nreads: u32,
+    /// Zero once the walk did something a cached copy cannot repeat (see
+    /// `note`, `uncacheable`).
+    cacheable: u32,
+    /// `bp` is still the start's register (not yet reloaded from memory).
+    bp_live: u32,
+    /// The walk's result depended on the start's `bp`.
+    bp_dep: u32,
+    _pad2: u32,
+    /// Where `bp` was read from, while that word is not noted: a saved rbp
+    /// matters only if a later frame uses it as a base (code without frame
+    /// pointers keeps data there, which changes from call to call).
+    bp_addr: u64,
+    bp_pending: u64,
+    /// A hit's stack id and outermost flag (`tracer_walk_cached`).
+    hit_hash: u64,
+    hit_outermost: u64,
+    offs: [u16; MAX_READS],
+    vals: [u64; MAX_READS],
 }
 
 /// Entries of `UNWIND_HINTS` (a power of two).
@@ -213,11 +248,9 @@ pub extern "C" fn tracer_unwind_begin(ip: u64, sp: u64, bp: u64, slot: u32) -> i
     };
     let w = unsafe { &mut *w };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let (Some(tables), Some(execs)) = (UNWIND_EPOCH.get_ptr(0), UNWIND_EPOCH.get_ptr(1)) else {
+    let Some(epoch) = epoch() else {
         return 1;
     };
-    let epoch =
-        unsafe { core::ptr::read_volatile(tables).wrapping_add(core::ptr::read_volatile(execs)) };
     // The same process and no table changed since its last walk here: it
     // has a table, and the kept mappings are still its. Otherwise (read
     // after the epoch: a table changing in between only resets the next
@@ -236,6 +269,14 @@ pub extern "C" fn tracer_unwind_begin(ip: u64, sp: u64, bp: u64, slot: u32) -> i
     w.bp = bp;
     w.len = 0;
     w.status = RUNNING;
+    w.sp0 = sp;
+    w.bp0 = bp;
+    w.top = 0;
+    w.nreads = 0;
+    w.cacheable = 1;
+    w.bp_live = 1;
+    w.bp_dep = 0;
+    w.bp_pending = 0;
     // At a return probe, rip is a return address; at a syscall, the
     // instruction after it: both look up the instruction before.
     w.exact = 0;
@@ -469,23 +510,42 @@ fn step(w: &mut Walk, slot: u32) -> Option<bool> {
     *w.ips.get_mut(n)? = w.ip;
     w.len = n as u64 + 1;
 
-    let row = row_for(w, slot)?;
+    let Some(row) = row_for(w, slot) else {
+        uncacheable(w);
+        return None;
+    };
     let kind = row.map_or(ROW_GAP, |r| r.kind);
     w.exact = 0;
     // (CFA, caller's rbp, return address if already read)
     let (cfa, bp, ra) = if kind == ROW_CFA_RSP || kind == ROW_CFA_RBP {
         let row = row.unwrap_or_default();
-        let base = if kind == ROW_CFA_RSP { w.sp } else { w.bp };
+        let base = if kind == ROW_CFA_RSP {
+            w.sp
+        } else {
+            uses_bp(w);
+            w.bp
+        };
         let cfa = base.wrapping_add(row.cfa_off as i64 as u64);
         if row.rbp_off == 0 {
             (cfa, w.bp, None)
         } else if row.rbp_off < 0 && row.rbp_off >= -(SAVED_WORDS as i8) {
             // The saved rbp and the return address in one read: both are
             // in the words the function pushed, up to CFA.
-            let [bp, ra] = read_saved(cfa, (-row.rbp_off) as u32)?;
+            let words = (-row.rbp_off) as u32;
+            let Some([bp, ra]) = read_saved(cfa, words) else {
+                uncacheable(w);
+                return None;
+            };
+            note(w, cfa.wrapping_sub(8), ra);
+            bp_read(w, cfa.wrapping_sub(words as u64 * 8));
             (cfa, bp, Some(ra))
         } else {
-            let bp = read_user(cfa.wrapping_add((row.rbp_off as i64 * 8) as u64))?;
+            let addr = cfa.wrapping_add((row.rbp_off as i64 * 8) as u64);
+            let Some(bp) = read_user(addr) else {
+                uncacheable(w);
+                return None;
+            };
+            bp_read(w, addr);
             (cfa, bp, None)
         }
     } else if kind == ROW_GAP {
@@ -493,17 +553,26 @@ fn step(w: &mut Walk, slot: u32) -> Option<bool> {
         // frame-pointer rule, [rbp] = caller's rbp, [rbp + 8] = return
         // address, in one read. A zero frame pointer ends the chain
         // (`_start` and the loader's `_dl_start_user` clear rbp).
+        uses_bp(w);
         if w.bp == 0 {
             w.status = COMPLETE;
             return Some(false);
         }
-        let [bp, ra] = read_user_pair(w.bp)?;
-        (w.bp.wrapping_add(16), bp, Some(ra))
+        let Some([bp, ra]) = read_user_pair(w.bp) else {
+            uncacheable(w);
+            return None;
+        };
+        note(w, w.bp.wrapping_add(8), ra);
+        let addr = w.bp;
+        bp_read(w, addr);
+        (addr.wrapping_add(16), bp, Some(ra))
     } else if kind == ROW_PLT {
         let pushed = if w.ip & 15 >= 11 { 8 } else { 0 };
         (w.sp.wrapping_add(8 + pushed), w.bp, None)
     } else if kind == ROW_SIGNAL {
-        // The interrupted frame, whole, from the signal frame.
+        // The interrupted frame, whole, from the signal frame (its stack
+        // may be another one: not cached).
+        uncacheable(w);
         let ip = read_user(w.sp.wrapping_add(SIGNAL_RIP))?;
         let sp = read_user(w.sp.wrapping_add(SIGNAL_RSP))?;
         let bp = read_user(w.sp.wrapping_add(SIGNAL_RBP))?;
@@ -523,7 +592,7 @@ fn step(w: &mut Walk, slot: u32) -> Option<bool> {
     };
     let ra = match ra {
         Some(ra) => ra,
-        None => read_user(cfa.wrapping_sub(8))?,
+        None => read_noted(w, cfa.wrapping_sub(8))?,
     };
     if ra == 0 {
         w.status = COMPLETE;
@@ -537,4 +606,309 @@ fn step(w: &mut Walk, slot: u32) -> Option<bool> {
     w.sp = cfa;
     w.bp = bp;
     Some(true)
+}
+
+// --- The walk cache ---
+//
+// A walk is a function of its start registers (ip, sp, bp), the tables
+// (`UNWIND_EPOCH` changes with every table change: rows are only appended)
+// and the user words it reads. Each walk notes the words it read; the next
+// allocation from the same registers, process and epoch reads the stack
+// from sp up to the highest of them in ONE read and compares: all equal,
+// the walk would find the same frames, so its stack id is taken as is
+// (`stack::capture_in` still checks its slot as for any known stack). Not
+// a heuristic: any word that differs, or a start bp that differs when the
+// walk used it, and the stack is walked again. (Like a walk that kept the
+// mappings of its last walk, a hit in the instant between userspace's
+// change of a table and its bump of the epoch finds the old tables.)
+//
+// Walks that the cache cannot repeat exactly are not kept: a read that
+// failed, a lost table, a signal frame, a word outside `WINDOW_BYTES` above
+// sp, more than `MAX_READS` words.
+
+/// Words a cacheable walk may read (two per frame: redis's ~20 frames).
+const MAX_READS: usize = 64;
+/// A cached walk reads at most this many bytes of stack above its sp.
+const WINDOW_BYTES: u64 = 8192;
+const WINDOW_WORDS: usize = (WINDOW_BYTES / 8) as usize;
+/// Cached walks per CPU (a power of two), by a hash of (ip, sp): a request
+/// allocates at several call sites.
+const CACHE_WAYS: u32 = 64;
+
+/// One remembered walk. `gen` is a sequence count: odd while a program
+/// writes the entry, so that a program that preempted it (or that it
+/// preempted), reading on the same CPU, sees the entry torn and walks.
+/// `writers` admits one writer at a time, as `maps::Scratch::busy` does.
+#[repr(C)]
+pub struct CachedWalk {
+    writers: u64,
+    gen: u64,
+    tgid: u32,
+    bp_dep: u32,
+    epoch: u64,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    hash: u64,
+    outermost: u64,
+    top: u64,
+    nreads: u64,
+    offs: [u16; MAX_READS],
+    vals: [u64; MAX_READS],
+}
+
+#[map]
+static WALK_CACHE: PerCpuArray<CachedWalk> = PerCpuArray::with_max_entries(CACHE_WAYS, 0);
+
+/// Where a hit's stack words are read to: per CPU, one per scratch slot.
+#[repr(C)]
+pub struct Window {
+    words: [u64; WINDOW_WORDS],
+}
+
+#[map]
+static WALK_WINDOW: PerCpuArray<Window> =
+    PerCpuArray::with_max_entries(crate::maps::SCRATCH_SLOTS, 0);
+
+/// Hits, misses (no entry for these registers), stale entries (a word
+/// differed) and walks not kept, per CPU: read with `bpftool map dump name
+/// WALK_CACHE_STAT`, to measure the cache.
+#[map]
+static WALK_CACHE_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+const STAT_HIT: u32 = 0;
+const STAT_MISS: u32 = 1;
+const STAT_STALE: u32 = 2;
+const STAT_UNCACHEABLE: u32 = 3;
+
+#[inline(always)]
+fn stat(i: u32) {
+    if let Some(n) = WALK_CACHE_STAT.get_ptr_mut(i) {
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
+}
+
+#[inline(always)]
+fn uncacheable(w: &mut Walk) {
+    w.cacheable = 0;
+}
+
+/// The walk uses `bp` as a base: the result depends on it, so on the
+/// start's register if it is still that, or on the word it was read from.
+#[inline(always)]
+fn uses_bp(w: &mut Walk) {
+    if w.bp_live != 0 {
+        w.bp_dep = 1;
+    } else if w.bp_pending != 0 {
+        w.bp_pending = 0;
+        let (addr, bp) = (w.bp_addr, w.bp);
+        note(w, addr, bp);
+    }
+}
+
+/// The frame's caller's `bp` (set by the caller of this) was read at
+/// `addr`: noted only once used (`uses_bp`).
+#[inline(always)]
+fn bp_read(w: &mut Walk, addr: u64) {
+    w.bp_live = 0;
+    w.bp_pending = 1;
+    w.bp_addr = addr;
+}
+
+/// Notes that the walk read `val` at `addr`.
+#[inline(always)]
+fn note(w: &mut Walk, addr: u64, val: u64) {
+    if w.cacheable == 0 {
+        return;
+    }
+    let off = addr.wrapping_sub(w.sp0);
+    let n = w.nreads as usize;
+    if off >= WINDOW_BYTES || off & 7 != 0 || n >= MAX_READS {
+        w.cacheable = 0;
+        return;
+    }
+    if let (Some(o), Some(v)) = (w.offs.get_mut(n), w.vals.get_mut(n)) {
+        *o = (off >> 3) as u16;
+        *v = val;
+    }
+    w.nreads = n as u32 + 1;
+    if off + 8 > w.top {
+        w.top = off + 8;
+    }
+}
+
+/// `read_user`, noted.
+#[inline(always)]
+fn read_noted(w: &mut Walk, addr: u64) -> Option<u64> {
+    match read_user(addr) {
+        Some(v) => {
+            note(w, addr, v);
+            Some(v)
+        }
+        None => {
+            uncacheable(w);
+            None
+        }
+    }
+}
+
+/// `*next`, then `*next + 1` stored: a loop index the compiler cannot
+/// turn into a pointer walk with a down-counter, which 5.10's verifier
+/// cannot bound.
+#[inline(always)]
+fn opaque(next: &mut usize) -> usize {
+    let i = unsafe { read_volatile(next) };
+    unsafe { write_volatile(next, i + 1) };
+    i
+}
+
+#[inline(always)]
+fn way(ip: u64, sp: u64) -> u32 {
+    ((ip ^ sp.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 & (CACHE_WAYS - 1)
+}
+
+/// The stack id and outermost flag of the current task's walk from `regs`,
+/// if this CPU remembers a walk from them whose words are all unchanged.
+#[inline(always)]
+pub fn cached(regs: *const pt_regs, slot: u32) -> Option<(u64, bool)> {
+    if !enabled() {
+        return None;
+    }
+    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    if tracer_walk_cached(ip, sp, bp, slot) != 0 {
+        return None;
+    }
+    let w = UNWIND_SCRATCH.get_ptr(slot)?;
+    let (hash, outermost) = unsafe { ((*w).hit_hash, (*w).hit_outermost) };
+    Some((hash, outermost != 0))
+}
+
+/// 0 (and the hit in the walk state of `slot`) when a remembered walk
+/// applies. A global function: verified once.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_walk_cached(ip: u64, sp: u64, bp: u64, slot: u32) -> i64 {
+    let Some(e) = WALK_CACHE.get_ptr_mut(way(ip, sp)) else {
+        return 1;
+    };
+    let Some(window) = WALK_WINDOW.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let Some(w) = UNWIND_SCRATCH.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let Some(epoch) = epoch() else {
+        return 1;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    unsafe {
+        let gen = read_volatile(&(*e).gen);
+        if gen & 1 != 0
+            || read_volatile(&(*e).ip) != ip
+            || read_volatile(&(*e).sp) != sp
+            || read_volatile(&(*e).tgid) != tgid
+            || read_volatile(&(*e).epoch) != epoch
+            || (read_volatile(&(*e).bp_dep) != 0 && read_volatile(&(*e).bp) != bp)
+        {
+            stat(STAT_MISS);
+            return 1;
+        }
+        // Masked after a volatile load, so that the verifier sees the
+        // size's bounds: 8..=WINDOW_BYTES.
+        let top = read_volatile(&(*e).top);
+        let size = ((top.wrapping_sub(1) & (WINDOW_BYTES - 1)) | 7) + 1;
+        let ret = aya_ebpf::helpers::generated::bpf_probe_read_user(
+            window as *mut _,
+            size as u32,
+            sp as *const _,
+        );
+        if ret != 0 {
+            stat(STAT_MISS);
+            return 1;
+        }
+        let n = read_volatile(&(*e).nreads) as usize;
+        let words = &(*window).words;
+        let mut next = 0usize;
+        for _ in 0..MAX_READS {
+            let i = opaque(&mut next);
+            if i >= n || i >= MAX_READS {
+                break;
+            }
+            // Offsets are below `top` (an entry torn by a preempted writer
+            // may say otherwise: `gen` tells, below).
+            let off = read_volatile(&(*e).offs[i]) as usize & (WINDOW_WORDS - 1);
+            if words[off] != read_volatile(&(*e).vals[i]) {
+                stat(STAT_STALE);
+                return 1;
+            }
+        }
+        (*w).hit_hash = read_volatile(&(*e).hash);
+        (*w).hit_outermost = read_volatile(&(*e).outermost);
+        if read_volatile(&(*e).gen) != gen {
+            stat(STAT_MISS);
+            return 1;
+        }
+    }
+    stat(STAT_HIT);
+    0
+}
+
+/// Remembers the walk just done in `slot` (which found stack `hash`), if
+/// a cached copy could repeat it.
+#[inline(always)]
+pub fn remember(slot: u32, hash: u64) {
+    if enabled() {
+        tracer_walk_remember(slot, hash);
+    }
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tracer_walk_remember(slot: u32, hash: u64) -> i64 {
+    let Some(w) = UNWIND_SCRATCH.get_ptr(slot) else {
+        return 1;
+    };
+    let w = unsafe { &*w };
+    if w.cacheable == 0 || w.top == 0 {
+        stat(STAT_UNCACHEABLE);
+        return 1;
+    }
+    // The start's registers: the walk state holds the last frame's now.
+    let (ip, sp) = (w.ips[0], w.sp0);
+    let Some(e) = WALK_CACHE.get_ptr_mut(way(ip, sp)) else {
+        return 1;
+    };
+    unsafe {
+        let writers = &raw mut (*e).writers;
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(writers, 1);
+        if read_volatile(writers) != 1 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(writers, u64::MAX);
+            return 1;
+        }
+        let gen = read_volatile(&(*e).gen);
+        write_volatile(&mut (*e).gen, gen | 1);
+        write_volatile(&mut (*e).tgid, w.tgid);
+        write_volatile(&mut (*e).epoch, w.epoch);
+        write_volatile(&mut (*e).ip, ip);
+        write_volatile(&mut (*e).sp, sp);
+        write_volatile(&mut (*e).bp, w.bp0);
+        write_volatile(&mut (*e).bp_dep, w.bp_dep);
+        write_volatile(&mut (*e).hash, hash);
+        write_volatile(&mut (*e).outermost, (w.status == COMPLETE) as u64);
+        write_volatile(&mut (*e).top, w.top);
+        let n = (w.nreads as usize).min(MAX_READS);
+        let mut next = 0usize;
+        for _ in 0..MAX_READS {
+            let i = opaque(&mut next);
+            if i >= n || i >= MAX_READS {
+                break;
+            }
+            write_volatile(&mut (*e).offs[i], w.offs[i]);
+            write_volatile(&mut (*e).vals[i], w.vals[i]);
+        }
+        write_volatile(&mut (*e).nreads, n as u64);
+        write_volatile(&mut (*e).gen, (gen | 1).wrapping_add(1));
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(writers, u64::MAX);
+    }
+    0
 }
