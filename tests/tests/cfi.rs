@@ -146,10 +146,11 @@ fn forks_and_execs_without_frame_pointers() {
         assert_eq!(sites.len(), 1, "{sites:?}");
     }
     // Whole stacks for the parent and the forked child (their tables are in
-    // place before they run on). Not for the exec'ed program: its table is
-    // published asynchronously after the exec event, and on a busy machine
-    // its first allocations can come before it (issue 16, left open); its
-    // bytes are exact above either way.
+    // place before they run on). Not for the exec'ed program: the tables of
+    // the libraries its loader maps after the exec are published on the mmap
+    // event, asynchronously, and on a busy machine its first allocations can
+    // come before them (README, "Limits"); its bytes are exact above either
+    // way.
     assert_whole(&report, &["leak_in_parent", "leak_in_child"]);
 }
 
