@@ -461,6 +461,23 @@ impl Finished {
     }
 }
 
+/// `tracer report --format json -v` attached to a fixture waiting on its
+/// READY line: checks that stacks are walked by CFI, lets the fixture do
+/// its work, and returns the report and what the fixture said.
+pub fn report_attached_by_cfi(mut fixture: Fixture) -> (Value, String) {
+    let mut tracer = TracerCmd::new("report")
+        .pid(fixture.pid())
+        .args(["--format", "json", "--top", "0", "-v"])
+        .spawn();
+    let said = tracer.wait_for("attached to PID");
+    assert!(said.contains("stack walk: CFI"), "{said}");
+    let said = fixture.go();
+    fixture.close_stdin();
+    let report = tracer.finish().json();
+    fixture.finish();
+    (report, said)
+}
+
 /// What a fixture announced: site -> (bytes, blocks).
 pub fn expectations(stdout: &str) -> BTreeMap<String, (u64, u64)> {
     stdout

@@ -73,17 +73,7 @@ fn c_without_frame_pointers() {
 #[test]
 fn attach_without_frame_pointers() {
     require_root();
-    let mut fixture = Fixture::start(fixture("attach_c_nofp"), &[]);
-    let mut tracer = TracerCmd::new("report")
-        .pid(fixture.pid())
-        .args(["--format", "json", "--top", "0", "-v"])
-        .spawn();
-    let said = tracer.wait_for("attached to PID");
-    assert!(said.contains("stack walk: CFI"), "{said}");
-    let said = fixture.go();
-    fixture.close_stdin();
-    let report = tracer.finish().json();
-    fixture.finish();
+    let (report, said) = report_attached_by_cfi(Fixture::start(fixture("attach_c_nofp"), &[]));
     let expected = expectations(&said);
     let found = report_by_site(&report, &["leak_after_attach", "churn_after_attach"]);
     assert_eq!(

@@ -236,16 +236,7 @@ fn mapping_stacks_are_whole_without_frame_pointers_in_attach_mode() {
     if skip_without_callers() {
         return;
     }
-    let mut fixture = Fixture::start(fixture("mapped_deep_c"), &["attach"]);
-    let mut tracer = TracerCmd::new("report")
-        .pid(fixture.pid())
-        .args(["--format", "json", "--top", "0", "-v"])
-        .spawn();
-    let said = tracer.wait_for("attached to PID");
-    assert!(said.contains("stack walk: CFI"), "{said}");
-    let said = fixture.go();
-    fixture.close_stdin();
-    let report = tracer.finish().json();
-    fixture.finish();
+    let (report, said) =
+        report_attached_by_cfi(Fixture::start(fixture("mapped_deep_c"), &["attach"]));
     assert_deep_stacks(&report, &said);
 }
