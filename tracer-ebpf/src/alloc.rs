@@ -199,12 +199,39 @@ fn abandon(pid_tgid: u64, call: &InFlight) {
     if call.has_old == 0 {
         return;
     }
-    let key = block(pid_tgid, call.ptr_arg);
-    filter_add(&key, 1);
-    if retried(|| ALLOCS.insert(&key, &call.old, BPF_NOEXIST as u64)).is_err() {
-        filter_add(&key, u32::MAX);
+    if publish(
+        &block(pid_tgid, call.ptr_arg),
+        &call.old,
+        BPF_NOEXIST as u64,
+    )
+    .is_err()
+    {
         retire(&call.old);
     }
+}
+
+/// Inserts block `key`'s record into `ALLOCS`, raising its sampling filter
+/// slot first and lowering it again if the insert fails (the filter's
+/// rule: `maps::SAMPLED_FILTER`).
+#[inline(always)]
+fn publish(key: &AllocKey, record: &AllocRecord, flags: u64) -> Result<(), i32> {
+    filter_add(key, 1);
+    let result = retried(|| ALLOCS.insert(key, record, flags));
+    if result.is_err() {
+        filter_add(key, u32::MAX);
+    }
+    result
+}
+
+/// Removes block `key`'s record from `ALLOCS`, lowering its sampling
+/// filter slot once it is gone.
+#[inline(always)]
+fn unpublish(key: &AllocKey) -> Result<(), i32> {
+    let result = retried(|| ALLOCS.remove(key));
+    if result.is_ok() {
+        filter_add(key, u32::MAX);
+    }
+    result
 }
 
 /// Removes the thread's in-flight record once its call is settled. Kernels
@@ -293,14 +320,11 @@ fn enter_sampled(
     if call.has_old != 0 {
         // Counted before the block leaves ALLOCS (see `on_free`).
         old_blocks_held_add(1);
-        let key = block(pid_tgid, ptr_arg);
-        if retried(|| ALLOCS.remove(&key)).is_err() {
+        if unpublish(&block(pid_tgid, ptr_arg)).is_err() {
             if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
                 unsafe { (*stored).has_old = 0 };
             }
             old_blocks_held_add(1u64.wrapping_neg());
-        } else {
-            filter_add(&key, u32::MAX);
         }
     }
     true
@@ -348,12 +372,18 @@ pub(crate) fn enter_convention(ctx: &ProbeContext, cookie: u64) -> bool {
 pub fn moved_enter(ctx: ProbeContext) -> u32 {
     keep_task_stack!(&ctx, NO_PRIV_STACK_MOVED_ENTER);
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    if convention::of(cookie) == convention::FREE {
-        on_free(&ctx, arg(&ctx, cookie, 0));
-    } else {
-        enter_convention(&ctx, cookie);
-    }
+    enter_moved(&ctx, cookie);
     0
+}
+
+/// A moved probe's call, by its cookie: a free or an allocation.
+#[inline(always)]
+fn enter_moved(ctx: &ProbeContext, cookie: u64) {
+    if convention::of(cookie) == convention::FREE {
+        on_free(ctx, arg(ctx, cookie, 0));
+    } else {
+        enter_convention(ctx, cookie);
+    }
 }
 
 /// `moved_enter` for kernels without attach cookies (before 5.15): the
@@ -372,12 +402,7 @@ pub fn moved_enter_keyed(ctx: ProbeContext) -> u32 {
         warn!(&ctx, "no MOVED_ARGS entry for the probe at {:x}", ip);
         return 0;
     }
-    let cookie = cookie & !convention::KEYED;
-    if convention::of(cookie) == convention::FREE {
-        on_free(&ctx, arg(&ctx, cookie, 0));
-    } else {
-        enter_convention(&ctx, cookie);
-    }
+    enter_moved(&ctx, cookie & !convention::KEYED);
     0
 }
 
@@ -489,10 +514,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
             retire(&call.old);
             count(Counter::Frees);
         } else {
-            let key = block(pid_tgid, call.ptr_arg);
-            filter_add(&key, 1);
-            if retried(|| ALLOCS.insert(&key, &call.old, 0)).is_err() {
-                filter_add(&key, u32::MAX);
+            if publish(&block(pid_tgid, call.ptr_arg), &call.old, 0).is_err() {
                 retire(&call.old);
                 count(Counter::AllocMapFull);
             }
@@ -588,9 +610,8 @@ fn free_unknown(ctx: &ProbeContext, pid_tgid: u64, key: AllocKey) -> u32 {
 fn settle_free(key: AllocKey, record: &AllocRecord) {
     // Only the caller whose remove succeeds subtracts, so a double free from
     // two threads cannot subtract twice.
-    match retried(|| ALLOCS.remove(&key)) {
+    match unpublish(&key) {
         Ok(()) => {
-            filter_add(&key, u32::MAX);
             retire(record);
             count(Counter::Frees);
         }
@@ -620,26 +641,22 @@ fn record_alloc(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64) {
     add_to_slot(stack.slot, bytes, blocks);
     // Published only if the address is not recorded: the usual case, in one
     // map operation instead of a lookup and an insert.
-    // Raised before the record can be found (see `maps::SAMPLED_FILTER`).
-    filter_add(&key, 1);
-    let published = match retried(|| ALLOCS.insert(&key, &record, BPF_NOEXIST as u64)) {
+    let published = match publish(&key, &record, BPF_NOEXIST as u64) {
         Err(err) if err == -EEXIST => {
             // An address that is still recorded was freed behind our back;
             // retire it so its bytes do not stay counted forever.
             if let Some(old) = unsafe { ALLOCS.get(&key) } {
                 let old = *old;
-                if retried(|| ALLOCS.remove(&key)).is_ok() {
-                    filter_add(&key, u32::MAX);
+                if unpublish(&key).is_ok() {
                     retire(&old);
                     count(Counter::MissedFrees);
                 }
             }
-            retried(|| ALLOCS.insert(&key, &record, 0))
+            publish(&key, &record, 0)
         }
         other => other,
     };
     if published.is_err() {
-        filter_add(&key, u32::MAX);
         add_to_slot(stack.slot, bytes.wrapping_neg(), blocks.wrapping_neg());
         count(Counter::AllocMapFull);
         warn_once_map_full(ctx);

@@ -27,9 +27,7 @@ use tracer_common::{
 
 use crate::maps::{
     is_target, BRK, IN_FLIGHT, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_STACKS,
-    STACK_SCRATCH,
 };
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 /// 1 when the kernel has `bpf_task_pt_regs` (5.15) and
 /// `bpf_get_current_task_btf` (5.11): the user registers at the syscall
@@ -275,17 +273,11 @@ const SCAN_WORDS: u64 = 24;
 /// scratch slots (`maps::Scratch`, shared with the heap's capture).
 #[inline(always)]
 fn capture(ctx: &TracePointContext) -> u64 {
-    let index = crate::stack::tracer_claim_scratch();
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(index) else {
+    crate::stack::with_scratch(|buf, index| capture_in(ctx, buf, index)).unwrap_or_else(|| {
         // Every slot held by a preempted program on this CPU.
         count(MMAP_STACKS_LOST);
-        return STACK_UNKNOWN;
-    };
-    let id = capture_in(ctx, unsafe { &mut (*scratch).trace }, index);
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*scratch).busy, u64::MAX);
-    }
-    id
+        STACK_UNKNOWN
+    })
 }
 
 /// `capture` with scratch slot `index` claimed: `buf` is ours alone.

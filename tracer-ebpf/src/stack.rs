@@ -94,17 +94,25 @@ pub fn capture<C: EbpfContext>(ctx: &C) -> Stack {
     if crate::bench::no_stacks() {
         return unknown(tgid);
     }
-    let index = tracer_claim_scratch();
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(index) else {
+    with_scratch(|buf, index| capture_in(ctx, buf, index, tgid)).unwrap_or_else(|| {
         // Every slot held by a preempted program on this CPU.
         count(Counter::StackLost);
-        return unknown(tgid);
-    };
-    let stack = capture_in(ctx, unsafe { &mut (*scratch).trace }, index, tgid);
+        unknown(tgid)
+    })
+}
+
+/// Runs `f` with one of this CPU's scratch slots claimed (its buffer and
+/// index), then gives the slot back; None when preempted programs hold
+/// them all. Heap and mapping stacks are both captured this way.
+#[inline(always)]
+pub fn with_scratch<R>(f: impl FnOnce(&mut StackTrace, u32) -> R) -> Option<R> {
+    let index = tracer_claim_scratch();
+    let scratch = STACK_SCRATCH.get_ptr_mut(index)?;
+    let result = f(unsafe { &mut (*scratch).trace }, index);
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*scratch).busy, u64::MAX);
     }
-    stack
+    Some(result)
 }
 
 /// `capture` with scratch slot `index` claimed: `buf` is ours alone.
