@@ -38,20 +38,42 @@ fn stacks_that_hold_nothing_are_reclaimed() {
 /// nothing is missed or left over, and the leak is exact.
 #[test]
 fn realloc_racing_a_malloc_of_the_same_address_stays_exact() {
+    realloc_race(&[]);
+}
+
+/// The same race with every thread's call record in one shared slot
+/// (tracer-ebpf/src/calls.rs): one thread at a time holds the slot, the
+/// others' calls go to the hash map, and slots are claimed and released
+/// under contention.
+#[test]
+fn realloc_race_stays_exact_when_threads_share_a_call_slot() {
+    realloc_race(&[("TRACER_TEST_CALL_SLOTS", "1")]);
+}
+
+/// The same race on the path of kernels without BPF compare-and-swap
+/// (before 5.12): every call record in the hash map.
+#[test]
+fn realloc_race_stays_exact_with_call_records_in_the_hash_map() {
+    realloc_race(&[("TRACER_TEST_WITHOUT", "atomic_fetch")]);
+}
+
+fn realloc_race(env: &[(&str, &str)]) {
     require_root();
     let program = fixture("realloc_race_c");
-    let tunables = (
+    let mut env = env.to_vec();
+    env.push((
         "GLIBC_TUNABLES",
         "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1",
-    );
-    let (report, stdout, _) = trace_run_with_env(&[program.to_str().unwrap()], &[], &[tunables]);
+    ));
+    let (report, stdout, _) = trace_run_with_env(&[program.to_str().unwrap()], &[], &env);
     assert!(stdout.contains("DONE"), "fixture did not finish: {stdout}");
     let found = report_by_site(&report, &["leak_after", "mover", "taker"]);
     assert_eq!(found.get("leak_after"), Some(&(320, 5)), "{report:#}");
     assert_eq!(found.get("mover"), None, "{report:#}");
     assert_eq!(found.get("taker"), None, "{report:#}");
-    assert_eq!(report["dropped"]["missed_frees"], 0, "{report:#}");
-    assert_eq!(report["dropped"]["unmatched_frees"], 0, "{report:#}");
+    for key in ["missed_frees", "unmatched_frees", "in_flight_full"] {
+        assert_eq!(report["dropped"][key], 0, "dropped.{key}: {report:#}");
+    }
 }
 
 /// A thread that leaves malloc through siglongjmp from a signal handler

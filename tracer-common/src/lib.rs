@@ -106,6 +106,19 @@ pub struct InFlight {
     pub old: AllocRecord,
 }
 
+/// A thread's slot in `CALL_SLOTS`: its call in flight, when `owner` is
+/// the thread's pid_tgid (0: free). See `tracer-ebpf/src/calls.rs`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallSlot {
+    pub owner: u64,
+    pub call: InFlight,
+}
+
+/// Slots of `CALL_SLOTS` (a power of two): a thread's is its tid modulo
+/// this. 8192 x 80 bytes: 640 KiB.
+pub const CALL_SLOTS: u32 = 1 << 13;
+
 /// What the programs know about a traced process (`TARGETS` value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -372,6 +385,7 @@ mod pod {
     unsafe impl aya::Pod for MmapCall {}
     use super::*;
     unsafe impl aya::Pod for InFlight {}
+    unsafe impl aya::Pod for CallSlot {}
     unsafe impl aya::Pod for AllocRecord {}
     unsafe impl aya::Pod for AllocKey {}
     unsafe impl aya::Pod for StackStats {}

@@ -1,6 +1,6 @@
 //! Uprobes on the allocator's entry points and a shared uretprobe.
 //!
-//! Entry probes remember the call's arguments per thread (`IN_FLIGHT`); the
+//! Entry probes remember the call's arguments per thread (`calls`); the
 //! return probe turns them into an `ALLOCS` record and a `STACK_STATS`
 //! update. `free` needs no return probe. Only the outermost allocator call on
 //! a thread counts (see `tracer_common::InFlight`).
@@ -27,9 +27,10 @@ use tracer_common::{
 };
 
 use crate::{
+    calls,
     maps::{
         count, filter_add, filter_maybe, is_target, old_blocks_held, old_blocks_held_add, ALLOCS,
-        COUNTERS, IN_FLIGHT, STACK_STATS, TARGETS,
+        COUNTERS, STACK_STATS, TARGETS,
     },
     sample, stack,
     taskstack::keep_task_stack,
@@ -45,7 +46,7 @@ const EEXIST: i32 = 17;
 /// older ones refuse a bucket re-entered on the same CPU (EBUSY). A lost
 /// update would be a block miscounted.
 #[inline(always)]
-fn retried(op: impl Fn() -> Result<(), i32>) -> Result<(), i32> {
+pub(crate) fn retried(op: impl Fn() -> Result<(), i32>) -> Result<(), i32> {
     const EBUSY: i32 = 16;
     const EDEADLK: i32 = 35;
     const ETIMEDOUT: i32 = 110;
@@ -138,7 +139,7 @@ fn array_size(n: u64, size: u64) -> u64 {
 /// (see `abandon`).
 #[inline(always)]
 fn is_inner_call(pid_tgid: u64, sp: u64) -> bool {
-    let Some(outer) = IN_FLIGHT.get_ptr(pid_tgid) else {
+    let Some(outer) = calls::get(pid_tgid) else {
         return false;
     };
     let outer = unsafe { *outer };
@@ -234,22 +235,12 @@ fn unpublish(key: &AllocKey) -> Result<(), i32> {
     result
 }
 
-/// Removes the thread's in-flight record once its call is settled. Kernels
-/// whose map locks can give up (6.15+) may refuse the removal: the record
-/// left behind is then emptied in place, so that nothing settles its old
-/// block twice (a second retire would take the stack below what it holds)
-/// and the next call finds it stale (`is_inner_call`) and removes it.
+/// Removes the thread's in-flight record once its call is settled (see
+/// `calls::forget`).
 #[inline(always)]
 fn forget_call(pid_tgid: u64) {
-    if retried(|| IN_FLIGHT.remove(pid_tgid)).is_ok() {
+    if calls::forget(pid_tgid) {
         sample::set_in_flight(pid_tgid, false);
-        return;
-    }
-    if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
-        unsafe {
-            (*stored).has_old = 0;
-            (*stored).entry_sp = 0;
-        }
     }
 }
 
@@ -265,7 +256,7 @@ fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> bool {
 /// remembered even when not sampled, so that the inner call is known as
 /// inner and not sampled on its own.
 ///
-/// True when the call was remembered (`IN_FLIGHT`): only then does its
+/// True when the call was remembered (`calls`): only then does its
 /// return matter (a uprobe session skips the return otherwise).
 #[inline(always)]
 fn enter_sampled(
@@ -307,7 +298,7 @@ fn enter_sampled(
             call.has_old = 1;
         }
     }
-    if retried(|| IN_FLIGHT.insert(pid_tgid, call, 0)).is_err() {
+    if !calls::remember(pid_tgid, &call) {
         count(Counter::InFlightFull);
         return false;
     }
@@ -321,7 +312,7 @@ fn enter_sampled(
         // Counted before the block leaves ALLOCS (see `on_free`).
         old_blocks_held_add(1);
         if unpublish(&block(pid_tgid, ptr_arg)).is_err() {
-            if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+            if let Some(stored) = calls::get(pid_tgid) {
                 unsafe { (*stored).has_old = 0 };
             }
             old_blocks_held_add(1u64.wrapping_neg());
@@ -478,7 +469,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 #[inline(always)]
 pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(call) = IN_FLIGHT.get_ptr(pid_tgid) else {
+    let Some(call) = calls::get(pid_tgid) else {
         return 0;
     };
     let call = unsafe { *call };
@@ -565,7 +556,7 @@ fn on_free(ctx: &ProbeContext, ptr: u64) -> u32 {
         // A realloc left without returning (see `abandon`) may hold this
         // block's record: the thread's call record settles it first. (Under
         // sampling, looked up only while some record holds an old block.)
-        if old_blocks_held() && IN_FLIGHT.get_ptr(pid_tgid).is_some() {
+        if old_blocks_held() && calls::get(pid_tgid).is_some() {
             return free_unknown(ctx, pid_tgid, key);
         }
         // Sampling: the programs run only in the processes they are attached

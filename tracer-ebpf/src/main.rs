@@ -1,5 +1,6 @@
 //! eBPF programs of the tracer. One file per hook family:
 //! - `alloc`: uprobes/uretprobes on the malloc family and free;
+//! - `calls`: each thread's allocator call between entry and return;
 //! - `mmap`: syscall tracepoints on mmap, munmap, mremap and brk;
 //! - `proc`: fork and exec tracepoints (running processes' `--follow-forks`);
 //! - `stack`: user stack capture shared by all allocation paths;
@@ -17,6 +18,7 @@
 
 mod alloc;
 mod bench;
+mod calls;
 mod fpwalk;
 mod maps;
 mod mmap;

@@ -16,14 +16,16 @@ use tracer_common::{
 #[map]
 pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0);
 
-/// Allocator calls between entry and return, per thread (pid_tgid). Small:
-/// entries live only for the duration of one call.
+/// Allocator calls between entry and return, per thread (pid_tgid), of
+/// threads whose `calls::CALL_SLOTS` slot is taken (or of every thread on
+/// kernels before 5.12). Small: entries live only for the duration of one
+/// call.
 #[map]
 pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
-/// Call records (`IN_FLIGHT`) that hold an old block's record (a realloc's),
+/// Call records (`calls`) that hold an old block's record (a realloc's),
 /// over all threads, counted under `--sample-rate` only: while none does, a
-/// free of a block not in `ALLOCS` (an unsampled one) needs no `IN_FLIGHT`
+/// free of a block not in `ALLOCS` (an unsampled one) needs no call-record
 /// lookup. Records that userspace removes (dead threads) are not
 /// subtracted: the count errs high, which only costs that lookup.
 #[map]

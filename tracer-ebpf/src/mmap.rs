@@ -5,8 +5,8 @@
 //! a munmap that punches a hole in the middle of a mapping cannot be found
 //! by key here. The program break is kept here, per process.
 //!
-//! Calls made while the thread is inside a traced allocator call (an
-//! `IN_FLIGHT` record exists) are the allocator's own: glibc maps large
+//! Calls made while the thread is inside a traced allocator call (its call
+//! record exists, see `calls.rs`) are the allocator's own: glibc maps large
 //! blocks and arenas for malloc, and those bytes are already counted as the
 //! blocks malloc returned. They are left out.
 
@@ -25,9 +25,7 @@ use tracer_common::{
     STACK_UNKNOWN,
 };
 
-use crate::maps::{
-    is_target, BRK, IN_FLIGHT, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_STACKS,
-};
+use crate::maps::{is_target, BRK, MMAP_COUNTERS, MMAP_EVENTS, MMAP_IN_FLIGHT, MMAP_STACKS};
 
 /// 1 when the kernel has `bpf_task_pt_regs` (5.15) and
 /// `bpf_get_current_task_btf` (5.11): the user registers at the syscall
@@ -88,7 +86,7 @@ fn traced_thread() -> Option<u64> {
     if !is_target((pid_tgid >> 32) as u32) {
         return None;
     }
-    if IN_FLIGHT.get_ptr(pid_tgid).is_some() {
+    if crate::calls::get(pid_tgid).is_some() {
         return None;
     }
     Some(pid_tgid)

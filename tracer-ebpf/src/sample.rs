@@ -41,7 +41,7 @@ static SAMPLE_DRAWS: Array<u64> = Array::with_max_entries(SAMPLE_DRAW_SLOTS + 1,
 static SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(SAMPLE_WEIGHT_SLOTS, 0);
 
 /// Per thread (pid_tgid): bytes left before the next sample, and whether the
-/// thread may have a call record (`IN_FLIGHT`). LRU: a dead thread's entry
+/// thread may have a call record (`calls`). LRU: a dead thread's entry
 /// ages out.
 #[map]
 static SAMPLE_COUNTDOWN: LruHashMap<u64, Countdown> = LruHashMap::with_max_entries(16384, 0);

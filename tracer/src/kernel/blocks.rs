@@ -12,10 +12,11 @@ use super::{
 };
 
 /// Removes in-flight records of threads that no longer exist (a thread that
-/// died inside malloc leaves one; its tid could be reused). The records are
-/// read before the thread list, so a thread born in between is never taken
-/// for dead; and one is removed only if it is still the record read then,
-/// so a new thread that got a dead one's tid since keeps its call. A
+/// died inside malloc leaves one; its tid could be reused), from the
+/// thread slots and from the hash (`tracer-ebpf/src/calls.rs`). The records
+/// are read before the thread list, so a thread born in between is never
+/// taken for dead; and one is removed only if it is still the record read
+/// then, so a new thread that got a dead one's tid since keeps its call. A
 /// realloc's record holds the old block's record, taken out of `ALLOCS` at
 /// entry: it is put back, as the block was not known to be freed.
 pub fn forget_dead_threads(
@@ -24,41 +25,48 @@ pub fn forget_dead_threads(
     sample_rate: Option<u64>,
     live_tids: &mut dyn FnMut() -> Vec<u32>,
 ) -> Result<usize> {
+    let slots = maps::CallSlots::open(loaded)?;
+    let in_slots = slots.of_process(pid);
     let mut in_flight = maps::in_flight_mut(loaded)?;
-    let calls: Vec<(u64, InFlight)> = in_flight
+    let hashed: Vec<(u64, InFlight)> = in_flight
         .keys()
         .into_iter()
         .filter(|key| (key >> 32) as u32 == pid)
         .filter_map(|key| Some((key, in_flight.get(&key).ok()??)))
         .collect();
-    if calls.is_empty() {
+    if in_slots.is_empty() && hashed.is_empty() {
         return Ok(0);
     }
     let live_tids = live_tids();
+    let dead = |key: u64| !live_tids.contains(&(key as u32));
     let mut taken = Vec::new();
-    let mut dead = 0;
-    for (key, call) in calls {
-        if live_tids.contains(&(key as u32)) {
-            continue;
+    for (key, call) in in_slots.into_iter().filter(|(key, _)| dead(*key)) {
+        // The release is what makes it ours.
+        if slots.release(key, &call) {
+            taken.push(call);
         }
+    }
+    for (key, call) in hashed.into_iter().filter(|(key, _)| dead(*key)) {
         let now = in_flight.get(&key).ok().flatten();
         if !now.is_some_and(|now| same_call(&now, &call)) {
             continue; // returned meanwhile, or a new thread's call
         }
         // The removal is what makes it ours.
         if in_flight.remove(&key) {
-            dead += 1;
-            if call.has_old != 0 {
-                taken.push((call.ptr_arg, call.old));
-            }
+            taken.push(call);
         }
     }
-
-    if !taken.is_empty() {
+    let dead = taken.len();
+    let old_blocks: Vec<_> = taken
+        .into_iter()
+        .filter(|call| call.has_old != 0)
+        .map(|call| (call.ptr_arg, call.old))
+        .collect();
+    if !old_blocks.is_empty() {
         let table = StatsTable::open(loaded)?;
         let mut unmatched = 0;
         let mut allocs = maps::allocs_mut(loaded)?;
-        for (addr, record) in taken {
+        for (addr, record) in old_blocks {
             // If the address was recorded again, the block was freed after all.
             if !allocs.insert_new(AllocKey::new(pid, addr), record)
                 && !table.retire(&record, sample_rate)
@@ -73,7 +81,7 @@ pub fn forget_dead_threads(
 
 /// The same in-flight call: a thread's next call differs in its stack
 /// pointer, arguments or old block.
-fn same_call(a: &InFlight, b: &InFlight) -> bool {
+pub(super) fn same_call(a: &InFlight, b: &InFlight) -> bool {
     (
         a.kind,
         a.flags,

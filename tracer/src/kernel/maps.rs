@@ -9,7 +9,10 @@ use std::{
     marker::PhantomData,
     os::fd::{AsFd as _, AsRawFd, BorrowedFd, RawFd},
     ptr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::atomic::{
+        AtomicU64,
+        Ordering::{AcqRel, Acquire, Relaxed},
+    },
 };
 
 use aya::{
@@ -18,7 +21,7 @@ use aya::{
 };
 use tracer_common::{
     unwind::{UnwindProc, UnwindRow},
-    AllocKey, AllocRecord, InFlight, StackStats, StackTrace, TargetInfo, SLOT_UNKNOWN,
+    AllocKey, AllocRecord, CallSlot, InFlight, StackStats, StackTrace, TargetInfo, SLOT_UNKNOWN,
 };
 
 use super::{
@@ -34,6 +37,7 @@ pub const STACK_STATS: &str = "STACK_STATS";
 pub const FREE_SLOTS: &str = "FREE_SLOTS";
 pub const TARGETS: &str = "TARGETS";
 pub const IN_FLIGHT: &str = "IN_FLIGHT";
+pub const CALL_SLOTS: &str = "CALL_SLOTS";
 pub const COUNTERS: &str = "COUNTERS";
 pub const SAMPLE_DRAWS: &str = "SAMPLE_DRAWS";
 pub const SAMPLE_WEIGHTS: &str = "SAMPLE_WEIGHTS";
@@ -339,6 +343,74 @@ fn max_entries(data: &MapData, name: &'static str) -> Result<usize> {
         .info()
         .map_err(|e| KernelError::map(name, e))?
         .max_entries() as usize)
+}
+
+/// `CALL_SLOTS`, each thread's allocator call in flight
+/// (`tracer-ebpf/src/calls.rs`), mapped into our memory: the owner word is
+/// claimed and released with compare-and-swaps on both sides.
+pub struct CallSlots(Mmapped<CallSlot>);
+
+/// Thread `tid`'s slot is `tid & call_slot_mask()`. Tests make threads
+/// share slots with `TRACER_TEST_CALL_SLOTS=N` (a power of two, at most
+/// `CALL_SLOTS`): their calls then also take the hash map's path.
+pub fn call_slot_mask() -> u32 {
+    static MASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MASK.get_or_init(|| {
+        std::env::var("TRACER_TEST_CALL_SLOTS")
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| n.is_power_of_two() && *n <= tracer_common::CALL_SLOTS)
+            .unwrap_or(tracer_common::CALL_SLOTS)
+            - 1
+    })
+}
+
+impl CallSlots {
+    pub fn open(loaded: &Loaded) -> Result<Self> {
+        let data = array_data(loaded.map(CALL_SLOTS)?, CALL_SLOTS)?;
+        let slots = max_entries(data, CALL_SLOTS)?;
+        Mmapped::new(data.fd().as_fd().as_raw_fd(), slots, CALL_SLOTS).map(CallSlots)
+    }
+
+    /// The occupied slots of process `tgid`: (owner pid_tgid, its call).
+    /// A call is read after its owner and kept only if the owner is still
+    /// the same after it, so it is that owner's (a live thread may be
+    /// writing a new call meanwhile: it is not dead, and left alone).
+    pub fn of_process(&self, tgid: u32) -> Vec<(u64, InFlight)> {
+        (0..self.0.entries)
+            .filter_map(|i| unsafe {
+                let s = self.0.base.add(i);
+                let owner = AtomicU64::from_ptr(&raw mut (*s).owner);
+                let before = owner.load(Acquire);
+                if before == 0 || (before >> 32) as u32 != tgid {
+                    return None;
+                }
+                let call = ptr::read_volatile(&raw const (*s).call);
+                (owner.load(Acquire) == before).then_some((before, call))
+            })
+            .collect()
+    }
+
+    /// Frees the slot of `owner` if it still holds `call`; true when this
+    /// did. Only for a dead thread's slot: nobody else writes it then but a
+    /// new thread given the same tid, whose first call would find the
+    /// record stale and free the slot itself.
+    pub fn release(&self, owner: u64, call: &InFlight) -> bool {
+        let i = (owner as u32 & call_slot_mask()) as usize;
+        if i >= self.0.entries {
+            return false;
+        }
+        unsafe {
+            let s = self.0.base.add(i);
+            let now = ptr::read_volatile(&raw const (*s).call);
+            if !super::blocks::same_call(&now, call) {
+                return false;
+            }
+            AtomicU64::from_ptr(&raw mut (*s).owner)
+                .compare_exchange(owner, 0, AcqRel, Acquire)
+                .is_ok()
+        }
+    }
 }
 
 /// `STACK_STATS`, the per-stack aggregates the programs update with atomic

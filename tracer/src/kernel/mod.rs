@@ -155,6 +155,8 @@ impl Kernel {
             ("SAMPLE_RATE", Global::U64(rate)),
             ("UNWIND_MODE", Global::U32(sizes.unwind.global())),
             ("TASK_PT_REGS", Global::U8(paths.mapping_callers.into())),
+            ("CALL_SLOTS_ON", Global::U8(paths.call_slots.into())),
+            ("CALL_SLOT_MASK", Global::U32(maps::call_slot_mask())),
         ];
         let map_sizes = [
             (maps::ALLOCS, sizes.allocations),
