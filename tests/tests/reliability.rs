@@ -50,11 +50,10 @@ fn realloc_race_stays_exact_when_threads_share_a_call_slot() {
     realloc_race(&[("TRACER_TEST_CALL_SLOTS", "1")]);
 }
 
-/// The same race on the path of kernels without BPF compare-and-swap
-/// (before 5.12): every call record in the hash map.
+/// The same race with every call record in the hash map (no slots).
 #[test]
 fn realloc_race_stays_exact_with_call_records_in_the_hash_map() {
-    realloc_race(&[("TRACER_TEST_WITHOUT", "atomic_fetch")]);
+    realloc_race(&[("TRACER_TEST_CALL_SLOTS", "0")]);
 }
 
 fn realloc_race(env: &[(&str, &str)]) {

@@ -7,25 +7,26 @@
 //! array, so finding it is an address computation; a hash map costs a
 //! lookup, an insert and a delete per call, a sizeable part of an exact
 //! trace's cost on a server such as redis (BENCHMARKS.md, section 6). A
-//! thread claims its slot with a compare-and-swap of the owner word; when
-//! another thread holds it (tids equal modulo the size, both inside the
-//! allocator, or a dead thread's record not swept yet), or the kernel has
-//! no BPF compare-and-swap (before 5.12), the record goes to the
-//! `IN_FLIGHT` hash instead, whose records `HASHED` counts so that a thread
-//! looks there only when some record may be.
+//! thread claims its slot by raising the slot's `busy` count and keeping it
+//! only if the count it then reads is 1 (as `stack::tracer_claim_scratch`
+//! does: a plain atomic add, the only atomic 5.10 takes; its verifier
+//! refuses a compare-and-swap even in dead code). When another thread holds
+//! the slot (tids equal modulo the size, both inside the allocator, or a
+//! dead thread's record not swept yet) the record goes to the `IN_FLIGHT`
+//! hash instead, whose records `HASHED` counts so that a thread looks there
+//! only when some record may be.
 
-use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use tracer_common::{CallSlot, InFlight, CALL_SLOTS as SLOTS};
 
 use crate::maps::IN_FLIGHT;
 
-/// Non-zero: the kernel has BPF compare-and-swap (5.12+) and slots are
-/// claimed. Set by userspace at load time; the verifier drops the dead
-/// branch on older kernels, which would refuse the instruction.
+/// Non-zero: slots are claimed (0 only for tests of the hash path,
+/// `TRACER_TEST_CALL_SLOTS=0`). Set by userspace at load time.
 #[unsafe(no_mangle)]
-static CALL_SLOTS_ON: u8 = 0;
+static CALL_SLOTS_ON: u8 = 1;
 
 /// The slot of thread `tid` is `tid & CALL_SLOT_MASK`: `CALL_SLOTS - 1`,
 /// but for tests, which make threads share slots (`TRACER_TEST_CALL_SLOTS`).
@@ -38,7 +39,7 @@ fn slots_on() -> bool {
 }
 
 /// Per thread: its call in flight, when `owner` is its pid_tgid. Mmapable:
-/// userspace sweeps dead threads' slots with atomic compare-and-swaps.
+/// userspace sweeps dead threads' slots with atomics.
 #[map]
 pub static CALL_SLOTS: Array<CallSlot> = Array::with_max_entries(SLOTS, BPF_F_MMAPABLE);
 
@@ -55,9 +56,15 @@ fn slot(pid_tgid: u64) -> Option<*mut CallSlot> {
 }
 
 #[inline(always)]
+fn add(n: *mut u64, delta: u64) {
+    // A single locked instruction; its result unused (no fetch on 5.10).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta) };
+}
+
+#[inline(always)]
 fn hashed_add(delta: u64) {
     if let Some(n) = HASHED.get_ptr_mut(0) {
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta) };
+        add(n, delta);
     }
 }
 
@@ -89,17 +96,18 @@ pub fn get(pid_tgid: u64) -> Option<*mut InFlight> {
 pub fn remember(pid_tgid: u64, call: &InFlight) -> bool {
     if slots_on() {
         if let Some(slot) = slot(pid_tgid) {
-            let (_, claimed) = unsafe {
-                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                    &raw mut (*slot).owner,
-                    0,
-                    pid_tgid,
-                )
-            };
-            if claimed {
-                unsafe { (*slot).call = *call };
+            let busy = unsafe { &raw mut (*slot).busy };
+            add(busy, 1);
+            // 1: ours. More: another thread holds it or is claiming it too
+            // (then neither may keep it): back off.
+            if unsafe { core::ptr::read_volatile(busy) } == 1 {
+                unsafe {
+                    (*slot).call = *call;
+                    core::ptr::write_volatile(&raw mut (*slot).owner, pid_tgid);
+                }
                 return true;
             }
+            add(busy, 1u64.wrapping_neg());
         }
     }
     // Counted before the insert: a record is never there uncounted.
@@ -121,8 +129,10 @@ pub fn forget(pid_tgid: u64) -> bool {
     if slots_on() {
         if let Some(slot) = slot(pid_tgid) {
             if unsafe { core::ptr::read_volatile(&raw const (*slot).owner) } == pid_tgid {
-                // Only the owner frees its slot: a plain store.
+                // The owner word first: nobody can claim the slot before
+                // `busy` drops, and by then it names nobody.
                 unsafe { core::ptr::write_volatile(&raw mut (*slot).owner, 0) };
+                add(unsafe { &raw mut (*slot).busy }, 1u64.wrapping_neg());
                 return true;
             }
         }

@@ -153,7 +153,6 @@ fn document(
             "cfi_walk": "global_function",
             "sampled_allocation_probes": if paths.sessions { "uprobe_session" } else { "uprobe_uretprobe" },
             "moved_probes": if paths.cookies { "attach_cookie" } else { "page_offset_map" },
-            "calls_in_flight": if paths.call_slots { "slots" } else { "hash" },
             "stack_slot_reclamation": paths.reclaim,
             "mmap_tracking": paths.mappings,
             "mmap_callers": paths.mapping_callers,

@@ -346,22 +346,22 @@ fn max_entries(data: &MapData, name: &'static str) -> Result<usize> {
 }
 
 /// `CALL_SLOTS`, each thread's allocator call in flight
-/// (`tracer-ebpf/src/calls.rs`), mapped into our memory: the owner word is
-/// claimed and released with compare-and-swaps on both sides.
+/// (`tracer-ebpf/src/calls.rs`), mapped into our memory.
 pub struct CallSlots(Mmapped<CallSlot>);
 
 /// Thread `tid`'s slot is `tid & call_slot_mask()`. Tests make threads
 /// share slots with `TRACER_TEST_CALL_SLOTS=N` (a power of two, at most
-/// `CALL_SLOTS`): their calls then also take the hash map's path.
-pub fn call_slot_mask() -> u32 {
-    static MASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// `CALL_SLOTS`): their calls then also take the hash map's path; with 0
+/// (None here) every call does.
+pub fn call_slot_mask() -> Option<u32> {
+    static MASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *MASK.get_or_init(|| {
-        std::env::var("TRACER_TEST_CALL_SLOTS")
+        let slots = std::env::var("TRACER_TEST_CALL_SLOTS")
             .ok()
             .and_then(|n| n.parse::<u32>().ok())
-            .filter(|n| n.is_power_of_two() && *n <= tracer_common::CALL_SLOTS)
-            .unwrap_or(tracer_common::CALL_SLOTS)
-            - 1
+            .filter(|n| *n == 0 || (n.is_power_of_two() && *n <= tracer_common::CALL_SLOTS))
+            .unwrap_or(tracer_common::CALL_SLOTS);
+        slots.checked_sub(1)
     })
 }
 
@@ -391,12 +391,17 @@ impl CallSlots {
             .collect()
     }
 
-    /// Frees the slot of `owner` if it still holds `call`; true when this
-    /// did. Only for a dead thread's slot: nobody else writes it then but a
-    /// new thread given the same tid, whose first call would find the
-    /// record stale and free the slot itself.
+    /// Frees the slot of `owner` if it still holds `call`, as its owner's
+    /// return would (the owner word, then the claim); true when this did.
+    /// Only for a dead thread's slot: nobody else writes it then but a new
+    /// thread given the same tid, whose first call would find the record
+    /// stale and free the slot itself (the compare-and-swap lets only one
+    /// of the two drop the claim).
     pub fn release(&self, owner: u64, call: &InFlight) -> bool {
-        let i = (owner as u32 & call_slot_mask()) as usize;
+        let Some(mask) = call_slot_mask() else {
+            return false;
+        };
+        let i = (owner as u32 & mask) as usize;
         if i >= self.0.entries {
             return false;
         }
@@ -406,9 +411,14 @@ impl CallSlots {
             if !super::blocks::same_call(&now, call) {
                 return false;
             }
-            AtomicU64::from_ptr(&raw mut (*s).owner)
+            if AtomicU64::from_ptr(&raw mut (*s).owner)
                 .compare_exchange(owner, 0, AcqRel, Acquire)
-                .is_ok()
+                .is_err()
+            {
+                return false;
+            }
+            AtomicU64::from_ptr(&raw mut (*s).busy).fetch_sub(1, AcqRel);
+            true
         }
     }
 }

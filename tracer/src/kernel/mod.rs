@@ -155,8 +155,14 @@ impl Kernel {
             ("SAMPLE_RATE", Global::U64(rate)),
             ("UNWIND_MODE", Global::U32(sizes.unwind.global())),
             ("TASK_PT_REGS", Global::U8(paths.mapping_callers.into())),
-            ("CALL_SLOTS_ON", Global::U8(paths.call_slots.into())),
-            ("CALL_SLOT_MASK", Global::U32(maps::call_slot_mask())),
+            (
+                "CALL_SLOTS_ON",
+                Global::U8(maps::call_slot_mask().is_some().into()),
+            ),
+            (
+                "CALL_SLOT_MASK",
+                Global::U32(maps::call_slot_mask().unwrap_or(0)),
+            ),
         ];
         let map_sizes = [
             (maps::ALLOCS, sizes.allocations),

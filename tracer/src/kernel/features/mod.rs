@@ -278,9 +278,6 @@ pub struct Paths {
     pub sessions: bool,
     /// Slots of stacks that hold nothing are recycled (needs a grace period).
     pub reclaim: bool,
-    /// Each thread's allocator call in flight sits in an array slot it
-    /// claims with a BPF compare-and-swap (5.12+); else in a hash map.
-    pub call_slots: bool,
     /// The mmap family is followed (syscall tracepoints).
     pub mappings: bool,
     /// Why not, when not (reports then say mappings were not traced).
@@ -312,8 +309,6 @@ impl Paths {
             cookies,
             sessions: features.uprobe_sessions.is_yes() && cookies,
             reclaim: features.membarrier.is_yes(),
-            // A wrong guess would refuse to load: only when known.
-            call_slots: features.atomic_fetch.is_yes(),
             mappings: mappings_off.is_empty(),
             mappings_off,
             // A wrong guess would refuse to load: only when known.
@@ -353,14 +348,6 @@ impl Paths {
                     "past moved arguments where needed (attach cookies)"
                 } else {
                     "past moved arguments where their page offsets differ (no attach cookies: a map by page offset says where the arguments are)"
-                },
-            ),
-            (
-                "calls in flight",
-                if self.call_slots {
-                    "a slot per thread (BPF compare-and-swap)"
-                } else {
-                    "a hash map per thread (no BPF compare-and-swap before Linux 5.12)"
                 },
             ),
             (
@@ -438,7 +425,6 @@ mod tests {
                 cookies: true,
                 sessions: true,
                 reclaim: true,
-                call_slots: true,
                 mappings: true,
                 mappings_off: "",
                 mapping_callers: true,
@@ -467,7 +453,6 @@ mod tests {
         assert!(paths.batch_reads);
         assert!(!paths.sessions);
         assert!(!paths.cookies);
-        assert!(!paths.call_slots);
         // Mappings are traced, their stacks by the kernel's frame-pointer
         // walk alone: the global keeping bpf_task_pt_regs from the verifier.
         assert!(paths.mappings);
