@@ -119,7 +119,7 @@ pub struct CallSlot {
 }
 
 /// Slots of `CALL_SLOTS` (a power of two): a thread's is its tid modulo
-/// this. 8192 x 80 bytes: 640 KiB.
+/// this. 8192 x 88 bytes: 704 KiB.
 pub const CALL_SLOTS: u32 = 1 << 13;
 
 /// What the programs know about a traced process (`TARGETS` value).
