@@ -327,12 +327,18 @@ impl<K: KernelOps> LiveTrace<K> {
     }
 
     /// Process `pid` is gone. Its blocks stay: what it held at exit is what
-    /// it leaked.
+    /// it leaked. Calls its threads were inside when it ended are settled
+    /// (a realloc's old block was still the caller's), and their records
+    /// go, so that a later process given the same pid finds none of them.
     pub fn ended(&mut self, pid: u32, code: Option<i32>) {
         if let Some(traced) = self.current_mut(pid) {
             if traced.is_running() {
                 traced.info.state = ProcessState::Exited(code);
             }
+        }
+        let rate = self.sample_rate();
+        if let Err(e) = self.kernel.forget_dead_threads(pid, rate, &mut Vec::new) {
+            log::debug!("cleaning in-flight records of {pid}: {e:#}");
         }
         self.kernel.remove_target(pid);
         self.kernel.detach_process(pid);
@@ -487,7 +493,8 @@ mod tests {
         Attach(String, u32),
         Detach(u32),
         DropBlocks(u32, u64),
-        ForgetDeadThreads(u32),
+        /// The process, and whether any of its threads was said to live.
+        ForgetDeadThreads(u32, bool),
         Housekeeping,
     }
 
@@ -535,8 +542,8 @@ mod tests {
             _: Option<u64>,
             live_tids: &mut dyn FnMut() -> Vec<u32>,
         ) -> KernelResult<usize> {
-            assert!(live_tids().contains(&pid), "the main thread of {pid} lives");
-            self.calls.push(Call::ForgetDeadThreads(pid));
+            self.calls
+                .push(Call::ForgetDeadThreads(pid, !live_tids().is_empty()));
             Ok(0)
         }
         fn housekeeping(&mut self) {
@@ -666,7 +673,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ended_process_keeps_its_records_and_loses_its_probes() {
+    fn an_ended_process_keeps_its_records_settles_its_calls_and_loses_its_probes() {
         let (parent, child) = (Sleeper::start(), Sleeper::start());
         let mut trace = trace_of(&parent);
         trace.add_process(child.pid(), Some(parent.pid())).unwrap();
@@ -674,7 +681,11 @@ mod tests {
         trace.ended(child.pid(), Some(3));
         assert_eq!(
             trace.kernel().calls,
-            vec![Call::RemoveTarget(child.pid()), Call::Detach(child.pid())]
+            vec![
+                Call::ForgetDeadThreads(child.pid(), false),
+                Call::RemoveTarget(child.pid()),
+                Call::Detach(child.pid())
+            ]
         );
         assert_eq!(
             states(&trace),
@@ -716,7 +727,10 @@ mod tests {
         trace.housekeeping();
         assert_eq!(
             trace.kernel().calls,
-            vec![Call::ForgetDeadThreads(parent.pid()), Call::Housekeeping]
+            vec![
+                Call::ForgetDeadThreads(parent.pid(), true),
+                Call::Housekeeping
+            ]
         );
     }
 
@@ -750,6 +764,7 @@ mod tests {
             trace.kernel().calls,
             vec![
                 Call::DropBlocks(pid, 1),
+                Call::ForgetDeadThreads(pid, false),
                 Call::RemoveTarget(pid),
                 Call::Detach(pid)
             ]
