@@ -107,9 +107,9 @@ pub struct InFlight {
 }
 
 /// A thread's slot in `CALL_SLOTS`: its call in flight, when `owner` is
-/// the thread's pid_tgid (0: free). `busy` counts claims in progress or
-/// held: a claim is the one that raised it from 0. See
-/// `tracer-ebpf/src/calls.rs`.
+/// the thread's pid_tgid (0: free). `busy` counts the holder and the claims
+/// in progress: a claimer keeps the slot only if it reads 1 back after its
+/// add. See `tracer-ebpf/src/calls.rs`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CallSlot {

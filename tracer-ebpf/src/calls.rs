@@ -1,7 +1,10 @@
 //! Each thread's allocator call in flight (`InFlight`): made at the entry,
 //! read by the thread's nested calls and its frees, settled at the return.
 //! Only the thread's own programs touch it (one at a time), and userspace
-//! for threads that died.
+//! for threads that died (`tracer/src/kernel/blocks.rs`: it frees a dead
+//! thread's slot only once the whole process is gone; before, it only
+//! empties the record in place, since a new thread given the same tid
+//! would free the slot too).
 //!
 //! Where: in the thread's slot of `CALL_SLOTS` (tid modulo its size), an
 //! array, so finding it is an address computation; a hash map costs a
@@ -75,9 +78,22 @@ fn maybe_hashed() -> bool {
         .is_some_and(|n| unsafe { core::ptr::read_volatile(n) } != 0)
 }
 
-/// The thread's call in flight, if it has one.
+/// The thread's call in flight, if it has one. A record emptied in place
+/// (stack pointer 0: a hash removal the kernel refused, see `forget`, or a
+/// dead thread's record userspace settled, found by a new thread given its
+/// tid) is stale: it is dropped here and not returned.
 #[inline(always)]
 pub fn get(pid_tgid: u64) -> Option<*mut InFlight> {
+    let found = find(pid_tgid)?;
+    if unsafe { core::ptr::read_volatile(&raw const (*found).entry_sp) } == 0 {
+        forget(pid_tgid);
+        return None;
+    }
+    Some(found)
+}
+
+#[inline(always)]
+fn find(pid_tgid: u64) -> Option<*mut InFlight> {
     if slots_on() {
         let slot = slot(pid_tgid)?;
         if unsafe { core::ptr::read_volatile(&raw const (*slot).owner) } == pid_tgid {

@@ -17,9 +17,8 @@ use tracer_common::{
 pub static TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(1024, 0);
 
 /// Allocator calls between entry and return, per thread (pid_tgid), of
-/// threads whose `calls::CALL_SLOTS` slot is taken (or of every thread on
-/// kernels before 5.12). Small: entries live only for the duration of one
-/// call.
+/// threads whose `calls::CALL_SLOTS` slot is taken. Small: entries live
+/// only for the duration of one call.
 #[map]
 pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 

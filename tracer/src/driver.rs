@@ -162,6 +162,7 @@ pub async fn run<F: FrontEnd>(
                 TargetEvent::Changed(change) => trace.apply(change, &mut target),
                 TargetEvent::Exited(code) => {
                     gone = true;
+                    trace.all_ended();
                     if front_end.exited(&mut trace, code)? == Flow::Stop {
                         break End::Exited(code);
                     }

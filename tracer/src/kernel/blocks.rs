@@ -11,22 +11,30 @@ use super::{
     programs::Loaded,
 };
 
-/// Removes in-flight records of threads that no longer exist (a thread that
-/// died inside malloc leaves one; its tid could be reused), from the
-/// thread slots and from the hash (`tracer-ebpf/src/calls.rs`). The records
+/// Settles the in-flight records of threads that no longer exist (a thread
+/// that died inside malloc leaves one; its tid could be reused), in the
+/// thread slots and in the hash (`tracer-ebpf/src/calls.rs`). The records
 /// are read before the thread list, so a thread born in between is never
-/// taken for dead; and one is removed only if it is still the record read
+/// taken for dead; and one is settled only if it is still the record read
 /// then, so a new thread that got a dead one's tid since keeps its call. A
 /// realloc's record holds the old block's record, taken out of `ALLOCS` at
 /// entry: it is put back, as the block was not known to be freed.
+/// `process_gone`: the whole process has ended (see `CallSlots::settle`).
 pub fn forget_dead_threads(
     loaded: &mut Loaded,
     pid: u32,
     sample_rate: Option<u64>,
     live_tids: &mut dyn FnMut() -> Vec<u32>,
+    process_gone: bool,
 ) -> Result<usize> {
     let slots = maps::CallSlots::open(loaded)?;
-    let in_slots = slots.of_process(pid);
+    // Records already emptied in place (a dead thread's, settled before)
+    // are left alone.
+    let in_slots: Vec<_> = slots
+        .of_process(pid)
+        .into_iter()
+        .filter(|(_, call)| call.entry_sp != 0 || process_gone)
+        .collect();
     let mut in_flight = maps::in_flight_mut(loaded)?;
     let hashed: Vec<(u64, InFlight)> = in_flight
         .keys()
@@ -41,8 +49,8 @@ pub fn forget_dead_threads(
     let dead = |key: u64| !live_tids.contains(&(key as u32));
     let mut taken = Vec::new();
     for (key, call) in in_slots.into_iter().filter(|(key, _)| dead(*key)) {
-        // The release is what makes it ours.
-        if slots.release(key, &call) {
+        // Settling is what makes it ours.
+        if slots.settle(key, &call, process_gone) {
             taken.push(call);
         }
     }

@@ -391,13 +391,21 @@ impl CallSlots {
             .collect()
     }
 
-    /// Frees the slot of `owner` if it still holds `call`, as its owner's
-    /// return would (the owner word, then the claim); true when this did.
-    /// Only for a dead thread's slot: nobody else writes it then but a new
-    /// thread given the same tid, whose first call would find the record
-    /// stale and free the slot itself (the compare-and-swap lets only one
-    /// of the two drop the claim).
-    pub fn release(&self, owner: u64, call: &InFlight) -> bool {
+    /// Settles the slot of dead thread `owner` if it still holds `call`;
+    /// true when this did.
+    ///
+    /// `process_gone`: no thread of the process is left, and none can come
+    /// back: the slot is freed as its owner's return would (the owner word,
+    /// then the claim). Otherwise a new thread of the process may be given
+    /// the dead one's tid, and so its pid_tgid, and free the slot itself
+    /// (the programs free a slot by reading the owner word and then writing
+    /// it, which 5.10 cannot make one compare-and-swap): a second release
+    /// here would take the claim count below the holders and let two
+    /// threads hold the slot. So the record is only emptied in place
+    /// (stack pointer 0: any call finds it stale, `alloc::is_inner_call`,
+    /// and such a new thread frees it), and the slot stays taken, its
+    /// threads' calls going to the hash map, until the process ends.
+    pub fn settle(&self, owner: u64, call: &InFlight, process_gone: bool) -> bool {
         let Some(mask) = call_slot_mask() else {
             return false;
         };
@@ -410,6 +418,11 @@ impl CallSlots {
             let now = ptr::read_volatile(&raw const (*s).call);
             if !super::blocks::same_call(&now, call) {
                 return false;
+            }
+            if !process_gone {
+                ptr::write_volatile(&raw mut (*s).call.has_old, 0);
+                ptr::write_volatile(&raw mut (*s).call.entry_sp, 0);
+                return true;
             }
             if AtomicU64::from_ptr(&raw mut (*s).owner)
                 .compare_exchange(owner, 0, AcqRel, Acquire)

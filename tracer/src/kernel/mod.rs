@@ -107,12 +107,14 @@ pub trait KernelOps {
     /// Drops the live blocks `pid` recorded before `before_ns` (its program
     /// was replaced); returns how many.
     fn drop_blocks(&mut self, pid: u32, before_ns: u64, sample_rate: Option<u64>) -> Result<usize>;
-    /// Forgets in-flight calls of threads of `pid` that no longer exist.
+    /// Settles in-flight calls of threads of `pid` that no longer exist
+    /// (`process_gone`: none is left, see `blocks::forget_dead_threads`).
     fn forget_dead_threads(
         &mut self,
         pid: u32,
         sample_rate: Option<u64>,
         live_tids: &mut dyn FnMut() -> Vec<u32>,
+        process_gone: bool,
     ) -> Result<usize>;
     /// Periodic upkeep (probe scopes, trampolines, stack slots).
     fn housekeeping(&mut self);
@@ -293,8 +295,9 @@ impl KernelOps for Kernel {
         pid: u32,
         sample_rate: Option<u64>,
         live_tids: &mut dyn FnMut() -> Vec<u32>,
+        process_gone: bool,
     ) -> Result<usize> {
-        blocks::forget_dead_threads(&mut self.loaded, pid, sample_rate, live_tids)
+        blocks::forget_dead_threads(&mut self.loaded, pid, sample_rate, live_tids, process_gone)
     }
 
     /// Re-scopes the probes when the thread they are bound to exited, tells

@@ -326,20 +326,15 @@ impl<K: KernelOps> LiveTrace<K> {
         Ok(command)
     }
 
-    /// Process `pid` is gone. Its blocks stay: what it held at exit is what
-    /// it leaked. Calls its threads were inside when it ended are settled
-    /// (a realloc's old block was still the caller's), and their records
-    /// go, so that a later process given the same pid finds none of them.
+    /// Process `pid` is gone (or exec'ed into what cannot be traced). Its
+    /// blocks stay: what it held at exit is what it leaked.
     pub fn ended(&mut self, pid: u32, code: Option<i32>) {
         if let Some(traced) = self.current_mut(pid) {
             if traced.is_running() {
                 traced.info.state = ProcessState::Exited(code);
             }
         }
-        let rate = self.sample_rate();
-        if let Err(e) = self.kernel.forget_dead_threads(pid, rate, &mut Vec::new) {
-            log::debug!("cleaning in-flight records of {pid}: {e:#}");
-        }
+        self.settle_calls(pid);
         self.kernel.remove_target(pid);
         self.kernel.detach_process(pid);
         if let Some(unwinder) = &self.unwinder {
@@ -416,6 +411,36 @@ impl<K: KernelOps> LiveTrace<K> {
         self.run.processes = self.processes.iter().map(|t| t.info.clone()).collect();
     }
 
+    /// Settles the calls that the threads of `pid` were inside when they
+    /// ended (a realloc's old block was still the caller's), and frees
+    /// their records once the whole process is gone, so that a later
+    /// process given the same pid finds none of them. The threads still
+    /// alive (an exec the tracer cannot follow ends the tracing, not the
+    /// process) keep theirs.
+    fn settle_calls(&mut self, pid: u32) {
+        let rate = self.sample_rate();
+        let Some(traced) = self.processes.iter().rev().find(|t| t.info.pid == pid) else {
+            return;
+        };
+        let process = &traced.process;
+        let gone = !process.is_alive();
+        if let Err(e) =
+            self.kernel
+                .forget_dead_threads(pid, rate, &mut || process.thread_ids(), gone)
+        {
+            log::debug!("settling in-flight calls of {pid}: {e:#}");
+        }
+    }
+
+    /// Every traced process has ended (the command, or the last attached
+    /// process): their calls are settled before the final report.
+    pub fn all_ended(&mut self) {
+        let pids: Vec<u32> = self.processes.iter().map(|t| t.info.pid).collect();
+        for pid in pids {
+            self.settle_calls(pid);
+        }
+    }
+
     /// Re-reads the mappings and forgets threads that died inside the
     /// allocator. Run about once a second whatever the view does.
     pub fn housekeeping(&mut self) {
@@ -432,10 +457,12 @@ impl<K: KernelOps> LiveTrace<K> {
                 traced.memory_last = Some(memory);
             }
             let process = &traced.process;
-            if let Err(e) = self
-                .kernel
-                .forget_dead_threads(process.pid, rate, &mut || process.thread_ids())
-            {
+            if let Err(e) = self.kernel.forget_dead_threads(
+                process.pid,
+                rate,
+                &mut || process.thread_ids(),
+                false,
+            ) {
                 log::debug!("cleaning in-flight records: {e:#}");
             }
         }
@@ -541,6 +568,7 @@ mod tests {
             pid: u32,
             _: Option<u64>,
             live_tids: &mut dyn FnMut() -> Vec<u32>,
+            _: bool,
         ) -> KernelResult<usize> {
             self.calls
                 .push(Call::ForgetDeadThreads(pid, !live_tids().is_empty()));
@@ -682,7 +710,8 @@ mod tests {
         assert_eq!(
             trace.kernel().calls,
             vec![
-                Call::ForgetDeadThreads(child.pid(), false),
+                // The sleep still runs: the fake says so, not the kernel.
+                Call::ForgetDeadThreads(child.pid(), true),
                 Call::RemoveTarget(child.pid()),
                 Call::Detach(child.pid())
             ]
