@@ -15,9 +15,10 @@
 //! does: a plain atomic add, the only atomic 5.10 takes; its verifier
 //! refuses a compare-and-swap even in dead code). When another thread holds
 //! the slot (tids equal modulo the size, both inside the allocator, or a
-//! dead thread's record not swept yet) the record goes to the `IN_FLIGHT`
-//! hash instead, whose records `HASHED` counts so that a thread looks there
-//! only when some record may be.
+//! thread that died inside it, whose slot stays taken until its process
+//! ends) the record goes to the `IN_FLIGHT` hash instead, whose records
+//! `HASHED` counts so that a thread looks there only when some record may
+//! be.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -42,7 +43,7 @@ fn slots_on() -> bool {
 }
 
 /// Per thread: its call in flight, when `owner` is its pid_tgid. Mmapable:
-/// userspace sweeps dead threads' slots with atomics.
+/// userspace settles dead threads' records in place (`CallSlots::settle`).
 #[map]
 pub static CALL_SLOTS: Array<CallSlot> = Array::with_max_entries(SLOTS, BPF_F_MMAPABLE);
 
@@ -138,8 +139,8 @@ pub fn remember(pid_tgid: u64, call: &InFlight) -> bool {
 /// Settles the thread's call in flight; true when it is gone. Kernels whose map locks can give up
 /// (6.15+) may refuse a hash removal: the record left behind is then emptied
 /// in place, so that nothing settles its old block twice (a second retire
-/// would take the stack below what it holds) and the next call finds it
-/// stale (`alloc::is_inner_call`) and removes it.
+/// would take the stack below what it holds) and the thread's next lookup
+/// (`get`) drops it.
 #[inline(always)]
 pub fn forget(pid_tgid: u64) -> bool {
     if slots_on() {

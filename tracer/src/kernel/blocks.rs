@@ -16,7 +16,8 @@ use super::{
 /// thread slots and in the hash (`tracer-ebpf/src/calls.rs`). The records
 /// are read before the thread list, so a thread born in between is never
 /// taken for dead; and one is settled only if it is still the record read
-/// then, so a new thread that got a dead one's tid since keeps its call. A
+/// then, so a new thread that got a dead one's tid since keeps its call
+/// (but for the short window `CallSlots::settle` describes). A
 /// realloc's record holds the old block's record, taken out of `ALLOCS` at
 /// entry: it is put back, as the block was not known to be freed.
 /// `process_gone`: the whole process has ended (see `CallSlots::settle`).

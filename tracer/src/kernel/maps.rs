@@ -402,9 +402,13 @@ impl CallSlots {
     /// it, which 5.10 cannot make one compare-and-swap): a second release
     /// here would take the claim count below the holders and let two
     /// threads hold the slot. So the record is only emptied in place
-    /// (stack pointer 0: any call finds it stale, `alloc::is_inner_call`,
-    /// and such a new thread frees it), and the slot stays taken, its
-    /// threads' calls going to the hash map, until the process ends.
+    /// (stack pointer 0: such a new thread's next lookup drops it and frees
+    /// the slot, `calls::get`), and the slot stays taken, its tids' calls
+    /// going to the hash map, until the process ends. Only while the slot
+    /// still names the dead thread: the bytes of a freed slot's last call
+    /// stay behind. (A new thread given the tid in the microseconds between
+    /// that check and the writes could still settle the old block too: a
+    /// tid reused within one sweep.)
     pub fn settle(&self, owner: u64, call: &InFlight, process_gone: bool) -> bool {
         let Some(mask) = call_slot_mask() else {
             return false;
@@ -420,6 +424,9 @@ impl CallSlots {
                 return false;
             }
             if !process_gone {
+                if AtomicU64::from_ptr(&raw mut (*s).owner).load(Acquire) != owner {
+                    return false;
+                }
                 ptr::write_volatile(&raw mut (*s).call.has_old, 0);
                 ptr::write_volatile(&raw mut (*s).call.entry_sp, 0);
                 return true;

@@ -432,8 +432,10 @@ impl<K: KernelOps> LiveTrace<K> {
         }
     }
 
-    /// Every traced process has ended (the command, or the last attached
-    /// process): their calls are settled before the final report.
+    /// The command, or the last attached process, has been reaped: the
+    /// calls of every traced process that is gone are settled (front ends
+    /// that report at the command's exit, before it is reaped, have
+    /// reported already).
     pub fn all_ended(&mut self) {
         let pids: Vec<u32> = self.processes.iter().map(|t| t.info.pid).collect();
         for pid in pids {
