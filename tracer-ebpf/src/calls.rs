@@ -59,6 +59,16 @@ fn slot(pid_tgid: u64) -> Option<*mut CallSlot> {
     CALL_SLOTS.get_ptr_mut(pid_tgid as u32 & mask)
 }
 
+/// The thread's slot, if the thread holds it.
+#[inline(always)]
+fn own_slot(pid_tgid: u64) -> Option<*mut CallSlot> {
+    if !slots_on() {
+        return None;
+    }
+    let slot = slot(pid_tgid)?;
+    (unsafe { core::ptr::read_volatile(&raw const (*slot).owner) } == pid_tgid).then_some(slot)
+}
+
 #[inline(always)]
 fn add(n: *mut u64, delta: u64) {
     // A single locked instruction; its result unused (no fetch on 5.10).
@@ -95,11 +105,8 @@ pub fn get(pid_tgid: u64) -> Option<*mut InFlight> {
 
 #[inline(always)]
 fn find(pid_tgid: u64) -> Option<*mut InFlight> {
-    if slots_on() {
-        let slot = slot(pid_tgid)?;
-        if unsafe { core::ptr::read_volatile(&raw const (*slot).owner) } == pid_tgid {
-            return Some(unsafe { &raw mut (*slot).call });
-        }
+    if let Some(slot) = own_slot(pid_tgid) {
+        return Some(unsafe { &raw mut (*slot).call });
     }
     if !maybe_hashed() {
         return None;
@@ -136,23 +143,19 @@ pub fn remember(pid_tgid: u64, call: &InFlight) -> bool {
     true
 }
 
-/// Settles the thread's call in flight; true when it is gone. Kernels whose map locks can give up
-/// (6.15+) may refuse a hash removal: the record left behind is then emptied
-/// in place, so that nothing settles its old block twice (a second retire
+/// Settles the thread's call in flight; true when it is gone. Kernels
+/// whose map locks can give up (6.15+) may refuse a hash removal: the
+/// record left behind is then emptied in place, so that nothing settles its old block twice (a second retire
 /// would take the stack below what it holds) and the thread's next lookup
 /// (`get`) drops it.
 #[inline(always)]
 pub fn forget(pid_tgid: u64) -> bool {
-    if slots_on() {
-        if let Some(slot) = slot(pid_tgid) {
-            if unsafe { core::ptr::read_volatile(&raw const (*slot).owner) } == pid_tgid {
-                // The owner word first: nobody can claim the slot before
-                // `busy` drops, and by then it names nobody.
-                unsafe { core::ptr::write_volatile(&raw mut (*slot).owner, 0) };
-                add(unsafe { &raw mut (*slot).busy }, 1u64.wrapping_neg());
-                return true;
-            }
-        }
+    if let Some(slot) = own_slot(pid_tgid) {
+        // The owner word first: nobody can claim the slot before `busy`
+        // drops, and by then it names nobody.
+        unsafe { core::ptr::write_volatile(&raw mut (*slot).owner, 0) };
+        add(unsafe { &raw mut (*slot).busy }, 1u64.wrapping_neg());
+        return true;
     }
     if crate::alloc::retried(|| IN_FLIGHT.remove(pid_tgid)).is_ok() {
         hashed_add(1u64.wrapping_neg());

@@ -437,7 +437,10 @@ impl<K: KernelOps> LiveTrace<K> {
     /// that report at the command's exit, before it is reaped, have
     /// reported already).
     pub fn all_ended(&mut self) {
-        let pids: Vec<u32> = self.processes.iter().map(|t| t.info.pid).collect();
+        // An exec'ed process is listed once per program: settled once.
+        let mut pids: Vec<u32> = self.processes.iter().map(|t| t.info.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
         for pid in pids {
             self.settle_calls(pid);
         }
