@@ -191,7 +191,7 @@ fn left_without_returning(pid_tgid: u64, outer: &InFlight) -> bool {
 /// record it had taken (a realloc): nothing says the block was freed.
 #[inline(always)]
 fn abandon(pid_tgid: u64, call: &InFlight) {
-    calls::forget(pid_tgid);
+    forget_call(pid_tgid);
     if call.has_old != 0 {
         old_blocks_held_add(1u64.wrapping_neg());
     }
@@ -235,6 +235,15 @@ fn unpublish(key: &AllocKey) -> Result<(), i32> {
     result
 }
 
+/// Removes the thread's in-flight record once its call is settled (see
+/// `calls::forget`).
+#[inline(always)]
+fn forget_call(pid_tgid: u64) {
+    if calls::forget(pid_tgid) {
+        sample::set_in_flight(pid_tgid, false);
+    }
+}
+
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: CallKind, size: u64, ptr_arg: u64) -> bool {
     // Of the `Alloc` kind, only memalign may call malloc inside
@@ -258,7 +267,7 @@ fn enter_sampled(
     may_nest: bool,
 ) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !may_nest && sample::skip_fast(size) {
+    if !may_nest && sample::skip_fast(pid_tgid, size) {
         return false;
     }
     if !is_target((pid_tgid >> 32) as u32) {
@@ -268,7 +277,7 @@ fn enter_sampled(
     if is_inner_call(pid_tgid, sp) {
         return false;
     }
-    let unsampled = sample::skip(size);
+    let unsampled = sample::skip(pid_tgid, size);
     let old_block = kind == CallKind::Realloc && ptr_arg != 0;
     if unsampled && !may_nest && !old_block {
         return false;
@@ -293,6 +302,7 @@ fn enter_sampled(
         count(Counter::InFlightFull);
         return false;
     }
+    sample::set_in_flight(pid_tgid, true);
     // Take the old block's record out only once the call is remembered (the
     // return needs it). The caller owns the block until realloc frees it, so
     // the record is still the one read above; if the remove fails anyway (a
@@ -468,7 +478,7 @@ pub(crate) fn on_return(ctx: &RetProbeContext) -> u32 {
     if stack_pointer(ctx.regs) != call.entry_sp.wrapping_add(8) {
         return 0;
     }
-    calls::forget(pid_tgid);
+    forget_call(pid_tgid);
     let ret: u64 = ctx.ret();
 
     if call.kind == CallKind::PosixMemalign as u32 {

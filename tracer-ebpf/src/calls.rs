@@ -143,23 +143,23 @@ pub fn remember(pid_tgid: u64, call: &InFlight) -> bool {
     true
 }
 
-/// Settles the thread's call in flight. Kernels whose map locks can give
-/// up (6.15+) may refuse a hash removal: the record left behind is then
-/// emptied in place, so that nothing settles its old block twice (a second
-/// retire would take the stack below what it holds) and the thread's next
-/// lookup (`get`) drops it.
+/// Settles the thread's call in flight; true when it is gone. Kernels
+/// whose map locks can give up (6.15+) may refuse a hash removal: the
+/// record left behind is then emptied in place, so that nothing settles its old block twice (a second retire
+/// would take the stack below what it holds) and the thread's next lookup
+/// (`get`) drops it.
 #[inline(always)]
-pub fn forget(pid_tgid: u64) {
+pub fn forget(pid_tgid: u64) -> bool {
     if let Some(slot) = own_slot(pid_tgid) {
         // The owner word first: nobody can claim the slot before `busy`
         // drops, and by then it names nobody.
         unsafe { core::ptr::write_volatile(&raw mut (*slot).owner, 0) };
         add(unsafe { &raw mut (*slot).busy }, 1u64.wrapping_neg());
-        return;
+        return true;
     }
     if crate::alloc::retried(|| IN_FLIGHT.remove(pid_tgid)).is_ok() {
         hashed_add(1u64.wrapping_neg());
-        return;
+        return true;
     }
     if let Some(stored) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
         unsafe {
@@ -167,4 +167,5 @@ pub fn forget(pid_tgid: u64) {
             (*stored).entry_sp = 0;
         }
     }
+    false
 }

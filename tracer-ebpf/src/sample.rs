@@ -1,18 +1,13 @@
 //! Sampling by bytes (`--sample-rate BYTES`): a Poisson process over the
-//! bytes allocated, one point every BYTES on average. An
+//! bytes each thread allocates, one point every BYTES on average. An
 //! allocation of `size` bytes is sampled when a point falls in it, which
 //! happens with probability p = 1 - exp(-size / BYTES); only sampled
 //! allocations walk their stack and enter the maps, and each counts with
 //! weight 1/p (bytes: size/p), which makes the per-stack sums unbiased
 //! estimates of the exact ones.
 //!
-//! Per CPU, the distance to the next point is a countdown of bytes over the
-//! allocations made on that CPU, whatever thread makes them. By
-//! memorylessness it can be drawn afresh after each sample, and any split
-//! of the bytes into streams samples each allocation with the same p,
-//! independently of the others (a per-thread countdown, as tcmalloc's,
-//! would do as well, but costs a hash lookup per call instead of an array
-//! read). The draws come
+//! Per thread, the distance to the next point is a countdown of bytes. By
+//! memorylessness it can be drawn afresh after each sample. The draws come
 //! from `SAMPLE_DRAWS`, a table of the exponential distribution's quantiles
 //! that userspace fills (BPF has no floating point); the weights from
 //! `SAMPLE_WEIGHTS`, size/p tabulated against size/BYTES, interpolated.
@@ -22,7 +17,7 @@
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, LruHashMap},
 };
 use tracer_common::{SAMPLE_DRAW_SLOTS, SAMPLE_WEIGHT_SLOTS};
 
@@ -45,12 +40,24 @@ static SAMPLE_DRAWS: Array<u64> = Array::with_max_entries(SAMPLE_DRAW_SLOTS + 1,
 #[map]
 static SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(SAMPLE_WEIGHT_SLOTS, 0);
 
-/// Per CPU: bytes left before the next sample; 0 until the CPU's first
-/// draw. A program preempted by another on the same CPU may lose one
-/// update: the stream then skips or repeats a few bytes, which moves where
-/// the next point falls but not the probability of any allocation's.
+/// Per thread (pid_tgid): bytes left before the next sample, and whether the
+/// thread may have a call record (`calls`). LRU: a dead thread's entry
+/// ages out.
 #[map]
-static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SAMPLE_COUNTDOWN: LruHashMap<u64, Countdown> = LruHashMap::with_max_entries(16384, 0);
+
+/// `in_flight` is 0 only while the thread has no call record that could
+/// make its next call an inner one: set after each record is made, cleared
+/// when one is settled or found stale. All of a thread's entries are only
+/// written by its own programs, which never run two at a time. An entry
+/// that is missing (new thread, evicted) says nothing: the caller then
+/// takes the full path.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Countdown {
+    left: u64,
+    in_flight: u64,
+}
 
 #[inline(always)]
 pub fn rate() -> u64 {
@@ -77,52 +84,78 @@ fn draw(rate: u64) -> u64 {
 }
 
 /// The fast path of an unsampled call that cannot nest (sampling only):
-/// true when `size` bytes do not reach the next sample; the countdown is
-/// then advanced. One array read, before the target check and the call
-/// record's lookup. It may also skip an inner call (one made inside a
-/// recorded realloc), which the full path would skip without counting
-/// down: its bytes then use up part of the stream, which by memorylessness
-/// biases no later allocation. False means nothing was changed: take the
-/// full path.
+/// true when the thread is known to be in no recorded call and `size` bytes
+/// do not reach its next sample; the countdown is then advanced. One map
+/// lookup, instead of the target check, the call-record lookup and this one.
+/// False means nothing was changed: take the full path.
 #[inline(always)]
-pub fn skip_fast(size: u64) -> bool {
+pub fn skip_fast(pid_tgid: u64, size: u64) -> bool {
     if rate() == 0 {
         return false;
     }
-    let Some(left) = SAMPLE_COUNTDOWN.get_ptr_mut(0) else {
+    let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
         return false;
     };
     unsafe {
-        if *left <= size {
+        if (*c).in_flight != 0 || (*c).left <= size {
             return false;
         }
-        *left -= size;
+        (*c).left -= size;
     }
     true
 }
 
-/// Whether an allocation of `size` bytes is left out (always false in
-/// exact mode). Advances the countdown. Called once the call is known not
-/// to be an inner one.
+/// The thread's call record was made (`made`) or settled: see `Countdown`.
 #[inline(always)]
-pub fn skip(size: u64) -> bool {
+pub fn set_in_flight(pid_tgid: u64, made: bool) {
+    if rate() == 0 {
+        return;
+    }
+    if let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) {
+        unsafe { (*c).in_flight = made as u64 };
+    }
+}
+
+/// Whether this thread's allocation of `size` bytes is left out (always
+/// false in exact mode). Advances the thread's countdown. Called once the
+/// call is known not to be an inner one: no live call record is left.
+#[inline(always)]
+pub fn skip(pid_tgid: u64, size: u64) -> bool {
     let rate = rate();
     if rate == 0 {
         return false;
     }
-    let Some(left) = SAMPLE_COUNTDOWN.get_ptr_mut(0) else {
+    let Some(c) = SAMPLE_COUNTDOWN.get_ptr_mut(pid_tgid) else {
+        // A thread's first allocation: start its countdown.
+        let left = draw(rate);
+        if left > size {
+            let _ = SAMPLE_COUNTDOWN.insert(
+                pid_tgid,
+                Countdown {
+                    left: left - size,
+                    in_flight: 0,
+                },
+                0,
+            );
+            return true;
+        }
+        let _ = SAMPLE_COUNTDOWN.insert(
+            pid_tgid,
+            Countdown {
+                left: draw(rate),
+                in_flight: 0,
+            },
+            0,
+        );
         return false;
     };
     unsafe {
-        if *left == 0 {
-            // This CPU's first allocation: start its countdown.
-            *left = draw(rate);
-        }
-        if *left > size {
-            *left -= size;
+        (*c).in_flight = 0;
+        if (*c).left > size {
+            (*c).left -= size;
             return true;
         }
-        *left = draw(rate);
+        (*c).left = draw(rate);
     }
     false
 }
