@@ -26,7 +26,7 @@ use tracer_common::{StackTrace, MAX_FRAMES};
 /// A caller's frame further above its callee's than this is taken for
 /// garbage (a real gap is the callee's locals: alloca of megabytes aside,
 /// far less).
-pub(crate) const MAX_FRAME_GAP: u64 = 8 << 20;
+const MAX_FRAME_GAP: u64 = 8 << 20;
 
 /// Writes the return addresses of the current user stack into `trace`,
 /// innermost first (the first is the interrupted instruction pointer, as

@@ -558,12 +558,14 @@ fn step(w: &mut Walk, slot: u32) -> Option<bool> {
             w.status = COMPLETE;
             return Some(false);
         }
-        // A frame pointer is at or above its frame's stack pointer: anything
-        // else is a register holding something else (musl's C code keeps no
-        // frame pointers: `main` finds argc in rbp). The stack ends here
-        // without the read, as in `fpwalk`: it would fault (~600 ns on
-        // these VMs) and leave the walk uncacheable, every time.
-        if w.bp < w.sp || w.bp & 7 != 0 || w.bp - w.sp > crate::fpwalk::MAX_FRAME_GAP {
+        // A frame pointer is at or above its frame's stack pointer, and
+        // 8-aligned: anything else is a register holding something else
+        // (musl's C code keeps no frame pointers: `main` finds argc in rbp).
+        // The stack ends here without the read: it would fault (~600 ns on
+        // these VMs) and leave the walk uncacheable, every time. (No upper
+        // bound, unlike `fpwalk`: a handler on an alternate signal stack
+        // below the thread's stack chains up to the interrupted frames.)
+        if w.bp < w.sp || w.bp & 7 != 0 {
             return None;
         }
         let Some([bp, ra]) = read_user_pair(w.bp) else {
