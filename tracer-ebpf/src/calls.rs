@@ -145,9 +145,9 @@ pub fn remember(pid_tgid: u64, call: &InFlight) -> bool {
 
 /// Settles the thread's call in flight; true when it is gone. Kernels
 /// whose map locks can give up (6.15+) may refuse a hash removal: the
-/// record left behind is then emptied in place, so that nothing settles its old block twice (a second retire
-/// would take the stack below what it holds) and the thread's next lookup
-/// (`get`) drops it.
+/// record left behind is then emptied in place, so that nothing settles its
+/// old block twice (a second retire would take the stack below what it
+/// holds) and the thread's next lookup (`get`) drops it.
 #[inline(always)]
 pub fn forget(pid_tgid: u64) -> bool {
     if let Some(slot) = own_slot(pid_tgid) {
